@@ -1,0 +1,129 @@
+"""Reading and writing Caffe files: the only module that opens files.
+
+Text or binary is decided by content (a ``.prototxt`` that is really a
+caffemodel is caught), nets and solvers by the fields they use.  Every problem
+becomes a :class:`~caffe_ft.errors.CaffeFtError` naming the file; writes go to
+a temporary file that is renamed over the target, so nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from google.protobuf.message import Message
+
+from . import textformat
+from .errors import CaffeFtError
+from .schema import Schema
+
+NET = "NetParameter"
+SOLVER = "SolverParameter"
+_CONTROL = frozenset(range(0x20)) - {0x09, 0x0A, 0x0B, 0x0C, 0x0D}
+_SNIFF = 65536
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of ``path``, or an error saying why it cannot be read."""
+    if os.path.isdir(path):
+        raise CaffeFtError("is a directory, not a file", path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise CaffeFtError("no such file", path) from None
+    except OSError as exc:
+        raise CaffeFtError(f"cannot read: {exc.strerror}", path) from None
+    if not data.strip():
+        raise CaffeFtError("file is empty", path)
+    return data
+
+
+def is_binary(data: bytes) -> bool:
+    """Whether ``data`` looks like protobuf wire format rather than text."""
+    head = data[:_SNIFF]
+    if any(byte in _CONTROL for byte in head):
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut off at the sniff boundary is still text.
+        return exc.start < len(head) - 4
+    return False
+
+
+def require_text(data: bytes, path: str) -> None:
+    if is_binary(data):
+        raise CaffeFtError(
+            "this is a binary file (a caffemodel or binaryproto?); a text prototxt is expected here", path
+        )
+
+
+def guess_kind(tree: textformat.Node, schema: Schema) -> str:
+    """``NetParameter`` or ``SolverParameter``, from the top-level field names."""
+    names = {child.name for child in tree.children or ()}
+    net_fields = schema.message_class(NET).DESCRIPTOR.fields_by_name
+    solver_fields = schema.message_class(SOLVER).DESCRIPTOR.fields_by_name
+    if names and all(name in solver_fields for name in names) and not all(
+        name in net_fields for name in names
+    ):
+        return SOLVER
+    return NET
+
+
+@dataclass
+class TextFile:
+    """A parsed text prototxt: its path, bytes, syntax tree and message."""
+
+    path: str
+    data: bytes
+    tree: textformat.Node
+    message: Message
+
+    @property
+    def kind(self) -> str:
+        return self.message.DESCRIPTOR.name
+
+
+def parse_text(data: bytes, path: str, schema: Schema, kind: Optional[str] = None) -> TextFile:
+    """Parse prototxt ``data``; ``kind`` is a message name, or None to guess."""
+    require_text(data, path)
+    tree = textformat.parse(data, path)
+    kind = kind or guess_kind(tree, schema)
+    message = textformat.to_message(tree, schema.new(kind), path)
+    return TextFile(path, data, tree, message)
+
+
+def load_text(path: str, schema: Schema, kind: Optional[str] = None) -> TextFile:
+    """Read and parse a text net or solver."""
+    return parse_text(read_bytes(path), path, schema, kind)
+
+
+def write_atomic(path: str, content: Union[str, bytes]) -> None:
+    """Write ``content`` to ``path`` through a temporary file and a rename."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".caffe-ft-", dir=directory)
+    except OSError as exc:
+        raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
+        raise

@@ -1,0 +1,102 @@
+"""The Caffe schema as Python message classes, kept apart from pycaffe's.
+
+caffe-ft parses a ``caffe.proto`` (its own, or a fork's given with ``--proto``
+or ``CAFFE_FT_PROTO``) and loads it into a private descriptor pool.  Because
+the pool is private, our ``caffe.NetParameter`` never clashes with the one
+pycaffe's ``caffe_pb2`` registers in protobuf's default pool, so both can live
+in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from .errors import CaffeFtError
+from .protoparse import parse_proto
+
+PROTO_ENV = "CAFFE_FT_PROTO"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_proto_path() -> str:
+    """Path of caffe-ft's bundled ``caffe.proto`` (installed or in a checkout)."""
+    for candidate in (
+        os.path.join(_HERE, "proto", "caffe.proto"),
+        os.path.join(os.path.dirname(_HERE), "proto", "caffe.proto"),
+    ):
+        if os.path.exists(candidate):
+            return candidate
+    raise CaffeFtError("caffe-ft's bundled caffe.proto is missing; reinstall caffe-ft")
+
+
+def _message_class(descriptor):  # type: ignore[no-untyped-def]
+    get_class = getattr(message_factory, "GetMessageClass", None)
+    if get_class is not None:  # protobuf >= 4.21
+        return get_class(descriptor)
+    return message_factory.MessageFactory(descriptor.file.pool).GetPrototype(descriptor)
+
+
+def is_repeated(field: FieldDescriptor) -> bool:
+    """Whether ``field`` is repeated, on every protobuf runtime (``label`` went in 7.x)."""
+    repeated = getattr(field, "is_repeated", None)
+    if repeated is not None:
+        return bool(repeated)
+    return field.label == FieldDescriptor.LABEL_REPEATED
+
+
+class Schema:
+    """Message classes of one ``caffe.proto``, looked up by short name."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        fdp = parse_proto(text, path)
+        self.package = fdp.package
+        pool = descriptor_pool.DescriptorPool()
+        try:
+            pool.AddSerializedFile(fdp.SerializeToString())
+            self.file = pool.FindFileByName(fdp.name)
+        except Exception as exc:  # the pool rejects an inconsistent schema
+            raise CaffeFtError(f"invalid schema: {exc}", path) from None
+        self._classes: Dict[str, type] = {}
+
+    def message_class(self, name: str) -> type:
+        """The class of message ``name`` (``"NetParameter"``, ``"LayerParameter"``…)."""
+        cls = self._classes.get(name)
+        if cls is None:
+            full = f"{self.package}.{name}" if self.package else name
+            try:
+                descriptor = self.file.pool.FindMessageTypeByName(full)
+            except KeyError:
+                raise CaffeFtError(
+                    f"the schema has no message '{name}'", self.path
+                ) from None
+            cls = self._classes[name] = _message_class(descriptor)
+        return cls
+
+    def new(self, name: str) -> Message:
+        """A new, empty message of type ``name``."""
+        return self.message_class(name)()
+
+
+_CACHE: Dict[str, Schema] = {}
+
+
+def load_schema(proto_path: Optional[str] = None) -> Schema:
+    """Load (once per path) the schema at ``proto_path``, ``$CAFFE_FT_PROTO`` or ours."""
+    path = proto_path or os.environ.get(PROTO_ENV) or default_proto_path()
+    schema = _CACHE.get(path)
+    if schema is None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise CaffeFtError(f"cannot read schema: {exc.strerror}", path) from None
+        except UnicodeDecodeError:
+            raise CaffeFtError("schema is not UTF-8 text", path) from None
+        schema = _CACHE[path] = Schema(path, text)
+    return schema

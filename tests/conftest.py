@@ -1,0 +1,58 @@
+"""Shared fixtures.
+
+Tests marked ``caffe`` need real Caffe (pycaffe, the ``caffe`` CLI tools, the
+``caffe-doc`` prototxts, the nsfw model): they run inside the reference
+environment made by ``scripts/caffe-env``; ``scripts/test`` deselects them on
+the host.  In CI nothing may be skipped: a skip there fails the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from caffe_ft import textformat
+from caffe_ft.schema import load_schema
+
+# Where Debian's caffe-doc puts the BVLC example and model-zoo prototxts.
+CAFFE_DOC_DIRS = ("/usr/share/doc/caffe-doc",)
+NSFW_DIR = "/opt/models/nsfw"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "caffe: needs real Caffe (run inside scripts/caffe-env)")
+    config.addinivalue_line("markers", "host: runs on the host only (builds wheels, makes venvs)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where nothing may be skipped: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def schema():  # type: ignore[no-untyped-def]
+    return load_schema()
+
+
+@pytest.fixture(scope="session")
+def parse_net(schema):  # type: ignore[no-untyped-def]
+    """``parse_net(text)`` -> NetParameter, for inline prototxt snippets."""
+
+    def parse(text: str, message: str = "NetParameter"):  # type: ignore[no-untyped-def]
+        return textformat.to_message(textformat.parse(text.encode()), schema.new(message))
+
+    return parse
+
+
+def caffe_doc_files(pattern: str = "**/*.prototxt") -> list:
+    """Prototxt files shipped by Debian's caffe-doc (empty outside the reference env)."""
+    found = []
+    for root in CAFFE_DOC_DIRS:
+        found.extend(glob.glob(os.path.join(root, pattern), recursive=True))
+    return sorted(found)

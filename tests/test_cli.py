@@ -1,0 +1,128 @@
+"""The command line: output, exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from caffe_ft.cli import main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "digits")
+
+
+def run(*args: str):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result
+
+
+def stderr_of(result) -> str:
+    return getattr(result, "stderr", None) or result.output
+
+
+@pytest.fixture
+def net(tmp_path):
+    path = tmp_path / "net.prototxt"
+    shutil.copy(os.path.join(EXAMPLE, "train_val.prototxt"), path)
+    return path
+
+
+def test_version_and_help():
+    assert run("--version").output.strip().startswith("caffe-ft, version ")
+    out = run("--help").output
+    for command in ("fmt", "upgrade", "inspect"):
+        assert command in out
+
+
+def test_fmt_prints_canonical_text_and_keeps_comments(net):
+    before = net.read_bytes()
+    result = run("fmt", str(net))
+    assert result.exit_code == 0
+    assert net.read_bytes() == before  # never touches the input unasked
+    assert "# The classifier: one output per digit class." in result.output
+    assert "  param {\n    lr_mult: 2\n  }  # biases learn twice as fast\n" in result.output
+    again = net.parent / "again.prototxt"
+    again.write_text(result.output)
+    assert run("fmt", str(again)).output == result.output  # idempotent
+
+
+def test_fmt_check_and_in_place(net, tmp_path):
+    result = run("fmt", "--check", str(net))
+    assert result.exit_code == 1 and f"would reformat {net}" in result.output
+    assert run("fmt", "--in-place", str(net)).exit_code == 0
+    result = run("fmt", "--check", str(net))
+    assert result.exit_code == 0 and result.output == ""
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".caffe-ft-")]
+
+
+def test_fmt_refuses_many_files_without_a_mode(net):
+    result = run("fmt", str(net), str(net))
+    assert result.exit_code == 2 and "--check or --in-place" in result.output
+
+
+def test_one_bad_file_means_nothing_is_written(net, tmp_path):
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text("layer { name: 'x'\n")
+    before = net.read_bytes()
+    result = run("fmt", "--in-place", str(net), str(bad))
+    assert result.exit_code == 2
+    assert net.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"layer {\n  name: 'x'\n  nmae: 'y'\n}\n", ":3:3: unknown field 'nmae' in LayerParameter"),
+        (b"layer {\n  name: 'x'\n", ":3:1: missing '}'"),
+        (b"", ": file is empty"),
+        (b"\n\x08CaffeNet\xa2\x06\x00", ": this is a binary file"),
+    ],
+)
+def test_errors_are_one_line_with_location_and_exit_2(tmp_path, content, words):
+    path = tmp_path / "in.prototxt"
+    path.write_bytes(content)
+    for command in (["fmt"], ["upgrade"], ["inspect"]):
+        result = run(*command, str(path))
+        if command != ["fmt"] and b"\xa2" in content:
+            continue  # upgrade and inspect read binary files as caffemodels
+        assert result.exit_code == 2, (command, result.output)
+        lines = stderr_of(result).strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0] == f"caffe-ft: error: {path}{words}" or lines[0].startswith(f"caffe-ft: error: {path}{words}")
+
+
+def test_missing_file_and_directory(tmp_path):
+    result = run("fmt", str(tmp_path / "nope.prototxt"))
+    assert result.exit_code == 2 and "nope.prototxt: no such file" in stderr_of(result)
+    result = run("inspect", str(tmp_path))
+    assert result.exit_code == 2 and "is a directory" in stderr_of(result)
+
+
+def test_inspect_net_lists_layers_and_head(net):
+    result = run("inspect", str(net))
+    assert result.exit_code == 0
+    assert "classifier head(s): fc2" in result.output
+    assert "conv1" in result.output and "1:1/2:1" in result.output
+    info = json.loads(run("inspect", "--json", str(net)).output)
+    assert info["heads"] == ["fc2"]
+    layer = {entry["name"]: entry for entry in info["layers"]}
+    assert layer["conv1"]["params"] == [{"lr_mult": 1.0, "decay_mult": 1.0}, {"lr_mult": 2.0, "decay_mult": 1.0}]
+    assert layer["accuracy"]["phase"] == "TEST"
+    assert layer["relu1"]["learnable"] is False
+
+
+def test_inspect_solver_shows_defaults():
+    info = json.loads(run("inspect", "--json", os.path.join(EXAMPLE, "solver.prototxt")).output)
+    settings = {s["name"]: s for s in info["settings"]}
+    assert settings["base_lr"] == {"name": "base_lr", "value": "0.01", "default": False}
+    assert settings["type"] == {"name": "type", "value": '"SGD"', "default": True}
+    assert settings["solver_mode"]["value"] == "CPU"
+
+
+def test_upgrade_refuses_to_overwrite_input_unless_asked(net):
+    result = run("upgrade", str(net), "-o", str(net))
+    assert result.exit_code == 2 and "--in-place" in stderr_of(result)

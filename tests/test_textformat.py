@@ -1,0 +1,139 @@
+"""Text format: parsing with comments, schema errors, C++-identical printing."""
+
+from __future__ import annotations
+
+import pytest
+
+from caffe_ft import textformat
+from caffe_ft.errors import CaffeFtError
+from caffe_ft.numfmt import format_double, format_float
+
+
+def roundtrip(schema, text: str) -> str:
+    tree = textformat.parse(text.encode(), "t.prototxt")
+    message = textformat.to_message(tree, schema.new("NetParameter"), "t.prototxt")
+    return textformat.render(textformat.reconcile(tree, message))
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(1.0, "1"), (0.1, "0.1"), (1e-8, "1e-08"), (0.00390625, "0.00390625"), (123456789.0, "123456792"),
+     (-0.0, "-0"), (float("inf"), "inf"), (float("-inf"), "-inf"), (float("nan"), "nan"), (1e-4, "0.0001"),
+     (0.999, "0.999"), (1.1, "1.1"), (1 / 3, "0.333333343")],
+)
+def test_float_formatting_matches_simple_ftoa(value, expected):
+    assert format_float(value) == expected
+
+
+def test_double_formatting_widens_only_when_needed():
+    assert format_double(0.1) == "0.1"
+    assert format_double(1 / 3) == "0.33333333333333331"
+    assert format_double(2.0) == "2"
+
+
+def test_canonical_layout_orders_fields_by_number_and_formats_values(schema):
+    text = (
+        "layer { type: 'InnerProduct' name: \"fc\" top: \"fc\" bottom: \"x\"\n"
+        "  inner_product_param { num_output: 0x0A bias_term: False weight_filler { std: 1.0 type: 'gaussian' } }\n"
+        "  param { lr_mult: 1.0; decay_mult: 1e0 }, }\n"
+        "name: 'n'\n"
+    )
+    assert roundtrip(schema, text) == (
+        'name: "n"\n'
+        "layer {\n"
+        '  name: "fc"\n'
+        '  type: "InnerProduct"\n'
+        '  bottom: "x"\n'
+        '  top: "fc"\n'
+        "  param {\n    lr_mult: 1\n    decay_mult: 1\n  }\n"
+        "  inner_product_param {\n"
+        "    num_output: 10\n"
+        "    bias_term: false\n"
+        '    weight_filler {\n      type: "gaussian"\n      std: 1\n    }\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def test_comments_stay_with_their_fields(schema):
+    text = (
+        "# header\n"
+        "name: \"n\"  # the name\n"
+        "layer {  # first\n"
+        "  top: \"t\"\n"
+        "  # about the name\n"
+        "  name: \"a\"\n"
+        "  # dangling\n"
+        "}  # after\n"
+        "# footer\n"
+    )
+    out = roundtrip(schema, text)
+    assert out == (
+        "# header\n"
+        'name: "n"  # the name\n'
+        "layer {  # first\n"
+        "  # about the name\n"
+        '  name: "a"\n'
+        '  top: "t"\n'
+        "  # dangling\n"
+        "}  # after\n"
+        "# footer\n"
+    )
+    assert roundtrip(schema, out) == out
+
+
+def test_list_syntax_strings_and_escapes(schema):
+    text = 'input_shape { dim: [1, 3, 224, 224] } name: "a" "b\\n\\"q\\"\\001"'
+    out = roundtrip(schema, text)
+    assert 'name: "ab\\n\\"q\\"\\001"\n' in out
+    assert out.count("  dim: ") == 4
+
+
+@pytest.mark.parametrize(
+    "text, where, words",
+    [
+        ("layer { nam: 'x' }", "1:9", "unknown field 'nam' in LayerParameter"),
+        ("name: 'a'\nname: 'b'", "2:1", "set more than once"),
+        ("layer { convolution_param { num_output: 1.5 } }", "1:41", "expected an integer"),
+        ("layer { convolution_param { num_output: -1 } }", "1:41", "out of range"),
+        ("layer { convolution_param { bias_term: yes } }", "1:40", "expected true or false"),
+        ("layer { pooling_param { pool: MEDIAN } }", "1:31", "unknown value 'MEDIAN'"),
+        ("layer { name: x }", "1:15", "expected a quoted string"),
+        ("layer { name: 'x'", "1:18", "missing '}'"),
+        ("layer  name: 'x' }", "1:8", "expected ':' or '{'"),
+        ("name: 'x' }", "1:11", "expected a field name"),
+        ("name 'x'", "1:6", "expected ':' or '{'"),
+        ("name: \"x", "1:7", "unexpected character"),
+        ("layer: 3", "1:1", "is a message"),
+        ("name { }", "1:1", "takes a value"),
+    ],
+)
+def test_errors_name_line_and_column(schema, text, where, words):
+    with pytest.raises(CaffeFtError) as info:
+        roundtrip(schema, text)
+    message = str(info.value)
+    assert message.startswith(f"t.prototxt:{where}: "), message
+    assert words in message
+
+
+def test_unknown_field_error_points_to_proto_option(schema):
+    with pytest.raises(CaffeFtError, match="--proto PATH"):
+        roundtrip(schema, "layer { name: 'x' annotated_data_param { } }")
+
+
+def test_enum_by_number_bool_forms_and_special_floats(schema):
+    out = roundtrip(
+        schema,
+        "layer { pooling_param { pool: 1 } include { phase: TEST } "
+        "dropout_param { dropout_ratio: -inf } convolution_param { bias_term: 0 } }",
+    )
+    assert "pool: AVE" in out and "phase: TEST" in out
+    assert "dropout_ratio: -inf" in out and "bias_term: false" in out
+
+
+def test_reconcile_keeps_comments_of_removed_fields(schema):
+    tree = textformat.parse(b"name: 'a'\nlayer {\n  # keep me\n  name: 'x'\n}\n# tail\n")
+    message = textformat.to_message(tree, schema.new("NetParameter"))
+    message.ClearField("layer")
+    out = textformat.render(textformat.reconcile(tree, message))
+    assert "# keep me" in out and "# tail" in out
