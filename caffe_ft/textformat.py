@@ -17,7 +17,7 @@ of an old tree, so ``fmt`` and ``upgrade`` keep every comment in place.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -556,3 +556,228 @@ def _transplant(old: Node, new: Node, renames: Dict[str, str]) -> None:
         else:
             orphans.extend(child.comments())
     new.closing = orphans + list(old.closing)
+
+
+# ---------------------------------------------------------------------------
+# Minimal edits: change only the lines that carry a change
+# ---------------------------------------------------------------------------
+
+
+def render_minimal(old: Node, source: bytes, new: Message, path: str = "<text>") -> str:
+    """Text of ``new`` written as an edit of ``source`` (whose tree is ``old``).
+
+    Fields whose value did not change keep their original text byte for byte,
+    comments and layout included; a changed scalar has only its value
+    replaced; removed fields vanish with their comments; new fields are
+    inserted in canonical form next to the field before them.  So the textual
+    diff between ``source`` and the result holds only lines that carry a change.
+    """
+    return _MinimalPrinter(source, path).block(old, new, indent="")
+
+
+def _line_boundary(source: bytes, pos: int) -> int:
+    """Where the text owned by a field ending at ``pos`` stops: after its
+    trailing comment and newline, or at ``pos`` if another field follows on
+    the same line."""
+    end = pos
+    size = len(source)
+    while end < size and source[end:end + 1] in b" \t\r":
+        end += 1
+    if end < size and source[end:end + 1] == b"#":
+        end = source.find(b"\n", end)
+        end = size if end < 0 else end
+    if end >= size:
+        return size
+    if source[end:end + 1] == b"\n":
+        return end + 1
+    return pos
+
+
+class _MinimalPrinter:
+    """Writes a new message as edits of the old text.
+
+    A block's text is cut into segments, one per child: child ``i`` owns
+    ``source[bounds[i]:bounds[i + 1]]`` (the comments above it, itself, and the
+    rest of its last line).  Kept children copy their segment, changed ones
+    edit it, removed ones drop it, and new ones are inserted between segments.
+    """
+
+    def __init__(self, source: bytes, path: str) -> None:
+        self.source = source
+        self.converter = _Converter(path)
+
+    def text(self, start: int, end: int) -> str:
+        return self.source[start:end].decode("utf-8", "surrogateescape")
+
+    def block(self, node: Node, message: Message, indent: str) -> str:
+        """The children of ``node`` re-written for ``message``, braces excluded."""
+        children = node.children or []
+        items = [(field, value) for field, values in message_fields(message) for value in values]
+        old_of = self.match(children, items)
+        bounds = [self.open_bound(node)]
+        bounds.extend(_line_boundary(self.source, child.end) for child in children)
+        # New items go after the old child holding the item before them.
+        inserts: Dict[int, List[int]] = {}
+        item_of: Dict[int, int] = {}
+        anchor = -1
+        for item, old in enumerate(old_of):
+            if old is None:
+                inserts.setdefault(anchor, []).append(item)
+            else:
+                item_of[old] = item
+                anchor = max(anchor, old)
+        child_indent = self.child_indent(node, indent)
+        # A new message follows the style (one line or several) of the nearest
+        # written sibling of the same field, preferring the one before it.
+        def one_line(name: str, anchor: int) -> bool:
+            order = list(range(anchor, -1, -1)) + list(range(anchor + 1, len(children)))
+            for j in order:
+                if 0 <= j < len(children) and children[j].name == name and children[j].is_message:
+                    return b"\n" not in self.source[children[j].start:children[j].end]
+            return False
+
+        out: List[str] = []
+        self.insert(out, inserts.get(-1, []), items, child_indent, not self.at_line_start(bounds[0]),
+                    lambda name: one_line(name, 0))
+        for index, child in enumerate(children):
+            if index in item_of:  # an old child with no new item is dropped
+                field, value = items[item_of[index]]
+                out.append(self.rewrite(child, field, value, bounds[index], bounds[index + 1], child_indent))
+            pending = inserts.get(index, [])
+            if pending:
+                at_line_start = (out[-1].endswith("\n") if out else self.at_line_start(bounds[0]))
+                self.insert(out, pending, items, child_indent, not at_line_start,
+                            lambda name, i=index: one_line(name, i))
+        return "".join(out)
+
+    def open_bound(self, node: Node) -> int:
+        return _line_boundary(self.source, node.header_end) if node.name else 0
+
+    def at_line_start(self, pos: int) -> bool:
+        return pos == 0 or self.source[pos - 1:pos] == b"\n"
+
+    def tail_start(self, node: Node) -> int:
+        if node.children:
+            return _line_boundary(self.source, node.children[-1].end)
+        return self.open_bound(node)
+
+    def child_indent(self, node: Node, indent: str) -> str:
+        for child in node.children or []:
+            line_start = self.source.rfind(b"\n", 0, child.start) + 1
+            prefix = self.source[line_start:child.start]
+            if not prefix.strip():
+                return prefix.decode("utf-8")
+        return indent + "  " if node.name else indent
+
+    def insert(self, out: List[str], new: List[int], items, indent: str, inline: bool,
+               one_line: Callable[[str], bool]) -> None:
+        for item in new:
+            field, value = items[item]
+            node = _item_tree(field, value)
+            if inline:
+                out.append(" " + _one_line(node))
+            elif node.is_message and one_line(node.name):
+                out.append(indent + _one_line(node) + "\n")
+            else:
+                lines = render(Node("", [node])).splitlines(True)
+                out.append("".join(indent + line for line in lines))
+
+    def rewrite(self, child: Node, field, value, start: int, end: int, indent: str) -> str:
+        """The segment of one old child, made to carry ``value``."""
+        if self.same(child, field, value):
+            return self.text(start, end)
+        is_message = field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP)
+        if is_message and child.is_message:
+            open_bound = self.open_bound(child)
+            inner = self.block(child, value, indent)
+            return self.text(start, open_bound) + inner + self.text(self.tail_start(child), end)
+        if not is_message and not child.is_message and len(child.values) == 1:
+            value_start = child.value_tokens[0][0].start
+            return self.text(start, value_start) + format_value(field, value) + self.text(child.end, end)
+        # The form changed (a list, or message vs scalar): write it canonically.
+        lines = render(Node("", [_item_tree(field, value)])).splitlines(True)
+        body = "".join(line if i == 0 else indent + line for i, line in enumerate(lines))
+        return self.text(start, child.start) + body.rstrip("\n") + self.text(child.end, end)
+
+    def same(self, child: Node, field, value) -> bool:
+        if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+            if not child.is_message:
+                return False
+            old = type(value)()
+            self.converter.fill(child, old)
+            return old == value
+        if child.is_message or len(child.values) != 1:
+            return False
+        old_value = self.converter.scalar(field, child.value_tokens[0])
+        return format_value(field, old_value) == format_value(field, value)
+
+    @staticmethod
+    def match(children: List[Node], items) -> List[Optional[int]]:
+        """For each new item, the index of the old child it replaces (or None).
+
+        Repeated messages with a ``name`` (layers) are aligned by name, so a
+        renamed, inserted or removed layer does not shift the others; other
+        fields pair up in order.
+        """
+        import difflib
+
+        old_of: List[Optional[int]] = [None] * len(items)
+        new_by_field: Dict[str, List[int]] = {}
+        for index, (field, _) in enumerate(items):
+            new_by_field.setdefault(field.name, []).append(index)
+        old_by_field: Dict[str, List[int]] = {}
+        for index, child in enumerate(children):
+            old_by_field.setdefault(child.name, []).append(index)
+        for name, new in new_by_field.items():
+            old = old_by_field.get(name, [])
+            field = items[new[0]][0]
+            keyed = field.type == FD.TYPE_MESSAGE and "name" in field.message_type.fields_by_name
+            if not keyed:
+                for old_index, item in zip(old, new):
+                    old_of[item] = old_index
+                continue
+            matcher = difflib.SequenceMatcher(
+                a=[_node_name(children[i]) for i in old], b=[items[i][1].name for i in new], autojunk=False
+            )
+            for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+                if tag == "equal":
+                    for offset in range(a1 - a0):
+                        old_of[new[b0 + offset]] = old[a0 + offset]
+                elif tag == "replace":  # renamed: pair up layers of the same type, in order
+                    free = list(old[a0:a1])
+                    for item in new[b0:b1]:
+                        kind = getattr(items[item][1], "type", None)
+                        same = [i for i in free if _node_field(children[i], "type") == kind]
+                        if same:
+                            old_of[item] = same[0]
+                            free.remove(same[0])
+        return old_of
+
+
+def _item_tree(field: FieldDescriptor, value: Any) -> Node:
+    if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+        return to_tree(value, field.name)
+    node = Node(field.name)
+    node.values = [format_value(field, value)]
+    return node
+
+
+def _node_name(node: Node) -> Optional[str]:
+    return _node_field(node, "name")
+
+
+def _node_field(node: Node, name: str) -> Optional[str]:
+    """The value of the string field ``name`` of a message node, if written."""
+    for child in node.children or []:
+        if child.name == name and child.values:
+            token = child.value_tokens[0][0]
+            if token.kind == "string":
+                return _unescape(token.text[1:-1].encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
+    return None
+
+
+def _one_line(node: Node) -> str:
+    if node.children is None:
+        return f"{node.name}: {node.values[0]}"
+    inner = " ".join(_one_line(child) for child in node.children)
+    return f"{node.name} {{ {inner} }}" if inner else f"{node.name} {{ }}"

@@ -137,3 +137,87 @@ def test_reconcile_keeps_comments_of_removed_fields(schema):
     message.ClearField("layer")
     out = textformat.render(textformat.reconcile(tree, message))
     assert "# keep me" in out and "# tail" in out
+
+
+EXAMPLE_NET = b"""# A net written by hand.
+name: "n"
+layer {
+  name: "data"  # the input
+  type: "Input"
+  top: "data"
+  input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } }
+}
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  param { lr_mult: 1 }  # weights
+  convolution_param { num_output: 4 kernel_size: 3 }
+}
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+# The classifier.
+layer {
+  name: "fc"
+  type: "InnerProduct"
+  bottom: "conv"
+  top: "fc"
+  inner_product_param {
+    num_output: 10
+  }
+}
+"""
+
+
+def _edit(schema, change):
+    tree = textformat.parse(EXAMPLE_NET)
+    net = textformat.to_message(tree, schema.new("NetParameter"))
+    change(net)
+    out = textformat.render_minimal(tree, EXAMPLE_NET, net)
+    reread = textformat.to_message(textformat.parse(out.encode()), schema.new("NetParameter"))
+    assert reread == net  # the text means the new message
+    again = textformat.render_minimal(textformat.parse(out.encode()), out.encode(), net)
+    assert again == out  # nothing left to change
+    import difflib
+
+    changed = [line for line in difflib.ndiff(EXAMPLE_NET.decode().splitlines(), out.splitlines())
+               if line[:2] in ("- ", "+ ")]
+    return out, changed
+
+
+def test_minimal_rendering_of_an_unchanged_net_is_the_input(schema):
+    out, changed = _edit(schema, lambda net: None)
+    assert out.encode() == EXAMPLE_NET and changed == []
+
+
+def test_minimal_rendering_touches_only_changed_lines(schema):
+    def change(net):
+        fc = net.layer[3]
+        fc.name, fc.top[0] = "fc_ft", "fc_ft"
+        fc.inner_product_param.num_output = 3
+        net.layer[1].param[0].lr_mult = 0
+        net.layer[1].param[0].decay_mult = 0
+        net.layer[1].param.add(lr_mult=0, decay_mult=0)
+
+    out, changed = _edit(schema, change)
+    assert changed == [
+        "-   param { lr_mult: 1 }  # weights",
+        "+   param { lr_mult: 0 decay_mult: 0 }  # weights",
+        "+   param { lr_mult: 0 decay_mult: 0 }",
+        '-   name: "fc"',
+        '+   name: "fc_ft"',
+        '-   top: "fc"',
+        '+   top: "fc_ft"',
+        "-     num_output: 10",
+        "+     num_output: 3",
+    ]
+    assert "# The classifier." in out and '# the input' in out
+
+
+def test_minimal_rendering_removes_and_inserts_layers(schema):
+    def change(net):
+        del net.layer[2]
+        prob = net.layer.add(name="prob", type="Softmax")
+        prob.bottom.append("fc")
+        prob.top.append("prob")
+
+    out, changed = _edit(schema, change)
+    assert changed[0] == '- layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }'
+    assert all(line.startswith("+ ") for line in changed[1:])
+    assert out.endswith('layer {\n  name: "prob"\n  type: "Softmax"\n  bottom: "fc"\n  top: "prob"\n}\n')
