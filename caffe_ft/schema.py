@@ -18,20 +18,14 @@ from google.protobuf.message import Message
 
 from .errors import CaffeFtError
 from .protoparse import parse_proto
+from .resources import resource_dir
 
 PROTO_ENV = "CAFFE_FT_PROTO"
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def default_proto_path() -> str:
     """Path of caffe-ft's bundled ``caffe.proto`` (installed or in a checkout)."""
-    for candidate in (
-        os.path.join(_HERE, "proto", "caffe.proto"),
-        os.path.join(os.path.dirname(_HERE), "proto", "caffe.proto"),
-    ):
-        if os.path.exists(candidate):
-            return candidate
-    raise CaffeFtError("caffe-ft's bundled caffe.proto is missing; reinstall caffe-ft")
+    return os.path.join(resource_dir("proto"), "caffe.proto")
 
 
 def _message_class(descriptor):  # type: ignore[no-untyped-def]

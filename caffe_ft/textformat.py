@@ -435,11 +435,16 @@ def _escape(raw: bytes) -> str:
     return "".join(out)
 
 
+def format_string(value: str) -> str:
+    """A quoted prototxt string literal for ``value``."""
+    return '"' + _escape(value.encode("utf-8")) + '"'
+
+
 def format_value(field: FieldDescriptor, value: Any) -> str:
     """One scalar value as C++ ``TextFormat`` prints it."""
     ftype = field.type
     if ftype == FD.TYPE_STRING:
-        return '"' + _escape(value.encode("utf-8")) + '"'
+        return format_string(value)
     if ftype == FD.TYPE_BYTES:
         return '"' + _escape(value) + '"'
     if ftype == FD.TYPE_BOOL:

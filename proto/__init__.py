@@ -1,1 +1,0 @@
-"""The Caffe schema that caffe-ft reads and writes by default (data only)."""

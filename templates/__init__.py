@@ -1,1 +1,0 @@
-"""jinja2 templates for generated layers (data only)."""
