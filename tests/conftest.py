@@ -50,6 +50,16 @@ def parse_net(schema):  # type: ignore[no-untyped-def]
     return parse
 
 
+def cli_runner():  # type: ignore[no-untyped-def]
+    """A click CliRunner keeping stderr apart on every click (7.x needs asking)."""
+    from click.testing import CliRunner
+
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 always separates them
+        return CliRunner()
+
+
 def caffe_doc_files(pattern: str = "**/*.prototxt") -> list:
     """Prototxt files shipped by Debian's caffe-doc (empty outside the reference env)."""
     found = []

@@ -7,21 +7,20 @@ import os
 import shutil
 
 import pytest
-from click.testing import CliRunner
-
 from caffe_ft.cli import main
+from conftest import cli_runner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "digits")
 
 
 def run(*args: str):
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    result = cli_runner().invoke(main, list(args), catch_exceptions=False)
     return result
 
 
 def stderr_of(result) -> str:
-    return getattr(result, "stderr", None) or result.output
+    return result.stderr
 
 
 @pytest.fixture
@@ -61,7 +60,7 @@ def test_fmt_check_and_in_place(net, tmp_path):
 
 def test_fmt_refuses_many_files_without_a_mode(net):
     result = run("fmt", str(net), str(net))
-    assert result.exit_code == 2 and "--check or --in-place" in result.output
+    assert result.exit_code == 2 and "--check or --in-place" in result.stderr
 
 
 def test_one_bad_file_means_nothing_is_written(net, tmp_path):
