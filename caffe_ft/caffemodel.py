@@ -777,3 +777,18 @@ def save_model(model: Model, path: str) -> None:
 def save_blob(blob: Blob, path: str) -> None:
     """Write ``blob`` as a ``.binaryproto`` file, atomically."""
     _write_atomic(path, _blob_pieces(blob, "the blob"))
+
+
+def upgrade_model(model: Model) -> List[str]:
+    """Upgrade a legacy caffemodel in place, as Caffe does when it loads one.
+
+    The net is upgraded like a prototxt; the blobs follow their layers (V0
+    padding layers, which hold no weights, disappear).
+    """
+    from .upgrade import upgrade_net_with_map
+
+    notes, index_map = upgrade_net_with_map(model.net)
+    if notes:
+        model.blobs = [model.blobs[i] if i is not None else [] for i in index_map]
+        model.v0 = False
+    return notes

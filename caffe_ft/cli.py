@@ -108,8 +108,7 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
     schema = _schema(ctx)
     data = io.read_bytes(file)
     if io.is_binary(data):
-        from .caffemodel import load_model, save_model
-        from .upgrade import upgrade_model
+        from .caffemodel import load_model, save_model, upgrade_model
 
         if target is None:
             raise click.UsageError("a caffemodel needs -o OUT (or --in-place)")
@@ -150,23 +149,125 @@ def inspect(ctx: click.Context, file: str, as_json: bool) -> None:
 
     schema = _schema(ctx)
     data = io.read_bytes(file)
-    describe: Callable[..., Any]
+    format_info: Callable[[Any], str]
     if io.is_binary(data):
         from .caffemodel import load_model
 
-        info = summary.describe_model(load_model(file, schema))
-        fmt_text = summary.format_model
+        info, format_info = summary.describe_model(load_model(file, schema)), summary.format_model
     else:
         parsed = io.parse_text(data, file, schema)
         if parsed.kind == io.SOLVER:
-            info, fmt_text = summary.describe_solver(parsed.message), summary.format_solver
+            info, format_info = summary.describe_solver(parsed.message), summary.format_solver
         else:
             net = _current(parsed.message, file)
-            info, fmt_text = summary.describe_net(net), summary.format_net
+            info, format_info = summary.describe_net(net), summary.format_net
     if as_json:
         _emit(json.dumps(info, indent=2, sort_keys=False) + "\n")
     else:
-        _emit(fmt_text(info))
+        _emit(format_info(info))
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--strategy", required=True, type=click.Choice(["last-fc", "top", "full", "auto"]),
+              help="What trains: only the classifier head(s), the top of the net, or all of it; "
+                   "auto picks by data set size and similarity.")
+@click.option("--num-classes", type=click.IntRange(min=1), required=True, help="Classes of the new task.")
+@click.option("--solver", "solver_path", metavar="SOLVER", help="Solver to rewrite (learning rate, steps, paths).")
+@click.option("--deploy", "deploy_path", metavar="DEPLOY",
+              help="The matching deploy net, rewritten alongside (default: derived from NET).")
+@click.option("-o", "--outdir", metavar="OUTDIR", help="Output directory (default: ft-STRATEGY beside NET).")
+@click.option("--head", "heads", multiple=True, metavar="LAYER", help="Classifier head layer (repeatable; default: detected).")
+@click.option("--new-name", metavar="NAME", help="New name of the (single) head (default: OLD_ft).")
+@click.option("--head-lr-mult", type=float, default=10.0, show_default=True,
+              help="lr_mult of the new head's weights; its bias gets twice this.")
+@click.option("--frozen-lr-mult", type=float, default=0.0, show_default=True,
+              help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen).")
+@click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it.")
+@click.option("--train-last", type=click.IntRange(min=1), metavar="K", help="top: train the last K learnable layers.")
+@click.option("--dataset-size", type=click.IntRange(min=1), metavar="N", help="auto: training examples (default: lines of --train-data).")
+@click.option("--similarity", type=click.Choice(["high", "low"]), help="auto: how close the data is to the pretraining data.")
+@click.option("--train-data", metavar="SRC", help="Training data: an image list (.txt, 'path label' lines) or an LMDB directory.")
+@click.option("--val-data", metavar="SRC", help="Validation data, as --train-data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--val-batch-size", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--crop-size", type=click.IntRange(min=1), help="Crop size (default: the net's input size).")
+@click.option("--resize", type=click.IntRange(min=1), help="ImageData: resize images to this square size before cropping.")
+@click.option("--mean-value", "mean_values", type=float, multiple=True, help="Per-channel mean (repeat per channel).")
+@click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file.")
+@click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction.")
+@click.option("--mirror/--no-mirror", default=None, help="Random horizontal flips while training.")
+@click.option("--root-folder", metavar="DIR", help="ImageData: directory the image list's paths are relative to.")
+@click.option("--lr-scale", type=float, default=0.1, show_default=True, help="base_lr is multiplied by this.")
+@click.option("--step-scale", type=float, default=0.2, show_default=True, help="stepsize/stepvalue/max_iter are multiplied by this.")
+@click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling).")
+@click.option("--diff", "show_diff", is_flag=True, help="Print the changes as a unified diff.")
+@click.option("--dry-run", is_flag=True, help="Write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (inputs included).")
+@click.pass_context
+def rewrite(ctx: click.Context, net_path: str, strategy: str, num_classes: int, solver_path: Optional[str],
+            deploy_path: Optional[str], outdir: Optional[str], heads: Any, new_name: Optional[str],
+            head_lr_mult: float, frozen_lr_mult: float, freeze_until: Optional[str], train_last: Optional[int],
+            dataset_size: Optional[int], similarity: Optional[str], train_data: Optional[str],
+            val_data: Optional[str], batch_size: int, val_batch_size: int, crop_size: Optional[int],
+            resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float],
+            mirror: Optional[bool], root_folder: Optional[str], lr_scale: float, step_scale: float,
+            max_iter: Optional[int], show_diff: bool, dry_run: bool, force: bool) -> None:
+    """Turn a pretrained NET (train_val or deploy) into a fine-tuning setup.
+
+    Writes train_val.prototxt, deploy.prototxt, solver.prototxt and summary.md
+    to OUTDIR, each an edit of its input that keeps comments and layout.
+    """
+    import os
+
+    from . import io, rewrite as rw, strategies
+
+    schema = _schema(ctx)
+    net_file = _current_file(io.load_text(net_path, schema, io.NET), schema)
+    solver_file = io.load_text(solver_path, schema, io.SOLVER) if solver_path else None
+    deploy_file = _current_file(io.load_text(deploy_path, schema, io.NET), schema) if deploy_path else None
+    options = strategies.StrategyOptions(
+        num_classes=num_classes, heads=tuple(heads), new_name=new_name, head_lr_mult=head_lr_mult,
+        frozen_lr_mult=frozen_lr_mult, freeze_until=freeze_until, train_last=train_last,
+    )
+    if strategy == "auto":
+        size = dataset_size or (rw.count_images_or_zero(train_data) if train_data else 0)
+        if not size or similarity is None:
+            raise click.UsageError("--strategy auto needs --similarity and --dataset-size (or an image list as --train-data)")
+        strategy, options, reason = strategies.choose_strategy(size, similarity, options)
+        click.echo(f"auto: {strategy}: {reason}", err=True)
+    data = rw.DataOptions(
+        train=train_data, val=val_data, batch_size=batch_size, val_batch_size=val_batch_size,
+        crop_size=crop_size, resize=resize, mean_values=tuple(mean_values), mean_file=mean_file,
+        scale=scale, mirror=mirror, root_folder=root_folder,
+    )
+    outdir = outdir or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
+    try:
+        result = rw.plan(
+            schema, net_file, strategy, options, outdir, data, solver_file, deploy_file,
+            rw.SolverOptions(lr_scale=lr_scale, step_scale=step_scale, max_iter=max_iter),
+        )
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+    if show_diff:
+        _emit(rw.unified_diff(result))
+    if dry_run:
+        return
+    rw.write_plan(result, force=force)
+    _emit(rw.summary_text(result))
+
+
+def _current_file(parsed: Any, schema: Schema) -> Any:
+    """``parsed`` itself, or for a legacy net its upgraded text (comments kept)."""
+    from . import io
+    from .fmt import upgrade_text
+    from .upgrade import net_needs_upgrade
+
+    if not net_needs_upgrade(parsed.message):
+        return parsed
+    text, notes = upgrade_text(parsed)
+    click.echo(f"{parsed.path}: legacy format upgraded first ({'; '.join(notes)})", err=True)
+    return io.parse_text(text.encode("utf-8"), parsed.path, schema, io.NET)
 
 
 def _current(net: Any, path: str) -> Any:
@@ -182,6 +283,46 @@ def _current(net: Any, path: str) -> Any:
     except CaffeFtError as exc:
         raise exc.located(path) from None
     return copy
+
+
+@main.command()
+@click.argument("file_a", metavar="A")
+@click.argument("file_b", metavar="B")
+@click.option("--json", "as_json", is_flag=True, help="Print the changes as JSON.")
+@click.pass_context
+def diff(ctx: click.Context, file_a: str, file_b: str, as_json: bool) -> None:
+    """Show how net (or solver) B differs from A, layer by layer.
+
+    Layers are matched by name; a layer replaced by one of the same type at
+    the same place counts as renamed.  Comments, layout and values set to
+    their defaults do not count.  Exit status: 0 same, 1 different, 2 error.
+    """
+    from . import io, netdiff
+    from .upgrade import upgrade_solver
+
+    schema = _schema(ctx)
+    a, b = io.load_text(file_a, schema), io.load_text(file_b, schema)
+    if a.kind != b.kind:
+        what = {io.NET: "a net", io.SOLVER: "a solver"}
+        raise CaffeFtError(f"{what[a.kind]} cannot be compared with {what[b.kind]} ({file_b})", file_a)
+    if a.kind == io.SOLVER:
+        solvers = []
+        for parsed in (a, b):
+            solver = type(parsed.message)()
+            solver.CopyFrom(parsed.message)
+            try:
+                upgrade_solver(solver)
+            except CaffeFtError as exc:
+                raise exc.located(parsed.path) from None
+            solvers.append(solver)
+        changes = netdiff.diff_solvers(*solvers)
+    else:
+        changes = netdiff.diff_nets(_current(a.message, file_a), _current(b.message, file_b))
+    if as_json:
+        _emit(json.dumps(netdiff.to_json(changes), indent=2) + "\n")
+    else:
+        _emit(netdiff.format_changes(changes))
+    ctx.exit(1 if changes else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

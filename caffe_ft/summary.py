@@ -111,3 +111,49 @@ def describe_solver(solver: Message) -> Dict[str, Any]:
 def format_solver(info: Dict[str, Any]) -> str:
     rows = [[s["name"], s["value"], "(default)" if s["default"] else ""] for s in info["settings"]]
     return _table(["setting", "value", ""], rows) + "\n"
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024  # type: ignore[assignment]
+    raise AssertionError  # pragma: no cover
+
+
+def describe_model(model: Any) -> Dict[str, Any]:
+    """Layers with their blob shapes and parameter counts, and totals."""
+    layers = []
+    for layer, blobs in zip(model.layers, model.blobs):
+        if "layer" in layer.DESCRIPTOR.fields_by_name and layer.HasField("layer"):
+            layer = layer.layer  # V0: the real layer sits inside
+        type_field = layer.DESCRIPTOR.fields_by_name["type"]
+        kind = textformat.format_value(type_field, layer.type).strip('"')
+        name = layer.name
+        layers.append({
+            "name": name,
+            "type": kind,
+            "blobs": [list(blob.shape) for blob in blobs],
+            "params": sum(blob.count for blob in blobs),
+        })
+    return {
+        "kind": "caffemodel",
+        "name": model.net.name,
+        "format": "current" if model.layer_field == "layer" else ("V0" if model.v0 else "V1"),
+        "layers": layers,
+        "params": model.param_count,
+        "bytes": model.nbytes,
+    }
+
+
+def format_model(info: Dict[str, Any]) -> str:
+    rows = []
+    for layer in info["layers"]:
+        if not layer["blobs"]:
+            continue
+        shapes = " ".join("x".join(map(str, shape)) or "scalar" for shape in layer["blobs"])
+        rows.append([layer["name"], layer["type"], shapes, f"{layer['params']:,}"])
+    head = (f"caffemodel {info['name']!r} ({info['format']} format): {len(info['layers'])} layers, "
+            f"{len(rows)} with weights\n")
+    total = f"total: {info['params']:,} parameters, {_size(info['bytes'])}\n"
+    return head + _table(["layer", "type", "blobs", "params"], rows) + "\n" + total
