@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-from . import textformat, upgrade
+from . import textformat
 from .errors import CaffeFtError
 from .io import NET, TextFile
 
@@ -18,8 +18,8 @@ _UPGRADE_RENAMES = {"layers": "layer"}
 
 
 def format_text(parsed: TextFile) -> str:
-    """The canonical text of ``parsed``, comments kept."""
-    return textformat.render(textformat.reconcile(parsed.tree, parsed.message))
+    """The canonical text of ``parsed``, comments kept (its tree is reordered)."""
+    return textformat.render(textformat.canonicalize(parsed.tree))
 
 
 def upgrade_text(parsed: TextFile) -> Tuple[str, List[str]]:
@@ -27,6 +27,8 @@ def upgrade_text(parsed: TextFile) -> Tuple[str, List[str]]:
 
     ``parsed.message`` is left untouched.
     """
+    from . import upgrade
+
     message = type(parsed.message)()
     message.CopyFrom(parsed.message)
     try:

@@ -16,6 +16,7 @@ of an old tree, so ``fmt`` and ``upgrade`` keep every comment in place.
 
 from __future__ import annotations
 
+import bisect
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -28,26 +29,45 @@ from .schema import is_repeated
 
 FD = FieldDescriptor
 
+# One token per match, the white space before it included.
 _TOKEN = re.compile(
-    rb"""
-    (?P<newline>\n)
-  | (?P<space>[ \t\r\f\v]+)
-  | (?P<comment>\#[^\n]*)
-  | (?P<number>(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?[fF]?)(?![A-Za-z_]))
-  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
-  | (?P<symbol>[{}\[\]<>:;,\-/.])
-    """,
+    rb"""[ \t\r\n\f\v]*(?:
+      (\#[^\n]*)
+    | ((?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?[fF]?)(?![A-Za-z_]))
+    | ([A-Za-z_][A-Za-z0-9_]*)
+    | ("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+    | ([{}\[\]<>:;,\-/.])
+    )""",
     re.VERBOSE,
 )
+_KINDS = ("", "comment", "number", "ident", "string", "symbol")
+
+
+class _Lines:
+    """Turns byte offsets into 1-based line and column numbers."""
+
+    def __init__(self, data: bytes) -> None:
+        self.starts = [0]
+        self.starts.extend(match.end() for match in re.finditer(b"\n", data))
+
+    def locate(self, pos: int) -> Tuple[int, int]:
+        index = bisect.bisect_right(self.starts, pos) - 1
+        return index + 1, pos - self.starts[index] + 1
 
 
 class Token:
-    __slots__ = ("kind", "text", "line", "column", "start", "end")
+    __slots__ = ("kind", "text", "start", "end", "lines")
 
-    def __init__(self, kind: str, text: str, line: int, column: int, start: int, end: int) -> None:
-        self.kind, self.text, self.line, self.column = kind, text, line, column
-        self.start, self.end = start, end
+    def __init__(self, kind: str, text: str, start: int, end: int, lines: _Lines) -> None:
+        self.kind, self.text, self.start, self.end, self.lines = kind, text, start, end, lines
+
+    @property
+    def line(self) -> int:
+        return self.lines.locate(self.start)[0]
+
+    @property
+    def column(self) -> int:
+        return self.lines.locate(self.start)[1]
 
     def __repr__(self) -> str:
         return f"Token({self.kind}, {self.text!r}, {self.line}:{self.column})"
@@ -66,7 +86,7 @@ class Node:
 
     __slots__ = (
         "name", "values", "value_tokens", "children", "before", "after", "closing",
-        "closing_after", "line", "column", "start", "end", "header_end",
+        "closing_after", "token", "end", "header_end", "number", "canonical",
     )
 
     def __init__(self, name: str, children: Optional[List["Node"]] = None) -> None:
@@ -78,11 +98,25 @@ class Node:
         self.after: Optional[str] = None
         self.closing: List[str] = []
         self.closing_after: Optional[str] = None
-        self.line = 0
-        self.column = 0
-        self.start = 0  # byte offset of the field name
+        self.token: Optional[Token] = None  # the field name, for parsed nodes
+        # Filled by to_message: the field's number and its values as Caffe prints them.
+        self.number = 0
+        self.canonical: Optional[List[str]] = None
         self.end = 0  # byte offset just past the value or the closing brace
         self.header_end = 0  # for a message: just past its opening brace
+
+    @property
+    def start(self) -> int:
+        """Byte offset of the field name."""
+        return self.token.start if self.token is not None else 0
+
+    @property
+    def line(self) -> int:
+        return self.token.line if self.token is not None else 0
+
+    @property
+    def column(self) -> int:
+        return self.token.column if self.token is not None else 0
 
     @property
     def is_message(self) -> bool:
@@ -111,25 +145,23 @@ class Node:
 
 
 def _tokenize(data: bytes, path: str) -> List[Token]:
+    lines = _Lines(data)
     tokens: List[Token] = []
-    pos, line, line_start = 0, 1, 0
-    size = len(data)
-    match_token = _TOKEN.match
-    while pos < size:
-        match = match_token(data, pos)
-        if match is None:
-            char = data[pos : pos + 1].decode("latin-1")
-            raise CaffeFtError(f"unexpected character {char!r}", path, line, pos - line_start + 1)
-        kind = match.lastgroup or ""
-        end = match.end()
-        if kind == "newline":
-            line += 1
-            line_start = end
-        elif kind != "space":
-            text = data[pos:end].decode("utf-8", "surrogateescape")
-            tokens.append(Token(kind, text, line, pos - line_start + 1, pos, end))
-        pos = end
-    tokens.append(Token("eof", "", line, pos - line_start + 1, pos, pos))
+    append = tokens.append
+    pos = 0
+    for match in _TOKEN.finditer(data):
+        if match.start() != pos:
+            break
+        group = match.lastindex or 0
+        start, pos = match.start(group), match.end()
+        append(Token(_KINDS[group], data[start:pos].decode("utf-8", "surrogateescape"), start, pos, lines))
+    tail = data[pos:]
+    if tail.strip():
+        bad = pos + len(tail) - len(tail.lstrip())
+        line, column = lines.locate(bad)
+        char = data[bad:bad + 1].decode("latin-1")
+        raise CaffeFtError(f"unexpected character {char!r}", path, line, column)
+    tokens.append(Token("eof", "", len(data), len(data), lines))
     return tokens
 
 
@@ -137,8 +169,9 @@ class _Parser:
     def __init__(self, data: bytes, path: str) -> None:
         self.path = path
         self.tokens = _tokenize(data, path)
+        self.data = data
         self.pos = 0
-        self.last_line = 0  # line of the last significant token consumed
+        self.last_end = -1  # end of the last significant token consumed
         self.last_owner: Optional[Tuple[Node, str]] = None  # who takes a trailing comment
 
     def error(self, message: str, token: Token) -> CaffeFtError:
@@ -151,7 +184,7 @@ class _Parser:
         token = self.tokens[self.pos]
         self.pos += 1
         if token.kind != "comment":
-            self.last_line = token.line
+            self.last_end = token.end
         return token
 
     def comments(self) -> List[str]:
@@ -160,7 +193,8 @@ class _Parser:
         while self.peek().kind == "comment":
             token = self.tokens[self.pos]
             self.pos += 1
-            if token.line == self.last_line and self.last_owner is not None and not own_lines:
+            same_line = self.last_end >= 0 and self.data.find(b"\n", self.last_end, token.start) < 0
+            if same_line and self.last_owner is not None and not own_lines:
                 node, slot = self.last_owner
                 setattr(node, slot, token.text)
                 self.last_owner = None
@@ -195,7 +229,7 @@ class _Parser:
                 raise self.error("extension fields are not supported", name_token)
             raise self.error(f"expected a field name, found '{name_token.text}'", name_token)
         node = Node(name_token.text)
-        node.line, node.column, node.start = name_token.line, name_token.column, name_token.start
+        node.token = name_token
         colon = self.peek().text == ":"
         if colon:
             self.take()
@@ -334,6 +368,7 @@ class _Converter:
             if not repeated and child.name in seen:
                 raise self.error(f"field '{child.name}' is set more than once", child)
             seen[child.name] = child
+            child.number = field.number
             if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
                 if not child.is_message:
                     raise self.error(f"'{child.name}' is a message: write {child.name} {{ … }}", child)
@@ -346,6 +381,7 @@ class _Converter:
             if not repeated and len(child.values) > 1:
                 raise self.error(f"field '{child.name}' takes one value, not a list", child)
             values = [self.scalar(field, tokens) for tokens in child.value_tokens]
+            child.canonical = [format_value(field, value) for value in values]
             if repeated:
                 getattr(message, child.name).extend(values)
             else:
@@ -508,6 +544,22 @@ def render(root: Node) -> str:
         emit(child, "")
     comment_lines(root.closing, "")
     return "".join(out)
+
+
+def canonicalize(root: Node) -> Node:
+    """Put a tree that went through :func:`to_message` in canonical form, in place.
+
+    Children are ordered by field number (repeated fields keep their order)
+    and values take Caffe's spelling, so ``render(canonicalize(tree))`` is
+    the C++ printout of the message plus the tree's comments.
+    """
+    for child in root.children or ():
+        if child.canonical is not None:
+            child.values = child.canonical
+        canonicalize(child)
+    if root.children:
+        root.children.sort(key=lambda child: child.number)
+    return root
 
 
 def print_message(message: Message) -> str:
