@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
@@ -134,14 +134,31 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
+def _input_shapes(values: Any) -> Dict[str, Tuple[int, ...]]:
+    """``--input-shape data=1,3,224,224`` options as a dict."""
+    shapes = {}
+    for value in values:
+        name, _, dims = value.partition("=")
+        try:
+            shapes[name] = tuple(int(dim) for dim in dims.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected NAME=N,C,H,W, got {value!r}", param_hint="--input-shape") from None
+        if not name or not shapes[name]:
+            raise click.BadParameter(f"expected NAME=N,C,H,W, got {value!r}", param_hint="--input-shape")
+    return shapes
+
+
 @main.command()
 @click.argument("file", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
+              help="Shape of a data layer's top when its parameters do not tell (repeatable).")
 @click.pass_context
-def inspect(ctx: click.Context, file: str, as_json: bool) -> None:
+def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> None:
     """Show what a net, solver or caffemodel holds.
 
-    A net: its layers (bottoms -> tops, phase, lr/decay multipliers, learnable)
+    A net: its layers (bottoms -> tops, phase, lr/decay multipliers, learnable,
+    inferred output and parameter shapes, parameter counts, multiply-adds)
     and classifier head(s).  A solver: every setting, defaults shown.  A
     caffemodel: layers, blob shapes, parameter counts and size.
     """
@@ -160,7 +177,7 @@ def inspect(ctx: click.Context, file: str, as_json: bool) -> None:
             info, format_info = summary.describe_solver(parsed.message), summary.format_solver
         else:
             net = _current(parsed.message, file)
-            info, format_info = summary.describe_net(net), summary.format_net
+            info, format_info = summary.describe_net(net, _input_shapes(input_shapes)), summary.format_net
     if as_json:
         _emit(json.dumps(info, indent=2, sort_keys=False) + "\n")
     else:
@@ -323,6 +340,78 @@ def diff(ctx: click.Context, file_a: str, file_b: str, as_json: bool) -> None:
     else:
         _emit(netdiff.format_changes(changes))
     ctx.exit(1 if changes else 0)
+
+
+_PHASE = click.option("--phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False), default="TRAIN",
+                      show_default=True, help="Net state to build (caffe train copies into TRAIN, then each TEST net).")
+_INPUT_SHAPE = click.option("--input-shape", "input_shapes", multiple=True, metavar="TOP=N,C,H,W",
+                            help="Shape of a data layer's top the net does not give (Data, HDF5Data...); repeatable.")
+
+
+def _net_and_weights(ctx: click.Context, net_path: str, weights: str) -> Any:
+    """The current-format net of NET and the caffemodel WEIGHTS."""
+    from . import io
+    from .caffemodel import load_model
+
+    schema = _schema(ctx)
+    net = _current(io.load_text(net_path, schema, io.NET).message, net_path)
+    return net, load_model(weights, schema)
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", required=True, metavar="MODEL", help="The pretrained caffemodel.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_PHASE
+@_INPUT_SHAPE
+@click.pass_context
+def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase: str, input_shapes: Any) -> None:
+    """Say which layers of NET Caffe would copy from MODEL, which start fresh, and whether it aborts.
+
+    Exit 0 when training would start, 1 when Caffe would abort.
+    """
+    from . import weights as wt
+
+    net, model = _net_and_weights(ctx, net_path, weights)
+    try:
+        report = wt.check(net, model, phase, wt.parse_input_shapes(input_shapes))
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+    _emit(json.dumps(report.to_dict(), indent=2) + "\n" if as_json else wt.format_check(report))
+    ctx.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", required=True, metavar="MODEL", help="The pretrained caffemodel.")
+@click.option("-o", "--output", required=True, metavar="OUT", help="The caffemodel to write (never MODEL).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh layers' random values.")
+@_PHASE
+@_INPUT_SHAPE
+@click.pass_context
+def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int, phase: str, input_shapes: Any) -> None:
+    """Write the caffemodel NET starts from: MODEL's blobs where they fit, fillers elsewhere.
+
+    Refuses when Caffe would abort (run `caffe-ft check` to see why).
+    """
+    from . import weights as wt
+    from .caffemodel import save_model
+
+    if _same_file(output, weights):
+        raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
+    net, model = _net_and_weights(ctx, net_path, weights)
+    shapes = wt.parse_input_shapes(input_shapes)
+    try:
+        report = wt.check(net, model, phase, shapes)
+        result = wt.init(net, model, seed, phase, shapes)
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+    save_model(result, output)
+    for layer in report.by_status(wt.FRESH):
+        if layer.likely_typo:
+            click.echo(f"warning: layer '{layer.name}' starts fresh: {layer.reason}", err=True)
+    copied, fresh = (len(report.by_status(status)) for status in (wt.COPIED, wt.FRESH))
+    _emit(f"wrote {output}: {copied} layers copied, {fresh} filled fresh (seed {seed})\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

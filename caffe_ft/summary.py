@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from . import graph, textformat
+from .errors import CaffeFtError
 from .schema import is_repeated
 
 
@@ -33,19 +34,34 @@ def _rules(layer: Message) -> str:
     return ", ".join(parts)
 
 
-def describe_net(net: Message) -> Dict[str, Any]:
-    """Layers (with multipliers and phases) and detected heads of a current-format net."""
+def _shapes(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]]) -> Tuple[Any, Optional[str]]:
+    """Inferred TEST-phase shapes, or the reason they cannot be inferred."""
+    from .shapes import infer
+
+    try:
+        return infer(net, phase="TEST", input_shapes=input_shapes), None
+    except CaffeFtError as exc:
+        return None, str(exc)
+
+
+def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Dict[str, Any]:
+    """Layers (with multipliers, phases, shapes and costs) and heads of a current-format net.
+
+    Shapes are those of the TEST phase; layers that only run in TRAIN have none.
+    """
+    from .shapes import is_included
+
+    inferred, problem = _shapes(net, input_shapes)
+    steps = iter(inferred.layers) if inferred is not None else iter(())
     layers = []
     for layer in net.layer:
         count = graph.param_blob_count(layer)
+        mults = graph.lr_mults(layer)
         params = []
         for i in range(count):
             spec = layer.param[i] if i < len(layer.param) else None
-            params.append({
-                "lr_mult": graph.lr_mults(layer)[i],
-                "decay_mult": spec.decay_mult if spec is not None else 1.0,
-            })
-        layers.append({
+            params.append({"lr_mult": mults[i], "decay_mult": spec.decay_mult if spec is not None else 1.0})
+        entry: Dict[str, Any] = {
             "name": layer.name,
             "type": layer.type,
             "bottom": list(layer.bottom),
@@ -53,9 +69,21 @@ def describe_net(net: Message) -> Dict[str, Any]:
             "phase": _rules(layer),
             "params": params,
             "learnable": graph.is_learnable(layer),
-        })
-    search = graph.find_heads(net)
-    return {"kind": "net", "name": net.name, "layers": layers, "heads": list(search.heads)}
+        }
+        if inferred is not None and is_included(layer, "TEST"):
+            step = next(steps)
+            entry["output_shapes"] = [list(shape) for shape in step.tops]
+            entry["param_shapes"] = [list(shape) for shape in step.params]
+            entry["param_count"] = step.param_count
+            entry["flops"] = step.flops
+        layers.append(entry)
+    info: Dict[str, Any] = {"kind": "net", "name": net.name, "layers": layers, "heads": list(graph.find_heads(net).heads)}
+    if inferred is not None:
+        info["param_count"] = sum(step.param_count for step in inferred.layers)
+        info["flops"] = sum(step.flops or 0 for step in inferred.layers)
+    else:
+        info["shapes_unknown"] = problem
+    return info
 
 
 def _table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
@@ -71,18 +99,43 @@ def _mult(value: float) -> str:
     return f"{value:g}"
 
 
+def _dims(shapes: List[List[int]]) -> str:
+    return " ".join("x".join(map(str, shape)) or "()" for shape in shapes)
+
+
+def _count(value: Optional[int]) -> str:
+    if value is None:
+        return ""
+    for limit, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if value >= limit:
+            return f"{value / limit:.1f}{suffix}"
+    return str(value)
+
+
 def format_net(info: Dict[str, Any]) -> str:
+    shapes = "shapes_unknown" not in info
     rows = []
     for layer in info["layers"]:
         params = layer["params"]
         mults = "/".join(f"{_mult(p['lr_mult'])}:{_mult(p['decay_mult'])}" for p in params) or "-"
         flow = f"{','.join(layer['bottom']) or '-'} -> {','.join(layer['top']) or '-'}"
         learn = "yes" if layer["learnable"] else ("frozen" if params else "")
-        rows.append([layer["name"], layer["type"], flow, layer["phase"], mults, learn])
+        row = [layer["name"], layer["type"], flow, layer["phase"], mults, learn]
+        if shapes:
+            row += [_dims(layer.get("output_shapes", [])), _dims(layer.get("param_shapes", [])),
+                    _count(layer.get("param_count")) if layer.get("param_shapes") else "",
+                    _count(layer.get("flops"))]
+        rows.append(row)
     header = ["layer", "type", "bottom -> top", "phase", "lr:decay", "learns"]
-    text = f"net {info['name']!r}: {len(info['layers'])} layers\n" + _table(header, rows)
+    if shapes:
+        header += ["output", "param shapes", "params", "MACs"]
+    text = f"net {info['name']!r}: {len(info['layers'])} layers\n" + _table(header, rows) + "\n"
+    if shapes:
+        text += f"total (TEST phase): {info['param_count']:,} parameters, {_count(info['flops'])} multiply-adds\n"
+    else:
+        text += f"shapes not inferred (give --input-shape BLOB=N,C,H,W): {info['shapes_unknown']}\n"
     heads = ", ".join(info["heads"]) or "none found"
-    return f"{text}\nclassifier head(s): {heads}\n"
+    return f"{text}classifier head(s): {heads}\n"
 
 
 def describe_solver(solver: Message) -> Dict[str, Any]:

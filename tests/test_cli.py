@@ -125,3 +125,27 @@ def test_inspect_solver_shows_defaults():
 def test_upgrade_refuses_to_overwrite_input_unless_asked(net):
     result = run("upgrade", str(net), "-o", str(net))
     assert result.exit_code == 2 and "--in-place" in stderr_of(result)
+
+
+def test_inspect_net_shows_shapes_params_and_costs():
+    info = json.loads(run("inspect", "--json", os.path.join(EXAMPLE, "deploy.prototxt")).output)
+    layer = {entry["name"]: entry for entry in info["layers"]}
+    assert layer["conv1"]["output_shapes"] == [[1, 16, 16, 16]]
+    assert layer["conv1"]["param_shapes"] == [[16, 1, 3, 3], [16]]
+    assert layer["fc1"]["param_shapes"] == [[64, 512], [64]]  # 32 channels x 4 x 4 after two poolings
+    assert layer["fc1"]["flops"] == 64 * 512
+    assert info["param_count"] == sum(entry.get("param_count", 0) for entry in info["layers"])
+    text = run("inspect", os.path.join(EXAMPLE, "deploy.prototxt")).output
+    assert "1x16x16x16" in text and f"{info['param_count']:,} parameters" in text
+
+
+def test_inspect_asks_for_input_shapes_it_cannot_infer(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text('layer { name: "data" type: "Data" top: "data" top: "label" data_param { source: "db" batch_size: 4 } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 3 } }\n')
+    assert "give --input-shape" in run("inspect", str(net)).output
+    info = json.loads(run("inspect", "--json", "--input-shape", "data=4,3,8,8", "--input-shape", "label=4",
+                          str(net)).output)
+    assert info["layers"][1]["param_shapes"] == [[3, 192], [3]]
+    result = run("inspect", "--input-shape", "data=4,x", str(net))
+    assert result.exit_code == 2 and "--input-shape" in result.stderr
