@@ -24,6 +24,6 @@ def _environment() -> Any:
     return env
 
 
-def render(name: str, **context: Any) -> str:
-    """The text of template ``name`` filled with ``context``."""
-    return _environment().get_template(name).render(**context)
+def render(template: str, /, **context: Any) -> str:
+    """The text of ``template`` (a file name in ``templates/``) filled with ``context``."""
+    return _environment().get_template(template).render(**context)
