@@ -160,14 +160,24 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     A net: its layers (bottoms -> tops, phase, lr/decay multipliers, learnable,
     inferred output and parameter shapes, parameter counts, multiply-adds)
     and classifier head(s).  A solver: every setting, defaults shown.  A
-    caffemodel: layers, blob shapes, parameter counts and size.
+    caffemodel: layers, blob shapes, parameter counts and size.  A mean file
+    (.binaryproto): its shape and per-channel means.  A .solverstate: the
+    iteration and the history blobs.
     """
     from . import io, summary
 
     schema = _schema(ctx)
     data = io.read_bytes(file)
     format_info: Callable[[Any], str]
-    if io.is_binary(data):
+    if file.endswith(".binaryproto"):
+        from .caffemodel import load_blob
+
+        info, format_info = summary.describe_blob(load_blob(file, schema)), summary.format_blob
+    elif file.endswith(".solverstate"):
+        from .caffemodel import load_solverstate
+
+        info, format_info = summary.describe_solverstate(load_solverstate(file, schema)), summary.format_solverstate
+    elif io.is_binary(data):
         from .caffemodel import load_model
 
         info, format_info = summary.describe_model(load_model(file, schema)), summary.format_model
@@ -372,9 +382,10 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
     """
     from . import weights as wt
 
+    shapes = _input_shapes(input_shapes)
     net, model = _net_and_weights(ctx, net_path, weights)
     try:
-        report = wt.check(net, model, phase, wt.parse_input_shapes(input_shapes))
+        report = wt.check(net, model, phase, shapes)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
     _emit(json.dumps(report.to_dict(), indent=2) + "\n" if as_json else wt.format_check(report))
@@ -399,8 +410,8 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
 
     if _same_file(output, weights):
         raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
+    shapes = _input_shapes(input_shapes)
     net, model = _net_and_weights(ctx, net_path, weights)
-    shapes = wt.parse_input_shapes(input_shapes)
     try:
         report = wt.check(net, model, phase, shapes)
         result = wt.init(net, model, seed, phase, shapes)
@@ -412,6 +423,141 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
             click.echo(f"warning: layer '{layer.name}' starts fresh: {layer.reason}", err=True)
     copied, fresh = (len(report.by_status(status)) for status in (wt.COPIED, wt.FRESH))
     _emit(f"wrote {output}: {copied} layers copied, {fresh} filled fresh (seed {seed})\n")
+
+
+def _transform_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that override the data transform the net's data layer describes."""
+    options = [
+        click.option("--root-folder", metavar="DIR", help="Directory the image list's paths are relative to "
+                     "(default: the net's image_data_param.root_folder)."),
+        click.option("--crop-size", type=click.IntRange(min=1), help="Centre crop (default: the net's transform_param)."),
+        click.option("--resize", type=click.IntRange(min=1), metavar="SIZE",
+                     help="Resize images to SIZE x SIZE first (default: ImageData's new_height/new_width; "
+                          "a deploy net: its input size)."),
+        click.option("--mean-value", "mean_values", type=float, multiple=True,
+                     help="Per-channel mean, BGR (repeat per channel)."),
+        click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
+        click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _transform_overrides(crop_size: Optional[int], resize: Optional[int], mean_values: Any,
+                         mean_file: Optional[str], scale: Optional[float]) -> dict:
+    return {"crop_size": crop_size, "new_height": resize, "new_width": resize,
+            "mean_values": tuple(mean_values) or None, "mean_file": mean_file, "scale": scale}
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", required=True, metavar="MODEL", help="Pretrained caffemodel.")
+@click.option("--data", required=True, metavar="SRC", help="An image list ('path label' lines) or an LMDB directory.")
+@click.option("--layer", metavar="LAYER", help="Layer (or blob) whose output is the feature "
+              "(default: the input of the classifier head).")
+@click.option("-o", "--output", required=True, metavar="FEATURES.npz", help="Features file (reused while up to date).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--force", is_flag=True, help="Recompute even when the features file is up to date.")
+@_transform_options
+@click.pass_context
+def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: Optional[str], output: str,
+             batch_size: int, force: bool, root_folder: Optional[str], crop_size: Optional[int],
+             resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+    """Run the frozen trunk of NET once over the data and cache its features.
+
+    The net is cut after LAYER, images are transformed as the net's TEST data
+    layer does, and the features, labels and fingerprints of the net, weights,
+    data and transform go to a compressed .npz; a file that is still up to
+    date is reused.
+    """
+    from . import features as ft
+
+    request = ft.Request(net_path, weights, data, layer, root_folder,
+                         _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
+    outcome = ft.compute_or_reuse(request, output, _schema(ctx), force=force)
+    result = outcome.features
+    verb = "reused" if outcome.reused else f"computed ({outcome.reason})"
+    _emit(f"{output}: {verb}: {len(result.labels)} examples, feature '{result.meta['blob']}' "
+          f"{'x'.join(map(str, result.features.shape[1:]))}\n")
+
+
+@main.command()
+@click.argument("features_path", metavar="FEATURES")
+@click.option("--num-classes", type=click.IntRange(min=2), required=True, help="Classes of the new head.")
+@click.option("-o", "--outdir", required=True, metavar="OUTDIR",
+              help="Where deploy.prototxt, linear.caffemodel and linear.json go.")
+@click.option("--classifier", type=click.Choice(["logreg", "svm"]), default="logreg", show_default=True,
+              help="Multinomial logistic regression (a Softmax head) or a linear SVM (scores).")
+@click.option("--C", "c_values", metavar="VALUES", help="Comma-separated C values to cross-validate "
+              "(one value: no cross-validation; default: a decade grid).")
+@click.option("--val", "val_path", metavar="FEATURES", help="Validation features (default: hold out --val-fraction).")
+@click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Cross-validation folds.")
+@click.option("--net", "net_path", metavar="NET", help="Net the features came from (default: as recorded).")
+@click.option("--weights", metavar="MODEL", help="Its caffemodel (default: as recorded).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str, classifier: str,
+           c_values: Optional[str], val_path: Optional[str], val_fraction: float, folds: int,
+           net_path: Optional[str], weights: Optional[str], seed: int) -> None:
+    """Train a linear classifier on cached FEATURES and write it as a Caffe head.
+
+    C is picked by stratified cross-validation; the validation accuracy is
+    reported; the standardization is folded into the InnerProduct weights of
+    a deploy net (trunk + head) and its caffemodel.
+    """
+    from . import features as ft, linear as lin
+
+    train = ft.load_features(features_path)
+    val = ft.load_features(val_path) if val_path else None
+    if val is not None:
+        stale = ft.stale_parts({k: v for k, v in train.meta["fingerprints"].items() if k != "data"},
+                               {k: v for k, v in val.meta["fingerprints"].items() if k != "data"})
+        if stale:
+            raise CaffeFtError(f"the validation features come from another trunk ({', '.join(stale)} differ)", val_path)
+    try:
+        result = lin.fit(train, num_classes, classifier, lin.parse_cs(c_values) if c_values else None,
+                         val, val_fraction, folds, seed)
+    except CaffeFtError as exc:
+        raise exc.located(features_path) from None
+    head = lin.write_head(_schema(ctx), result, train.meta, outdir, num_classes, net_path, weights)
+    _emit(result.report())
+    _emit(f"wrote {head.deploy}, {head.weights} (head '{head.layer}', output '{head.output}'), {head.summary}\n")
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", required=True, metavar="MODEL", help="Pretrained caffemodel.")
+@click.option("--train-data", required=True, metavar="SRC", help="Training data: an image list or an LMDB directory.")
+@click.option("--val-data", metavar="SRC", help="Validation data for the probes (default: a held-out split).")
+@click.option("--sample", type=click.IntRange(min=10), default=300, show_default=True,
+              help="Images measured (drawn at random from the training list).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the advice and its numbers as JSON.")
+@_transform_options
+@click.pass_context
+def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val_data: Optional[str],
+           sample: int, batch_size: int, as_json: bool, root_folder: Optional[str], crop_size: Optional[int],
+           resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+    """Recommend a fine-tuning strategy from the data set's size and a
+    measured similarity to the pretraining data.
+
+    Similarity comes from how far the data moves the BatchNorm layers' input
+    statistics from the stored ones, and from linear probes on penultimate
+    versus early features; the numbers are shown with the advice.
+    """
+    from . import advise as adv
+
+    advice = adv.advise(net_path, weights, train_data, val_data, schema=_schema(ctx), root_folder=root_folder,
+                        transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
+                        sample=sample, batch_size=batch_size)
+    if as_json:
+        _emit(json.dumps({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
+                          "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
+                          "reason": advice.reason, "numbers": advice.numbers}, indent=2) + "\n")
+    else:
+        _emit(advice.report())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -210,3 +210,44 @@ def format_model(info: Dict[str, Any]) -> str:
             f"{len(rows)} with weights\n")
     total = f"total: {info['params']:,} parameters, {_size(info['bytes'])}\n"
     return head + _table(["layer", "type", "blobs", "params"], rows) + "\n" + total
+
+
+def describe_blob(blob: Any) -> Dict[str, Any]:
+    """A single array (a mean file): shape, and per-channel means of 4-D/3-D data."""
+    data = blob.data
+    info: Dict[str, Any] = {"kind": "blob", "shape": list(blob.shape), "count": blob.count,
+                            "dtype": str(data.dtype)}
+    if blob.count:
+        info["min"], info["max"], info["mean"] = float(data.min()), float(data.max()), float(data.mean())
+        if data.ndim >= 3:
+            channels = data.reshape((-1,) + data.shape[-3:]).mean(axis=(0, 2, 3))
+            info["channel_means"] = [float(value) for value in channels]
+    return info
+
+
+def format_blob(info: Dict[str, Any]) -> str:
+    lines = [f"blob {'x'.join(map(str, info['shape'])) or 'scalar'} ({info['count']:,} {info['dtype']} values)"]
+    if "mean" in info:
+        lines.append(f"min {info['min']:g}, max {info['max']:g}, mean {info['mean']:g}")
+    if "channel_means" in info:
+        lines.append("per-channel means: " + ", ".join(f"{value:g}" for value in info["channel_means"]))
+    return "\n".join(lines) + "\n"
+
+
+def describe_solverstate(state: Any) -> Dict[str, Any]:
+    """Where a snapshot stopped, and its solver history blobs."""
+    message = state.state
+    return {
+        "kind": "solverstate",
+        "iter": message.iter,
+        "current_step": message.current_step,
+        "learned_net": message.learned_net,
+        "history": [list(blob.shape) for blob in state.history],
+        "history_values": sum(blob.count for blob in state.history),
+    }
+
+
+def format_solverstate(info: Dict[str, Any]) -> str:
+    return (f"solver state at iteration {info['iter']} (learning-rate step {info['current_step']})\n"
+            f"weights: {info['learned_net'] or '(not recorded)'}\n"
+            f"history: {len(info['history'])} blobs, {info['history_values']:,} values\n")

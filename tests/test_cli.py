@@ -149,3 +149,25 @@ def test_inspect_asks_for_input_shapes_it_cannot_infer(tmp_path):
     assert info["layers"][1]["param_shapes"] == [[3, 192], [3]]
     result = run("inspect", "--input-shape", "data=4,x", str(net))
     assert result.exit_code == 2 and "--input-shape" in result.stderr
+
+
+def test_inspect_mean_file_and_solverstate(schema, tmp_path):
+    import numpy as np
+
+    from caffe_ft.caffemodel import Blob, save_blob
+
+    mean = np.zeros((1, 3, 2, 2), dtype=np.float32)
+    mean[0, 0], mean[0, 1], mean[0, 2] = 104, 117, 123
+    save_blob(Blob.of(mean), str(tmp_path / "mean.binaryproto"))
+    info = json.loads(run("inspect", "--json", str(tmp_path / "mean.binaryproto")).output)
+    assert info["shape"] == [1, 3, 2, 2] and info["channel_means"] == [104.0, 117.0, 123.0]
+    assert "per-channel means: 104, 117, 123" in run("inspect", str(tmp_path / "mean.binaryproto")).output
+
+    state = schema.new("SolverState")
+    state.iter, state.learned_net = 300, "snap_iter_300.caffemodel"
+    history = state.history.add()
+    history.shape.dim.extend([4, 2])
+    history.data.extend([0.5] * 8)
+    (tmp_path / "snap.solverstate").write_bytes(state.SerializeToString())
+    text = run("inspect", str(tmp_path / "snap.solverstate")).output
+    assert "iteration 300" in text and "snap_iter_300.caffemodel" in text and "1 blobs, 8 values" in text
