@@ -228,6 +228,10 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
 @click.option("--lr-scale", type=float, default=0.1, show_default=True, help="base_lr is multiplied by this.")
 @click.option("--step-scale", type=float, default=0.2, show_default=True, help="stepsize/stepvalue/max_iter are multiplied by this.")
 @click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling).")
+@click.option("--weights", metavar="MODEL",
+              help="Pretrained caffemodel: check which weights the new net copies, and refuse a net Caffe would reject.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
+              help="With --weights: shape of a data layer's top when its parameters do not tell.")
 @click.option("--diff", "show_diff", is_flag=True, help="Print the changes as a unified diff.")
 @click.option("--dry-run", is_flag=True, help="Write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (inputs included).")
@@ -239,7 +243,8 @@ def rewrite(ctx: click.Context, net_path: str, strategy: str, num_classes: int, 
             val_data: Optional[str], batch_size: int, val_batch_size: int, crop_size: Optional[int],
             resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float],
             mirror: Optional[bool], root_folder: Optional[str], lr_scale: float, step_scale: float,
-            max_iter: Optional[int], show_diff: bool, dry_run: bool, force: bool) -> None:
+            max_iter: Optional[int], weights: Optional[str], input_shapes: Any, show_diff: bool, dry_run: bool,
+            force: bool) -> None:
     """Turn a pretrained NET (train_val or deploy) into a fine-tuning setup.
 
     Writes train_val.prototxt, deploy.prototxt, solver.prototxt and summary.md
@@ -276,12 +281,29 @@ def rewrite(ctx: click.Context, net_path: str, strategy: str, num_classes: int, 
         )
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
+    if weights:
+        _check_plan(schema, result, weights, _input_shapes(input_shapes))
     if show_diff:
         _emit(rw.unified_diff(result))
     if dry_run:
         return
     rw.write_plan(result, force=force)
     _emit(rw.summary_text(result))
+
+
+def _check_plan(schema: Schema, result: Any, weights: str, input_shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Print what Caffe will copy from ``weights`` into the rewritten net; fail if it would abort."""
+    from . import io, textformat
+    from .caffemodel import load_model
+    from .weights import check, format_check
+
+    name = "train_val.prototxt" if "train_val.prototxt" in result.files else "deploy.prototxt"
+    text = result.files[name][0]
+    net = textformat.to_message(textformat.parse(text.encode("utf-8"), name), schema.new(io.NET), name)
+    report = check(net, load_model(weights, schema), input_shapes=input_shapes or None)
+    click.echo(format_check(report), err=True)
+    if not report.ok:
+        raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
 
 
 def _current_file(parsed: Any, schema: Schema) -> Any:
@@ -558,6 +580,60 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
                           "reason": advice.reason, "numbers": advice.numbers}, indent=2) + "\n")
     else:
         _emit(advice.report())
+
+
+@main.command()
+@click.argument("solver", metavar="SOLVER")
+@click.option("--weights", metavar="MODEL", help="Start from these weights (checked against the nets first).")
+@click.option("--gpu", "gpu", metavar="IDS", help="GPU(s) to train on: 0, 0,1 or all (several use NCCL).")
+@click.option("--cpu", is_flag=True, help="Train on the CPU whatever the solver's solver_mode says.")
+@click.option("--resume", metavar="STATE", help="Continue from a .solverstate snapshot.")
+@click.option("--metrics", metavar="FILE", help="Write per-iteration loss, lr and test outputs here (JSON lines).")
+@click.option("--plot", metavar="PNG", help="Draw the loss and test outputs to this PNG at the end.")
+@click.option("--snapshot-on-exit/--no-snapshot-on-exit", default=True, show_default=True,
+              help="Snapshot when stopped by SIGINT/SIGTERM.")
+@click.option("--caffe-log", is_flag=True, help="Show Caffe's own INFO log.")
+@click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
+              help="Act as if interrupted once N iterations are done (for testing).")
+@click.pass_context
+def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
+          resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
+          caffe_log: bool, stop_after: Optional[int]) -> None:
+    """Train with SOLVER through pycaffe: progress, metrics, safe snapshots.
+
+    Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
+    command that resumes; a resumed run reads on from where the data layers
+    were.  A nan/inf loss stops the run and keeps the last good state.
+    Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
+    """
+    from .train import TrainOptions, train as run_training
+
+    if gpu is not None and cpu:
+        raise click.UsageError("--gpu and --cpu exclude each other")
+    options = TrainOptions(
+        solver=solver, weights=weights, device="cpu" if cpu else (gpu if gpu is not None else "solver"),
+        resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
+        caffe_log=caffe_log, proto=ctx.obj.get("proto"),
+    )
+    result = run_training(options, _schema(ctx), sys.stderr)
+    if result.status == "diverged":
+        click.echo(f"caffe-ft: error: {result.message}", err=True)
+    else:
+        click.echo(result.message, err=True)
+    if result.resume_command:
+        click.echo(f"resume with: {result.resume_command}", err=True)
+    ctx.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("metrics", metavar="METRICS")
+@click.option("-o", "--output", metavar="PNG", required=True, help="Where to write the plot.")
+@click.option("--title", help="Title over the plot (default: the metrics file's name).")
+def plot(metrics: str, output: str, title: Optional[str]) -> None:
+    """Draw the loss and test outputs of a `caffe-ft train --metrics` file to a PNG."""
+    from .plot import plot_file
+
+    plot_file(metrics, output, title or "")
 
 
 if __name__ == "__main__":  # pragma: no cover

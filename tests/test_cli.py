@@ -171,3 +171,46 @@ def test_inspect_mean_file_and_solverstate(schema, tmp_path):
     (tmp_path / "snap.solverstate").write_bytes(state.SerializeToString())
     text = run("inspect", str(tmp_path / "snap.solverstate")).output
     assert "iteration 300" in text and "snap_iter_300.caffemodel" in text and "1 blobs, 8 values" in text
+
+
+def _pretrained(schema, net_path, path, change=None):
+    """A caffemodel with weights of the right shapes for ``net_path`` (optionally altered)."""
+    import numpy as np
+
+    from caffe_ft import io as cio
+    from caffe_ft.caffemodel import Blob, Model, save_model
+    from caffe_ft.shapes import infer
+
+    net = cio.load_text(net_path, schema).message
+    params = infer(net, phase="TEST").params
+    if change:
+        params = change(params)
+    weights = schema.new("NetParameter")
+    blobs = []
+    for name, shapes in params.items():
+        layer = weights.layer.add(name=name, type="InnerProduct")
+        blobs.append([Blob.of(np.full(shape, 0.5, dtype=np.float32)) for shape in shapes])
+        del layer
+    save_model(Model(weights, blobs), str(path))
+
+
+def test_rewrite_checks_the_weights_it_will_start_from(schema, tmp_path):
+    deploy = os.path.join(EXAMPLE, "deploy.prototxt")
+    _pretrained(schema, deploy, tmp_path / "w.caffemodel")
+    result = run("rewrite", deploy, "--strategy", "last-fc", "--num-classes", "3", "-o", str(tmp_path / "out"),
+                 "--weights", str(tmp_path / "w.caffemodel"))
+    assert result.exit_code == 0, result.stderr
+    assert "Caffe would load these weights" in result.stderr
+    assert "fc2_ft" in result.stderr and "fc2 " in result.stderr  # fresh head, ignored old head
+
+    def wrong_conv(params):
+        params = dict(params)
+        params["conv1"] = [(8, 1, 3, 3), (8,)]
+        return params
+
+    _pretrained(schema, deploy, tmp_path / "bad.caffemodel", wrong_conv)
+    result = run("rewrite", deploy, "--strategy", "last-fc", "--num-classes", "3", "-o", str(tmp_path / "out2"),
+                 "--weights", str(tmp_path / "bad.caffemodel"))
+    assert result.exit_code == 2
+    assert "Cannot copy param 0 weights from layer 'conv1'" in result.stderr
+    assert not (tmp_path / "out2").exists()  # nothing written
