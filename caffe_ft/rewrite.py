@@ -168,25 +168,41 @@ def _render_layers(schema: Schema, template: str, **context: object) -> List[Mes
     return list(fragment.layer)
 
 
+def _default_resize(size: int) -> int:
+    """ImageNet-style: resize to 256 and crop large inputs, resize small ones to fit."""
+    return max(256, size) if size >= 200 else size
+
+
 def _new_data_layers(
     schema: Schema,
     data: DataOptions,
     name: str,
     tops: Tuple[str, str],
-    originals: Dict[str, Message],
-    input_shape: Optional[Sequence[int]],
+    originals: Sequence[Message],
+    input_shape: Optional[Sequence[int]] = None,
 ) -> List[Message]:
+    """TRAIN and TEST data layers reading ``data``.
+
+    ``originals`` are the data layers being replaced (their preprocessing is
+    kept); a deploy net has none and gives its ``input_shape`` instead.
+    """
     assert data.train and data.val
-    channels = input_shape[1] if input_shape and len(input_shape) == 4 else 3
-    size = input_shape[2] if input_shape and len(input_shape) == 4 else None
+    by_phase = {_phase_name(layer): layer for layer in originals}
+    first = originals[0] if originals else None
+    if input_shape is not None and len(input_shape) == 4:
+        channels, size = input_shape[1], input_shape[2]
+    else:
+        channels = 1 if first is not None and first.HasField("image_data_param") and not first.image_data_param.is_color else 3
+        size = (first.transform_param.crop_size if first is not None else 0) or None
+    old_resize = first.image_data_param.new_height if first is not None and first.HasField("image_data_param") else 0
+    resize = data.resize or old_resize or (_default_resize(size) if size else None)
     crop = data.crop_size or size
-    resize = data.resize
-    if resize is None and size is not None:
-        resize = max(256, size) if size >= 200 else size
+    crop_needed = crop if resize and crop and resize > crop else None
     phases = []
     for phase, source, batch in (("TRAIN", data.train, data.batch_size), ("TEST", data.val, data.val_batch_size)):
-        original = originals.get(phase)
-        transform = _transform(schema, original, data, phase == "TRAIN", crop if resize and crop and resize > crop else None)
+        original = by_phase.get(phase) or by_phase.get(None)
+        transform = _transform(schema, original.transform_param if original is not None and
+                               original.HasField("transform_param") else None, data, phase == "TRAIN", crop_needed)
         phases.append({
             "name": phase,
             "type": _source_kind(source),
@@ -197,7 +213,7 @@ def _new_data_layers(
         })
     return _render_layers(
         schema, "data_layers.prototxt.j2", phases=phases, name=name, data_top=tops[0], label_top=tops[1],
-        new_size=resize if originals == {} else data.resize, is_color=channels != 1, root_folder=data.root_folder,
+        new_size=resize, is_color=channels != 1, root_folder=data.root_folder,
     )
 
 
@@ -227,7 +243,7 @@ def to_train_val(schema: Schema, deploy: Message, heads: Sequence[str], data: Da
         raise CaffeFtError(f"a deploy net needs exactly one Input layer to be given data, found {len(inputs)}")
     source = net.layer[inputs[0]]
     shape = list(source.input_param.shape[0].dim) if source.input_param.shape else None
-    layers = _new_data_layers(schema, data, source.name, (source.top[0], "label"), {}, shape)
+    layers = _new_data_layers(schema, data, source.name, (source.top[0], "label"), [], shape)
     _replace_layers(net, inputs, inputs[0], layers)
     head_tops = set(_head_tops(net, heads))
     # Output layers of the deploy net (a Softmax over the scores) give way to the loss.
@@ -310,14 +326,8 @@ def _with_data(schema: Schema, net: Message, data: DataOptions) -> Message:
     if not indices:
         raise CaffeFtError("the net has no data layers to point at the new data")
     first = result.layer[indices[0]]
-    originals = {}
-    for i in indices:
-        layer = result.layer[i]
-        phase = _phase_name(layer)
-        if phase and layer.HasField("transform_param"):
-            originals[phase] = layer.transform_param
     tops = (first.top[0], first.top[1] if len(first.top) > 1 else "label")
-    layers = _new_data_layers(schema, data, first.name, tops, originals, None)
+    layers = _new_data_layers(schema, data, first.name, tops, [result.layer[i] for i in indices])
     _replace_layers(result, indices, indices[0], layers)
     return result
 
