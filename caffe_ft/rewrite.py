@@ -17,6 +17,7 @@ input so that reviewers see only the lines that changed; the CLI writes them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -134,16 +135,19 @@ def _transform_items(transform: Message) -> List[Tuple[str, str]]:
 
 
 def _transform(
-    schema: Schema, original: Optional[Message], data: DataOptions, train: bool, crop: Optional[int]
+    schema: Schema, original: Optional[Message], data: DataOptions, train: bool, crop: Optional[int],
+    channels: Optional[int] = None,
 ) -> Message:
-    """The transform_param of a new data layer: the original's, else ImageNet-style defaults."""
+    """The transform_param of a new data layer: the original's, else ImageNet-style
+    defaults (the BGR mean only for colour input: Caffe aborts on 3 means for 1 channel)."""
     transform = schema.new("TransformationParameter")
     if original is not None:
         transform.CopyFrom(original)
     else:
         if crop:
             transform.crop_size = crop
-        transform.mean_value.extend(IMAGENET_MEAN_BGR)
+        if channels in (None, 3):
+            transform.mean_value.extend(IMAGENET_MEAN_BGR)
         if train:
             transform.mirror = True
     if data.crop_size is not None:
@@ -189,20 +193,23 @@ def _new_data_layers(
     assert data.train and data.val
     by_phase = {_phase_name(layer): layer for layer in originals}
     first = originals[0] if originals else None
-    if input_shape is not None and len(input_shape) == 4:
-        channels, size = input_shape[1], input_shape[2]
+    deploy_channels = input_shape[1] if input_shape is not None and len(input_shape) == 4 else None
+    if input_shape is not None and deploy_channels is not None:
+        size = input_shape[2]
     else:
-        channels = 1 if first is not None and first.HasField("image_data_param") and not first.image_data_param.is_color else 3
         size = (first.transform_param.crop_size if first is not None else 0) or None
     old_resize = first.image_data_param.new_height if first is not None and first.HasField("image_data_param") else 0
     resize = data.resize or old_resize or (_default_resize(size) if size else None)
     crop = data.crop_size or size
     crop_needed = crop if resize and crop and resize > crop else None
     phases = []
+    transforms = []
     for phase, source, batch in (("TRAIN", data.train, data.batch_size), ("TEST", data.val, data.val_batch_size)):
         original = by_phase.get(phase) or by_phase.get(None)
         transform = _transform(schema, original.transform_param if original is not None and
-                               original.HasField("transform_param") else None, data, phase == "TRAIN", crop_needed)
+                               original.HasField("transform_param") else None, data, phase == "TRAIN", crop_needed,
+                               deploy_channels)
+        transforms.append(transform)
         phases.append({
             "name": phase,
             "type": _source_kind(source),
@@ -213,8 +220,21 @@ def _new_data_layers(
         })
     return _render_layers(
         schema, "data_layers.prototxt.j2", phases=phases, name=name, data_top=tops[0], label_top=tops[1],
-        new_size=resize, is_color=channels != 1, root_folder=data.root_folder,
+        new_size=resize, is_color=_channels(first, deploy_channels, transforms[0]) != 1,
+        root_folder=data.root_folder,
     )
+
+
+def _channels(first: Optional[Message], deploy_channels: Optional[int], transform: Message) -> int:
+    """Channels the new data layers must give: the deploy input's, or the
+    replaced ImageData's colour setting; an LMDB's items cannot be looked at,
+    so there a single mean value means grey (as :func:`_shape_from_transform`
+    reads it), lest a grey net (LeNet) get colour images its weights do not fit."""
+    if deploy_channels is not None:
+        return deploy_channels
+    if first is not None and first.HasField("image_data_param"):
+        return 3 if first.image_data_param.is_color else 1
+    return 1 if len(transform.mean_value) == 1 else 3
 
 
 # ---------------------------------------------------------------------------
@@ -434,6 +454,8 @@ def plan(
         else:
             deploy = to_deploy(schema, train_val, heads)
             deploy_source = net_file
+    if train_val is not None and data.train:
+        check_one_label_per_score(train_val)
     if train_val is not None:
         files["train_val.prototxt"] = (_edit_text(train_val_source, train_val),
                                        train_val_source.path if train_val_source else None,
@@ -459,6 +481,32 @@ def plan(
         summary.append("no --solver: solver.prototxt made from the fine-tuning template (SGD, step policy)")
         files["solver.prototxt"] = (textformat.print_message(solver), None, None)
     return Plan(outdir, files, summary, strategy, dict(result.heads))
+
+
+def check_one_label_per_score(net: Message) -> None:
+    """Refuse a train net whose SoftmaxWithLoss gets more predictions than
+    labels (Caffe aborts on it): an image list gives one label per image,
+    but a fully convolutional head scores a grid of positions unless the
+    input is cropped to the size it was trained at.  Nets whose shapes
+    cannot be told here are left to Caffe."""
+    from .shapes import infer
+
+    try:
+        blobs = infer(net, phase="TRAIN").blobs
+    except CaffeFtError:
+        return
+    for layer in net.layer:
+        if layer.type != "SoftmaxWithLoss" or len(layer.bottom) < 2 or layer.bottom[1] not in blobs:
+            continue
+        scores, labels = blobs[layer.bottom[0]], blobs[layer.bottom[1]]
+        axis = layer.softmax_param.axis % len(scores)
+        per_image = math.prod(scores[axis + 1:])
+        if math.prod(scores[:axis]) * per_image != math.prod(labels):
+            raise CaffeFtError(
+                f"'{layer.bottom[0]}' has shape {' x '.join(map(str, scores))}: {per_image} scores per image "
+                f"for one label; give --crop-size with the input size at which it scores each image once "
+                f"(a fully convolutional net: the size it was trained at)", layer=layer.name,
+            )
 
 
 def count_images_or_zero(source: str) -> int:

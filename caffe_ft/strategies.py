@@ -512,6 +512,16 @@ def _replace_heads(
     return renames, notes
 
 
+def _pointless_accuracies(layers: Sequence[Message], heads: Sequence[int], num_classes: int) -> Set[int]:
+    """Accuracy layers scoring the new heads with a ``top_k`` (above 1) of at
+    least the new class count: GoogLeNet's top-5 with fewer than 6 classes."""
+    return {
+        i for i in graph.downstream(layers, heads)
+        if layers[i].type == "Accuracy" and layers[i].accuracy_param.top_k > 1
+        and layers[i].accuracy_param.top_k >= num_classes
+    }
+
+
 def _run(strategy: str, planner: Planner, net: Message, options: StrategyOptions) -> Result:
     """Validate, find the heads, let ``planner`` decide, apply to a copy of ``net``."""
     _validate(strategy, options)
@@ -527,6 +537,14 @@ def _run(strategy: str, planner: Planner, net: Message, options: StrategyOptions
     notes += _set_body_multipliers(layers, frozen, removed | set(replaced), options)
     renames, head_notes = _replace_heads(layers, replaced, options)
     notes += head_notes
+    pointless = _pointless_accuracies(layers, replaced, options.num_classes) - removed
+    if pointless:
+        notes.append(
+            f"removed {_listing(_names(layers, pointless))}: a top-k accuracy with k >= "
+            f"{options.num_classes} classes is always 1 (Caffe aborts when k exceeds the classes)"
+        )
+        removed = removed | pointless
+        removed_names = _names(layers, removed)
     for index in sorted(removed, reverse=True):
         del out.layer[index]
     if removed:
