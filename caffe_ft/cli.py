@@ -194,101 +194,177 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
         _emit(format_info(info))
 
 
-@main.command()
-@click.argument("net_path", metavar="NET")
-@click.option("--strategy", required=True, type=click.Choice(["last-fc", "top", "full", "auto"]),
-              help="What trains: only the classifier head(s), the top of the net, or all of it; "
-                   "auto picks by data set size and similarity.")
-@click.option("--num-classes", type=click.IntRange(min=1), required=True, help="Classes of the new task.")
-@click.option("--solver", "solver_path", metavar="SOLVER", help="Solver to rewrite (learning rate, steps, paths).")
-@click.option("--deploy", "deploy_path", metavar="DEPLOY",
-              help="The matching deploy net, rewritten alongside (default: derived from NET).")
-@click.option("-o", "--outdir", metavar="OUTDIR", help="Output directory (default: ft-STRATEGY beside NET).")
-@click.option("--head", "heads", multiple=True, metavar="LAYER", help="Classifier head layer (repeatable; default: detected).")
-@click.option("--new-name", metavar="NAME", help="New name of the (single) head (default: OLD_ft).")
-@click.option("--head-lr-mult", type=float, default=10.0, show_default=True,
-              help="lr_mult of the new head's weights; its bias gets twice this.")
-@click.option("--frozen-lr-mult", type=float, default=0.0, show_default=True,
-              help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen).")
-@click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it.")
-@click.option("--train-last", type=click.IntRange(min=1), metavar="K", help="top: train the last K learnable layers.")
-@click.option("--dataset-size", type=click.IntRange(min=1), metavar="N", help="auto: training examples (default: lines of --train-data).")
-@click.option("--similarity", type=click.Choice(["high", "low"]), help="auto: how close the data is to the pretraining data.")
-@click.option("--train-data", metavar="SRC", help="Training data: an image list (.txt, 'path label' lines) or an LMDB directory.")
-@click.option("--val-data", metavar="SRC", help="Validation data, as --train-data.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--val-batch-size", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--crop-size", type=click.IntRange(min=1), help="Crop size (default: the net's input size).")
-@click.option("--resize", type=click.IntRange(min=1), help="ImageData: resize images to this square size before cropping.")
-@click.option("--mean-value", "mean_values", type=float, multiple=True, help="Per-channel mean (repeat per channel).")
-@click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file.")
-@click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction.")
-@click.option("--mirror/--no-mirror", default=None, help="Random horizontal flips while training.")
-@click.option("--root-folder", metavar="DIR", help="ImageData: directory the image list's paths are relative to.")
-@click.option("--lr-scale", type=float, default=0.1, show_default=True, help="base_lr is multiplied by this.")
-@click.option("--step-scale", type=float, default=0.2, show_default=True, help="stepsize/stepvalue/max_iter are multiplied by this.")
-@click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling).")
-@click.option("--weights", metavar="MODEL",
-              help="Pretrained caffemodel: check which weights the new net copies, and refuse a net Caffe would reject.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
-              help="With --weights: shape of a data layer's top when its parameters do not tell.")
-@click.option("--diff", "show_diff", is_flag=True, help="Print the changes as a unified diff.")
-@click.option("--dry-run", is_flag=True, help="Write nothing.")
-@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (inputs included).")
-@click.pass_context
-def rewrite(ctx: click.Context, net_path: str, strategy: str, num_classes: int, solver_path: Optional[str],
-            deploy_path: Optional[str], outdir: Optional[str], heads: Any, new_name: Optional[str],
-            head_lr_mult: float, frozen_lr_mult: float, freeze_until: Optional[str], train_last: Optional[int],
-            dataset_size: Optional[int], similarity: Optional[str], train_data: Optional[str],
-            val_data: Optional[str], batch_size: int, val_batch_size: int, crop_size: Optional[int],
-            resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float],
-            mirror: Optional[bool], root_folder: Optional[str], lr_scale: float, step_scale: float,
-            max_iter: Optional[int], weights: Optional[str], input_shapes: Any, show_diff: bool, dry_run: bool,
-            force: bool) -> None:
-    """Turn a pretrained NET (train_val or deploy) into a fine-tuning setup.
+def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], Any]:
+    """The options ``rewrite`` and ``finetune`` share: strategy, head, data, solver."""
+    strategy_help = ("What trains: only the classifier head(s), the top of the net, or all of it; "
+                     "auto picks by data set size and similarity.")
+    options = [
+        click.option("--strategy", required=strategy_default is None, default=strategy_default,
+                     show_default=strategy_default is not None,
+                     type=click.Choice(["last-fc", "top", "full", "auto"]), help=strategy_help),
+        click.option("--num-classes", type=click.IntRange(min=1), required=True, help="Classes of the new task."),
+        click.option("--solver", "solver_path", metavar="SOLVER", help="Solver to rewrite (learning rate, steps, paths)."),
+        click.option("--deploy", "deploy_path", metavar="DEPLOY",
+                     help="The matching deploy net, rewritten alongside (default: derived from NET)."),
+        click.option("-o", "--outdir", metavar="OUTDIR", help="Output directory (default: ft-STRATEGY beside NET)."),
+        click.option("--head", "heads", multiple=True, metavar="LAYER",
+                     help="Classifier head layer (repeatable; default: detected)."),
+        click.option("--new-name", metavar="NAME", help="New name of the (single) head (default: OLD_ft)."),
+        click.option("--head-lr-mult", type=float, default=10.0, show_default=True,
+                     help="lr_mult of the new head's weights; its bias gets twice this."),
+        click.option("--frozen-lr-mult", type=float, default=0.0, show_default=True,
+                     help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen)."),
+        click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it."),
+        click.option("--train-last", type=click.IntRange(min=1), metavar="K", help="top: train the last K learnable layers."),
+        click.option("--dataset-size", type=click.IntRange(min=1), metavar="N",
+                     help="auto: training examples (default: lines of --train-data)."),
+        click.option("--similarity", type=click.Choice(["high", "low"]),
+                     help="auto: how close the data is to the pretraining data (default: measured, with --weights)."),
+        click.option("--train-data", metavar="SRC",
+                     help="Training data: an image list (.txt, 'path label' lines) or an LMDB directory."),
+        click.option("--val-data", metavar="SRC", help="Validation data, as --train-data."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--val-batch-size", type=click.IntRange(min=1), default=50, show_default=True),
+        click.option("--crop-size", type=click.IntRange(min=1), help="Crop size (default: the net's input size)."),
+        click.option("--resize", type=click.IntRange(min=1),
+                     help="ImageData: resize images to this square size before cropping."),
+        click.option("--mean-value", "mean_values", type=float, multiple=True,
+                     help="Per-channel mean (repeat per channel)."),
+        click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
+        click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction."),
+        click.option("--mirror/--no-mirror", default=None, help="Random horizontal flips while training."),
+        click.option("--root-folder", metavar="DIR", help="ImageData: directory the image list's paths are relative to."),
+        click.option("--lr-scale", type=float, default=0.1, show_default=True, help="base_lr is multiplied by this."),
+        click.option("--step-scale", type=float, default=0.2, show_default=True,
+                     help="stepsize/stepvalue/max_iter are multiplied by this."),
+        click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
+                     help="With --weights: shape of a data layer's top when its parameters do not tell."),
+    ]
 
-    Writes train_val.prototxt, deploy.prototxt, solver.prototxt and summary.md
-    to OUTDIR, each an edit of its input that keeps comments and layout.
-    """
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _plan_rewrite(ctx: click.Context, net_path: str, weights: Optional[str], params: Dict[str, Any]) -> Any:
+    """The rewrite the shared options ask for (nothing written yet)."""
     import os
 
     from . import io, rewrite as rw, strategies
 
     schema = _schema(ctx)
     net_file = _current_file(io.load_text(net_path, schema, io.NET), schema)
+    solver_path, deploy_path = params["solver_path"], params["deploy_path"]
     solver_file = io.load_text(solver_path, schema, io.SOLVER) if solver_path else None
     deploy_file = _current_file(io.load_text(deploy_path, schema, io.NET), schema) if deploy_path else None
     options = strategies.StrategyOptions(
-        num_classes=num_classes, heads=tuple(heads), new_name=new_name, head_lr_mult=head_lr_mult,
-        frozen_lr_mult=frozen_lr_mult, freeze_until=freeze_until, train_last=train_last,
+        num_classes=params["num_classes"], heads=tuple(params["heads"]), new_name=params["new_name"],
+        head_lr_mult=params["head_lr_mult"], frozen_lr_mult=params["frozen_lr_mult"],
+        freeze_until=params["freeze_until"], train_last=params["train_last"],
     )
-    if strategy == "auto":
-        size = dataset_size or (rw.count_images_or_zero(train_data) if train_data else 0)
-        if not size or similarity is None:
-            raise click.UsageError("--strategy auto needs --similarity and --dataset-size (or an image list as --train-data)")
-        strategy, options, reason = strategies.choose_strategy(size, similarity, options)
-        click.echo(f"auto: {strategy}: {reason}", err=True)
     data = rw.DataOptions(
-        train=train_data, val=val_data, batch_size=batch_size, val_batch_size=val_batch_size,
-        crop_size=crop_size, resize=resize, mean_values=tuple(mean_values), mean_file=mean_file,
-        scale=scale, mirror=mirror, root_folder=root_folder,
+        train=params["train_data"], val=params["val_data"], batch_size=params["batch_size"],
+        val_batch_size=params["val_batch_size"], crop_size=params["crop_size"], resize=params["resize"],
+        mean_values=tuple(params["mean_values"]), mean_file=params["mean_file"], scale=params["scale"],
+        mirror=params["mirror"], root_folder=params["root_folder"],
     )
-    outdir = outdir or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
+    strategy = params["strategy"]
+    if strategy == "auto":
+        strategy, options = _choose(schema, net_path, weights, params, data, options)
+    outdir = params["outdir"] or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
     try:
-        result = rw.plan(
+        return rw.plan(
             schema, net_file, strategy, options, outdir, data, solver_file, deploy_file,
-            rw.SolverOptions(lr_scale=lr_scale, step_scale=step_scale, max_iter=max_iter),
+            rw.SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"]),
         )
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
+
+
+def _choose(schema: Schema, net_path: str, weights: Optional[str], params: Dict[str, Any], data: Any,
+            options: Any) -> Tuple[str, Any]:
+    """``--strategy auto``: the size x similarity rule, measuring similarity when not given."""
+    from . import rewrite as rw, strategies
+
+    size = params["dataset_size"] or (rw.count_images_or_zero(data.train) if data.train else 0)
+    if not size:
+        raise click.UsageError("--strategy auto needs --dataset-size (or an image list as --train-data)")
+    similarity = params["similarity"]
+    if similarity is None:
+        if not (weights and data.train):
+            raise click.UsageError("--strategy auto needs --similarity, or --weights and --train-data to measure it")
+        from .advise import measure_similarity
+
+        similarity, numbers = measure_similarity(net_path, weights, data.train, data.val, schema=schema,
+                                                 root_folder=data.root_folder)
+        for reason in numbers.get("reasons", []):
+            click.echo(f"similarity: {reason}", err=True)
+    strategy, options, reason = strategies.choose_strategy(size, similarity, options)
+    click.echo(f"auto: {strategy}: {reason}", err=True)
+    return strategy, options
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@_rewrite_options()
+@click.option("--weights", metavar="MODEL",
+              help="Pretrained caffemodel: check which weights the new net copies, and refuse a net Caffe would reject.")
+@click.option("--diff", "show_diff", is_flag=True, help="Print the changes as a unified diff.")
+@click.option("--dry-run", is_flag=True, help="Write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (inputs included).")
+@click.pass_context
+def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff: bool, dry_run: bool, force: bool,
+            **params: Any) -> None:
+    """Turn a pretrained NET (train_val or deploy) into a fine-tuning setup.
+
+    Writes train_val.prototxt, deploy.prototxt, solver.prototxt and summary.md
+    to OUTDIR, each an edit of its input that keeps comments and layout.
+    """
+    from . import rewrite as rw
+
+    result = _plan_rewrite(ctx, net_path, weights, params)
     if weights:
-        _check_plan(schema, result, weights, _input_shapes(input_shapes))
+        _check_plan(_schema(ctx), result, weights, _input_shapes(params["input_shapes"]))
     if show_diff:
         _emit(rw.unified_diff(result))
     if dry_run:
         return
     rw.write_plan(result, force=force)
     _emit(rw.summary_text(result))
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", required=True, metavar="MODEL", help="Pretrained caffemodel to start from.")
+@_rewrite_options(strategy_default="auto")
+@click.option("--gpu", metavar="IDS", help="GPU(s) to train on: 0, 0,1 or all (several use NCCL).")
+@click.option("--cpu", is_flag=True, help="Train on the CPU whatever the solver says.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh head's initial weights.")
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR.")
+@click.pass_context
+def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
+             force: bool, **params: Any) -> None:
+    """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
+
+    OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
+    final.caffemodel, metrics.jsonl, plot.png and summary.md (final accuracy,
+    time).
+    """
+    from . import finetune as ft
+
+    if gpu is not None and cpu:
+        raise click.UsageError("--gpu and --cpu exclude each other")
+    plan = _plan_rewrite(ctx, net_path, weights, params)
+    device = "cpu" if cpu else (gpu if gpu is not None else "solver")
+    outcome = ft.run(_schema(ctx), plan, weights, device=device, seed=seed, force=force,
+                     input_shapes=_input_shapes(params["input_shapes"]) or None, out=sys.stderr)
+    results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
+    _emit(f"{plan.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
+    ctx.exit(outcome.exit_code)
 
 
 def _check_plan(schema: Schema, result: Any, weights: str, input_shapes: Dict[str, Tuple[int, ...]]) -> None:

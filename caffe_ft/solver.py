@@ -117,8 +117,9 @@ def rewrite_solver(
     ``originals`` gives the values to scale from (as
     :func:`solver_originals` returns them; numbers may also be text, and
     scalars one-item lists); settings it lacks are taken from ``solver``.
-    ``net`` becomes ``net_path`` (see :func:`_retarget`), ``snapshot_prefix``
-    is set, every other setting is kept.
+    ``test_interval`` is cut to ``max_iter`` when a run would otherwise
+    never be tested.  ``net`` becomes ``net_path`` (see :func:`_retarget`),
+    ``snapshot_prefix`` is set, every other setting is kept.
     """
     if not lr_scale > 0:
         raise CaffeFtError(f"the learning-rate scale must be positive, not {lr_scale:g}")
@@ -156,6 +157,10 @@ def rewrite_solver(
     elif "max_iter" in source:
         out.max_iter = _scaled_steps(source["max_iter"], step_scale)  # type: ignore[arg-type]
         notes.append(f"max_iter: {source['max_iter']} -> {out.max_iter} (x{step_scale:g})")
+    if out.test_interval > out.max_iter > 0 and len(out.test_iter):
+        # Caffe tests only at multiples of test_interval: a shorter run would never be tested.
+        notes.append(f"test_interval: {out.test_interval} -> {out.max_iter} (the run is shorter than one interval)")
+        out.test_interval = out.max_iter
     notes.extend(_retarget(out, net_path))
     out.snapshot_prefix = snapshot_prefix
     notes.append(f"snapshot_prefix: \"{snapshot_prefix}\"")

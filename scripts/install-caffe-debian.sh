@@ -12,7 +12,9 @@ set -euo pipefail
 
 # Debian bullseye packages. python3-caffe pulls libcaffe1; `caffe` is the CLI
 # (caffe, upgrade_net_proto_text, upgrade_solver_proto_text, ...); caffe-doc
-# carries the BVLC example/model-zoo prototxts.
+# carries the BVLC example/model-zoo prototxts. tqdm and matplotlib are
+# caffe-ft's optional `train` extra (progress bar, loss plots); scikit-learn is
+# for the features that fit classifiers on extracted features.
 APT_PACKAGES=(
   ca-certificates
   caffe
@@ -22,11 +24,14 @@ APT_PACKAGES=(
   python3-click
   python3-hypothesis
   python3-jinja2
+  python3-matplotlib
   python3-numpy
   python3-pip
   python3-protobuf
   python3-pytest
   python3-setuptools
+  python3-sklearn
+  python3-tqdm
   python3-wheel
 )
 
@@ -81,7 +86,7 @@ python3 -m pip install -q --no-cache-dir --no-deps "$OPENCV_PIN"
 # Fail here rather than in a test: everything must import together, and
 # numpy must still be Debian's.
 python3 - <<'EOF'
-import numpy, caffe, cv2, google.protobuf
+import numpy, caffe, cv2, google.protobuf, matplotlib, sklearn, tqdm
 assert numpy.__file__.startswith("/usr/lib/python3/"), numpy.__file__
 assert hasattr(cv2.dnn, "readNetFromCaffe")
 from google.protobuf.internal import api_implementation

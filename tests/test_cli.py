@@ -214,3 +214,11 @@ def test_rewrite_checks_the_weights_it_will_start_from(schema, tmp_path):
     assert result.exit_code == 2
     assert "Cannot copy param 0 weights from layer 'conv1'" in result.stderr
     assert not (tmp_path / "out2").exists()  # nothing written
+
+
+def test_finetune_needs_data_and_writes_nothing_without_it(tmp_path):
+    deploy = os.path.join(EXAMPLE, "deploy.prototxt")
+    result = run("finetune", deploy, "--weights", str(tmp_path / "w.caffemodel"), "--strategy", "last-fc",
+                 "--num-classes", "3", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "--train-data" in result.stderr
+    assert not (tmp_path / "out").exists()

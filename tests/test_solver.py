@@ -149,3 +149,14 @@ def test_errors(parse_net, text, kwargs, message):  # type: ignore[no-untyped-de
     with pytest.raises(CaffeFtError) as caught:
         rewrite_solver(solver(parse_net, text), **PATHS, **kwargs)
     assert message in str(caught.value)
+
+
+def test_a_run_shorter_than_one_test_interval_is_still_tested(parse_net):
+    from caffe_ft.solver import rewrite_solver
+
+    solver = parse_net('net: "n.prototxt" test_iter: 10 test_interval: 1000 base_lr: 0.01 max_iter: 40000',
+                       "SolverParameter")
+    out, notes = rewrite_solver(solver, net_path="o/n.prototxt", snapshot_prefix="o/s", max_iter=150)
+    assert out.test_interval == 150 and any("test_interval: 1000 -> 150" in note for note in notes)
+    out, _ = rewrite_solver(solver, net_path="o/n.prototxt", snapshot_prefix="o/s")  # 8000 iterations: kept
+    assert out.test_interval == 1000 and out.max_iter == 8000
