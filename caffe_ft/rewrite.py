@@ -206,9 +206,10 @@ def _new_data_layers(
     transforms = []
     for phase, source, batch in (("TRAIN", data.train, data.batch_size), ("TEST", data.val, data.val_batch_size)):
         original = by_phase.get(phase) or by_phase.get(None)
-        transform = _transform(schema, original.transform_param if original is not None and
-                               original.HasField("transform_param") else None, data, phase == "TRAIN", crop_needed,
-                               deploy_channels)
+        # A replaced layer's preprocessing is kept, none included; only new data from a
+        # deploy net gets ImageNet-style defaults.
+        transform = _transform(schema, original.transform_param if original is not None else None,
+                               data, phase == "TRAIN", crop_needed, deploy_channels)
         transforms.append(transform)
         phases.append({
             "name": phase,
@@ -472,6 +473,7 @@ def plan(
             originals=originals or None,
         )
         summary.extend(notes)
+        summary.extend(_fit_test_iter(solver, data))
         recorded = originals or solver_originals(solver_file.message)
         files["solver.prototxt"] = (_solver_text(solver_file, solver, recorded), solver_file.path,
                                     solver_file.data.decode("utf-8", "replace"))
@@ -507,6 +509,19 @@ def check_one_label_per_score(net: Message) -> None:
                 f"for one label; give --crop-size with the input size at which it scores each image once "
                 f"(a fully convolutional net: the size it was trained at)", layer=layer.name,
             )
+
+
+def _fit_test_iter(solver: Message, data: DataOptions) -> List[str]:
+    """With a new validation list, one test pass covers it once (test_iter = ceil(n / batch))."""
+    count = count_images_or_zero(data.val) if data.val else 0
+    if not count or not len(solver.test_iter):
+        return []
+    wanted = -(-count // data.val_batch_size)
+    if all(value == wanted for value in solver.test_iter):
+        return []
+    old = ", ".join(map(str, solver.test_iter))
+    solver.test_iter[:] = [wanted] * len(solver.test_iter)
+    return [f"test_iter: {old} -> {wanted} ({count} validation images, batches of {data.val_batch_size})"]
 
 
 def count_images_or_zero(source: str) -> int:

@@ -222,3 +222,17 @@ def test_finetune_needs_data_and_writes_nothing_without_it(tmp_path):
                  "--num-classes", "3", "-o", str(tmp_path / "out"))
     assert result.exit_code == 2 and "--train-data" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_rewrite_fits_test_iter_to_the_new_validation_list(tmp_path):
+    (tmp_path / "train.txt").write_text("a.png 0\nb.png 1\n")
+    (tmp_path / "val.txt").write_text("c.png 0\nd.png 1\ne.png 2\n")
+    result = run("rewrite", os.path.join(EXAMPLE, "train_val.prototxt"), "--solver",
+                 os.path.join(EXAMPLE, "solver.prototxt"), "--strategy", "last-fc", "--num-classes", "3",
+                 "--train-data", str(tmp_path / "train.txt"), "--val-data", str(tmp_path / "val.txt"),
+                 "--val-batch-size", "2", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.stderr
+    assert "test_iter: 10 -> 2 (3 validation images, batches of 2)" in result.output
+    assert "\ntest_iter: 2\n" in (tmp_path / "out" / "solver.prototxt").read_text()
+    train_val = (tmp_path / "out" / "train_val.prototxt").read_text()
+    assert "scale: 0.00390625" in train_val and "mean_value" not in train_val  # preprocessing kept as it was
