@@ -257,7 +257,7 @@ class Snapshotter:
     """
 
     def __init__(self, write: Callable[[], None], prefix: str, staging: Optional[Staging],
-                 clock: Callable[[], float] = time.monotonic, budget: float = 0.01, min_gap: float = 5.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, budget: float = 0.002, min_gap: float = 10.0) -> None:
         self.write, self.prefix, self.staging = write, prefix, staging
         self.clock, self.budget, self.min_gap = clock, budget, min_gap
         self.saved: Dict[int, Tuple[str, str]] = {}

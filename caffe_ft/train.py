@@ -31,9 +31,10 @@ What Caffe's own ``caffe train`` does, plus what long fine-tuning runs need:
   there, so that update is never applied.  But the weights that gave the
   nan are already bad (the previous update made them so), so the run falls
   back on the newest state known good: a rolling checkpoint that Caffe
-  writes to the snapshot staging directory every few seconds (never more
-  than 1 % of the run's time; at the start too) or a regular snapshot,
-  whichever is newer.  That state is committed as a normal snapshot and the
+  writes to the snapshot staging directory at the start and then at most
+  every 10 seconds, spaced so that writing them takes at most 0.2 % of the
+  run's time (a net whose snapshot takes 1 s gets one every 500 s), or a
+  regular snapshot, whichever is newer.  That state is committed as a normal snapshot and the
   message says to lower ``base_lr`` and resume from it.
 * **Several GPUs** run as Caffe's ``python/train.py`` does: one process per
   GPU, ``caffe.NCCL`` to broadcast the weights and all-reduce the gradients.
