@@ -25,8 +25,7 @@ import functools
 import math
 import mmap
 import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
@@ -731,52 +730,26 @@ def _write_array(handle: BinaryIO, array: np.ndarray, dtype: np.dtype) -> None:
         handle.write(memoryview(np.ascontiguousarray(rows[first : first + step], dtype=dtype).reshape(-1)).cast("B"))
 
 
-def _file_mode(path: str) -> int:
-    """The mode of the file being replaced, or what ``open`` would give a new one."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+def _write_pieces(path: str, pieces: List[Piece]) -> None:
+    """Write ``pieces`` to ``path`` atomically, streaming the arrays."""
+    from .io import atomic_output
 
-
-def _write_atomic(path: str, pieces: List[Piece]) -> None:
-    """Write ``pieces`` to ``path`` through a synced temp file renamed over it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for piece in pieces:
-                if isinstance(piece, bytes):
-                    handle.write(piece)
-                else:
-                    _write_array(handle, piece.array, piece.dtype)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, _file_mode(path))
-        os.replace(temp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
-        raise
+    with atomic_output(path) as handle:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                handle.write(piece)
+            else:
+                _write_array(handle, piece.array, piece.dtype)
 
 
 def save_model(model: Model, path: str) -> None:
     """Write ``model`` as Caffe would, atomically; arrays are streamed, never copied whole."""
-    _write_atomic(path, _model_pieces(model))
+    _write_pieces(path, _model_pieces(model))
 
 
 def save_blob(blob: Blob, path: str) -> None:
     """Write ``blob`` as a ``.binaryproto`` file, atomically."""
-    _write_atomic(path, _blob_pieces(blob, "the blob"))
+    _write_pieces(path, _blob_pieces(blob, "the blob"))
 
 
 def upgrade_model(model: Model) -> List[str]:

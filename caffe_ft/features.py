@@ -39,6 +39,7 @@ from google.protobuf.message import Message
 
 from . import graph
 from .errors import CaffeFtError
+from .io import load_net  # noqa: F401  (the trunk's net: read here, used by linear/advise)
 from .schema import Schema
 from .shapes import filter_layers
 
@@ -138,11 +139,12 @@ def _transform_of(layer: Message) -> Transform:
     )
 
 
-def net_data_layer(net: Message) -> Optional[Message]:
-    """The net's image data layer, the TEST one preferred (its crop is the
-    deterministic centre crop), else the TRAIN one; None for a deploy net."""
-    for phase in ("TEST", "TRAIN"):
-        for layer in filter_layers(net, phase, net.state.level, list(net.state.stage)):
+def net_data_layer(net: Message, phase: Optional[str] = None) -> Optional[Message]:
+    """The net's image data layer in ``phase``; by default the TEST one
+    preferred (its crop is the deterministic centre crop), else the TRAIN
+    one; None for a deploy net."""
+    for each in (phase,) if phase else ("TEST", "TRAIN"):
+        for layer in filter_layers(net, each, net.state.level, list(net.state.stage)):
             if layer.type in _IMAGE_LAYERS:
                 return layer
     return None
@@ -158,18 +160,19 @@ def _input_hw(net: Message) -> Optional[Tuple[int, int]]:
     return None
 
 
-def default_transform(net: Message) -> Transform:
-    """What the net's data layer does; for a deploy net (Input only), a plain
-    resize to the input's height and width, which is all it tells."""
-    layer = net_data_layer(net)
+def default_transform(net: Message, phase: Optional[str] = None) -> Transform:
+    """What the net's data layer (of ``phase``, see :func:`net_data_layer`)
+    does; for a deploy net (Input only), a plain resize to the input's height
+    and width, which is all it tells."""
+    layer = net_data_layer(net, phase)
     if layer is not None:
         return _transform_of(layer)
     size = _input_hw(net)
     return Transform(new_height=size[0], new_width=size[1]) if size else Transform()
 
 
-def net_root_folder(net: Message) -> str:
-    layer = net_data_layer(net)
+def net_root_folder(net: Message, phase: Optional[str] = None) -> str:
+    layer = net_data_layer(net, phase)
     return layer.image_data_param.root_folder if layer is not None and layer.type == "ImageData" else ""
 
 
@@ -532,20 +535,6 @@ def cut_net(net: Message, schema: Schema, input_shape: Sequence[int], layer: Opt
     return Trunk(out, data.top[0], layers[source].top[0], layers[source].name)
 
 
-def load_net(path: str, schema: Schema) -> Message:
-    """A net file in the current format (a legacy one is upgraded on load)."""
-    from . import io
-    from .upgrade import net_needs_upgrade, upgrade_net
-
-    net = io.load_text(path, schema, io.NET).message
-    if net_needs_upgrade(net):
-        try:
-            upgrade_net(net)
-        except CaffeFtError as exc:
-            raise exc.located(path) from None
-    return net
-
-
 # --------------------------------------------------------------------------
 # Running the trunk
 
@@ -650,22 +639,13 @@ def save_features(path: str, features: FeatureSet) -> None:
     """Write a compressed archive atomically (temp file, rename)."""
     import numpy as np
 
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".caffe-ft-", suffix=".npz", dir=directory)
-    except OSError as exc:
-        raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(
-                handle, features=features.features, labels=features.labels,
-                sources=np.asarray(features.sources, dtype=str), meta=np.asarray(json.dumps(features.meta)),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .io import atomic_output
+
+    with atomic_output(path) as handle:
+        np.savez_compressed(
+            handle, features=features.features, labels=features.labels,
+            sources=np.asarray(features.sources, dtype=str), meta=np.asarray(json.dumps(features.meta)),
+        )
 
 
 def load_features(path: str) -> FeatureSet:
@@ -696,6 +676,7 @@ class Request:
     root_folder: Optional[str] = None  # None: the net's image_data_param.root_folder
     transform: Dict[str, Any] = field(default_factory=dict)  # overrides of the net's transform
     batch_size: int = 32
+    phase: Optional[str] = None  # whose data layer gives the transform (default: TEST, else TRAIN)
 
 
 @dataclass
@@ -713,9 +694,9 @@ class Prepared:
 def prepare(request: Request, schema: Schema) -> Prepared:
     """Resolve the trunk, the transform and the data, and fingerprint them."""
     net = load_net(request.net_path, schema)
-    transform = override(default_transform(net), **request.transform)
+    transform = override(default_transform(net, request.phase), **request.transform)
     mean = mean_array(transform, schema)
-    root = request.root_folder if request.root_folder is not None else net_root_folder(net)
+    root = request.root_folder if request.root_folder is not None else net_root_folder(net, request.phase)
     source = DataSource.open(request.data, root)
     shape = input_shape(source, schema, transform, mean)
     try:

@@ -8,10 +8,11 @@ a temporary file that is renamed over the target, so nothing is half-written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 from google.protobuf.message import Message
 
@@ -101,29 +102,57 @@ def load_text(path: str, schema: Schema, kind: Optional[str] = None) -> TextFile
     return parse_text(read_bytes(path), path, schema, kind)
 
 
-def write_atomic(path: str, content: Union[str, bytes]) -> None:
-    """Write ``content`` to ``path`` through a temporary file and a rename."""
-    data = content.encode("utf-8") if isinstance(content, str) else content
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a synced temporary file in the
+    same directory, renamed over ``path`` (keeping its mode) only when the
+    block ends without an error, and removed otherwise."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".caffe-ft-", dir=directory)
+        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        os.chmod(temp, _file_mode(path))
+        os.replace(temp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
         if isinstance(exc, OSError):
             raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
         raise
+
+
+def _file_mode(path: str) -> int:
+    """The mode of the file being replaced, or what ``open`` would give a new one."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_atomic(path: str, content: Union[str, bytes]) -> None:
+    """Write ``content`` to ``path`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as handle:
+        handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+
+
+def load_net(path: str, schema: Schema) -> Message:
+    """A text net in the current format (a legacy one is upgraded on load)."""
+    from .upgrade import net_needs_upgrade, upgrade_net
+
+    net = load_text(path, schema, NET).message
+    if net_needs_upgrade(net):
+        try:
+            upgrade_net(net)
+        except CaffeFtError as exc:
+            raise exc.located(path) from None
+    return net

@@ -10,7 +10,6 @@ the PNG atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -121,21 +120,10 @@ def render(data: Curves, path: str, title: str = "") -> None:
 
 
 def _save(figure: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".png", dir=directory)
-    except OSError as exc:
-        raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png")
-        os.replace(temp, path)
-    except BaseException as exc:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        if isinstance(exc, OSError):
-            raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
-        raise
+    from .io import atomic_output
+
+    with atomic_output(path) as handle:
+        figure.savefig(handle, format="png")
 
 
 def plot_file(metrics: str, png: str, title: str = "") -> Curves:

@@ -60,6 +60,7 @@ from google.protobuf.message import Message
 
 from . import snapshot as snap
 from .errors import CaffeFtError
+from .io import load_net
 from .progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
 from .schema import Schema
 
@@ -244,19 +245,6 @@ class NetSpec:
     source: str
 
 
-def _load_net(path: str, schema: Schema) -> Message:
-    from . import io
-    from .upgrade import net_needs_upgrade, upgrade_net
-
-    net = io.load_text(path, schema, io.NET).message
-    if net_needs_upgrade(net):
-        try:
-            upgrade_net(net)
-        except CaffeFtError as exc:
-            raise exc.located(path) from None
-    return net
-
-
 def _state(net: Message, rule: Optional[Message], phase: str) -> Tuple[str, Tuple[str, ...], int]:
     stages = list(net.state.stage) + (list(rule.stage) if rule is not None else [])
     level = rule.level if rule is not None and rule.HasField("level") else net.state.level
@@ -267,11 +255,11 @@ def solver_nets(solver: Message, schema: Schema) -> Tuple[NetSpec, List[NetSpec]
     """The train net and the test nets, as Solver::InitTrainNet/InitTestNets pick them."""
     generic = None
     if solver.HasField("net"):
-        generic, where = _load_net(solver.net, schema), solver.net
+        generic, where = load_net(solver.net, schema), solver.net
     elif solver.HasField("net_param"):
         generic, where = solver.net_param, "net_param"
     if solver.HasField("train_net"):
-        train_net, train_where = _load_net(solver.train_net, schema), solver.train_net
+        train_net, train_where = load_net(solver.train_net, schema), solver.train_net
     elif solver.HasField("train_net_param"):
         train_net, train_where = solver.train_net_param, "train_net_param"
     elif generic is not None:
@@ -281,7 +269,7 @@ def solver_nets(solver: Message, schema: Schema) -> Tuple[NetSpec, List[NetSpec]
     train_rule = solver.train_state if solver.HasField("train_state") else None
     train = NetSpec(train_net, *_state(train_net, train_rule, "TRAIN"), train_where)
     tests = [(net, "test_net_param") for net in solver.test_net_param]
-    tests += [(_load_net(path, schema), path) for path in solver.test_net]
+    tests += [(load_net(path, schema), path) for path in solver.test_net]
     if generic is not None:
         tests += [(generic, where)] * max(0, len(solver.test_iter) - len(tests))
     if len(solver.test_iter) < len(tests) or (generic is None and len(solver.test_iter) != len(tests)):
