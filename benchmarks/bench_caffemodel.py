@@ -24,11 +24,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Dict, List
+
+from measure import peak_kib, run_child, save_random_model
 
 # input width, then each InnerProduct's outputs: 4096*4096 + 4096*2048 + 2048*1000
 # weights (+ biases), about 27 million floats.
@@ -50,15 +50,6 @@ def net_prototxt() -> str:
         )
         bottom = f"fc{index}"
     return "\n".join(lines) + "\n"
-
-
-def peak_kib() -> int:
-    """This process's peak resident set (VmHWM) in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child(side: str, proto: str, weights: str, out: str) -> None:
@@ -84,33 +75,9 @@ def child(side: str, proto: str, weights: str, out: str) -> None:
 
 def make_model(directory: str) -> tuple:
     """Write the net and its pycaffe-saved weights; return their paths."""
-    import numpy as np
-    import caffe
-
-    proto = os.path.join(directory, "bench.prototxt")
-    with open(proto, "w") as handle:
-        handle.write(net_prototxt())
-    net = caffe.Net(proto, caffe.TEST)
-    rng = np.random.default_rng(0)
-    for params in net.params.values():
-        for param in params:
-            param.data[...] = rng.standard_normal(param.data.shape, dtype=np.float32)
-    weights = os.path.join(directory, "bench.caffemodel")
-    net.save(weights)
+    proto, weights = os.path.join(directory, "bench.prototxt"), os.path.join(directory, "bench.caffemodel")
+    save_random_model(proto, net_prototxt(), weights)
     return proto, weights
-
-
-def run_child(side: str, proto: str, weights: str, out: str) -> Dict[str, float]:
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", side, proto, weights, out],
-        check=True,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "GLOG_minloglevel": "2"},
-    )
-    result = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    result["process_seconds"] = time.perf_counter() - start
-    return result
 
 
 def main() -> None:
@@ -130,7 +97,7 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so both sides see the same cache state
             for side, results in runs.items():
                 out = os.path.join(directory, f"out-{side}.caffemodel")
-                results.append(run_child(side, proto, weights, out))
+                results.append(run_child(__file__, [side, proto, weights, out]))
                 os.remove(out)
         summary = {}
         for side, results in runs.items():

@@ -28,11 +28,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Dict, List, Tuple
+
+from measure import peak_kib, run_child, save_random_model
 
 # input width, then each InnerProduct's outputs: about 27 million weights.
 WIDTHS = (4096, 4096, 2048, 1000)
@@ -58,15 +58,6 @@ def net_prototxt(head: str = "fc3", classes: int = WIDTHS[-1]) -> str:
         )
         bottom = name
     return "\n".join(lines) + "\n"
-
-
-def peak_kib() -> int:
-    """This process's peak resident set (VmHWM) in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child(task: str, proto: str, weights: str, out: str) -> None:
@@ -100,36 +91,12 @@ def child(task: str, proto: str, weights: str, out: str) -> None:
 
 def make_files(directory: str) -> Tuple[str, str]:
     """Write the pretrained net's weights (via pycaffe) and the fine-tuning net; return their paths."""
-    import numpy as np
-    import caffe
-
-    pretrained = os.path.join(directory, "pretrained.prototxt")
-    with open(pretrained, "w") as handle:
-        handle.write(net_prototxt())
-    net = caffe.Net(pretrained, caffe.TEST)
-    rng = np.random.default_rng(0)
-    for params in net.params.values():
-        for param in params:
-            param.data[...] = rng.standard_normal(param.data.shape, dtype=np.float32)
     weights = os.path.join(directory, "pretrained.caffemodel")
-    net.save(weights)
+    save_random_model(os.path.join(directory, "pretrained.prototxt"), net_prototxt(), weights)
     finetune = os.path.join(directory, "finetune.prototxt")
     with open(finetune, "w") as handle:
         handle.write(net_prototxt("fc3_new", NEW_CLASSES))
     return finetune, weights
-
-
-def run_child(task: str, proto: str, weights: str, out: str) -> Dict[str, float]:
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", task, proto, weights, out],
-        check=True,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "GLOG_minloglevel": "2"},
-    )
-    result = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    result["process_seconds"] = time.perf_counter() - start
-    return result
 
 
 def main() -> None:
@@ -149,7 +116,7 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so every task sees the same cache state
             for task, results in runs.items():
                 out = os.path.join(directory, "out.caffemodel")
-                results.append(run_child(task, proto, weights, out))
+                results.append(run_child(__file__, [task, proto, weights, out]))
                 if os.path.exists(out):
                     os.remove(out)
         summary = {}

@@ -1,0 +1,51 @@
+"""What the benchmarks share: peak memory, timed child processes, and a
+pycaffe-saved caffemodel with random weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+
+def peak_kib() -> int:
+    """This process's peak resident set (VmHWM) in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_child(script: str, args: List[str]) -> Dict[str, float]:
+    """Run ``script --child ARGS`` in a fresh process; its last stdout line is a
+    JSON dict of measurements, to which the whole process's time is added."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, script, "--child", *args],
+        check=True,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "GLOG_minloglevel": "2"},
+    )
+    result = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def save_random_model(proto: str, prototxt: str, weights: str) -> None:
+    """Write ``prototxt`` to ``proto`` and a caffemodel of it, filled with
+    seeded Gaussian noise, that pycaffe saves to ``weights``."""
+    import numpy as np
+    import caffe
+
+    with open(proto, "w") as handle:
+        handle.write(prototxt)
+    net = caffe.Net(proto, caffe.TEST)
+    rng = np.random.default_rng(0)
+    for params in net.params.values():
+        for param in params:
+            param.data[...] = rng.standard_normal(param.data.shape, dtype=np.float32)
+    net.save(weights)
