@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 from collections import OrderedDict
 
 import numpy as np
@@ -668,7 +669,7 @@ device_id: 3
 def fake_gpu_setup(tmp_path, schema, monkeypatch):
     """A solver, a fake Caffe in sys.modules, and pycaffe taken for a GPU build."""
     net = tmp_path / "net.prototxt"
-    net.write_text(open(os.path.join(EXAMPLE, "train_val.prototxt")).read())
+    net.write_text(Path(EXAMPLE, "train_val.prototxt").read_text())
     solver = tmp_path / "solver.prototxt"
     solver.write_text(FAKE_SOLVER.format(net=net, prefix=tmp_path / "snap"))
     fake = FakeCaffe(str(tmp_path / "calls.jsonl"), schema)
@@ -810,7 +811,7 @@ def test_fake_interrupt_and_resume_command(fake_gpu_setup):
 
 
 def test_solver_nets_and_nondeterminism(parse_net, schema, tmp_path):
-    net_text = open(os.path.join(EXAMPLE, "train_val.prototxt")).read()
+    net_text = Path(EXAMPLE, "train_val.prototxt").read_text()
     net = tmp_path / "net.prototxt"
     net.write_text(net_text)
     solver = solver_msg(parse_net, f'net: "{net}" test_iter: 2 test_iter: 3 test_interval: 5')
@@ -866,7 +867,7 @@ def dataset(tmp_path_factory):
 
 
 def net_text(dataset, frozen=False, batch=16, val_batch=25):
-    text = open(os.path.join(EXAMPLE, "train_val.prototxt")).read()
+    text = Path(EXAMPLE, "train_val.prototxt").read_text()
     text = text.replace('source: "train.txt"', f'source: "{dataset[0]}"').replace(
         'source: "val.txt"', f'source: "{dataset[1]}"').replace("shuffle: true", "shuffle: false")
     text = text.replace("batch_size: 32", f"batch_size: {batch}").replace("batch_size: 50", f"batch_size: {val_batch}")
