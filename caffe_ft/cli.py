@@ -197,11 +197,12 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
 def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], Any]:
     """The options ``rewrite`` and ``finetune`` share: strategy, head, data, solver."""
     strategy_help = ("What trains: only the classifier head(s), the top of the net, or all of it; "
+                     "features: last-fc's net, whose head finetune fits with scikit-learn on cached features; "
                      "auto picks by data set size and similarity.")
     options = [
         click.option("--strategy", required=strategy_default is None, default=strategy_default,
                      show_default=strategy_default is not None,
-                     type=click.Choice(["last-fc", "top", "full", "auto"]), help=strategy_help),
+                     type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help),
         click.option("--num-classes", type=click.IntRange(min=1), required=True, help="Classes of the new task."),
         click.option("--solver", "solver_path", metavar="SOLVER", help="Solver to rewrite (learning rate, steps, paths)."),
         click.option("--deploy", "deploy_path", metavar="DEPLOY",
@@ -345,14 +346,20 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
 @click.option("--cpu", is_flag=True, help="Train on the CPU whatever the solver says.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh head's initial weights.")
 @click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR.")
+@click.option("--cached-features/--no-cached-features", "cached", default=True, show_default=True,
+              help="last-fc: train the head on cached features when that gives what pycaffe would "
+                   "(deterministic input, SGD); off: always train with pycaffe.")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
-             force: bool, **params: Any) -> None:
+             force: bool, cached: bool, **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
     final.caffemodel, metrics.jsonl, plot.png and summary.md (final accuracy,
-    time).
+    time).  --strategy features fits the head with scikit-learn on features
+    the trunk computes once (features-train.npz, features-val.npz, reused
+    while up to date); last-fc does the solver's SGD on such features when
+    the input is deterministic, and says so.
     """
     from . import finetune as ft
 
@@ -361,7 +368,7 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     plan = _plan_rewrite(ctx, net_path, weights, params)
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     outcome = ft.run(_schema(ctx), plan, weights, device=device, seed=seed, force=force,
-                     input_shapes=_input_shapes(params["input_shapes"]) or None, out=sys.stderr)
+                     input_shapes=_input_shapes(params["input_shapes"]) or None, cached=cached, out=sys.stderr)
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     _emit(f"{plan.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
     ctx.exit(outcome.exit_code)

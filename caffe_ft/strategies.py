@@ -8,6 +8,11 @@ saying what changed and why.  It never touches files or pycaffe::
     result = apply_strategy("last-fc", net, StrategyOptions(num_classes=20))  # apply
     text = textformat.print_message(result.net)                          # save
 
+``features`` (the fixed-feature-extractor recipe) rewrites the net exactly
+as ``last-fc`` does; only ``caffe-ft finetune`` treats it differently (it
+fits the head with scikit-learn on cached features, see
+:mod:`caffe_ft.headtrain`).
+
 The recipe (CS231n's transfer-learning notes, Caffe's fine-tuning example):
 
 * **Heads.**  The classifier heads are found by :func:`graph.find_heads` (or
@@ -341,6 +346,15 @@ def _plan_last_fc(layers: Sequence[Message], heads: _Heads, options: StrategyOpt
     return _Plan(frozen, "last-fc: only the new head(s) train; every other layer is frozen")
 
 
+def _plan_features(layers: Sequence[Message], heads: _Heads, options: StrategyOptions) -> _Plan:
+    """last-fc's net (only the new head(s) train); ``finetune`` fits the head
+    with scikit-learn on features of the frozen trunk computed once."""
+    frozen = _plan_last_fc(layers, heads, options).frozen
+    return _Plan(frozen, "features: the net is last-fc's (only the new head trains, every other layer is "
+                         "frozen); `caffe-ft finetune --strategy features` fits the head with scikit-learn "
+                         "on features of the frozen trunk computed once")
+
+
 def _plan_full(layers: Sequence[Message], heads: _Heads, options: StrategyOptions) -> _Plan:
     """Every layer trains; the new head(s) learn faster."""
     return _Plan(frozenset(), "full: every layer trains; the new head(s) learn faster")
@@ -566,6 +580,7 @@ STRATEGIES: Dict[str, Callable[[Message, StrategyOptions], Result]] = {
     "last-fc": _strategy("last-fc", _plan_last_fc),
     "top": _strategy("top", _plan_top),
     "full": _strategy("full", _plan_full),
+    "features": _strategy("features", _plan_features),
 }
 
 
