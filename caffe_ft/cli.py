@@ -398,6 +398,8 @@ def _current_file(parsed: Any, schema: Schema) -> Any:
     if not net_needs_upgrade(parsed.message):
         return parsed
     text, notes = upgrade_text(parsed)
+    if not notes:  # Caffe's check flags 3-param BatchNorm nets that need nothing
+        return parsed
     click.echo(f"{parsed.path}: legacy format upgraded first ({'; '.join(notes)})", err=True)
     return io.parse_text(text.encode("utf-8"), parsed.path, schema, io.NET)
 
