@@ -20,7 +20,6 @@ full output goes to DIR/logs/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -81,13 +80,9 @@ def run(command: list, log: str) -> float:
 
 def accuracy(metrics: str) -> float:
     """The last test accuracy recorded in a `caffe-ft train` metrics file."""
-    value = float("nan")
-    with open(metrics) as handle:
-        for line in handle:
-            record = json.loads(line)
-            if record.get("phase") == "test" and "accuracy" in record.get("outputs", {}):
-                value = record["outputs"]["accuracy"]
-    return value
+    from caffe_ft.finetune import last_test_outputs
+
+    return last_test_outputs(metrics).get("accuracy", float("nan"))
 
 
 def main() -> int:
