@@ -128,8 +128,8 @@ def main() -> int:
         rows.append((f"fine-tune: {strategy}", trains, accuracy(os.path.join(target, "metrics.jsonl")), seconds))
 
     scratch = os.path.join(outdir, "scratch")
-    seconds = run(["caffe-ft", "rewrite", os.path.join(HERE, "train_val.prototxt"), "--solver",
-                   os.path.join(HERE, "solver.prototxt"), "--strategy", "full", "--new-name", "fc2",
+    seconds = run(["caffe-ft", "rewrite", os.path.join(HERE, "train_val.prototxt"), "--strategy", "full",
+                   "--new-name", "fc2",
                    "--head-lr-mult", "1", *common[:6], *finetune_data, "-o", scratch, "--force"],
                   os.path.join(logs, "scratch-rewrite.log"))
     seconds += run(["caffe-ft", "train", os.path.join(scratch, "solver.prototxt"), "--cpu",
