@@ -432,26 +432,9 @@ def diff(ctx: click.Context, file_a: str, file_b: str, as_json: bool) -> None:
     their defaults do not count.  Exit status: 0 same, 1 different, 2 error.
     """
     from . import io, netdiff
-    from .upgrade import upgrade_solver
 
     schema = _schema(ctx)
-    a, b = io.load_text(file_a, schema), io.load_text(file_b, schema)
-    if a.kind != b.kind:
-        what = {io.NET: "a net", io.SOLVER: "a solver"}
-        raise CaffeFtError(f"{what[a.kind]} cannot be compared with {what[b.kind]} ({file_b})", file_a)
-    if a.kind == io.SOLVER:
-        solvers = []
-        for parsed in (a, b):
-            solver = type(parsed.message)()
-            solver.CopyFrom(parsed.message)
-            try:
-                upgrade_solver(solver)
-            except CaffeFtError as exc:
-                raise exc.located(parsed.path) from None
-            solvers.append(solver)
-        changes = netdiff.diff_solvers(*solvers)
-    else:
-        changes = netdiff.diff_nets(_current(a.message, file_a), _current(b.message, file_b))
+    changes = netdiff.diff_files(io.load_text(file_a, schema), io.load_text(file_b, schema))
     if as_json:
         _emit(json.dumps(netdiff.to_json(changes), indent=2) + "\n")
     else:

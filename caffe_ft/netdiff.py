@@ -359,3 +359,28 @@ def change_to_json(change: Change) -> Dict[str, Any]:
 def to_json(changes: Sequence[Change]) -> Dict[str, Any]:
     """The JSON-ready form ``diff --json`` prints: ``{"equal": bool, "changes": [...]}``."""
     return {"equal": not changes, "changes": [change_to_json(change) for change in changes]}
+
+
+def diff_files(a: Any, b: Any) -> List[Change]:
+    """The changes from parsed file ``a`` to ``b`` (two nets or two solvers,
+    legacy ones compared in their upgraded form)."""
+    from .errors import CaffeFtError
+    from .io import NET, SOLVER
+    from .upgrade import net_needs_upgrade, upgrade_net, upgrade_solver
+
+    if a.kind != b.kind:
+        what = {NET: "a net", SOLVER: "a solver"}
+        raise CaffeFtError(f"{what[a.kind]} cannot be compared with {what[b.kind]} ({b.path})", a.path)
+    current = []
+    for parsed in (a, b):
+        message = type(parsed.message)()
+        message.CopyFrom(parsed.message)
+        try:
+            if parsed.kind == SOLVER:
+                upgrade_solver(message)
+            elif net_needs_upgrade(message):
+                upgrade_net(message)
+        except CaffeFtError as exc:
+            raise exc.located(parsed.path) from None
+        current.append(message)
+    return (diff_solvers if a.kind == SOLVER else diff_nets)(*current)
