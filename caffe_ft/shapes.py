@@ -362,36 +362,33 @@ def _check_operand(layer: Message, shape: Shape, axis_field: int, operand: Shape
         raise _fail(layer, f"the {what} shape {operand} does not match bottom 0 {shape} at axis {axis}")
 
 
-def _scale(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
-    """Scale: a learned factor blob (one bottom) or bottom 1 as the factor, plus
-    an optional bias spanning the factor's axes.
-    """
+def _operand(layer: Message, bottoms: Sequence[Shape], param: Message, what: str) -> Tuple[Shape, Tuple[Shape, ...]]:
+    """The Scale/Bias operand: a learned blob spanning ``num_axes`` from ``axis``
+    (one bottom, returned as a parameter shape too) or bottom 1 (no parameter)."""
     _bottoms(layer, bottoms, 1, 2)
-    param = layer.scale_param
     shape = bottoms[0]
     if len(bottoms) == 1:
-        factor = _slice_shape(layer, shape, param.axis, param.num_axes, "scale")
-        params: Tuple[Shape, ...] = (factor,)
-    else:
-        factor, params = bottoms[1], ()
-    _check_operand(layer, shape, param.axis, factor, "scale")
-    if param.bias_term:
-        bias_axes = len(bottoms[1]) if len(bottoms) > 1 else param.num_axes
-        params += (_slice_shape(layer, shape, param.axis, bias_axes, "bias"),)
-    return Inferred((shape,), params)
-
-
-def _bias(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
-    _bottoms(layer, bottoms, 1, 2)
-    param = layer.bias_param
-    shape = bottoms[0]
-    if len(bottoms) == 1:
-        operand = _slice_shape(layer, shape, param.axis, param.num_axes, "bias")
+        operand = _slice_shape(layer, shape, param.axis, param.num_axes, what)
         params: Tuple[Shape, ...] = (operand,)
     else:
         operand, params = bottoms[1], ()
-    _check_operand(layer, shape, param.axis, operand, "bias")
-    return Inferred((shape,), params)
+    _check_operand(layer, shape, param.axis, operand, what)
+    return operand, params
+
+
+def _scale(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
+    """Scale: a factor (learned, or bottom 1), plus an optional bias spanning the factor's axes."""
+    param = layer.scale_param
+    _, params = _operand(layer, bottoms, param, "scale")
+    if param.bias_term:
+        bias_axes = len(bottoms[1]) if len(bottoms) > 1 else param.num_axes
+        params += (_slice_shape(layer, bottoms[0], param.axis, bias_axes, "bias"),)
+    return Inferred((bottoms[0],), params)
+
+
+def _bias(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
+    _, params = _operand(layer, bottoms, layer.bias_param, "bias")
+    return Inferred((bottoms[0],), params)
 
 
 def _prelu(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
