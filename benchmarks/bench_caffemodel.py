@@ -55,8 +55,8 @@ def net_prototxt() -> str:
 def child(side: str, proto: str, weights: str, out: str) -> None:
     """Load and save once with ``side``; print seconds and peaks as JSON."""
     if side == "caffe-ft":
-        from caffe_ft.caffemodel import load_model, save_model
-        from caffe_ft.schema import load_schema
+        from caffe_ft.formats.caffemodel import load_model, save_model
+        from caffe_ft.formats.schema import load_schema
 
         schema = load_schema()
         before = peak_kib()

@@ -63,14 +63,15 @@ def net_prototxt(head: str = "fc3", classes: int = WIDTHS[-1]) -> str:
 def child(task: str, proto: str, weights: str, out: str) -> None:
     """Do ``task`` once; print seconds and peaks as JSON."""
     if task in ("check", "init"):
-        from caffe_ft import io, weights as wt
-        from caffe_ft.caffemodel import load_model, save_model
-        from caffe_ft.schema import load_schema
+        from caffe_ft.formats import files
+        from caffe_ft.net import weights as wt
+        from caffe_ft.formats.caffemodel import load_model, save_model
+        from caffe_ft.formats.schema import load_schema
 
         schema = load_schema()
         before = peak_kib()
         start = time.perf_counter()
-        net = io.load_text(proto, schema, io.NET).message
+        net = files.load_text(proto, schema, files.NET).message
         model = load_model(weights, schema)
         if task == "check":
             assert wt.check(net, model).ok

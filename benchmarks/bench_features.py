@@ -46,10 +46,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import feature_nets  # noqa: E402
 from synth_images import write_dataset  # noqa: E402
 
-from caffe_ft import features as ft, linear as lin  # noqa: E402
-from caffe_ft.schema import load_schema  # noqa: E402
-from caffe_ft.strategies import StrategyOptions, apply_strategy  # noqa: E402
-from caffe_ft.textformat import parse, print_message, to_message  # noqa: E402
+from caffe_ft.heads import features as ft, linear as lin  # noqa: E402
+from caffe_ft.formats.schema import load_schema  # noqa: E402
+from caffe_ft.finetune.strategies import StrategyOptions, apply_strategy  # noqa: E402
+from caffe_ft.formats.prototext import parse, print_message, to_message  # noqa: E402
 
 NSFW = "/opt/models/nsfw"
 CLASSES = 3

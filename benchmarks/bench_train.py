@@ -120,7 +120,7 @@ def caffe_rate(workdir: str, solver: str, weights: str, first: int, last: int) -
 
 
 def caffe_ft_rate(workdir: str, solver: str, weights: str, first: int, last: int) -> float:
-    from caffe_ft.progress import read_metrics
+    from caffe_ft.training.progress import read_metrics
 
     metrics = os.path.join(workdir, "metrics.jsonl")
     done = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "train", solver, "--weights", weights,

@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .errors import CaffeFtError
-from .schema import PROTO_ENV, Schema, load_schema
+from .formats.schema import PROTO_ENV, Schema, load_schema
 
 
 class _Group(click.Group):
@@ -61,8 +61,8 @@ def _emit(text: str) -> None:
 @click.pass_context
 def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> None:
     """Lay prototxt FILEs out as Caffe's own tools print them, comments kept."""
-    from .fmt import format_text
-    from .io import load_text, write_atomic
+    from .formats.layout import format_text
+    from .formats.files import load_text, write_atomic
 
     if check and in_place:
         raise click.UsageError("--check and --in-place exclude each other")
@@ -98,7 +98,7 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
     Does what Caffe's upgrade_net_proto_text / upgrade_solver_proto_text do
     (V0/V1 layers, input fields, old BatchNorm, solver_type) and keeps comments.
     """
-    from . import io
+    from .formats import files
 
     if in_place and output:
         raise click.UsageError("-o and --in-place exclude each other")
@@ -106,9 +106,9 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
     if target is not None and not in_place and _same_file(target, file):
         raise CaffeFtError("-o names the input file; use --in-place to overwrite it", file)
     schema = _schema(ctx)
-    data = io.read_bytes(file)
-    if io.is_binary(data):
-        from .caffemodel import load_model, save_model, upgrade_model
+    data = files.read_bytes(file)
+    if files.is_binary(data):
+        from .formats.caffemodel import load_model, save_model, upgrade_model
 
         if target is None:
             raise click.UsageError("a caffemodel needs -o OUT (or --in-place)")
@@ -117,15 +117,15 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
             click.echo(note, err=True)
         save_model(model, target)
         return
-    from .fmt import upgrade_text
+    from .formats.layout import upgrade_text
 
-    text, notes = upgrade_text(io.parse_text(data, file, schema))
+    text, notes = upgrade_text(files.parse_text(data, file, schema))
     for note in notes:
         click.echo(note, err=True)
     if target is None:
         _emit(text)
     else:
-        io.write_atomic(target, text)
+        files.write_atomic(target, text)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -164,30 +164,31 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     (.binaryproto): its shape and per-channel means.  A .solverstate: the
     iteration and the history blobs.
     """
-    from . import io, summary
+    from .formats import files
+    from .net import report
 
     schema = _schema(ctx)
-    data = io.read_bytes(file)
+    data = files.read_bytes(file)
     format_info: Callable[[Any], str]
     if file.endswith(".binaryproto"):
-        from .caffemodel import load_blob
+        from .formats.caffemodel import load_blob
 
-        info, format_info = summary.describe_blob(load_blob(file, schema)), summary.format_blob
+        info, format_info = report.describe_blob(load_blob(file, schema)), report.format_blob
     elif file.endswith(".solverstate"):
-        from .caffemodel import load_solverstate
+        from .formats.caffemodel import load_solverstate
 
-        info, format_info = summary.describe_solverstate(load_solverstate(file, schema)), summary.format_solverstate
-    elif io.is_binary(data):
-        from .caffemodel import load_model
+        info, format_info = report.describe_solverstate(load_solverstate(file, schema)), report.format_solverstate
+    elif files.is_binary(data):
+        from .formats.caffemodel import load_model
 
-        info, format_info = summary.describe_model(load_model(file, schema)), summary.format_model
+        info, format_info = report.describe_model(load_model(file, schema)), report.format_model
     else:
-        parsed = io.parse_text(data, file, schema)
-        if parsed.kind == io.SOLVER:
-            info, format_info = summary.describe_solver(parsed.message), summary.format_solver
+        parsed = files.parse_text(data, file, schema)
+        if parsed.kind == files.SOLVER:
+            info, format_info = report.describe_solver(parsed.message), report.format_solver
         else:
             net = _current(parsed.message, file)
-            info, format_info = summary.describe_net(net, _input_shapes(input_shapes)), summary.format_net
+            info, format_info = report.describe_net(net, _input_shapes(input_shapes)), report.format_net
     if as_json:
         _emit(json.dumps(info, indent=2, sort_keys=False) + "\n")
     else:
@@ -255,13 +256,14 @@ def _plan_rewrite(ctx: click.Context, net_path: str, weights: Optional[str], par
     """The rewrite the shared options ask for (nothing written yet)."""
     import os
 
-    from . import io, rewrite as rw, strategies
+    from .formats import files
+    from .finetune import rewrite as rw, strategies
 
     schema = _schema(ctx)
-    net_file = _current_file(io.load_text(net_path, schema, io.NET), schema)
+    net_file = _current_file(files.load_text(net_path, schema, files.NET), schema)
     solver_path, deploy_path = params["solver_path"], params["deploy_path"]
-    solver_file = io.load_text(solver_path, schema, io.SOLVER) if solver_path else None
-    deploy_file = _current_file(io.load_text(deploy_path, schema, io.NET), schema) if deploy_path else None
+    solver_file = files.load_text(solver_path, schema, files.SOLVER) if solver_path else None
+    deploy_file = _current_file(files.load_text(deploy_path, schema, files.NET), schema) if deploy_path else None
     options = strategies.StrategyOptions(
         num_classes=params["num_classes"], heads=tuple(params["heads"]), new_name=params["new_name"],
         head_lr_mult=params["head_lr_mult"], frozen_lr_mult=params["frozen_lr_mult"],
@@ -289,7 +291,7 @@ def _plan_rewrite(ctx: click.Context, net_path: str, weights: Optional[str], par
 def _choose(schema: Schema, net_path: str, weights: Optional[str], params: Dict[str, Any], data: Any,
             options: Any) -> Tuple[str, Any]:
     """``--strategy auto``: the size x similarity rule, measuring similarity when not given."""
-    from . import rewrite as rw, strategies
+    from .finetune import rewrite as rw, strategies
 
     size = params["dataset_size"] or (rw.count_images_or_zero(data.train) if data.train else 0)
     if not size:
@@ -298,7 +300,7 @@ def _choose(schema: Schema, net_path: str, weights: Optional[str], params: Dict[
     if similarity is None:
         if not (weights and data.train):
             raise click.UsageError("--strategy auto needs --similarity, or --weights and --train-data to measure it")
-        from .advise import measure_similarity
+        from .finetune.advise import measure_similarity
 
         similarity, numbers = measure_similarity(net_path, weights, data.train, data.val, schema=schema,
                                                  root_folder=data.root_folder)
@@ -322,10 +324,10 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
             **params: Any) -> None:
     """Turn a pretrained NET (train_val or deploy) into a fine-tuning setup.
 
-    Writes train_val.prototxt, deploy.prototxt, solver.prototxt and summary.md
+    Writes train_val.prototxt, deploy.prototxt, solver.prototxt and report.md
     to OUTDIR, each an edit of its input that keeps comments and layout.
     """
-    from . import rewrite as rw
+    from .finetune import rewrite as rw
 
     result = _plan_rewrite(ctx, net_path, weights, params)
     if weights:
@@ -355,13 +357,13 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
-    final.caffemodel, metrics.jsonl, plot.png and summary.md (final accuracy,
+    final.caffemodel, metrics.jsonl, plot.png and report.md (final accuracy,
     time).  --strategy features fits the head with scikit-learn on features
     the trunk computes once (features-train.npz, features-val.npz, reused
     while up to date); last-fc does the solver's SGD on such features when
     the input is deterministic, and says so.
     """
-    from . import finetune as ft
+    from .finetune import job as ft
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
@@ -376,13 +378,13 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
 
 def _check_plan(schema: Schema, result: Any, weights: str, input_shapes: Dict[str, Tuple[int, ...]]) -> None:
     """Print what Caffe will copy from ``weights`` into the rewritten net; fail if it would abort."""
-    from . import io, textformat
-    from .caffemodel import load_model
-    from .weights import check, format_check
+    from .formats import files, prototext
+    from .formats.caffemodel import load_model
+    from .net.weights import check, format_check
 
     name = "train_val.prototxt" if "train_val.prototxt" in result.files else "deploy.prototxt"
     text = result.files[name][0]
-    net = textformat.to_message(textformat.parse(text.encode("utf-8"), name), schema.new(io.NET), name)
+    net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
     report = check(net, load_model(weights, schema), input_shapes=input_shapes or None)
     click.echo(format_check(report), err=True)
     if not report.ok:
@@ -391,9 +393,9 @@ def _check_plan(schema: Schema, result: Any, weights: str, input_shapes: Dict[st
 
 def _current_file(parsed: Any, schema: Schema) -> Any:
     """``parsed`` itself, or for a legacy net its upgraded text (comments kept)."""
-    from . import io
-    from .fmt import upgrade_text
-    from .upgrade import net_needs_upgrade
+    from .formats import files
+    from .formats.layout import upgrade_text
+    from .formats.upgrade import net_needs_upgrade
 
     if not net_needs_upgrade(parsed.message):
         return parsed
@@ -401,12 +403,12 @@ def _current_file(parsed: Any, schema: Schema) -> Any:
     if not notes:  # Caffe's check flags 3-param BatchNorm nets that need nothing
         return parsed
     click.echo(f"{parsed.path}: legacy format upgraded first ({'; '.join(notes)})", err=True)
-    return io.parse_text(text.encode("utf-8"), parsed.path, schema, io.NET)
+    return files.parse_text(text.encode("utf-8"), parsed.path, schema, files.NET)
 
 
 def _current(net: Any, path: str) -> Any:
     """``net`` in the current format (legacy nets are upgraded on a copy)."""
-    from .upgrade import net_needs_upgrade, upgrade_net
+    from .formats.upgrade import net_needs_upgrade, upgrade_net
 
     if not net_needs_upgrade(net):
         return net
@@ -431,14 +433,15 @@ def diff(ctx: click.Context, file_a: str, file_b: str, as_json: bool) -> None:
     the same place counts as renamed.  Comments, layout and values set to
     their defaults do not count.  Exit status: 0 same, 1 different, 2 error.
     """
-    from . import io, netdiff
+    from .formats import files
+    from .net import diff
 
     schema = _schema(ctx)
-    changes = netdiff.diff_files(io.load_text(file_a, schema), io.load_text(file_b, schema))
+    changes = diff.diff_files(files.load_text(file_a, schema), files.load_text(file_b, schema))
     if as_json:
-        _emit(json.dumps(netdiff.to_json(changes), indent=2) + "\n")
+        _emit(json.dumps(diff.to_json(changes), indent=2) + "\n")
     else:
-        _emit(netdiff.format_changes(changes))
+        _emit(diff.format_changes(changes))
     ctx.exit(1 if changes else 0)
 
 
@@ -450,11 +453,11 @@ _INPUT_SHAPE = click.option("--input-shape", "input_shapes", multiple=True, meta
 
 def _net_and_weights(ctx: click.Context, net_path: str, weights: str) -> Any:
     """The current-format net of NET and the caffemodel WEIGHTS."""
-    from . import io
-    from .caffemodel import load_model
+    from .formats import files
+    from .formats.caffemodel import load_model
 
     schema = _schema(ctx)
-    net = _current(io.load_text(net_path, schema, io.NET).message, net_path)
+    net = _current(files.load_text(net_path, schema, files.NET).message, net_path)
     return net, load_model(weights, schema)
 
 
@@ -470,7 +473,7 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
 
     Exit 0 when training would start, 1 when Caffe would abort.
     """
-    from . import weights as wt
+    from .net import weights as wt
 
     shapes = _input_shapes(input_shapes)
     net, model = _net_and_weights(ctx, net_path, weights)
@@ -495,8 +498,8 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
 
     Refuses when Caffe would abort (run `caffe-ft check` to see why).
     """
-    from . import weights as wt
-    from .caffemodel import save_model
+    from .net import weights as wt
+    from .formats.caffemodel import save_model
 
     if _same_file(output, weights):
         raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
@@ -561,7 +564,7 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
     data and transform go to a compressed .npz; a file that is still up to
     date is reused.
     """
-    from . import features as ft
+    from .heads import features as ft
 
     request = ft.Request(net_path, weights, data, layer, root_folder,
                          _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
@@ -597,7 +600,7 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
     reported; the standardization is folded into the InnerProduct weights of
     a deploy net (trunk + head) and its caffemodel.
     """
-    from . import features as ft, linear as lin
+    from .heads import features as ft, linear as lin
 
     train = ft.load_features(features_path)
     val = ft.load_features(val_path) if val_path else None
@@ -637,7 +640,7 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
     statistics from the stored ones, and from linear probes on penultimate
     versus early features; the numbers are shown with the advice.
     """
-    from . import advise as adv
+    from .finetune import advise as adv
 
     advice = adv.advise(net_path, weights, train_data, val_data, schema=_schema(ctx), root_folder=root_folder,
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
@@ -674,7 +677,8 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     were.  A nan/inf loss stops the run and keeps the last good state.
     Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
     """
-    from .train import TrainOptions, train as run_training
+    from .training.pycaffe import train as run_training
+    from .training.run import TrainOptions
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
@@ -699,7 +703,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
 @click.option("--title", help="Title over the plot (default: the metrics file's name).")
 def plot(metrics: str, output: str, title: Optional[str]) -> None:
     """Draw the loss and test outputs of a `caffe-ft train --metrics` file to a PNG."""
-    from .plot import plot_file
+    from .training.plot import plot_file
 
     plot_file(metrics, output, title or "")
 

@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-from caffe_ft import textformat
-from caffe_ft.schema import load_schema
+from caffe_ft.formats import prototext
+from caffe_ft.formats.schema import load_schema
 
 # Where Debian's caffe-doc puts the BVLC example and model-zoo prototxts.
 CAFFE_DOC_DIRS = ("/usr/share/doc/caffe-doc",)
@@ -45,7 +45,7 @@ def parse_net(schema):  # type: ignore[no-untyped-def]
     """``parse_net(text)`` -> NetParameter, for inline prototxt snippets."""
 
     def parse(text: str, message: str = "NetParameter"):  # type: ignore[no-untyped-def]
-        return textformat.to_message(textformat.parse(text.encode()), schema.new(message))
+        return prototext.to_message(prototext.parse(text.encode()), schema.new(message))
 
     return parse
 

@@ -15,10 +15,10 @@ import struct
 import numpy as np
 import pytest
 
-from caffe_ft import caffemodel
-from caffe_ft.caffemodel import Blob, load_blob, load_model, load_solverstate, save_blob, save_model
+from caffe_ft.formats import caffemodel
+from caffe_ft.formats.caffemodel import Blob, load_blob, load_model, load_solverstate, save_blob, save_model
 from caffe_ft.errors import CaffeFtError
-from caffe_ft.schema import load_schema
+from caffe_ft.formats.schema import load_schema
 
 from conftest import NSFW_DIR
 

@@ -154,7 +154,7 @@ def test_inspect_asks_for_input_shapes_it_cannot_infer(tmp_path):
 def test_inspect_mean_file_and_solverstate(schema, tmp_path):
     import numpy as np
 
-    from caffe_ft.caffemodel import Blob, save_blob
+    from caffe_ft.formats.caffemodel import Blob, save_blob
 
     mean = np.zeros((1, 3, 2, 2), dtype=np.float32)
     mean[0, 0], mean[0, 1], mean[0, 2] = 104, 117, 123
@@ -177,9 +177,9 @@ def _pretrained(schema, net_path, path, change=None):
     """A caffemodel with weights of the right shapes for ``net_path`` (optionally altered)."""
     import numpy as np
 
-    from caffe_ft import io as cio
-    from caffe_ft.caffemodel import Blob, Model, save_model
-    from caffe_ft.shapes import infer
+    from caffe_ft.formats import files as cio
+    from caffe_ft.formats.caffemodel import Blob, Model, save_model
+    from caffe_ft.net.shapes import infer
 
     net = cio.load_text(net_path, schema).message
     params = infer(net, phase="TEST").params

@@ -1,4 +1,4 @@
-"""caffe_ft.features: the cut trunk, Caffe's TEST-phase data transform,
+"""caffe_ft.heads.features: the cut trunk, Caffe's TEST-phase data transform,
 data sources, fingerprints and the feature cache (``caffe-ft features``)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from caffe_ft import features as ft
+from caffe_ft.heads import features as ft
 from caffe_ft.errors import CaffeFtError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -248,7 +248,7 @@ def test_sha256_file_reads_the_whole_file(tmp_path):
 
 
 def test_transform_fingerprint_follows_settings_and_mean_file_content(tmp_path, schema):
-    from caffe_ft.caffemodel import Blob, save_blob
+    from caffe_ft.formats.caffemodel import Blob, save_blob
 
     mean = tmp_path / "mean.binaryproto"
     save_blob(Blob.of(np.zeros((1, 3, 4, 4), np.float32)), str(mean))
@@ -373,7 +373,7 @@ def test_transform_matches_caffes_image_data_layer(small, schema):
 
 @pytest.mark.caffe
 def test_transform_with_mean_file_and_grey_matches_caffe(small, schema, tmp_path):
-    from caffe_ft.caffemodel import Blob, save_blob
+    from caffe_ft.formats.caffemodel import Blob, save_blob
 
     mean = tmp_path / "mean.binaryproto"
     rng = np.random.default_rng(5)
@@ -487,7 +487,7 @@ def test_heavy_modules_load_only_when_used():
     """`caffe-ft --help` and the other commands stay fast: no numpy, scikit-learn, OpenCV or pycaffe on import."""
     import subprocess
 
-    code = ("import sys, caffe_ft.cli, caffe_ft.features, caffe_ft.linear, caffe_ft.advise; "
+    code = ("import sys, caffe_ft.cli, caffe_ft.heads.features, caffe_ft.heads.linear, caffe_ft.finetune.advise; "
             "print(sorted(m for m in ('numpy', 'sklearn', 'cv2', 'caffe') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

@@ -20,7 +20,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from caffe_ft import headsgd, headtrain
+from caffe_ft.heads import fit, replay
 from caffe_ft.cli import main
 from conftest import cli_runner
 
@@ -91,13 +91,13 @@ def write(path, text: str) -> str:
 
 
 def analyse_text(tmp_path, net: str, solver: str = SOLVER, device: str = "cpu"):
-    """headtrain.analyse on a solver and train_val written to ``tmp_path``."""
-    from caffe_ft.schema import load_schema
+    """fit.analyse on a solver and train_val written to ``tmp_path``."""
+    from caffe_ft.formats.schema import load_schema
 
     write(tmp_path / "train_val.prototxt", net)
     solver_path = write(tmp_path / "solver.prototxt", solver.replace('"train_val.prototxt"',
                                                                       f'"{tmp_path / "train_val.prototxt"}"'))
-    return headtrain.analyse(solver_path, load_schema(), device)
+    return fit.analyse(solver_path, load_schema(), device)
 
 
 def frozen(net: str) -> str:
@@ -170,15 +170,15 @@ def test_sgd_steps_match_hand_computed_ones():
     y = [0, 2, 1, 2]
     w = [[0.1, -0.2, 0.05], [0.0, 0.3, -0.1], [-0.2, 0.1, 0.2]]
     b = [0.01, -0.02, 0.0]
-    sgd = headsgd.SGD(base_lr=0.05, max_iter=3, lr_policy="step", gamma=0.5, stepsize=1, momentum=0.9,
+    sgd = replay.SGD(base_lr=0.05, max_iter=3, lr_policy="step", gamma=0.5, stepsize=1, momentum=0.9,
                       weight_decay=0.01, lr_mults=(10.0, 20.0), decay_mults=(1.0, 0.0))
-    loss = headsgd.Loss(weight=2.0)
-    head = headsgd.Head.start([np.array(w), np.array(b)])
+    loss = replay.Loss(weight=2.0)
+    head = replay.Head.start([np.array(w), np.array(b)])
     hw = [[0.0] * 3 for _ in range(3)]
     hb = [0.0] * 3
     for iteration in range(3):
         rows = [iteration % 4, (iteration + 1) % 4]
-        got = headsgd.step(head, np.array(x, np.float32)[rows], np.array(y)[rows], sgd, loss)
+        got = replay.step(head, np.array(x, np.float32)[rows], np.array(y)[rows], sgd, loss)
         rate = 0.05 * 0.5 ** iteration
         expected = _hand_step(w, b, hw, hb, [x[r] for r in rows], [y[r] for r in rows], rate, 10.0, 20.0, 0.9,
                               0.01, loss_weight=2.0)
@@ -194,7 +194,7 @@ def test_sgd_steps_match_hand_computed_ones():
 def test_ignored_labels_and_normalization(normalization, divisor):
     scores = np.array([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 2.0, 1.0]], np.float32)
     labels = np.array([0, 7, 1])  # 7 is ignored
-    value, grad = headsgd.softmax_loss(scores.copy(), labels, headsgd.Loss(3.0, normalization, ignore_label=7))
+    value, grad = replay.softmax_loss(scores.copy(), labels, replay.Loss(3.0, normalization, ignore_label=7))
     p = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
     assert value == pytest.approx(-(math.log(p[0, 0]) + math.log(p[2, 1])) / divisor, rel=1e-6)
     assert not grad[1].any()
@@ -203,10 +203,10 @@ def test_ignored_labels_and_normalization(normalization, divisor):
 
 
 def test_gradients_are_clipped_to_the_global_norm():
-    head = headsgd.Head.start([np.zeros((2, 2)), np.zeros(2)])
+    head = replay.Head.start([np.zeros((2, 2)), np.zeros(2)])
     x = np.array([[30.0, -40.0]], np.float32)
-    sgd = headsgd.SGD(base_lr=1.0, max_iter=1, clip_gradients=0.5)
-    headsgd.step(head, x, np.array([1]), sgd, headsgd.Loss())
+    sgd = replay.SGD(base_lr=1.0, max_iter=1, clip_gradients=0.5)
+    replay.step(head, x, np.array([1]), sgd, replay.Loss())
     step = np.concatenate([head.params[0].ravel(), head.params[1]])
     assert np.linalg.norm(step) == pytest.approx(0.5, rel=1e-5)
     # The bias learns as the weights do: p = (0.5, 0.5), so the class-1 row moves up.
@@ -214,10 +214,10 @@ def test_gradients_are_clipped_to_the_global_norm():
 
 
 def test_a_non_finite_loss_changes_nothing():
-    head = headsgd.Head.start([np.full((2, 1), np.inf), np.zeros(2)])
+    head = replay.Head.start([np.full((2, 1), np.inf), np.zeros(2)])
     before = [param.copy() for param in head.params]
-    loss = headsgd.step(head, np.ones((1, 1), np.float32), np.array([0]), headsgd.SGD(base_lr=1, max_iter=1),
-                        headsgd.Loss())
+    loss = replay.step(head, np.ones((1, 1), np.float32), np.array([0]), replay.SGD(base_lr=1, max_iter=1),
+                        replay.Loss())
     assert not math.isfinite(loss)
     assert head.iteration == 0
     for param, old in zip(head.params, before):
@@ -227,17 +227,17 @@ def test_a_non_finite_loss_changes_nothing():
 def test_accuracy_counts_ties_against_and_skips_ignored_labels():
     scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0], [0.3, 0.2, 0.1], [0.0, 0.0, 1.0]], np.float32)
     labels = np.array([1, 0, 2, 2])
-    assert headsgd.accuracy(scores, labels) == pytest.approx(2 / 4)  # the tie in row 1 counts against
-    assert headsgd.accuracy(scores, labels, top_k=2) == pytest.approx(3 / 4)
-    assert headsgd.accuracy(scores, labels, top_k=3) == pytest.approx(1.0)
-    assert headsgd.accuracy(scores, labels, ignore_label=2) == pytest.approx(1 / 2)
-    assert headsgd.accuracy(scores[:1], labels[:1], ignore_label=1) == 0
+    assert replay.accuracy(scores, labels) == pytest.approx(2 / 4)  # the tie in row 1 counts against
+    assert replay.accuracy(scores, labels, top_k=2) == pytest.approx(3 / 4)
+    assert replay.accuracy(scores, labels, top_k=3) == pytest.approx(1.0)
+    assert replay.accuracy(scores, labels, ignore_label=2) == pytest.approx(1 / 2)
+    assert replay.accuracy(scores[:1], labels[:1], ignore_label=1) == 0
 
 
 def test_batches_read_on_and_wrap_like_a_data_layer():
-    batches = headsgd.batch_indices(5, 3)
+    batches = replay.batch_indices(5, 3)
     assert [list(next(batches)) for _ in range(4)] == [[0, 1, 2], [3, 4, 0], [1, 2, 3], [4, 0, 1]]
-    shuffled = headsgd.batch_indices(5, 3, np.random.default_rng(0))
+    shuffled = replay.batch_indices(5, 3, np.random.default_rng(0))
     stream = np.concatenate([next(shuffled) for _ in range(10)])
     passes = stream.reshape(6, 5)
     assert all(sorted(row) == [0, 1, 2, 3, 4] for row in passes)
@@ -257,7 +257,7 @@ def test_a_deterministic_last_fc_net_is_replayed(tmp_path):
     assert (job.train.source, job.train.batch_size, job.train.shuffle) == ("train.txt", 8, False)
     assert (job.test.source, job.test.batch_size) == ("val.txt", 5)
     assert [(o.name, o.kind) for o in job.outputs] == [("accuracy", "accuracy"), ("loss", "loss")]
-    assert job.loss == headsgd.Loss(1.0, "VALID", None)
+    assert job.loss == replay.Loss(1.0, "VALID", None)
 
 
 def test_a_shuffled_list_is_replayed_in_an_order_of_its_own(tmp_path):
@@ -269,7 +269,7 @@ def test_loss_settings_are_read_from_the_layer(tmp_path):
     net = frozen(small_net("t.txt", "v.txt", loss="loss_weight: 2 loss_param { ignore_label: 2 normalize: false } "))
     job, reasons = analyse_text(tmp_path, net)
     assert reasons == []
-    assert job.loss == headsgd.Loss(2.0, "BATCH_SIZE", 2)
+    assert job.loss == replay.Loss(2.0, "BATCH_SIZE", 2)
 
 
 DROPOUT = 'layer { name: "drop" type: "Dropout" bottom: "fc1" top: "fc1" }\n'
@@ -337,7 +337,7 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def pretrained(directory) -> str:
     """Random weights for the small net (its old 5-class head included), as a pretrained model."""
-    from caffe_ft.features import quiet_caffe
+    from caffe_ft.heads.features import quiet_caffe
 
     caffe_module = quiet_caffe()
     caffe_module.set_random_seed(3)
@@ -365,8 +365,8 @@ def metrics(path) -> List[Dict]:
 
 
 def head_blobs(path: str, head: str) -> List[np.ndarray]:
-    from caffe_ft.caffemodel import load_model
-    from caffe_ft.schema import load_schema
+    from caffe_ft.formats.caffemodel import load_model
+    from caffe_ft.formats.schema import load_schema
 
     return [np.array(blob.data) for blob in load_model(path, load_schema()).layer_blobs()[head]]
 
@@ -446,7 +446,7 @@ def test_no_cached_features_forces_pycaffe(tmp_path, data):
 
 @caffe
 def test_finetune_features_fits_the_head_and_writes_a_loadable_model(tmp_path, data):
-    from caffe_ft.features import quiet_caffe
+    from caffe_ft.heads.features import quiet_caffe
 
     # Dropout and mirroring do not matter: the features are those of the TEST-phase trunk.
     net_text = small_net(data["train"], data["val"], trunk_extra=DROPOUT, transform="mirror: true scale: 0.00390625")

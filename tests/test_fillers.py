@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from caffe_ft import fillers
+from caffe_ft.net import fillers
 from caffe_ft.errors import CaffeFtError
 
 

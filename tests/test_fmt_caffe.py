@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
-from caffe_ft import io
-from caffe_ft.fmt import format_text, upgrade_text
+from caffe_ft.formats import files
+from caffe_ft.formats.layout import format_text, upgrade_text
 from conftest import caffe_doc_files
 
 pytestmark = pytest.mark.caffe
@@ -35,7 +35,7 @@ def _strip_comments(data: bytes) -> bytes:
 def _caffe_print(tmp_path, data: bytes, kind: str) -> bytes:
     source, target = tmp_path / "in.prototxt", tmp_path / "out.prototxt"
     source.write_bytes(data)
-    tool = "upgrade_net_proto_text" if kind == io.NET else "upgrade_solver_proto_text"
+    tool = "upgrade_net_proto_text" if kind == files.NET else "upgrade_solver_proto_text"
     subprocess.run([tool, str(source), str(target)], check=True, capture_output=True)
     return target.read_bytes()
 
@@ -50,18 +50,18 @@ def test_caffe_doc_is_there():
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: p.split("caffe-doc/")[-1])
 def test_fmt_prints_what_caffe_prints(schema, tmp_path, path):
     data = _read(path)
-    parsed = io.parse_text(data, path, schema)
-    from caffe_ft.upgrade import net_needs_upgrade, solver_needs_upgrade
+    parsed = files.parse_text(data, path, schema)
+    from caffe_ft.formats.upgrade import net_needs_upgrade, solver_needs_upgrade
 
-    needs = net_needs_upgrade if parsed.kind == io.NET else solver_needs_upgrade
+    needs = net_needs_upgrade if parsed.kind == files.NET else solver_needs_upgrade
     expected = _caffe_print(tmp_path, data, parsed.kind)
     if needs(parsed.message):
         # The tool upgrades a legacy file rather than re-laying it out.
-        text, notes = upgrade_text(io.parse_text(_strip_comments(data), path, schema))
+        text, notes = upgrade_text(files.parse_text(_strip_comments(data), path, schema))
         assert notes and text.encode() == expected
         return
 
-    bare = format_text(io.parse_text(_strip_comments(data), path, schema))
+    bare = format_text(files.parse_text(_strip_comments(data), path, schema))
     assert bare.encode() == expected
 
     with_comments = format_text(parsed)
@@ -72,5 +72,5 @@ def test_fmt_prints_what_caffe_prints(schema, tmp_path, path):
     comments = re.findall(rb"#[^\n]*", data)
     kept = re.findall(r"#[^\n]*", with_comments)
     assert [c.decode() for c in comments] == kept or sorted(c.decode() for c in comments) == sorted(kept)
-    again = format_text(io.parse_text(with_comments.encode(), path, schema))
+    again = format_text(files.parse_text(with_comments.encode(), path, schema))
     assert again == with_comments

@@ -1,10 +1,10 @@
-"""Graph queries (caffe_ft.graph): heads, parameter blobs, walks, sharing, the checker."""
+"""Graph queries (caffe_ft.net.graph): heads, parameter blobs, walks, sharing, the checker."""
 
 from __future__ import annotations
 
 import pytest
 
-from caffe_ft import graph
+from caffe_ft.net import graph
 from caffe_ft.errors import CaffeFtError
 
 from ft_nets import CAFFENET, CAFFENET_DEPLOY, GOOGLENET, RESNET, SIAMESE, SQUEEZENET

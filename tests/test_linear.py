@@ -1,4 +1,4 @@
-"""caffe_ft.linear: a scikit-learn head on cached features, written back as a
+"""caffe_ft.heads.linear: a scikit-learn head on cached features, written back as a
 Caffe InnerProduct (+ Softmax) on the cut trunk (``caffe-ft linear``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from caffe_ft import features as ft, linear as lin
+from caffe_ft.heads import features as ft, linear as lin
 from caffe_ft.errors import CaffeFtError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -107,7 +107,7 @@ def test_head_net_appends_a_fresh_named_head(parse_net):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """The small net, random weights and features of a 3-class photo-like set."""
-    from caffe_ft.schema import load_schema
+    from caffe_ft.formats.schema import load_schema
     from synth_images import write_dataset
 
     schema = load_schema()
@@ -181,7 +181,7 @@ def test_cross_validation_picks_the_best_c_and_reports(small):
 
 @pytest.mark.caffe
 def test_written_files_keep_the_trunk_weights(small, schema, tmp_path):
-    from caffe_ft.caffemodel import load_model
+    from caffe_ft.formats.caffemodel import load_model
 
     train = ft.load_features(small["train"])
     head = lin.write_head(schema, lin.fit(train, 3, cs=(1.0,)), train.meta, str(tmp_path), 3)

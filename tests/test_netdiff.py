@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from caffe_ft import netdiff
+from caffe_ft.net import diff
 from caffe_ft.cli import main
 from conftest import cli_runner
 
@@ -62,8 +62,8 @@ def test_rename_needs_same_type_and_place(parse_net):
     a = parse_net(BASE)
     # fc8 becomes a Softmax-typed "head": different type, so removed + added.
     b = parse_net(edit(BASE, ('name: "fc8" type: "InnerProduct"', 'name: "head" type: "Sigmoid"')))
-    kinds = [(c.kind, c.layer) for c in netdiff.diff_nets(a, b)]
-    assert kinds == [(netdiff.REMOVED, "fc8"), (netdiff.ADDED, "head")]
+    kinds = [(c.kind, c.layer) for c in diff.diff_nets(a, b)]
+    assert kinds == [(diff.REMOVED, "fc8"), (diff.ADDED, "head")]
 
 
 def test_frozen_and_unfrozen(tmp_path):
@@ -117,7 +117,7 @@ def test_moved(tmp_path, parse_net):
     result = run_diff(tmp_path, BASE, b)
     assert result.exit_code == 1
     assert result.stdout == "~ relu1 (moved)\n"
-    changes = netdiff.diff_nets(parse_net(BASE), parse_net(b))
+    changes = diff.diff_nets(parse_net(BASE), parse_net(b))
     assert [(c.old_index, c.index, c.moved) for c in changes] == [(2, 4, True)]
 
 
@@ -171,9 +171,9 @@ def test_long_repeated_values_compared_as_a_whole(parse_net):
     values = " ".join(f"data: {i}" for i in range(100))
     a = parse_net(f'layer {{ name: "w" type: "Parameter" blobs {{ {values} }} }}')
     b = parse_net(f'layer {{ name: "w" type: "Parameter" blobs {{ {values.replace("data: 7 ", "data: 8 ")} }} }}')
-    [change] = netdiff.diff_nets(a, b)
-    assert change.fields == (netdiff.FieldChange("blobs[0].data", "[100 values]", "[100 values]"),)
-    assert netdiff.diff_nets(a, a) == []
+    [change] = diff.diff_nets(a, b)
+    assert change.fields == (diff.FieldChange("blobs[0].data", "[100 values]", "[100 values]"),)
+    assert diff.diff_nets(a, a) == []
 
 
 def test_type_alignment_inside_a_replaced_block(parse_net):
@@ -188,10 +188,10 @@ def test_type_alignment_inside_a_replaced_block(parse_net):
         'layer { name: "new_fc" type: "InnerProduct" bottom: "x" top: "fc8" }\n'
         'layer { name: "new_loss" type: "SoftmaxWithLoss" bottom: "fc8" top: "loss" }\n'
     )
-    alignment = netdiff.align_layers(list(a.layer), list(b.layer))
+    alignment = diff.align_layers(list(a.layer), list(b.layer))
     assert alignment.renamed == {(1, 1), (2, 2)}
     assert alignment.moved == ()
-    text = netdiff.format_changes(netdiff.diff_nets(a, b))
+    text = diff.format_changes(diff.diff_nets(a, b))
     assert text == (
         "~ fc8 -> new_fc (renamed)\n~ loss -> new_loss (renamed)\n- acc (removed, Accuracy)\n"
     )
@@ -303,4 +303,4 @@ def test_output_is_stable_and_in_b_order(tmp_path, parse_net):
     headers = [line for line in first.splitlines() if not line.startswith(" ")]
     assert headers == ["~ conv1", "- relu1 (removed, ReLU)", "~ fc7", "~ fc8 -> fc8_ft (renamed)"]
     net_a, net_b = parse_net(BASE), parse_net(b)
-    assert netdiff.diff_nets(net_a, net_b) == netdiff.diff_nets(net_a, net_b)
+    assert diff.diff_nets(net_a, net_b) == diff.diff_nets(net_a, net_b)

@@ -43,7 +43,7 @@ def test_wheel_installs_and_runs_outside_the_tree(tmp_path):
     inspected = run("inspect", "net.prototxt")
     assert "classifier head(s): fc2" in inspected.stdout
     found = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import caffe_ft.schema as s; print(s.default_proto_path())"],
+        [str(venv / "bin" / "python"), "-c", "import caffe_ft.formats.schema as s; print(s.default_proto_path())"],
         cwd=work, capture_output=True, text=True, check=True,
     ).stdout
     assert found.startswith(str(venv))  # the schema shipped in the wheel, not the checkout's

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from caffe_ft import textformat
+from caffe_ft.formats import prototext
 from caffe_ft.errors import CaffeFtError
-from caffe_ft.schema import Schema
+from caffe_ft.formats.schema import Schema
 
 FORK = """
 syntax = "proto2";
@@ -41,8 +41,8 @@ message FancyParameter {
 
 def test_fork_schema_reads_its_own_layers():
     schema = Schema("fork.proto", FORK)
-    tree = textformat.parse(b"layer { name: 'x' fancy_param { mode: FAST dims: [2, 3] inner { flag: false } } }")
-    net = textformat.to_message(tree, schema.new("NetParameter"))
+    tree = prototext.parse(b"layer { name: 'x' fancy_param { mode: FAST dims: [2, 3] inner { flag: false } } }")
+    net = prototext.to_message(tree, schema.new("NetParameter"))
     assert net.layer[0].fancy_param.mode == 0
     assert list(net.layer[0].fancy_param.dims) == [2, 3]
     fancy = schema.new("FancyParameter")

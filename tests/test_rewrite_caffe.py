@@ -39,9 +39,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pytest
 
-from caffe_ft import io
+from caffe_ft.formats import files
 from caffe_ft.cli import main
-from caffe_ft.schema import load_schema
+from caffe_ft.formats.schema import load_schema
 from conftest import CAFFE_DOC_DIRS, NSFW_DIR, cli_runner
 
 DOC = CAFFE_DOC_DIRS[0]
@@ -312,9 +312,9 @@ def _train(outdir: str, weights: Optional[str], reference: Optional[str]) -> dic
 
 def _train_layers(path: str) -> Dict[str, object]:
     """The TRAIN-phase layers of a written net, by name."""
-    from caffe_ft.shapes import filter_layers
+    from caffe_ft.net.shapes import filter_layers
 
-    message = io.load_text(path, load_schema()).message
+    message = files.load_text(path, load_schema()).message
     return {layer.name: layer for layer in filter_layers(message, "TRAIN")}
 
 
@@ -473,7 +473,7 @@ SOLVERS = [
 @pytest.mark.parametrize("solver_path, net_path", SOLVERS,
                          ids=[f"{path.split('/')[1]}-{os.path.basename(path)[:-9]}" for path, _ in SOLVERS])
 def test_rewritten_caffe_doc_solvers_load_in_caffe(solver_path, net_path, image_lists, tmp_path):  # type: ignore[no-untyped-def]
-    from caffe_ft.solver import solver_originals
+    from caffe_ft.finetune.solver import solver_originals
 
     net = next(net for net in NETS if net.path == net_path)
     train, val = image_lists(net.size, net.grey)
@@ -486,7 +486,7 @@ def test_rewritten_caffe_doc_solvers_load_in_caffe(solver_path, net_path, image_
                          capture_output=True, text=True, env={**os.environ, "GLOG_minloglevel": "2"})
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout.strip().splitlines()[-1])
-    original = io.load_text(solver, load_schema()).message
+    original = files.load_text(solver, load_schema()).message
     assert built["type"] == (original.type or "SGD")
     assert built["base_lr"] == pytest.approx(float(solver_originals(original)["base_lr"]) * 0.1, rel=1e-6)
     assert built["test_nets"] == max(len(original.test_iter), 1)
@@ -529,7 +529,7 @@ def _written_data_layers(tmp_path, text: str, *args: str):  # type: ignore[no-un
     result = _rewrite(str(net), str(tmp_path / "out"), ["--strategy", "last-fc"],
                       "--train-data", str(images), "--val-data", str(images), *args)
     assert result.exit_code == 0, result.stderr
-    written = io.load_text(str(tmp_path / "out" / "train_val.prototxt"), load_schema()).message
+    written = files.load_text(str(tmp_path / "out" / "train_val.prototxt"), load_schema()).message
     return [layer for layer in written.layer if layer.type == "ImageData"]
 
 
@@ -567,7 +567,7 @@ def test_fully_convolutional_head_needs_a_crop(tmp_path):  # type: ignore[no-unt
 
 @pytest.mark.parametrize("top_k, num_classes, kept", [(5, 3, False), (5, 5, False), (5, 6, True), (1, 1, True)])
 def test_top_k_accuracy_that_cannot_tell_anything_is_removed(parse_net, top_k, num_classes, kept):  # type: ignore[no-untyped-def]
-    from caffe_ft.strategies import StrategyOptions, apply_strategy
+    from caffe_ft.finetune.strategies import StrategyOptions, apply_strategy
 
     net = parse_net(LMDB_TRAIN_VAL + (
         'layer { name: "top-k" type: "Accuracy" bottom: "ip" bottom: "label" top: "top-k" '

@@ -20,9 +20,9 @@ import shutil
 
 import pytest
 
-from caffe_ft import io, textformat
+from caffe_ft.formats import files, prototext
 from caffe_ft.cli import main
-from caffe_ft.schema import load_schema
+from caffe_ft.formats.schema import load_schema
 from conftest import cli_runner
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "rewrite")
@@ -71,7 +71,7 @@ def test_golden_rewrite(case, tmp_path):
     schema = load_schema()
     for name in written:
         if name.endswith(".prototxt"):
-            parsed = io.load_text(str(out / name), schema)
+            parsed = files.load_text(str(out / name), schema)
             assert parsed.message.ListFields()
 
     # The diff against the input holds only changed lines: no line of the input
@@ -81,9 +81,9 @@ def test_golden_rewrite(case, tmp_path):
     after = edited.read_text().splitlines()
     changed = [line for line in difflib.ndiff(before, after) if line[:2] in ("- ", "+ ")]
     removed = [line[2:] for line in changed if line.startswith("- ")]
-    old_tree = textformat.parse((work / net).read_bytes())
-    new_message = io.load_text(str(edited), schema).message
-    kept_lines = textformat.render_minimal(old_tree, (work / net).read_bytes(), new_message)
+    old_tree = prototext.parse((work / net).read_bytes())
+    new_message = files.load_text(str(edited), schema).message
+    kept_lines = prototext.render_minimal(old_tree, (work / net).read_bytes(), new_message)
     assert kept_lines == edited.read_text()
     assert len(removed) <= len(before) // 2
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from caffe_ft import textformat
-from caffe_ft.schema import is_repeated, load_schema
+from caffe_ft.formats import prototext
+from caffe_ft.formats.schema import is_repeated, load_schema
 
 
 def describe(file_descriptor) -> dict:
@@ -71,5 +71,5 @@ def test_defaults_are_caffes(schema):
     assert schema.new("ConvolutionParameter").bias_term is True
     assert schema.new("SolverParameter").type == "SGD"
     assert schema.new("FillerParameter").type == "constant"
-    net = textformat.to_message(textformat.parse(b"layer { name: 'x' }"), schema.new("NetParameter"))
+    net = prototext.to_message(prototext.parse(b"layer { name: 'x' }"), schema.new("NetParameter"))
     assert net.layer[0].name == "x"

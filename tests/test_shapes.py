@@ -1,4 +1,4 @@
-"""Shape inference (caffe_ft.shapes) against hand-worked formulas and real Caffe.
+"""Shape inference (caffe_ft.net.shapes) against hand-worked formulas and real Caffe.
 
 Host tests check small inline nets whose expected shapes are worked out by
 hand from Caffe's formulas (each derivation is in a comment).  The ``caffe``
@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from caffe_ft import textformat
+from caffe_ft.formats import prototext
 from caffe_ft.errors import CaffeFtError
-from caffe_ft.shapes import RULES, filter_layers, infer, is_included
+from caffe_ft.net.shapes import RULES, filter_layers, infer, is_included
 from conftest import NSFW_DIR, caffe_doc_files
 
 Shape = Tuple[int, ...]
@@ -712,9 +712,9 @@ def _stand_in_data(net, phase: str, stages: Sequence[str], tmp: str) -> Dict[str
 def _load(schema, path: str):  # type: ignore[no-untyped-def]
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as handle:
-        net = textformat.to_message(textformat.parse(handle.read(), path), schema.new("NetParameter"))
+        net = prototext.to_message(prototext.parse(handle.read(), path), schema.new("NetParameter"))
     try:
-        from caffe_ft.upgrade import upgrade_net
+        from caffe_ft.formats.upgrade import upgrade_net
     except ImportError:  # pragma: no cover - while upgrade.py is being written
         return net
     upgrade_net(net)
@@ -741,7 +741,7 @@ def _compare_doc_net(schema, path: str, phase: str, tmp) -> int:  # type: ignore
         python_path.append(os.path.join(os.path.dirname(path), "layers"))
         given.update({layer.top[0]: (1,) for layer in net.layer if layer.type == "Python"})
     rewritten = tmp / f"{phase}.prototxt"
-    rewritten.write_text(textformat.print_message(net))
+    rewritten.write_text(prototext.print_message(net))
     return _assert_same_as_caffe(net, str(rewritten), phase, given, stages, python_path)
 
 

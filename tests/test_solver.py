@@ -1,13 +1,13 @@
-"""Fine-tuning solver settings (caffe_ft.solver)."""
+"""Fine-tuning solver settings (caffe_ft.finetune.solver)."""
 
 from __future__ import annotations
 
 import pytest
 
-from caffe_ft import textformat
+from caffe_ft.formats import prototext
 from caffe_ft.errors import CaffeFtError
-from caffe_ft.numfmt import to_float32
-from caffe_ft.solver import SCALED_FIELDS, rewrite_solver, solver_originals
+from caffe_ft.formats.numbers import to_float32
+from caffe_ft.finetune.solver import SCALED_FIELDS, rewrite_solver, solver_originals
 
 CAFFENET_SOLVER = """
 net: "models/bvlc_reference_caffenet/train_val.prototxt"
@@ -53,7 +53,7 @@ def test_everything_else_is_kept(parse_net):  # type: ignore[no-untyped-def]
     for message in (original, out):
         for name in (*SCALED_FIELDS, "net", "snapshot_prefix"):
             message.ClearField(name)
-    assert textformat.print_message(out) == textformat.print_message(original)
+    assert prototext.print_message(out) == prototext.print_message(original)
 
 
 def test_multistep_rounding_and_minimum(parse_net):  # type: ignore[no-untyped-def]
@@ -152,7 +152,7 @@ def test_errors(parse_net, text, kwargs, message):  # type: ignore[no-untyped-de
 
 
 def test_a_run_shorter_than_one_test_interval_is_still_tested(parse_net):
-    from caffe_ft.solver import rewrite_solver
+    from caffe_ft.finetune.solver import rewrite_solver
 
     solver = parse_net('net: "n.prototxt" test_iter: 10 test_interval: 1000 base_lr: 0.01 max_iter: 40000',
                        "SolverParameter")

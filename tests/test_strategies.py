@@ -1,4 +1,4 @@
-"""Fine-tuning strategies (caffe_ft.strategies).
+"""Fine-tuning strategies (caffe_ft.finetune.strategies).
 
 Every rewrite goes through :func:`rewrite`, which also checks that the input
 is left alone, that the output passes ``graph.check_net`` and that a second
@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from caffe_ft import graph, textformat
+from caffe_ft.net import graph
+from caffe_ft.formats import prototext
 from caffe_ft.errors import CaffeFtError
-from caffe_ft.schema import load_schema
-from caffe_ft.strategies import (
+from caffe_ft.formats.schema import load_schema
+from caffe_ft.finetune.strategies import (
     LARGE_DATASET,
     SMALL_DATASET,
     STRATEGIES,
@@ -42,7 +43,7 @@ def rewrite(net, strategy: str = "last-fc", **fields) -> Result:  # type: ignore
     assert net.SerializeToString() == before, "the input net was changed"
     assert graph.check_net(result.net) == []
     again = apply_strategy(strategy, result.net, options)
-    assert textformat.print_message(again.net) == textformat.print_message(result.net)
+    assert prototext.print_message(again.net) == prototext.print_message(result.net)
     assert again.frozen == result.frozen and again.removed == ()
     return result
 
@@ -513,7 +514,7 @@ PROPERTY = settings(max_examples=60, deadline=None)
 
 def parse(text: str):  # type: ignore[no-untyped-def]
     """Like the ``parse_net`` fixture (hypothesis tests cannot take function-scoped fixtures)."""
-    return textformat.to_message(textformat.parse(text.encode()), load_schema().new("NetParameter"))
+    return prototext.to_message(prototext.parse(text.encode()), load_schema().new("NetParameter"))
 
 
 def _masked(net, heads: Dict[str, str]):  # type: ignore[no-untyped-def]
@@ -684,7 +685,7 @@ def test_caffe_trains_exactly_the_unfrozen_layers(tmp_path, text, strategy, fiel
     assert "DummyData" in text
     result = rewrite(parse(text), strategy, num_classes=3, **fields)
     net_path = tmp_path / "train_val.prototxt"
-    net_path.write_text(textformat.print_message(result.net))
+    net_path.write_text(prototext.print_message(result.net))
     solver_path = tmp_path / "solver.prototxt"
     solver_path.write_text(
         f'net: "{net_path}" base_lr: 0.1 lr_policy: "fixed" momentum: 0.9 weight_decay: 0.01 '

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from caffe_ft import textformat
+from caffe_ft.formats import prototext
 from caffe_ft.errors import CaffeFtError
-from caffe_ft.numfmt import format_double, format_float
+from caffe_ft.formats.numbers import format_double, format_float
 
 
 def roundtrip(schema, text: str) -> str:
-    tree = textformat.parse(text.encode(), "t.prototxt")
-    message = textformat.to_message(tree, schema.new("NetParameter"), "t.prototxt")
-    return textformat.render(textformat.reconcile(tree, message))
+    tree = prototext.parse(text.encode(), "t.prototxt")
+    message = prototext.to_message(tree, schema.new("NetParameter"), "t.prototxt")
+    return prototext.render(prototext.reconcile(tree, message))
 
 
 @pytest.mark.parametrize(
@@ -132,10 +132,10 @@ def test_enum_by_number_bool_forms_and_special_floats(schema):
 
 
 def test_reconcile_keeps_comments_of_removed_fields(schema):
-    tree = textformat.parse(b"name: 'a'\nlayer {\n  # keep me\n  name: 'x'\n}\n# tail\n")
-    message = textformat.to_message(tree, schema.new("NetParameter"))
+    tree = prototext.parse(b"name: 'a'\nlayer {\n  # keep me\n  name: 'x'\n}\n# tail\n")
+    message = prototext.to_message(tree, schema.new("NetParameter"))
     message.ClearField("layer")
-    out = textformat.render(textformat.reconcile(tree, message))
+    out = prototext.render(prototext.reconcile(tree, message))
     assert "# keep me" in out and "# tail" in out
 
 
@@ -166,13 +166,13 @@ layer {
 
 
 def _edit(schema, change):
-    tree = textformat.parse(EXAMPLE_NET)
-    net = textformat.to_message(tree, schema.new("NetParameter"))
+    tree = prototext.parse(EXAMPLE_NET)
+    net = prototext.to_message(tree, schema.new("NetParameter"))
     change(net)
-    out = textformat.render_minimal(tree, EXAMPLE_NET, net)
-    reread = textformat.to_message(textformat.parse(out.encode()), schema.new("NetParameter"))
+    out = prototext.render_minimal(tree, EXAMPLE_NET, net)
+    reread = prototext.to_message(prototext.parse(out.encode()), schema.new("NetParameter"))
     assert reread == net  # the text means the new message
-    again = textformat.render_minimal(textformat.parse(out.encode()), out.encode(), net)
+    again = prototext.render_minimal(prototext.parse(out.encode()), out.encode(), net)
     assert again == out  # nothing left to change
     import difflib
 

@@ -25,8 +25,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from caffe_ft import devices, progress, snapshot as snap, train as tr
-from caffe_ft.caffemodel import load_model, load_solverstate
+from caffe_ft.training import devices, nets, progress, schedule, snapshots as snap
+from caffe_ft.formats.caffemodel import load_model, load_solverstate
 from caffe_ft.cli import main
 from caffe_ft.errors import CaffeFtError
 from conftest import cli_runner
@@ -54,7 +54,7 @@ def solver_msg(parse_net, text: str):
 def test_learning_rate_policies(parse_net, policy, extra, expected):
     solver = solver_msg(parse_net, f'base_lr: 0.1 max_iter: 40 lr_policy: "{policy}" {extra}')
     for iteration in (0, 1, 4, 5, 9, 10, 11, 12, 25, 39):
-        assert tr.learning_rate(solver, iteration) == pytest.approx(expected(iteration), rel=1e-6)
+        assert schedule.learning_rate(solver, iteration) == pytest.approx(expected(iteration), rel=1e-6)
 
 
 @pytest.mark.parametrize("text, complaint", [
@@ -65,7 +65,7 @@ def test_learning_rate_policies(parse_net, policy, extra, expected):
 ])
 def test_solver_settings_caffe_would_abort_on(parse_net, text, complaint):
     with pytest.raises(CaffeFtError, match=re.escape(complaint)):
-        tr.check_solver(solver_msg(parse_net, text))
+        schedule.check_solver(solver_msg(parse_net, text))
 
 
 @pytest.mark.parametrize("settings", [
@@ -78,13 +78,13 @@ def test_test_schedule_counts_match_the_passes_done(parse_net, settings):
     solver = solver_msg(parse_net, settings + " max_iter: 50 iter_size: 3")
     done = 0
     for iteration in range(60):
-        assert tr.test_passes_before(solver, iteration) == done
-        train, tests = tr.resume_skips(solver, iteration)
+        assert schedule.test_passes_before(solver, iteration) == done
+        train, tests = schedule.resume_skips(solver, iteration)
         assert train == 3 * iteration
         assert tests == [done * count for count in solver.test_iter]
-        done += tr.test_due(solver, iteration)
+        done += schedule.test_due(solver, iteration)
     for last in (49, 50, 56, 70):
-        assert tr.final_test_due(solver, last) == (len(solver.test_iter) > 0 and last % solver.test_interval == 0)
+        assert schedule.final_test_due(solver, last) == (len(solver.test_iter) > 0 and last % solver.test_interval == 0)
 
 
 def test_snapshot_prefix_as_caffe_resolves_it(tmp_path):
@@ -200,7 +200,7 @@ def test_saved_snapshots_count_as_good_states_and_are_not_written_twice(schema, 
 
 
 def test_resume_checks_the_snapshot_pair(schema, tmp_path, monkeypatch):
-    from caffe_ft.caffemodel import Model, save_model
+    from caffe_ft.formats.caffemodel import Model, save_model
 
     net = schema.new("NetParameter")
     net.layer.add(name="fc", type="InnerProduct")
@@ -361,7 +361,7 @@ def test_test_outputs_average_in_float32():
 
 def test_plot_of_a_metrics_file(tmp_path):
     pytest.importorskip("matplotlib")
-    from caffe_ft import plot
+    from caffe_ft.training import plot
 
     path = str(tmp_path / "m.jsonl")
     writer = progress.MetricsWriter(path)
@@ -556,9 +556,9 @@ class FakeCaffe:
         self.record("set_multiprocess", value=value)
 
     def get_solver(self, path):
-        from caffe_ft import io
+        from caffe_ft.formats import files
 
-        param = io.load_text(path, self.schema, io.SOLVER).message
+        param = files.load_text(path, self.schema, files.SOLVER).message
         self.record("get_solver", rank=self.rank)
         return FakeSolver(self, param)
 
@@ -815,18 +815,18 @@ def test_solver_nets_and_nondeterminism(parse_net, schema, tmp_path):
     net = tmp_path / "net.prototxt"
     net.write_text(net_text)
     solver = solver_msg(parse_net, f'net: "{net}" test_iter: 2 test_iter: 3 test_interval: 5')
-    train, tests = tr.solver_nets(solver, schema)
+    train, tests = nets.solver_nets(solver, schema)
     assert train.phase == "TRAIN" and [t.phase for t in tests] == ["TEST", "TEST"]
-    reasons = tr.nondeterminism(train)
+    reasons = nets.nondeterminism(train)
     assert reasons == ["layer 'data' shuffles its list (shuffle: true)"]
     net.write_text(net_text.replace("shuffle: true", "shuffle: false").replace(
         'layer { name: "relu3"',
         'layer { name: "drop" type: "Dropout" bottom: "fc1" top: "fc1" }\nlayer { name: "relu3"'))
-    assert tr.nondeterminism(tr.solver_nets(solver, schema)[0]) == [
+    assert nets.nondeterminism(nets.solver_nets(solver, schema)[0]) == [
         "layer 'drop' is Dropout: its random masks are not in the snapshot"]
     bad = solver_msg(parse_net, f'train_net: "{net}" test_net: "{net}" test_iter: 2 test_iter: 3 test_interval: 5')
     with pytest.raises(CaffeFtError, match="test_iter must be given once per test net"):
-        tr.solver_nets(bad, schema)
+        nets.solver_nets(bad, schema)
 
 
 # =============================================================== real Caffe (CPU) ==

@@ -1,4 +1,4 @@
-"""Upgrading legacy nets and solvers (caffe_ft.upgrade).
+"""Upgrading legacy nets and solvers (caffe_ft.formats.upgrade).
 
 Host tests check fields hand-derived from Caffe 1.0's upgrade_proto.cpp.
 The ``caffe`` tests run Caffe's own ``upgrade_net_proto_text`` and
@@ -16,10 +16,10 @@ from typing import List, Optional, Tuple
 
 import pytest
 
-from caffe_ft import textformat
+from caffe_ft.formats import prototext
 from caffe_ft.errors import CaffeFtError
-from caffe_ft.schema import is_repeated
-from caffe_ft.upgrade import (
+from caffe_ft.formats.schema import is_repeated
+from caffe_ft.formats.upgrade import (
     V0_LAYER_TYPES,
     V1_LAYER_TYPES,
     net_needs_upgrade,
@@ -480,9 +480,9 @@ def test_current_net_is_left_alone(parse_net) -> None:  # type: ignore[no-untype
 @pytest.mark.parametrize("name", sorted(GOOD_NETS))
 def test_upgrade_is_idempotent(parse_net, name: str) -> None:  # type: ignore[no-untyped-def]
     net, _ = upgraded(parse_net, GOOD_NETS[name])
-    once = textformat.print_message(net)
+    once = prototext.print_message(net)
     upgrade_net(net)
-    assert textformat.print_message(net) == once
+    assert prototext.print_message(net) == once
 
 
 @pytest.mark.parametrize("name", sorted(GOOD_NETS))
@@ -551,12 +551,12 @@ def run_tool(tool: str, text: bytes, tmp_path) -> Tuple[int, Optional[str]]:  # 
 
 
 def ours(schema, text: bytes, message: str) -> str:  # type: ignore[no-untyped-def]
-    msg = textformat.to_message(textformat.parse(text), schema.new(message))
+    msg = prototext.to_message(prototext.parse(text), schema.new(message))
     if message == "NetParameter":
         upgrade_net(msg)
     else:
         upgrade_solver(msg)
-    return textformat.print_message(msg)
+    return prototext.print_message(msg)
 
 
 @pytest.mark.caffe
@@ -599,7 +599,7 @@ def test_solver_refused_by_both(schema, tmp_path, name: str) -> None:  # type: i
 
 def _tagged_model(schema, text: str):  # type: ignore[no-untyped-def]
     """The net of ``text`` with, per ``layers`` entry, one blob holding its index."""
-    net = textformat.to_message(textformat.parse(text.encode()), schema.new("NetParameter"))
+    net = prototext.to_message(prototext.parse(text.encode()), schema.new("NetParameter"))
     for i, entry in enumerate(net.layers):
         blob = (entry.layer.blobs if entry.HasField("layer") else entry.blobs).add()
         blob.data.extend([float(i), 0.5])
@@ -690,9 +690,9 @@ def test_every_v0_field_and_type_matches_the_tool(schema, tmp_path) -> None:  # 
     for field, text in nets:
         rc, expected = run_tool("upgrade_net_proto_text", text.encode(), tmp_path)
         assert expected is not None, field
-        net = textformat.to_message(textformat.parse(text.encode()), schema.new("NetParameter"))
+        net = prototext.to_message(prototext.parse(text.encode()), schema.new("NetParameter"))
         notes = upgrade_net(net)
-        assert textformat.print_message(net) == expected, field
+        assert prototext.print_message(net) == expected, field
         # Caffe exits 1 exactly when it had to drop a V0 field.
         assert (rc == 1) == any("no such parameter" in note for note in notes), field
 
@@ -712,7 +712,7 @@ _SOLVER_FIELDS = {"net", "train_net", "test_net", "net_param", "train_net_param"
 
 def classify(text: bytes) -> str:
     """``"SolverParameter"`` or ``"NetParameter"``, from the top-level field names."""
-    names = {child.name for child in textformat.parse(text).children or ()}
+    names = {child.name for child in prototext.parse(text).children or ()}
     return "SolverParameter" if names & _SOLVER_FIELDS else "NetParameter"
 
 

@@ -17,11 +17,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from caffe_ft import weights
-from caffe_ft.caffemodel import Blob, Model, load_model, save_model
+from caffe_ft.net import weights
+from caffe_ft.formats.caffemodel import Blob, Model, load_model, save_model
 from caffe_ft.cli import main
 from caffe_ft.errors import CaffeFtError
-from caffe_ft.weights import COPIED, FRESH, MISMATCH
+from caffe_ft.net.weights import COPIED, FRESH, MISMATCH
 from conftest import NSFW_DIR, cli_runner
 
 RNG = np.random.default_rng(11)
@@ -491,7 +491,7 @@ def test_random_fillers_match_caffes_distributions(tmp_path, schema, parse_net):
     """Fresh values have the spread, bounds and sparsity Caffe's own fillers give the same layer."""
     import caffe
 
-    from caffe_ft import fillers
+    from caffe_ft.net import fillers
 
     specs = {
         "xavier_avg": 'type: "xavier" variance_norm: AVERAGE',
@@ -542,7 +542,7 @@ def test_init_for_a_new_nsfw_head_loads_in_pycaffe_and_opencv(tmp_path, schema):
     import caffe
     import cv2
 
-    from caffe_ft import io
+    from caffe_ft.formats import files
 
     caffe.set_mode_cpu()
     proto = os.path.join(NSFW_DIR, "deploy.prototxt")
@@ -552,7 +552,7 @@ def test_init_for_a_new_nsfw_head_loads_in_pycaffe_and_opencv(tmp_path, schema):
     new_text, edits = re.subn(r"num_output: 2\b", "num_output: 5", text.replace('"fc_nsfw"', '"fc_new"'))
     assert edits == 1
     new_proto = _write(tmp_path, "deploy_new.prototxt", new_text)
-    net = io.load_text(new_proto, schema, io.NET).message
+    net = files.load_text(new_proto, schema, files.NET).message
     model = load_model(pretrained_path, schema)
     report = weights.check(net, model)
     assert report.ok and [r.name for r in report.by_status(FRESH)] == ["fc_new"]

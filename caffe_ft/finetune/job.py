@@ -1,0 +1,165 @@
+"""``caffe-ft finetune``: rewrite, check, init and train in one job.
+
+OUTDIR ends up holding the rewritten prototxts, ``init.caffemodel`` (the
+pretrained trunk plus a freshly filled head), Caffe's snapshots,
+``final.caffemodel``, ``metrics.jsonl``, ``plot.png`` and ``summary.md``.
+
+Two strategies train the head on cached features instead (:mod:`caffe_ft.heads.fit`):
+``features`` always (scikit-learn; no solver run, no metrics), and
+``last-fc`` when Caffe's SGD can be replayed on them exactly (same metrics
+and plot; no snapshots but ``final.caffemodel``); otherwise, or with
+``cached=False``, pycaffe trains and the summary says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+from ..formats import files, prototext
+from ..errors import CaffeFtError
+from .rewrite import Plan, summary_text, write_plan
+from ..formats.schema import Schema
+
+if TYPE_CHECKING:
+    from ..heads.fit import Trained
+
+METRICS = "metrics.jsonl"
+PLOT = "plot.png"
+INIT = "init.caffemodel"
+FINAL = "final.caffemodel"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a fine-tuning job ended."""
+
+    exit_code: int
+    final_model: Optional[str]
+    test_outputs: Dict[str, float]
+    seconds: float
+    message: str
+    notes: Tuple[str, ...] = ()  # how it was trained (summary.md)
+
+
+def last_test_outputs(metrics_path: str) -> Dict[str, float]:
+    """The outputs of the last test pass recorded in a metrics file (empty if none)."""
+    outputs: Dict[str, float] = {}
+    if not os.path.exists(metrics_path):
+        return outputs
+    with open(metrics_path, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("phase") == "test":
+                outputs = {name: value for name, value in record.get("outputs", {}).items()
+                           if isinstance(value, (int, float))}
+    return outputs
+
+
+def _write_init(schema: Schema, plan: Plan, weights: str, seed: int, out: IO[str],
+                input_shapes: Optional[Dict[str, Any]]) -> str:
+    """Check the pretrained weights against the new net and write its starting caffemodel."""
+    from ..formats.caffemodel import load_model, save_model
+    from ..net.weights import check, format_check, init
+
+    text = plan.files["train_val.prototxt"][0]
+    net = prototext.to_message(prototext.parse(text.encode("utf-8"), "train_val.prototxt"),
+                                schema.new(files.NET), "train_val.prototxt")
+    model = load_model(weights, schema)
+    report = check(net, model, input_shapes=input_shapes)
+    out.write(format_check(report) + "\n")
+    if not report.ok:
+        raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
+    path = os.path.join(plan.outdir, INIT)
+    save_model(init(net, model, seed=seed, input_shapes=input_shapes), path)
+    return path
+
+
+def run(schema: Schema, plan: Plan, weights: str, *, device: str = "solver", seed: int = 0,
+        force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
+        out: IO[str]) -> Outcome:
+    """Write ``plan``, start from ``weights`` and train; returns the outcome.
+
+    ``cached``: let ``last-fc`` train the head on cached features where that
+    gives what pycaffe would (``features`` always does)."""
+    from ..heads import fit
+
+    if "solver.prototxt" not in plan.files or "train_val.prototxt" not in plan.files:
+        raise CaffeFtError("finetune needs training data (--train-data and --val-data) or a train_val net with a --solver")
+    started = time.time()
+    write_plan(plan, force=force)
+    start = _write_init(schema, plan, weights, seed, out, input_shapes)
+    metrics = os.path.join(plan.outdir, METRICS)
+    if os.path.exists(metrics):
+        os.unlink(metrics)  # a fresh run: no stale records from an earlier one
+    final = os.path.join(plan.outdir, FINAL)
+    if plan.strategy == "features":
+        trained = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan),
+                                         start, plan.outdir, final, seed, out)
+    else:
+        trained = _train(schema, plan, start, final, device, seed, cached, out)
+    outcome = Outcome(trained.exit_code, trained.final_model, trained.test_outputs, time.time() - started,
+                      trained.message, tuple(trained.notes))
+    _append_summary(plan, outcome)
+    return outcome
+
+
+def _single_head(plan: Plan) -> str:
+    """The new name of the one head ``--strategy features`` fits."""
+    if len(plan.heads) != 1:
+        raise CaffeFtError(f"--strategy features fits one head; this net has {len(plan.heads)} "
+                           f"({', '.join(plan.heads.values())}): use --strategy last-fc")
+    return next(iter(plan.heads.values()))
+
+
+def _train(schema: Schema, plan: Plan, start: str, final: str, device: str, seed: int, cached: bool,
+           out: IO[str]) -> "Trained":
+    """last-fc on cached features where that gives what pycaffe gives, else pycaffe (saying why)."""
+    from ..heads import fit
+
+    solver = os.path.join(plan.outdir, "solver.prototxt")
+    metrics, plot = os.path.join(plan.outdir, METRICS), os.path.join(plan.outdir, PLOT)
+    job, reasons = fit.analyse(solver, schema, device) if plan.strategy == "last-fc" and cached else (None, [])
+    if job is not None:
+        out.write("last-fc: the trunk gives the same features at every iteration; training the head on cached "
+                  "features with Caffe's SGD\n")
+        return fit.train_cached(job, schema, start, plan.outdir, final, metrics, plot, seed, out)
+    notes = [f"trained with pycaffe, not on cached features: {'; '.join(reasons)}"] if reasons else []
+    for note in notes:
+        out.write(f"note: {note}\n")
+    trained = _train_pycaffe(schema, solver, start, device, metrics, plot, final, out)
+    trained.notes.extend(notes)
+    return trained
+
+
+def _train_pycaffe(schema: Schema, solver: str, start: str, device: str, metrics: str, plot: str, final: str,
+                   out: IO[str]) -> "Trained":
+    """Caffe's own training through pycaffe (:mod:`caffe_ft.training.pycaffe`); copies the last snapshot to ``final``."""
+    from ..heads.fit import Trained
+    from ..training.pycaffe import train
+    from ..training.run import TrainOptions
+
+    options = TrainOptions(solver=solver, weights=start, device=device, metrics=metrics, plot=plot)
+    result = train(options, schema, out)
+    copied = None
+    if result.status == "done" and result.snapshot:
+        shutil.copyfile(result.snapshot[0], final + ".tmp")
+        os.replace(final + ".tmp", final)
+        copied = final
+    return Trained(result.exit_code, copied, last_test_outputs(metrics), result.message)
+
+
+def _append_summary(plan: Plan, outcome: Outcome) -> None:
+    lines = [summary_text(plan), "## Training", ""]
+    lines.append(f"- time: {outcome.seconds:.1f} s")
+    for name, value in sorted(outcome.test_outputs.items()):
+        lines.append(f"- final {name}: {value:.4f}")
+    lines.extend(f"- {note}" for note in outcome.notes)
+    lines.append(f"- final weights: {outcome.final_model or '(none: ' + outcome.message + ')'}")
+    if os.path.exists(os.path.join(plan.outdir, METRICS)):
+        lines.append(f"- metrics: {METRICS}, plot: {PLOT}")
+    files.write_atomic(os.path.join(plan.outdir, "summary.md"), "\n".join(lines) + "\n")

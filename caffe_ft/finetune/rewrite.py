@@ -1,0 +1,606 @@
+"""``caffe-ft rewrite``: a pretrained net in, a fine-tuning setup out.
+
+The steps, each a function over messages (no file access here):
+
+1. apply a strategy (:mod:`caffe_ft.finetune.strategies`) to the net;
+2. give it data layers from ``templates/`` when data was named (a deploy net
+   gets data layers and a loss; a train_val net has its data layers' sources
+   replaced, keeping their preprocessing);
+3. derive the matching deploy net (same layers minus data, loss and
+   accuracy; an Input layer; a Softmax per head);
+4. rewrite the solver (:mod:`caffe_ft.finetune.solver`).
+
+:func:`plan` returns every output file's text, written as an edit of its
+input so that reviewers see only the lines that changed; the CLI writes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from google.protobuf.message import Message
+
+from ..net import graph
+from . import strategies, templating
+from ..formats import prototext
+from ..errors import CaffeFtError
+from ..formats.files import NET, SOLVER, TextFile
+from ..formats.numbers import format_float
+from ..formats.schema import Schema
+
+IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
+LOSS_SUFFIX = "Loss"
+# Marks the solver values caffe-ft scaled, so a rerun scales the originals.
+ORIGINALS_MARK = "# caffe-ft: scaled from"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the fine-tuning data is and how to feed it (``--train-data`` …)."""
+
+    train: Optional[str] = None
+    val: Optional[str] = None
+    batch_size: int = 32
+    val_batch_size: int = 50
+    crop_size: Optional[int] = None
+    resize: Optional[int] = None
+    mean_values: Tuple[float, ...] = ()
+    mean_file: Optional[str] = None
+    scale: Optional[float] = None
+    mirror: Optional[bool] = None
+    root_folder: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    lr_scale: float = 0.1
+    step_scale: float = 0.2
+    max_iter: Optional[int] = None
+
+
+@dataclass
+class Plan:
+    """What a rewrite writes: file name -> (text, the text it was edited from)."""
+
+    outdir: str
+    files: Dict[str, Tuple[str, Optional[str], Optional[str]]]  # name -> (text, input path, input text)
+    summary: List[str]
+    strategy: str
+    heads: Dict[str, str]
+
+    def paths(self) -> Dict[str, str]:
+        return {name: os.path.join(self.outdir, name) for name in self.files}
+
+
+def count_images(list_path: str) -> int:
+    """Number of examples in an image list (non-empty lines)."""
+    with open(list_path, encoding="utf-8", errors="replace") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+# ---------------------------------------------------------------------------
+# Net structure questions
+# ---------------------------------------------------------------------------
+
+
+def data_layers(net: Message) -> List[int]:
+    """Indices of the layers that read data (not Input)."""
+    return [i for i, layer in enumerate(net.layer) if layer.type in graph.DATA_TYPES and layer.type != "Input"]
+
+
+def input_layers(net: Message) -> List[int]:
+    return [i for i, layer in enumerate(net.layer) if layer.type == "Input"]
+
+
+def is_deploy(net: Message) -> bool:
+    """A deploy net has no data layers and no loss."""
+    return not data_layers(net) and not any(layer.type.endswith(LOSS_SUFFIX) for layer in net.layer)
+
+
+def _phase_name(layer: Message) -> Optional[str]:
+    for rule in layer.include:
+        if rule.HasField("phase"):
+            return "TRAIN" if rule.phase == 0 else "TEST"
+    return None
+
+
+def _head_tops(net: Message, heads: Sequence[str]) -> List[str]:
+    tops = []
+    for name in heads:
+        layer = net.layer[graph.layer_index(net, name)]
+        tops.append(layer.top[0])
+    return tops
+
+
+# ---------------------------------------------------------------------------
+# Data layers
+# ---------------------------------------------------------------------------
+
+
+def _source_kind(source: str) -> str:
+    if os.path.isdir(source):
+        return "Data"
+    return "ImageData"
+
+
+def _transform_items(transform: Message) -> List[Tuple[str, str]]:
+    items = []
+    for field, values in prototext.message_fields(transform):
+        for value in values:
+            items.append((field.name, prototext.format_value(field, value)))
+    return items
+
+
+def _transform(
+    schema: Schema, original: Optional[Message], data: DataOptions, train: bool, crop: Optional[int],
+    channels: Optional[int] = None,
+) -> Message:
+    """The transform_param of a new data layer: the original's, else ImageNet-style
+    defaults (the BGR mean only for colour input: Caffe aborts on 3 means for 1 channel)."""
+    transform = schema.new("TransformationParameter")
+    if original is not None:
+        transform.CopyFrom(original)
+    else:
+        if crop:
+            transform.crop_size = crop
+        if channels in (None, 3):
+            transform.mean_value.extend(IMAGENET_MEAN_BGR)
+        if train:
+            transform.mirror = True
+    if data.crop_size is not None:
+        transform.crop_size = data.crop_size
+    if data.mean_values:
+        transform.ClearField("mean_file")
+        del transform.mean_value[:]
+        transform.mean_value.extend(data.mean_values)
+    if data.mean_file:
+        del transform.mean_value[:]
+        transform.mean_file = data.mean_file
+    if data.scale is not None:
+        transform.scale = data.scale
+    if data.mirror is not None and train:
+        transform.mirror = data.mirror
+    return transform
+
+
+def _render_layers(schema: Schema, template: str, **context: object) -> List[Message]:
+    text = templating.render(template, **context)
+    fragment = prototext.to_message(prototext.parse(text.encode(), template), schema.new(NET), template)
+    return list(fragment.layer)
+
+
+def _default_resize(size: int) -> int:
+    """ImageNet-style: resize to 256 and crop large inputs, resize small ones to fit."""
+    return max(256, size) if size >= 200 else size
+
+
+def _new_data_layers(
+    schema: Schema,
+    data: DataOptions,
+    name: str,
+    tops: Tuple[str, str],
+    originals: Sequence[Message],
+    input_shape: Optional[Sequence[int]] = None,
+) -> List[Message]:
+    """TRAIN and TEST data layers reading ``data``.
+
+    ``originals`` are the data layers being replaced (their preprocessing is
+    kept); a deploy net has none and gives its ``input_shape`` instead.
+    """
+    assert data.train and data.val
+    by_phase = {_phase_name(layer): layer for layer in originals}
+    first = originals[0] if originals else None
+    deploy_channels = input_shape[1] if input_shape is not None and len(input_shape) == 4 else None
+    if input_shape is not None and deploy_channels is not None:
+        size = input_shape[2]
+    else:
+        size = (first.transform_param.crop_size if first is not None else 0) or None
+    old_resize = first.image_data_param.new_height if first is not None and first.HasField("image_data_param") else 0
+    resize = data.resize or old_resize or (_default_resize(size) if size else None)
+    crop = data.crop_size or size
+    crop_needed = crop if resize and crop and resize > crop else None
+    phases = []
+    transforms = []
+    for phase, source, batch in (("TRAIN", data.train, data.batch_size), ("TEST", data.val, data.val_batch_size)):
+        original = by_phase.get(phase) or by_phase.get(None)
+        # A replaced layer's preprocessing is kept, none included; only new data from a
+        # deploy net gets ImageNet-style defaults.
+        transform = _transform(schema, original.transform_param if original is not None else None,
+                               data, phase == "TRAIN", crop_needed, deploy_channels)
+        transforms.append(transform)
+        phases.append({
+            "name": phase,
+            "type": _source_kind(source),
+            "source": source,
+            "batch_size": batch,
+            "shuffle": phase == "TRAIN",
+            "transform": _transform_items(transform),
+        })
+    return _render_layers(
+        schema, "data_layers.prototxt.j2", phases=phases, name=name, data_top=tops[0], label_top=tops[1],
+        new_size=resize, is_color=_channels(first, deploy_channels, transforms[0]) != 1,
+        root_folder=data.root_folder,
+    )
+
+
+def _channels(first: Optional[Message], deploy_channels: Optional[int], transform: Message) -> int:
+    """Channels the new data layers must give: the deploy input's, or the
+    replaced ImageData's colour setting; an LMDB's items cannot be looked at,
+    so there a single mean value means grey (as :func:`_shape_from_transform`
+    reads it), lest a grey net (LeNet) get colour images its weights do not fit."""
+    if deploy_channels is not None:
+        return deploy_channels
+    if first is not None and first.HasField("image_data_param"):
+        return 3 if first.image_data_param.is_color else 1
+    return 1 if len(transform.mean_value) == 1 else 3
+
+
+# ---------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------
+
+
+def _replace_layers(net: Message, remove: Sequence[int], insert_at: int, new_layers: Sequence[Message]) -> None:
+    """Remove the layers at ``remove`` and insert ``new_layers`` where the first was."""
+    kept = [layer for i, layer in enumerate(net.layer) if i not in set(remove)]
+    before = sum(1 for i in range(insert_at) if i not in set(remove))
+    layers = kept[:before] + list(new_layers) + kept[before:]
+    copies = [type(layer)() for layer in layers]
+    for copy, layer in zip(copies, layers):
+        copy.CopyFrom(layer)
+    del net.layer[:]
+    net.layer.extend(copies)
+
+
+def to_train_val(schema: Schema, deploy: Message, heads: Sequence[str], data: DataOptions) -> Message:
+    """A train_val net built from a deploy net: data layers and losses added."""
+    net = type(deploy)()
+    net.CopyFrom(deploy)
+    inputs = input_layers(net)
+    if len(inputs) != 1:
+        raise CaffeFtError(f"a deploy net needs exactly one Input layer to be given data, found {len(inputs)}")
+    source = net.layer[inputs[0]]
+    shape = list(source.input_param.shape[0].dim) if source.input_param.shape else None
+    layers = _new_data_layers(schema, data, source.name, (source.top[0], "label"), [], shape)
+    _replace_layers(net, inputs, inputs[0], layers)
+    head_tops = set(_head_tops(net, heads))
+    # Output layers of the deploy net (a Softmax over the scores) give way to the loss.
+    outputs = [i for i, layer in enumerate(net.layer)
+               if layer.type in ("Softmax", "ArgMax") and set(layer.bottom) & head_tops]
+    _replace_layers(net, outputs, len(net.layer), [])
+    for index, top in enumerate(_head_tops(net, heads)):
+        prefix = "" if len(heads) == 1 else f"{heads[index]}/"
+        net.layer.extend(_render_layers(schema, "loss_layers.prototxt.j2", prefix=prefix, scores=top, label="label"))
+    return net
+
+
+def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str]) -> Message:
+    """The deploy net matching a train_val net: TEST-phase layers, data and
+    loss layers replaced by an Input layer and a Softmax per head."""
+    from ..net.shapes import filter_layers, infer
+
+    net = type(train_val)()
+    net.CopyFrom(train_val)
+    kept = filter_layers(net, "TEST")
+    del net.layer[:]
+    net.layer.extend(kept)
+    sources = data_layers(net)
+    data_tops = {top for i in sources for top in net.layer[i].top[1:]}  # labels
+    input_message = None
+    if sources:
+        first = net.layer[sources[0]]
+        try:
+            shape = list(infer(train_val, phase="TEST").blobs[first.top[0]])
+        except CaffeFtError:
+            shape = _shape_from_transform(first)
+        shape[0] = 1
+        input_message = {"name": first.name, "top": first.top[0], "shape": shape}
+    drop = set(sources)
+    for i, layer in enumerate(net.layer):
+        if layer.type.endswith(LOSS_SUFFIX) or layer.type == "Accuracy" or set(layer.bottom) & data_tops:
+            drop.add(i)
+    insert_at = min(drop) if drop else 0
+    new_layers = _render_layers(schema, "deploy_layers.prototxt.j2", input=input_message, softmax=[])
+    _replace_layers(net, sorted(drop), insert_at if input_message else 0, new_layers)
+    for layer in net.layer:
+        del layer.include[:]
+        del layer.exclude[:]
+    existing = {layer.name for layer in net.layer}
+    softmax = []
+    for index, top in enumerate(_head_tops(net, heads)):
+        consumers = [layer for layer in net.layer if top in layer.bottom and layer.type in ("Softmax", "ArgMax")]
+        if consumers:
+            continue
+        name = "prob" if len(heads) == 1 else f"{heads[index]}/prob"
+        if name in existing:
+            name = f"{top}/prob"
+        softmax.append({"name": name, "scores": top})
+    net.layer.extend(_render_layers(schema, "deploy_layers.prototxt.j2", input=None, softmax=softmax))
+    return net
+
+
+def _shape_from_transform(layer: Message) -> List[int]:
+    """The input shape a data layer feeds, from its crop or resize settings,
+    for data whose items cannot be looked at (an LMDB)."""
+    transform = layer.transform_param
+    size = transform.crop_size
+    if not size and layer.HasField("image_data_param"):
+        size = layer.image_data_param.new_height
+    if not size:
+        raise CaffeFtError(
+            f"cannot tell the input shape of the deploy net: data layer '{layer.name}' sets no crop_size; "
+            "give --crop-size"
+        )
+    grey = layer.HasField("image_data_param") and not layer.image_data_param.is_color
+    channels = 1 if grey or len(transform.mean_value) == 1 else 3
+    return [1, channels, size, size]
+
+
+def _with_data(schema: Schema, net: Message, data: DataOptions) -> Message:
+    """A train_val net whose data layers read the new data, keeping their preprocessing."""
+    result = type(net)()
+    result.CopyFrom(net)
+    indices = data_layers(result)
+    if not indices:
+        raise CaffeFtError("the net has no data layers to point at the new data")
+    first = result.layer[indices[0]]
+    tops = (first.top[0], first.top[1] if len(first.top) > 1 else "label")
+    layers = _new_data_layers(schema, data, first.name, tops, [result.layer[i] for i in indices])
+    _replace_layers(result, indices, indices[0], layers)
+    return result
+
+
+def read_originals(solver_file: TextFile) -> Dict[str, List[str]]:
+    """The pre-scaling solver values an earlier rewrite recorded, if any."""
+    for comment in solver_file.tree.comments():
+        if comment.startswith(ORIGINALS_MARK):
+            found: Dict[str, List[str]] = {}
+            for key, value in re.findall(r"(\w+)=(\S+)", comment[len(ORIGINALS_MARK):]):
+                found.setdefault(key, []).append(value)
+            return found
+    return {}
+
+
+def originals_comment(values: Dict[str, object]) -> str:
+    """The comment recording ``values`` (exact: ints as ints, float fields as Caffe prints them)."""
+    parts = []
+    for key, value in values.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            text = str(item) if isinstance(item, int) else format_float(float(item))
+            parts.append(f"{key}={text}")
+    return f"{ORIGINALS_MARK} {' '.join(parts)}"
+
+
+def _edit_text(file: Optional[TextFile], message: Message) -> str:
+    if file is None:
+        return prototext.print_message(message)
+    return prototext.render_minimal(file.tree, file.data, message, file.path)
+
+
+def _solver_text(file: TextFile, solver: Message, originals: Dict[str, object]) -> str:
+    text = _edit_text(file, solver)
+    mark = originals_comment(originals)
+    lines = text.splitlines(True)
+    if lines and lines[0].startswith(ORIGINALS_MARK):
+        lines[0] = mark + "\n"
+    else:
+        lines.insert(0, mark + "\n")
+    return "".join(lines)
+
+
+def _default_solver(schema: Schema, net_path: str, prefix: str, train_size: int, val_size: int,
+                    data: DataOptions, options: SolverOptions) -> Message:
+    epoch = max(1, -(-train_size // data.batch_size))
+    max_iter = options.max_iter or max(100, 10 * epoch)
+    text = templating.render(
+        "solver.prototxt.j2", net=net_path, test_iter=max(1, -(-val_size // data.val_batch_size)),
+        test_interval=epoch, base_lr=0.001, display=max(1, min(20, epoch)), max_iter=max_iter,
+        stepsize=max(1, max_iter // 3), snapshot=max_iter, snapshot_prefix=prefix, solver_mode="CPU",
+    )
+    return prototext.to_message(prototext.parse(text.encode()), schema.new(SOLVER), "solver.prototxt.j2")
+
+
+def plan(
+    schema: Schema,
+    net_file: TextFile,
+    strategy: str,
+    options: "strategies.StrategyOptions",
+    outdir: str,
+    data: DataOptions = DataOptions(),
+    solver_file: Optional[TextFile] = None,
+    deploy_file: Optional[TextFile] = None,
+    solver_options: SolverOptions = SolverOptions(),
+) -> Plan:
+    """Everything a rewrite writes, without writing it."""
+    from .solver import rewrite_solver, solver_originals
+
+    if bool(data.train) != bool(data.val):
+        raise CaffeFtError("give both --train-data and --val-data, or neither")
+    net = net_file.message
+    summary: List[str] = []
+    result = strategies.apply_strategy(strategy, net, options)
+    summary.extend(result.notes)
+    heads = [result.heads.get(name, name) for name in result.heads]
+    files: Dict[str, Tuple[str, Optional[str], Optional[str]]] = {}
+    deploy_input = is_deploy(net)
+    train_val: Optional[Message] = None
+    train_val_source: Optional[TextFile] = None
+    if deploy_input:
+        deploy = result.net
+        deploy_source: Optional[TextFile] = net_file
+        if data.train:
+            train_val = to_train_val(schema, result.net, heads, data)
+            train_val_source = net_file
+            summary.append(f"train_val.prototxt: data from {data.train} (TRAIN) and {data.val} (TEST), "
+                           "SoftmaxWithLoss and Accuracy added")
+        else:
+            summary.append("no --train-data/--val-data: only deploy.prototxt is written")
+    else:
+        train_val = _with_data(schema, result.net, data) if data.train else result.net
+        train_val_source = net_file
+        if data.train:
+            summary.append(f"data layers now read {data.train} (TRAIN) and {data.val} (TEST)")
+        if deploy_file is not None:
+            # The user's own deploy net, changed the same way (same heads, names, class count).
+            present = {layer.name for layer in deploy_file.message.layer}
+            same = dataclasses.replace(
+                options, heads=tuple(name for name in result.heads if name in present), new_name=None
+            )
+            deploy_result = strategies.apply_strategy(strategy, deploy_file.message, same)
+            deploy = _rename_like(deploy_result.net, deploy_result.heads, result.heads)
+            deploy_source = deploy_file
+        else:
+            deploy = to_deploy(schema, train_val, heads)
+            deploy_source = net_file
+    if train_val is not None and data.train:
+        check_one_label_per_score(train_val)
+    if train_val is not None:
+        files["train_val.prototxt"] = (_edit_text(train_val_source, train_val),
+                                       train_val_source.path if train_val_source else None,
+                                       train_val_source.data.decode("utf-8", "replace") if train_val_source else None)
+    files["deploy.prototxt"] = (_edit_text(deploy_source, deploy), deploy_source.path if deploy_source else None,
+                                deploy_source.data.decode("utf-8", "replace") if deploy_source else None)
+    net_path = os.path.join(outdir, "train_val.prototxt")
+    prefix = os.path.join(outdir, (net.name or "finetune").replace(" ", "_").lower())
+    if solver_file is not None:
+        originals = read_originals(solver_file)
+        solver, notes = rewrite_solver(
+            solver_file.message, lr_scale=solver_options.lr_scale, step_scale=solver_options.step_scale,
+            max_iter=solver_options.max_iter, net_path=net_path, snapshot_prefix=prefix,
+            originals=originals or None,
+        )
+        summary.extend(notes)
+        summary.extend(_fit_test_iter(solver, data))
+        recorded = originals or solver_originals(solver_file.message)
+        files["solver.prototxt"] = (_solver_text(solver_file, solver, recorded), solver_file.path,
+                                    solver_file.data.decode("utf-8", "replace"))
+    elif data.train and train_val is not None:
+        solver = _default_solver(schema, net_path, prefix, count_images_or_zero(data.train),
+                                 count_images_or_zero(data.val), data, solver_options)
+        summary.append("no --solver: solver.prototxt made from the fine-tuning template (SGD, step policy)")
+        files["solver.prototxt"] = (prototext.print_message(solver), None, None)
+    return Plan(outdir, files, summary, strategy, dict(result.heads))
+
+
+def check_one_label_per_score(net: Message) -> None:
+    """Refuse a train net whose SoftmaxWithLoss gets more predictions than
+    labels (Caffe aborts on it): an image list gives one label per image,
+    but a fully convolutional head scores a grid of positions unless the
+    input is cropped to the size it was trained at.  Nets whose shapes
+    cannot be told here are left to Caffe."""
+    from ..net.shapes import infer
+
+    try:
+        blobs = infer(net, phase="TRAIN").blobs
+    except CaffeFtError:
+        return
+    for layer in net.layer:
+        if layer.type != "SoftmaxWithLoss" or len(layer.bottom) < 2 or layer.bottom[1] not in blobs:
+            continue
+        scores, labels = blobs[layer.bottom[0]], blobs[layer.bottom[1]]
+        axis = layer.softmax_param.axis % len(scores)
+        per_image = math.prod(scores[axis + 1:])
+        if math.prod(scores[:axis]) * per_image != math.prod(labels):
+            raise CaffeFtError(
+                f"'{layer.bottom[0]}' has shape {' x '.join(map(str, scores))}: {per_image} scores per image "
+                f"for one label; give --crop-size with the input size at which it scores each image once "
+                f"(a fully convolutional net: the size it was trained at)", layer=layer.name,
+            )
+
+
+def _fit_test_iter(solver: Message, data: DataOptions) -> List[str]:
+    """With a new validation list, one test pass covers it once (test_iter = ceil(n / batch))."""
+    count = count_images_or_zero(data.val) if data.val else 0
+    if not count or not len(solver.test_iter):
+        return []
+    wanted = -(-count // data.val_batch_size)
+    if all(value == wanted for value in solver.test_iter):
+        return []
+    old = ", ".join(map(str, solver.test_iter))
+    solver.test_iter[:] = [wanted] * len(solver.test_iter)
+    return [f"test_iter: {old} -> {wanted} ({count} validation images, batches of {data.val_batch_size})"]
+
+
+def count_images_or_zero(source: str) -> int:
+    if os.path.isdir(source):
+        return 0
+    try:
+        return count_images(source)
+    except OSError:
+        return 0
+
+
+def _rename_like(net: Message, got: Dict[str, str], wanted: Dict[str, str]) -> Message:
+    """Give the deploy net's heads the names the train_val heads got."""
+    for old, new in got.items():
+        target = wanted.get(old, new)
+        if target == new:
+            continue
+        for layer in net.layer:
+            if layer.name == new:
+                layer.name = target
+            for i, top in enumerate(layer.top):
+                if top == new:
+                    layer.top[i] = target
+            for i, bottom in enumerate(layer.bottom):
+                if bottom == new:
+                    layer.bottom[i] = target
+    return net
+
+
+# ---------------------------------------------------------------------------
+# Showing and writing a plan
+# ---------------------------------------------------------------------------
+
+SUMMARY_FILE = "summary.md"
+
+
+def summary_text(result: Plan) -> str:
+    """The human-readable account of a rewrite (also written as summary.md)."""
+    lines = [f"# caffe-ft rewrite: {result.strategy}", ""]
+    lines.extend(f"- {line}" for line in result.summary)
+    lines.append("")
+    lines.append("Files:")
+    for name, (_, source, _) in sorted(result.files.items()):
+        origin = f" (edited from {source})" if source else " (new)"
+        lines.append(f"- {name}{origin}")
+    return "\n".join(lines) + "\n"
+
+
+def unified_diff(result: Plan) -> str:
+    """Every output as a unified diff against the file it was edited from."""
+    import difflib
+
+    chunks = []
+    for name, (text, source, before) in sorted(result.files.items()):
+        target = os.path.join(result.outdir, name)
+        chunks.extend(difflib.unified_diff(
+            (before or "").splitlines(True), text.splitlines(True),
+            fromfile=source or "/dev/null", tofile=target,
+        ))
+    return "".join(chunks)
+
+
+def write_plan(result: Plan, force: bool = False) -> None:
+    """Write every file of the plan; refuses to overwrite unless ``force``."""
+    from ..formats.files import write_atomic
+
+    targets = dict(result.paths())
+    targets[SUMMARY_FILE] = os.path.join(result.outdir, SUMMARY_FILE)
+    if not force:
+        existing = [path for path in targets.values() if os.path.exists(path)]
+        if existing:
+            raise CaffeFtError(
+                f"{existing[0]} exists; choose another --outdir or pass --force to overwrite"
+            )
+    if os.path.exists(result.outdir) and not os.path.isdir(result.outdir):
+        raise CaffeFtError("is not a directory", result.outdir)
+    os.makedirs(result.outdir, exist_ok=True)
+    for name, (text, _, _) in sorted(result.files.items()):
+        write_atomic(targets[name], text)
+    write_atomic(targets[SUMMARY_FILE], summary_text(result))

@@ -1,0 +1,840 @@
+"""Protobuf text format (``.prototxt``) that keeps comments.
+
+Three steps, each a function:
+
+* :func:`parse` reads text into a tree of :class:`Node` (a concrete syntax
+  tree: field names, value tokens, comments, source positions);
+* :func:`to_message` checks that tree against the schema and fills a message,
+  with ``path:line:col`` errors (unknown field, bad value, field set twice);
+* :func:`render` prints a tree exactly as protobuf's C++ ``TextFormat`` prints
+  the same message (field-number order, two-space indent, ``SimpleFtoa``
+  floats), plus the comments it carries.
+
+:func:`reconcile` builds the tree of a *new* message that reuses the comments
+of an old tree, so ``fmt`` and ``upgrade`` keep every comment in place.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from ..errors import CaffeFtError
+from .numbers import format_double, format_float
+from .schema import is_repeated
+
+FD = FieldDescriptor
+
+# One token per match, the white space before it included.
+_TOKEN = re.compile(
+    rb"""[ \t\r\n\f\v]*(?:
+      (\#[^\n]*)
+    | ((?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?[fF]?)(?![A-Za-z_]))
+    | ([A-Za-z_][A-Za-z0-9_]*)
+    | ("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+    | ([{}\[\]<>:;,\-/.])
+    )""",
+    re.VERBOSE,
+)
+_KINDS = ("", "comment", "number", "ident", "string", "symbol")
+
+
+class _Lines:
+    """Turns byte offsets into 1-based line and column numbers."""
+
+    def __init__(self, data: bytes) -> None:
+        self.starts = [0]
+        self.starts.extend(match.end() for match in re.finditer(b"\n", data))
+
+    def locate(self, pos: int) -> Tuple[int, int]:
+        index = bisect.bisect_right(self.starts, pos) - 1
+        return index + 1, pos - self.starts[index] + 1
+
+
+class Token:
+    __slots__ = ("kind", "text", "start", "end", "lines")
+
+    def __init__(self, kind: str, text: str, start: int, end: int, lines: _Lines) -> None:
+        self.kind, self.text, self.start, self.end, self.lines = kind, text, start, end, lines
+
+    @property
+    def line(self) -> int:
+        return self.lines.locate(self.start)[0]
+
+    @property
+    def column(self) -> int:
+        return self.lines.locate(self.start)[1]
+
+    def __repr__(self) -> str:
+        return f"Token({self.kind}, {self.text!r}, {self.line}:{self.column})"
+
+
+class Node:
+    """One field occurrence in a text-format file, or the file itself (root).
+
+    A scalar node has ``values`` (one token text per value; several for the
+    ``name: [a, b]`` list form) and ``children is None``; a message node has
+    ``children``.  Comments are kept as written, ``#`` included: ``before`` are
+    whole-line comments above the field, ``after`` the comment ending its first
+    line, ``closing`` the whole-line comments before a message's ``}`` (for the
+    root: the end of the file) and ``closing_after`` the one after ``}``.
+    """
+
+    __slots__ = (
+        "name", "values", "value_tokens", "children", "before", "after", "closing",
+        "closing_after", "token", "end", "header_end", "number", "canonical",
+    )
+
+    def __init__(self, name: str, children: Optional[List["Node"]] = None) -> None:
+        self.name = name
+        self.values: List[str] = []
+        self.value_tokens: List[List[Token]] = []
+        self.children = children
+        self.before: List[str] = []
+        self.after: Optional[str] = None
+        self.closing: List[str] = []
+        self.closing_after: Optional[str] = None
+        self.token: Optional[Token] = None  # the field name, for parsed nodes
+        # Filled by to_message: the field's number and its values as Caffe prints them.
+        self.number = 0
+        self.canonical: Optional[List[str]] = None
+        self.end = 0  # byte offset just past the value or the closing brace
+        self.header_end = 0  # for a message: just past its opening brace
+
+    @property
+    def start(self) -> int:
+        """Byte offset of the field name."""
+        return self.token.start if self.token is not None else 0
+
+    @property
+    def line(self) -> int:
+        return self.token.line if self.token is not None else 0
+
+    @property
+    def column(self) -> int:
+        return self.token.column if self.token is not None else 0
+
+    @property
+    def is_message(self) -> bool:
+        return self.children is not None
+
+    def comments(self) -> List[str]:
+        """Every comment this node and its subtree carry, in reading order."""
+        found = list(self.before)
+        if self.after:
+            found.append(self.after)
+        for child in self.children or ():
+            found.extend(child.comments())
+        found.extend(self.closing)
+        if self.closing_after:
+            found.append(self.closing_after)
+        return found
+
+    def __repr__(self) -> str:
+        inner = f"{len(self.children)} children" if self.children is not None else self.values
+        return f"Node({self.name!r}, {inner})"
+
+
+# ---------------------------------------------------------------------------
+# Parsing text into a tree
+# ---------------------------------------------------------------------------
+
+
+def _tokenize(data: bytes, path: str) -> List[Token]:
+    lines = _Lines(data)
+    tokens: List[Token] = []
+    append = tokens.append
+    pos = 0
+    for match in _TOKEN.finditer(data):
+        if match.start() != pos:
+            break
+        group = match.lastindex or 0
+        start, pos = match.start(group), match.end()
+        append(Token(_KINDS[group], data[start:pos].decode("utf-8", "surrogateescape"), start, pos, lines))
+    tail = data[pos:]
+    if tail.strip():
+        bad = pos + len(tail) - len(tail.lstrip())
+        line, column = lines.locate(bad)
+        char = data[bad:bad + 1].decode("latin-1")
+        raise CaffeFtError(f"unexpected character {char!r}", path, line, column)
+    tokens.append(Token("eof", "", len(data), len(data), lines))
+    return tokens
+
+
+class _Parser:
+    def __init__(self, data: bytes, path: str) -> None:
+        self.path = path
+        self.tokens = _tokenize(data, path)
+        self.data = data
+        self.pos = 0
+        self.last_end = -1  # end of the last significant token consumed
+        self.last_owner: Optional[Tuple[Node, str]] = None  # who takes a trailing comment
+
+    def error(self, message: str, token: Token) -> CaffeFtError:
+        return CaffeFtError(message, self.path, token.line, token.column)
+
+    def peek(self) -> Token:
+        return self.tokens[self.pos]
+
+    def take(self) -> Token:
+        token = self.tokens[self.pos]
+        self.pos += 1
+        if token.kind != "comment":
+            self.last_end = token.end
+        return token
+
+    def comments(self) -> List[str]:
+        """Consume comments; attach trailing ones, return whole-line ones."""
+        own_lines: List[str] = []
+        while self.peek().kind == "comment":
+            token = self.tokens[self.pos]
+            self.pos += 1
+            same_line = self.last_end >= 0 and self.data.find(b"\n", self.last_end, token.start) < 0
+            if same_line and self.last_owner is not None and not own_lines:
+                node, slot = self.last_owner
+                setattr(node, slot, token.text)
+                self.last_owner = None
+            else:
+                own_lines.append(token.text)
+        return own_lines
+
+    def parse(self) -> Node:
+        root = Node("", [])
+        pending = self.fields(root, closer="")
+        root.closing = pending
+        return root
+
+    def fields(self, parent: Node, closer: str) -> List[str]:
+        """Parse fields into ``parent`` until ``closer``; return dangling comments."""
+        assert parent.children is not None
+        while True:
+            pending = self.comments()
+            token = self.peek()
+            if token.kind == "eof" or (closer and token.text == closer):
+                if token.kind == "eof" and closer:
+                    raise self.error(f"missing '{closer}' at end of file", token)
+                return pending
+            node = self.field()
+            node.before = pending
+            parent.children.append(node)
+
+    def field(self) -> Node:
+        name_token = self.take()
+        if name_token.kind != "ident":
+            if name_token.text == "[":
+                raise self.error("extension fields are not supported", name_token)
+            raise self.error(f"expected a field name, found '{name_token.text}'", name_token)
+        node = Node(name_token.text)
+        node.token = name_token
+        colon = self.peek().text == ":"
+        if colon:
+            self.take()
+        opener = self.peek()
+        if opener.text in ("{", "<"):
+            self.message_body(node)
+        elif opener.text == "[" and colon:
+            self.take()
+            if self.peek().text in ("{", "<"):
+                raise self.error("lists of messages are not supported; repeat the field", opener)
+            while True:
+                self.scalar(node)
+                if self.peek().text == "]":
+                    break
+                if self.peek().text != ",":
+                    raise self.error(f"expected ',' or ']', found '{self.peek().text}'", self.peek())
+                self.take()
+            node.end = self.take().end
+            self.last_owner = (node, "after")
+        elif colon:
+            self.scalar(node)
+            node.end = node.value_tokens[-1][-1].end
+            self.last_owner = (node, "after")
+        else:
+            raise self.error(f"expected ':' or '{{' after '{node.name}'", opener)
+        if self.peek().text in (";", ","):
+            self.take()
+        return node
+
+    def message_body(self, node: Node) -> None:
+        opener = self.take()
+        node.header_end = opener.end
+        node.children = []
+        self.last_owner = (node, "after")
+        closer = "}" if opener.text == "{" else ">"
+        node.closing = self.fields(node, closer)
+        close = self.take()
+        node.end = close.end
+        self.last_owner = (node, "closing_after")
+
+    def scalar(self, node: Node) -> None:
+        token = self.take()
+        parts = [token]
+        if token.text == "-":
+            sign = token
+            token = self.take()
+            if token.kind not in ("number", "ident"):
+                raise self.error(f"expected a number after '-', found '{token.text}'", sign)
+            parts.append(token)
+        elif token.kind == "string":
+            while self.peek().kind == "string":
+                parts.append(self.take())
+        elif token.kind not in ("number", "ident"):
+            found = token.text or "end of file"
+            raise self.error(f"expected a value for '{node.name}', found '{found}'", token)
+        node.value_tokens.append(parts)
+        node.values.append("".join(p.text for p in parts))
+
+
+def parse(data: bytes, path: str = "<text>") -> Node:
+    """Parse text-format bytes into a :class:`Node` tree (no schema needed)."""
+    return _Parser(data, path).parse()
+
+
+# ---------------------------------------------------------------------------
+# Tree -> message
+# ---------------------------------------------------------------------------
+
+_INT_RANGES = {
+    FD.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FD.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FD.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FD.TYPE_UINT32: (0, 2**32 - 1),
+    FD.TYPE_FIXED32: (0, 2**32 - 1),
+    FD.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FD.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FD.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FD.TYPE_UINT64: (0, 2**64 - 1),
+    FD.TYPE_FIXED64: (0, 2**64 - 1),
+}
+_BOOLS = {"true": True, "True": True, "t": True, "1": True, "false": False, "False": False, "f": False, "0": False}
+_SPECIAL_FLOATS = {"inf": float("inf"), "infinity": float("inf"), "nan": float("nan")}
+_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
+_SIMPLE_ESCAPES = {
+    b"n": b"\n", b"t": b"\t", b"r": b"\r", b"a": b"\a", b"b": b"\b", b"f": b"\f", b"v": b"\v",
+    b"\\": b"\\", b"'": b"'", b'"': b'"', b"?": b"?",
+}
+
+# Hint appended to errors that a fork's schema would fix.
+FORK_HINT = "if this file comes from a Caffe fork, give its caffe.proto with --proto PATH (or CAFFE_FT_PROTO)"
+
+
+def _unescape(body: bytes) -> bytes:
+    def replace(match: "re.Match[bytes]") -> bytes:
+        octal, hexa, char = match.groups()
+        if octal:
+            return bytes([int(octal, 8) & 0xFF])
+        if hexa:
+            return bytes([int(hexa, 16)])
+        if char in _SIMPLE_ESCAPES:
+            return _SIMPLE_ESCAPES[char]
+        raise ValueError(f"invalid escape '\\{char.decode('latin-1')}'")
+
+    return _ESCAPE.sub(replace, body)
+
+
+def _parse_int(text: str) -> int:
+    negative = text.startswith("-")
+    digits = text[1:] if negative else text
+    if digits[:2] in ("0x", "0X"):
+        value = int(digits[2:], 16)
+    elif len(digits) > 1 and digits[0] == "0":
+        value = int(digits[1:], 8)
+    else:
+        value = int(digits, 10)
+    return -value if negative else value
+
+
+class _Converter:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def error(self, message: str, token: Any) -> CaffeFtError:
+        return CaffeFtError(message, self.path, token.line, token.column)
+
+    def fill(self, node: Node, message: Message) -> None:
+        descriptor = message.DESCRIPTOR
+        seen: Dict[str, Node] = {}
+        for child in node.children or ():
+            field = descriptor.fields_by_name.get(child.name)
+            if field is None:
+                raise self.error(
+                    f"unknown field '{child.name}' in {descriptor.name}; {FORK_HINT}", child
+                )
+            repeated = is_repeated(field)
+            if not repeated and child.name in seen:
+                raise self.error(f"field '{child.name}' is set more than once", child)
+            seen[child.name] = child
+            child.number = field.number
+            if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+                if not child.is_message:
+                    raise self.error(f"'{child.name}' is a message: write {child.name} {{ … }}", child)
+                sub = getattr(message, child.name).add() if repeated else getattr(message, child.name)
+                sub.SetInParent()
+                self.fill(child, sub)
+                continue
+            if child.is_message:
+                raise self.error(f"'{child.name}' takes a value, not a {{ … }} block", child)
+            if not repeated and len(child.values) > 1:
+                raise self.error(f"field '{child.name}' takes one value, not a list", child)
+            values = [self.scalar(field, tokens) for tokens in child.value_tokens]
+            child.canonical = [format_value(field, value) for value in values]
+            if repeated:
+                getattr(message, child.name).extend(values)
+            else:
+                setattr(message, child.name, values[0])
+
+    def scalar(self, field: FieldDescriptor, tokens: List[Token]) -> Any:
+        first = tokens[0]
+        text = "".join(t.text for t in tokens)
+        ftype = field.type
+        try:
+            if ftype in (FD.TYPE_STRING, FD.TYPE_BYTES):
+                if first.kind != "string":
+                    raise ValueError(f"expected a quoted string, found '{text}'")
+                raw = b"".join(_unescape(t.text[1:-1].encode("utf-8", "surrogateescape")) for t in tokens)
+                if ftype == FD.TYPE_BYTES:
+                    return raw
+                try:
+                    return raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError("string is not valid UTF-8") from None
+            if ftype == FD.TYPE_BOOL:
+                if text not in _BOOLS:
+                    raise ValueError(f"expected true or false, found '{text}'")
+                return _BOOLS[text]
+            if ftype == FD.TYPE_ENUM:
+                enum = field.enum_type
+                if tokens[-1].kind == "ident" and len(tokens) == 1:
+                    value = enum.values_by_name.get(text)
+                    if value is None:
+                        names = ", ".join(v.name for v in enum.values)
+                        raise ValueError(f"unknown value '{text}' for {field.name} (one of: {names})")
+                    return value.number
+                number = _parse_int(text)
+                if number not in enum.values_by_number:
+                    raise ValueError(f"unknown value {number} for {field.name}")
+                return number
+            if ftype in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
+                last = tokens[-1]
+                if last.kind == "ident":
+                    word = last.text.lower()
+                    if word not in _SPECIAL_FLOATS:
+                        raise ValueError(f"expected a number, found '{text}'")
+                    value = _SPECIAL_FLOATS[word]
+                    return -value if len(tokens) == 2 else value
+                body = last.text.rstrip("fF")
+                value = float(_parse_int(body)) if body[:2] in ("0x", "0X") else float(body)
+                return -value if len(tokens) == 2 else value
+            # Integer types.
+            if tokens[-1].kind != "number" or any(c in text for c in ".eEfF") and not text.lower().startswith(("0x", "-0x")):
+                raise ValueError(f"expected an integer, found '{text}'")
+            number = _parse_int(text)
+            low, high = _INT_RANGES[ftype]
+            if not low <= number <= high:
+                raise ValueError(f"integer {number} out of range for {field.name}")
+            return number
+        except ValueError as exc:
+            raise self.error(str(exc), first) from None
+
+
+def to_message(root: Node, message: Message, path: str = "<text>") -> Message:
+    """Fill ``message`` from the tree ``root``; raises :class:`CaffeFtError`."""
+    _Converter(path).fill(root, message)
+    return message
+
+
+# ---------------------------------------------------------------------------
+# Message -> canonical text
+# ---------------------------------------------------------------------------
+
+
+def _escape(raw: bytes) -> str:
+    out = []
+    for byte in raw:
+        char = chr(byte)
+        if char == "\n":
+            out.append("\\n")
+        elif char == "\r":
+            out.append("\\r")
+        elif char == "\t":
+            out.append("\\t")
+        elif char in "\"'\\":
+            out.append("\\" + char)
+        elif 0x20 <= byte < 0x7F:
+            out.append(char)
+        else:
+            out.append("\\%03o" % byte)
+    return "".join(out)
+
+
+def format_string(value: str) -> str:
+    """A quoted prototxt string literal for ``value``."""
+    return '"' + _escape(value.encode("utf-8")) + '"'
+
+
+def format_value(field: FieldDescriptor, value: Any) -> str:
+    """One scalar value as C++ ``TextFormat`` prints it."""
+    ftype = field.type
+    if ftype == FD.TYPE_STRING:
+        return format_string(value)
+    if ftype == FD.TYPE_BYTES:
+        return '"' + _escape(value) + '"'
+    if ftype == FD.TYPE_BOOL:
+        return "true" if value else "false"
+    if ftype == FD.TYPE_ENUM:
+        enum_value = field.enum_type.values_by_number.get(value)
+        return enum_value.name if enum_value is not None else str(value)
+    if ftype == FD.TYPE_FLOAT:
+        return format_float(value)
+    if ftype == FD.TYPE_DOUBLE:
+        return format_double(value)
+    return str(value)
+
+
+def message_fields(message: Message) -> Iterable[Tuple[FieldDescriptor, List[Any]]]:
+    """The set fields of ``message`` in field-number order, each with its values."""
+    for field, value in sorted(message.ListFields(), key=lambda item: item[0].number):
+        yield field, list(value) if is_repeated(field) else [value]
+
+
+def to_tree(message: Message, name: str = "") -> Node:
+    """A comment-free tree for ``message`` with canonical value text."""
+    node = Node(name, [])
+    assert node.children is not None
+    for field, values in message_fields(message):
+        for value in values:
+            if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+                node.children.append(to_tree(value, field.name))
+            else:
+                child = Node(field.name)
+                child.values = [format_value(field, value)]
+                node.children.append(child)
+    return node
+
+
+def render(root: Node) -> str:
+    """Print a tree in canonical layout, comments included."""
+    out: List[str] = []
+
+    def comment_lines(comments: List[str], indent: str) -> None:
+        out.extend(f"{indent}{text}\n" for text in comments)
+
+    def trailing(comment: Optional[str]) -> str:
+        return f"  {comment}" if comment else ""
+
+    def emit(node: Node, indent: str) -> None:
+        comment_lines(node.before, indent)
+        if node.children is None:
+            for i, value in enumerate(node.values):
+                comment = node.after if i == 0 else None
+                out.append(f"{indent}{node.name}: {value}{trailing(comment)}\n")
+            return
+        out.append(f"{indent}{node.name} {{{trailing(node.after)}\n")
+        inner = indent + "  "
+        for child in node.children:
+            emit(child, inner)
+        comment_lines(node.closing, inner)
+        out.append(f"{indent}}}{trailing(node.closing_after)}\n")
+
+    for child in root.children or ():
+        emit(child, "")
+    comment_lines(root.closing, "")
+    return "".join(out)
+
+
+def canonicalize(root: Node) -> Node:
+    """Put a tree that went through :func:`to_message` in canonical form, in place.
+
+    Children are ordered by field number (repeated fields keep their order)
+    and values take Caffe's spelling, so ``render(canonicalize(tree))`` is
+    the C++ printout of the message plus the tree's comments.
+    """
+    for child in root.children or ():
+        if child.canonical is not None:
+            child.values = child.canonical
+        canonicalize(child)
+    if root.children:
+        root.children.sort(key=lambda child: child.number)
+    return root
+
+
+def print_message(message: Message) -> str:
+    """``message`` as protobuf's C++ ``TextFormat::Print`` writes it."""
+    return render(to_tree(message))
+
+
+# ---------------------------------------------------------------------------
+# Keeping comments across a change
+# ---------------------------------------------------------------------------
+
+
+def reconcile(old: Node, new: Message, renames: Optional[Dict[str, str]] = None) -> Node:
+    """The canonical tree of ``new`` carrying the comments of ``old``.
+
+    Fields are matched by name (``renames`` maps an old field name to its new
+    one, e.g. ``{"layers": "layer"}`` after an upgrade) and repeated fields by
+    position.  Comments of old fields that no longer exist move to the next
+    field that does, or to the end of the enclosing block, so none is lost.
+    """
+    renames = renames or {}
+    tree = to_tree(new, old.name)
+    _transplant(old, tree, renames)
+    return tree
+
+
+def _transplant(old: Node, new: Node, renames: Dict[str, str]) -> None:
+    new.before, new.after = list(old.before), old.after
+    new.closing_after = old.closing_after
+    if old.children is None or new.children is None:
+        if old.children is not None:  # message became scalar: keep inner comments
+            new.before.extend(c for child in old.children for c in child.comments())
+            new.before.extend(old.closing)
+        return
+    # Pair old and new children by (name, occurrence).  A list-form scalar
+    # ``dim: [1, 2]`` stands for as many occurrences as it has values.
+    slots: Dict[str, List[Node]] = {}
+    for child in new.children:
+        slots.setdefault(child.name, []).append(child)
+    used: Dict[str, int] = {}
+    orphans: List[str] = []
+    for child in old.children:
+        name = renames.get(child.name, child.name)
+        index = used.get(name, 0)
+        used[name] = index + max(1, len(child.values))
+        targets = slots.get(name, [])
+        if index < len(targets):
+            _transplant(child, targets[index], renames)
+            targets[index].before[:0] = orphans
+            orphans = []
+        else:
+            orphans.extend(child.comments())
+    new.closing = orphans + list(old.closing)
+
+
+# ---------------------------------------------------------------------------
+# Minimal edits: change only the lines that carry a change
+# ---------------------------------------------------------------------------
+
+
+def render_minimal(old: Node, source: bytes, new: Message, path: str = "<text>") -> str:
+    """Text of ``new`` written as an edit of ``source`` (whose tree is ``old``).
+
+    Fields whose value did not change keep their original text byte for byte,
+    comments and layout included; a changed scalar has only its value
+    replaced; removed fields vanish with their comments; new fields are
+    inserted in canonical form next to the field before them.  So the textual
+    diff between ``source`` and the result holds only lines that carry a change.
+    """
+    return _MinimalPrinter(source, path).block(old, new, indent="")
+
+
+def _line_boundary(source: bytes, pos: int) -> int:
+    """Where the text owned by a field ending at ``pos`` stops: after its
+    trailing comment and newline, or at ``pos`` if another field follows on
+    the same line."""
+    end = pos
+    size = len(source)
+    while end < size and source[end:end + 1] in b" \t\r":
+        end += 1
+    if end < size and source[end:end + 1] == b"#":
+        end = source.find(b"\n", end)
+        end = size if end < 0 else end
+    if end >= size:
+        return size
+    if source[end:end + 1] == b"\n":
+        return end + 1
+    return pos
+
+
+class _MinimalPrinter:
+    """Writes a new message as edits of the old text.
+
+    A block's text is cut into segments, one per child: child ``i`` owns
+    ``source[bounds[i]:bounds[i + 1]]`` (the comments above it, itself, and the
+    rest of its last line).  Kept children copy their segment, changed ones
+    edit it, removed ones drop it, and new ones are inserted between segments.
+    """
+
+    def __init__(self, source: bytes, path: str) -> None:
+        self.source = source
+        self.converter = _Converter(path)
+
+    def text(self, start: int, end: int) -> str:
+        return self.source[start:end].decode("utf-8", "surrogateescape")
+
+    def block(self, node: Node, message: Message, indent: str) -> str:
+        """The children of ``node`` re-written for ``message``, braces excluded."""
+        children = node.children or []
+        items = [(field, value) for field, values in message_fields(message) for value in values]
+        old_of = self.match(children, items)
+        bounds = [self.open_bound(node)]
+        bounds.extend(_line_boundary(self.source, child.end) for child in children)
+        # New items go after the old child holding the item before them.
+        inserts: Dict[int, List[int]] = {}
+        item_of: Dict[int, int] = {}
+        anchor = -1
+        for item, old in enumerate(old_of):
+            if old is None:
+                inserts.setdefault(anchor, []).append(item)
+            else:
+                item_of[old] = item
+                anchor = max(anchor, old)
+        child_indent = self.child_indent(node, indent)
+        # A new message follows the style (one line or several) of the nearest
+        # written sibling of the same field, preferring the one before it.
+        def one_line(name: str, anchor: int) -> bool:
+            order = list(range(anchor, -1, -1)) + list(range(anchor + 1, len(children)))
+            for j in order:
+                if 0 <= j < len(children) and children[j].name == name and children[j].is_message:
+                    return b"\n" not in self.source[children[j].start:children[j].end]
+            return False
+
+        out: List[str] = []
+        self.insert(out, inserts.get(-1, []), items, child_indent, not self.at_line_start(bounds[0]),
+                    lambda name: one_line(name, 0))
+        for index, child in enumerate(children):
+            if index in item_of:  # an old child with no new item is dropped
+                field, value = items[item_of[index]]
+                out.append(self.rewrite(child, field, value, bounds[index], bounds[index + 1], child_indent))
+            pending = inserts.get(index, [])
+            if pending:
+                at_line_start = (out[-1].endswith("\n") if out else self.at_line_start(bounds[0]))
+                self.insert(out, pending, items, child_indent, not at_line_start,
+                            lambda name, i=index: one_line(name, i))
+        return "".join(out)
+
+    def open_bound(self, node: Node) -> int:
+        return _line_boundary(self.source, node.header_end) if node.name else 0
+
+    def at_line_start(self, pos: int) -> bool:
+        return pos == 0 or self.source[pos - 1:pos] == b"\n"
+
+    def tail_start(self, node: Node) -> int:
+        if node.children:
+            return _line_boundary(self.source, node.children[-1].end)
+        return self.open_bound(node)
+
+    def child_indent(self, node: Node, indent: str) -> str:
+        for child in node.children or []:
+            line_start = self.source.rfind(b"\n", 0, child.start) + 1
+            prefix = self.source[line_start:child.start]
+            if not prefix.strip():
+                return prefix.decode("utf-8")
+        return indent + "  " if node.name else indent
+
+    def insert(self, out: List[str], new: List[int], items, indent: str, inline: bool,
+               one_line: Callable[[str], bool]) -> None:
+        for item in new:
+            field, value = items[item]
+            node = _item_tree(field, value)
+            if inline:
+                out.append(" " + _one_line(node))
+            elif node.is_message and one_line(node.name):
+                out.append(indent + _one_line(node) + "\n")
+            else:
+                lines = render(Node("", [node])).splitlines(True)
+                out.append("".join(indent + line for line in lines))
+
+    def rewrite(self, child: Node, field, value, start: int, end: int, indent: str) -> str:
+        """The segment of one old child, made to carry ``value``."""
+        if self.same(child, field, value):
+            return self.text(start, end)
+        is_message = field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP)
+        if is_message and child.is_message:
+            open_bound = self.open_bound(child)
+            inner = self.block(child, value, indent)
+            return self.text(start, open_bound) + inner + self.text(self.tail_start(child), end)
+        if not is_message and not child.is_message and len(child.values) == 1:
+            value_start = child.value_tokens[0][0].start
+            return self.text(start, value_start) + format_value(field, value) + self.text(child.end, end)
+        # The form changed (a list, or message vs scalar): write it canonically.
+        lines = render(Node("", [_item_tree(field, value)])).splitlines(True)
+        body = "".join(line if i == 0 else indent + line for i, line in enumerate(lines))
+        return self.text(start, child.start) + body.rstrip("\n") + self.text(child.end, end)
+
+    def same(self, child: Node, field, value) -> bool:
+        if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+            if not child.is_message:
+                return False
+            old = type(value)()
+            self.converter.fill(child, old)
+            return old == value
+        if child.is_message or len(child.values) != 1:
+            return False
+        old_value = self.converter.scalar(field, child.value_tokens[0])
+        return format_value(field, old_value) == format_value(field, value)
+
+    @staticmethod
+    def match(children: List[Node], items) -> List[Optional[int]]:
+        """For each new item, the index of the old child it replaces (or None).
+
+        Repeated messages with a ``name`` (layers) are aligned by name, so a
+        renamed, inserted or removed layer does not shift the others; other
+        fields pair up in order.
+        """
+        import difflib
+
+        old_of: List[Optional[int]] = [None] * len(items)
+        new_by_field: Dict[str, List[int]] = {}
+        for index, (field, _) in enumerate(items):
+            new_by_field.setdefault(field.name, []).append(index)
+        old_by_field: Dict[str, List[int]] = {}
+        for index, child in enumerate(children):
+            old_by_field.setdefault(child.name, []).append(index)
+        for name, new in new_by_field.items():
+            old = old_by_field.get(name, [])
+            field = items[new[0]][0]
+            keyed = field.type == FD.TYPE_MESSAGE and "name" in field.message_type.fields_by_name
+            if not keyed:
+                for old_index, item in zip(old, new):
+                    old_of[item] = old_index
+                continue
+            matcher = difflib.SequenceMatcher(
+                a=[_node_name(children[i]) for i in old], b=[items[i][1].name for i in new], autojunk=False
+            )
+            for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+                if tag == "equal":
+                    for offset in range(a1 - a0):
+                        old_of[new[b0 + offset]] = old[a0 + offset]
+                elif tag == "replace":  # renamed: pair up layers of the same type, in order
+                    free = list(old[a0:a1])
+                    for item in new[b0:b1]:
+                        kind = getattr(items[item][1], "type", None)
+                        same = [i for i in free if _node_field(children[i], "type") == kind]
+                        if same:
+                            old_of[item] = same[0]
+                            free.remove(same[0])
+        return old_of
+
+
+def _item_tree(field: FieldDescriptor, value: Any) -> Node:
+    if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+        return to_tree(value, field.name)
+    node = Node(field.name)
+    node.values = [format_value(field, value)]
+    return node
+
+
+def _node_name(node: Node) -> Optional[str]:
+    return _node_field(node, "name")
+
+
+def _node_field(node: Node, name: str) -> Optional[str]:
+    """The value of the string field ``name`` of a message node, if written."""
+    for child in node.children or []:
+        if child.name == name and child.values:
+            token = child.value_tokens[0][0]
+            if token.kind == "string":
+                return _unescape(token.text[1:-1].encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
+    return None
+
+
+def _one_line(node: Node) -> str:
+    if node.children is None:
+        return f"{node.name}: {node.values[0]}"
+    inner = " ".join(_one_line(child) for child in node.children)
+    return f"{node.name} {{ {inner} }}" if inner else f"{node.name} {{ }}"

@@ -1,0 +1,344 @@
+"""Read-only questions about a (current-format) net: who produces a blob,
+which layers learn, where the classifier heads are, which layers share
+parameters, and whether the net is well formed (:func:`check_net`).
+
+Layers are addressed by their index in ``net.layer``; functions that walk the
+graph take the layer list (``list(net.layer)``) so that callers computing
+several answers build it once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+
+from google.protobuf.message import Message
+
+from ..errors import CaffeFtError
+
+# Layers whose output is a prediction or a loss: a head feeds one of these.
+SINK_TYPES = frozenset({
+    "Softmax", "SoftmaxWithLoss", "Accuracy", "SigmoidCrossEntropyLoss", "EuclideanLoss",
+    "HingeLoss", "MultinomialLogisticLoss", "InfogainLoss", "ArgMax",
+})
+# Learnable layers that can be a classifier head (their num_output is the class count).
+HEAD_TYPES = frozenset({"InnerProduct", "Convolution", "Deconvolution"})
+DATA_TYPES = frozenset({
+    "Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData", "Input", "Python",
+    "AnnotatedData", "VideoData",
+})
+
+
+def _has_bias(layer: Message, param_field: str, default: bool) -> bool:
+    if not layer.HasField(param_field):
+        return default
+    params = getattr(layer, param_field)
+    return params.bias_term if params.HasField("bias_term") else default
+
+
+def param_blob_count(layer: Message) -> int:
+    """How many parameter blobs Caffe gives ``layer`` (0 for parameter-free layers)."""
+    kind = layer.type
+    if kind in ("Convolution", "Deconvolution"):
+        return 1 + _has_bias(layer, "convolution_param", True)
+    if kind == "InnerProduct":
+        return 1 + _has_bias(layer, "inner_product_param", True)
+    if kind == "Embed":
+        return 1 + _has_bias(layer, "embed_param", True)
+    if kind == "Scale":
+        return (len(layer.bottom) == 1) + _has_bias(layer, "scale_param", False)
+    if kind == "Bias":
+        return int(len(layer.bottom) == 1)
+    if kind in ("PReLU", "Parameter"):
+        return 1
+    if kind == "BatchNorm":
+        return 3
+    if kind == "LSTM":
+        return 3
+    if kind == "RNN":
+        return 5
+    return 0
+
+
+def lr_mults(layer: Message) -> List[float]:
+    """The learning-rate multiplier of each parameter blob (a missing entry means 1)."""
+    count = param_blob_count(layer)
+    if layer.type == "BatchNorm":
+        return [0.0] * count  # Caffe masks BN statistics from the solver
+    mults = []
+    for i in range(count):
+        spec = layer.param[i] if i < len(layer.param) else None
+        mults.append(spec.lr_mult if spec is not None else 1.0)
+    return mults
+
+
+def is_learnable(layer: Message) -> bool:
+    """Whether the solver changes any of ``layer``'s parameters."""
+    return any(mult != 0 for mult in lr_mults(layer))
+
+
+def producers(layers: Sequence[Message]) -> List[List[Optional[int]]]:
+    """For each layer and each of its bottoms, the index of the layer producing it.
+
+    Caffe resolves a bottom to the latest earlier layer with that top, which is
+    how in-place layers (``bottom: "x" top: "x"``) chain.
+    """
+    latest: Dict[str, int] = {}
+    result = []
+    for index, layer in enumerate(layers):
+        result.append([latest.get(bottom) for bottom in layer.bottom])
+        for top in layer.top:
+            latest[top] = index
+    return result
+
+
+@dataclass(frozen=True)
+class HeadSearch:
+    """The outcome of looking for classifier heads."""
+
+    heads: Tuple[str, ...]  # layer names, in net order
+    blocked: Tuple[str, ...]  # learnable non-head layers met first (e.g. a Scale)
+
+
+def find_heads(net: Message) -> HeadSearch:
+    """The classifier heads: the last learnable layers whose output reaches a
+    loss, Softmax or Accuracy layer through parameter-free layers only.
+    """
+    layers = list(net.layer)
+    sources = producers(layers)
+    heads: set = set()
+    blocked: set = set()
+    seen: set = set()
+    stack = [i for i, layer in enumerate(layers) if layer.type in SINK_TYPES]
+    for start in list(stack):
+        seen.add(start)
+    while stack:
+        index = stack.pop()
+        for source in sources[index]:
+            if source is None or source in seen:
+                continue
+            seen.add(source)
+            layer = layers[source]
+            if layer.type in DATA_TYPES:
+                continue
+            if param_blob_count(layer):
+                (heads if layer.type in HEAD_TYPES else blocked).add(source)
+            elif layer.type not in SINK_TYPES:
+                stack.append(source)
+    order = lambda indices: tuple(layers[i].name for i in sorted(indices))  # noqa: E731
+    return HeadSearch(order(heads), order(blocked))
+
+
+def layer_index(net: Message, name: str) -> int:
+    """Index of the layer called ``name``; an error lists close names."""
+    for index, layer in enumerate(net.layer):
+        if layer.name == name:
+            return index
+    import difflib
+
+    close = difflib.get_close_matches(name, [layer.name for layer in net.layer], n=3)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise CaffeFtError(f"no layer named '{name}'{hint}")
+
+
+def bias_blobs(layer: Message) -> FrozenSet[int]:
+    """Indices of ``layer``'s bias blobs (by Caffe convention they train at
+    twice the rate, without weight decay)."""
+    count = param_blob_count(layer)
+    if layer.type in ("Convolution", "Deconvolution", "InnerProduct", "Embed"):
+        return frozenset({1}) if count == 2 else frozenset()
+    if layer.type == "Scale":
+        has_bias = layer.HasField("scale_param") and layer.scale_param.bias_term
+        return frozenset({count - 1}) if has_bias else frozenset()
+    if layer.type == "Bias":
+        return frozenset(range(count))
+    return frozenset()
+
+
+def has_parameters(layer: Message) -> bool:
+    """Whether ``layer`` has parameter blobs that the solver may train.
+
+    BatchNorm is excluded: its blobs are running statistics, which Caffe never
+    lets the solver touch, so fine-tuning counts and freezes it differently.
+    This is the meaning of "learnable layer" used by the strategies (it does
+    not look at ``lr_mult``, so a frozen layer still counts).
+    """
+    return layer.type != "BatchNorm" and param_blob_count(layer) > 0
+
+
+def consumers(layers: Sequence[Message]) -> List[List[int]]:
+    """For each layer, the indices of the later layers reading one of its tops
+    (resolved as :func:`producers` does, so an in-place layer takes over)."""
+    result: List[List[int]] = [[] for _ in layers]
+    for index, sources in enumerate(producers(layers)):
+        for source in sources:
+            if source is not None and index not in result[source]:
+                result[source].append(index)
+    return result
+
+
+def downstream(layers: Sequence[Message], starts: Iterable[int]) -> Set[int]:
+    """``starts`` and every layer that reads, directly or not, one of their outputs."""
+    readers = consumers(layers)
+    found = set(starts)
+    stack = list(found)
+    while stack:
+        for reader in readers[stack.pop()]:
+            if reader not in found:
+                found.add(reader)
+                stack.append(reader)
+    return found
+
+
+def upstream(layers: Sequence[Message], starts: Iterable[int]) -> Set[int]:
+    """``starts`` and every layer whose output they read, directly or not."""
+    sources = producers(layers)
+    found = set(starts)
+    stack = list(found)
+    while stack:
+        for source in sources[stack.pop()]:
+            if source is not None and source not in found:
+                found.add(source)
+                stack.append(source)
+    return found
+
+
+def exclusive_branch(layers: Sequence[Message], seed: Iterable[int]) -> Set[int]:
+    """``seed`` grown backwards by every layer that only feeds it.
+
+    A layer joins when all the layers reading its outputs are already in the
+    set, so removing the result leaves no dangling layer behind and cuts no
+    other path.  Data layers never join (the label also feeds other losses).
+    """
+    readers = consumers(layers)
+    found = set(seed)
+    for index in range(max(found, default=-1), -1, -1):  # readers come after producers
+        if index in found or layers[index].type in DATA_TYPES:
+            continue
+        if readers[index] and all(reader in found for reader in readers[index]):
+            found.add(index)
+    return found
+
+
+def sharing_groups(layers: Sequence[Message]) -> List[Set[int]]:
+    """Sets of layers tied together by shared parameters (``param { name: ... }``).
+
+    Only groups of two or more layers are returned; layers sharing with a
+    layer that shares with a third are one group.
+    """
+    owners: Dict[str, int] = {}
+    parent = list(range(len(layers)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    for index, layer in enumerate(layers):
+        for spec in layer.param:
+            if not spec.name:
+                continue
+            if spec.name in owners:
+                parent[root(index)] = root(owners[spec.name])
+            else:
+                owners[spec.name] = index
+    groups: Dict[int, Set[int]] = {}
+    for index in range(len(layers)):
+        groups.setdefault(root(index), set()).add(index)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def loss_weight(layer: Message) -> float:
+    """The weight of ``layer``'s (first) output in the training loss: its
+    ``loss_weight`` when given, else 1 for ``*Loss`` layers and 0 otherwise."""
+    if len(layer.loss_weight):
+        return layer.loss_weight[0]
+    return 1.0 if layer.type.endswith("Loss") else 0.0
+
+
+def head_candidates(net: Message, count: int = 4) -> Tuple[str, ...]:
+    """Names of the last ``count`` layers with parameters (for error messages)."""
+    named = [f"{layer.name} ({layer.type})" for layer in net.layer if has_parameters(layer)]
+    return tuple(named[-count:])
+
+
+def _check_state(net: Message, phase: str) -> List[str]:
+    """Duplicate names and unproduced bottoms among the layers of one phase."""
+    from .shapes import filter_layers
+
+    try:
+        layers = filter_layers(net, phase, net.state.level, list(net.state.stage))
+    except CaffeFtError as exc:
+        return [str(exc)]
+    problems = []
+    available = set(net.input)
+    names: Set[str] = set()
+    for layer in layers:
+        if layer.name in names:
+            problems.append(f"{phase}: two layers are named '{layer.name}'")
+        names.add(layer.name)
+        for bottom in layer.bottom:
+            if bottom not in available:
+                problems.append(
+                    f"{phase}: layer '{layer.name}': bottom '{bottom}' is not produced by an earlier layer"
+                )
+        available.update(layer.top)
+    return problems
+
+
+def _check_layer(layer: Message) -> List[str]:
+    """Parameter specs and ``num_output`` of one layer."""
+    from .shapes import RULES
+
+    problems = []
+    known = layer.type in RULES and layer.type != "Python"  # Python layers have any blobs
+    if known and len(layer.param) > param_blob_count(layer):
+        problems.append(
+            f"layer '{layer.name}': {len(layer.param)} param entries for "
+            f"{param_blob_count(layer)} parameter blob(s)"
+        )
+    field = {"InnerProduct": "inner_product_param"}.get(layer.type, "convolution_param")
+    if layer.type in HEAD_TYPES and getattr(layer, field).num_output < 1:
+        problems.append(f"layer '{layer.name}': num_output must be at least 1")
+    return problems
+
+
+def _check_sharing(layers: Sequence[Message]) -> List[str]:
+    """Shared parameters whose explicit multipliers disagree (Caffe aborts on those)."""
+    seen: Dict[Tuple[str, str], Tuple[float, str]] = {}
+    problems = []
+    for layer in layers:
+        for spec in layer.param:
+            if not spec.name:
+                continue
+            for field in ("lr_mult", "decay_mult"):
+                if not spec.HasField(field):
+                    continue
+                value = getattr(spec, field)
+                first = seen.setdefault((spec.name, field), (value, layer.name))
+                if first[0] != value:
+                    problems.append(
+                        f"shared parameter '{spec.name}': {field} {value:g} in layer "
+                        f"'{layer.name}' but {first[0]:g} in layer '{first[1]}'"
+                    )
+    return problems
+
+
+def check_net(net: Message) -> List[str]:
+    """Problems that would make Caffe refuse ``net`` (empty when none is found).
+
+    Checks, in the TRAIN and TEST states (with the net's own level and
+    stages): layer names are unique and every bottom is produced by an earlier
+    layer of the same state (or is a net input).  For every layer: no more
+    ``param`` entries than parameter blobs (for layer types whose blobs are
+    known), ``num_output`` at least 1 for InnerProduct/Convolution/
+    Deconvolution, and shared parameters with agreeing explicit multipliers.
+    """
+    problems: List[str] = []
+    for phase in ("TRAIN", "TEST"):
+        problems.extend(p for p in _check_state(net, phase) if p not in problems)
+    for layer in net.layer:
+        problems.extend(_check_layer(layer))
+    problems.extend(_check_sharing(list(net.layer)))
+    return problems

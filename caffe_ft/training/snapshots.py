@@ -1,0 +1,329 @@
+"""Training snapshots that are never half-written, and checks before resuming.
+
+Caffe writes ``PREFIX_iter_N.caffemodel`` and then ``PREFIX_iter_N.solverstate``
+straight to their final names, so an interrupted write (a kill, a full disk)
+leaves a truncated file under a good name, and the solverstate names the
+caffemodel it goes with (its ``learned_net`` field), which a resume needs.
+
+``caffe-ft train`` lets Caffe write each snapshot into a staging directory
+beside the snapshot prefix (same file system, so a rename is atomic), then
+commits it: the caffemodel is renamed into place first, then the solverstate,
+with ``learned_net`` rewritten to the final caffemodel name (byte for byte what
+Caffe itself would have written there).  A solverstate that exists therefore
+always has its complete caffemodel.  (HDF5 snapshots keep ``learned_net``
+inside HDF5, which is not rewritten here: Caffe writes those in place.)
+
+The same staging directory holds the run's rolling checkpoint
+(:class:`Snapshotter`), the state a diverging run falls back on.  Before
+resuming, :func:`check_resume` makes sure the pair is complete, since Caffe
+aborts the whole process on a missing or truncated file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..errors import CaffeFtError
+
+MODEL_EXT = ".caffemodel"
+STATE_EXT = ".solverstate"
+_LEARNED_NET = 2  # SolverState.learned_net
+_LEN = 2  # wire type of length-delimited fields
+
+
+def effective_prefix(solver_path: str, prefix: Optional[str]) -> str:
+    """The snapshot prefix Caffe uses for a solver file (UpgradeSnapshotPrefixProperty):
+    unset, it is the solver's path without its extension; a directory, the
+    solver's file stem inside it."""
+    if not prefix:
+        root, _ = os.path.splitext(solver_path)
+        return root
+    if os.path.isdir(prefix):
+        stem = os.path.splitext(os.path.basename(solver_path))[0]
+        return os.path.join(prefix, stem)
+    return prefix
+
+
+def snapshot_paths(prefix: str, iteration: int) -> Tuple[str, str]:
+    """``(caffemodel, solverstate)`` paths Caffe gives the snapshot at ``iteration``."""
+    base = f"{prefix}_iter_{iteration}"
+    return base + MODEL_EXT, base + STATE_EXT
+
+
+# ------------------------------------------------------------- wire splicing --
+
+
+def _varint(data: bytes, pos: int) -> Tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _skip(data: bytes, pos: int, wire: int) -> int:
+    if wire == 0:
+        return _varint(data, pos)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 5:
+        return pos + 4
+    if wire == _LEN:
+        length, pos = _varint(data, pos)
+        return pos + length
+    raise ValueError(f"unexpected wire type {wire}")
+
+
+def learned_net_span(data: bytes) -> Optional[Tuple[int, int, str]]:
+    """``(start, end, value)`` of the ``learned_net`` record of a serialized
+    SolverState, or None when it has none.  Caffe writes fields in number
+    order, so the record comes right after ``iter``: only the head is read."""
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if field == _LEARNED_NET and wire == _LEN:
+            length, body = _varint(data, pos)
+            end = body + length
+            if end > len(data):
+                raise ValueError("truncated learned_net")
+            return start, end, data[body:end].decode("utf-8", "replace")
+        if field > _LEARNED_NET:
+            return None
+        pos = _skip(data, pos, wire)
+    return None
+
+
+def with_learned_net(data: bytes, learned_net: str) -> bytes:
+    """A serialized SolverState with its ``learned_net`` set to ``learned_net``."""
+    value = learned_net.encode("utf-8")
+    record = _encode_varint(_LEARNED_NET << 3 | _LEN) + _encode_varint(len(value)) + value
+    span = learned_net_span(data)
+    if span is not None:
+        start, end, _ = span
+        return data[:start] + record + data[end:]
+    pos = 0  # no learned_net yet: insert it after the fields numbered below it
+    while pos < len(data):
+        key, after = _varint(data, pos)
+        if key >> 3 > _LEARNED_NET:
+            break
+        pos = _skip(data, after, key & 7)
+    return data[:pos] + record + data[pos:]
+
+
+# --------------------------------------------------------------- the commit --
+
+
+def _fsync_write(path: str, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def commit(staged_model: str, staged_state: str, prefix: str, iteration: int) -> Tuple[str, str]:
+    """Move a snapshot Caffe wrote to the staging paths to its final names; returns them.
+
+    The solverstate's ``learned_net`` becomes the final caffemodel name, spelt
+    as Caffe spells it (relative when the prefix is)."""
+    model, state = snapshot_paths(prefix, iteration)
+    try:
+        with open(staged_state, "rb") as handle:
+            data = with_learned_net(handle.read(), model)
+        _fsync_write(staged_state, data)
+        with open(staged_model, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staged_model, model)
+        os.replace(staged_state, state)
+    except OSError as exc:
+        raise CaffeFtError(f"cannot write the snapshot: {exc.strerror}", exc.filename or model) from None
+    except ValueError as exc:
+        raise CaffeFtError(f"Caffe wrote a malformed solverstate: {exc}", staged_state) from None
+    return model, state
+
+
+class Staging:
+    """A hidden directory beside the snapshot prefix for Caffe to write snapshots into."""
+
+    def __init__(self, prefix: str) -> None:
+        directory = os.path.dirname(prefix) or "."
+        if not os.path.isdir(directory):
+            raise CaffeFtError(f"the snapshot directory '{directory}' does not exist (snapshot_prefix: {prefix})")
+        try:
+            self.path = tempfile.mkdtemp(prefix=".caffe-ft-snapshot-", dir=directory)
+        except OSError as exc:
+            raise CaffeFtError(f"cannot write snapshots to '{directory}': {exc.strerror}") from None
+        self.prefix = os.path.join(self.path, os.path.basename(prefix) or "snapshot")
+
+    def staged_paths(self, iteration: int) -> Tuple[str, str]:
+        return snapshot_paths(self.prefix, iteration)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- resuming --
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checked snapshot to resume from."""
+
+    state: str  # the solverstate to hand to Caffe (a fixed copy when learned_net moved)
+    model: str  # the caffemodel it restores
+    iteration: int
+    fixed: bool = False  # ``state`` is a temporary copy with learned_net pointing at ``model``
+
+
+def check_resume(state_path: str, schema: object, workdir: str) -> ResumePoint:
+    """Make sure a binary solverstate and its caffemodel are complete before Caffe
+    reads them (Caffe aborts the process on a bad file).
+
+    ``learned_net`` is resolved as Caffe resolves it (from the working
+    directory); when that file is gone but ``STATE.caffemodel`` lies beside
+    the solverstate (a snapshot moved elsewhere), a copy of the solverstate in
+    ``workdir`` pointing at it is used.
+    """
+    from ..formats.caffemodel import load_model, load_solverstate
+
+    if state_path.endswith(".h5"):
+        if not os.path.isfile(state_path):
+            raise CaffeFtError("no such file", state_path)
+        return ResumePoint(state_path, "", -1)
+    snapshot = load_solverstate(state_path, schema)  # type: ignore[arg-type]
+    iteration = int(snapshot.state.iter)
+    learned = str(snapshot.state.learned_net)
+    beside = os.path.splitext(state_path)[0] + MODEL_EXT
+    if learned and os.path.isfile(learned):
+        model, fixed = learned, False
+    elif os.path.isfile(beside):
+        model, fixed = beside, True
+    else:
+        named = f"'{learned}'" if learned else "no caffemodel"
+        raise CaffeFtError(f"the solverstate names {named}, which does not exist, and there is no {beside}",
+                           state_path)
+    load_model(model, schema)  # type: ignore[arg-type]  # a truncated file fails here, not in Caffe
+    if not fixed:
+        return ResumePoint(state_path, model, iteration)
+    with open(state_path, "rb") as handle:
+        data = with_learned_net(handle.read(), os.path.abspath(model))
+    copy = os.path.join(workdir, os.path.basename(state_path))
+    _fsync_write(copy, data)
+    return ResumePoint(copy, model, iteration, fixed=True)
+
+
+# --------------------------------------------------------------- one run's --
+
+
+class Snapshotter:
+    """A run's snapshots, and the rolling checkpoint that a divergence falls back on.
+
+    ``write()`` makes Caffe snapshot its current iteration, to the staging
+    prefix (or, for HDF5, straight to the final one).  :meth:`save` commits a
+    snapshot under its final name.  :meth:`checkpoint` keeps a recent known
+    state in the staging directory without committing it, at most every
+    ``min_gap`` seconds and so that writing them takes at most ``budget`` of
+    the run's time.  When the loss at iteration ``k`` turns out nan/inf, the
+    weights at ``k`` are already bad (the update before made them so), so
+    :meth:`last_good` commits the newest state from before ``k``, whose loss
+    was finite.  (With HDF5 snapshots there is no staging: only committed
+    snapshots can be fallen back on.)
+    """
+
+    def __init__(self, write: Callable[[], None], prefix: str, staging: Optional[Staging],
+                 clock: Callable[[], float] = time.monotonic, budget: float = 0.002, min_gap: float = 10.0) -> None:
+        self.write, self.prefix, self.staging = write, prefix, staging
+        self.clock, self.budget, self.min_gap = clock, budget, min_gap
+        self.saved: Dict[int, Tuple[str, str]] = {}
+        self.rolling: List[int] = []  # staged checkpoints, oldest first
+        self._next = -math.inf
+
+    @property
+    def latest(self) -> Optional[Tuple[str, str]]:
+        return self.saved[max(self.saved)] if self.saved else None
+
+    def known(self, iteration: int, paths: Tuple[str, str]) -> None:
+        """Record a snapshot that already exists (the one a run resumes from)."""
+        self.saved[iteration] = paths
+
+    def save(self, iteration: int) -> Tuple[str, str]:
+        """Snapshot ``iteration`` (the solver's current one) under its final name."""
+        if iteration in self.saved:
+            return self.saved[iteration]
+        self.write()
+        if self.staging is None:
+            model, state = snapshot_paths(self.prefix, iteration)
+            paths = (model + ".h5", state + ".h5")
+        else:
+            paths = commit(*self.staging.staged_paths(iteration), self.prefix, iteration)
+            if iteration in self.rolling:
+                self.rolling.remove(iteration)
+        self.saved[iteration] = paths
+        return paths
+
+    def checkpoint(self, iteration: int) -> None:
+        """Keep the current state in staging if it is time to."""
+        if self.staging is None or self.clock() < self._next or iteration in self.saved:
+            return
+        began = self.clock()
+        self.write()
+        spent = self.clock() - began
+        self._next = began + max(self.min_gap, spent / self.budget)
+        if iteration not in self.rolling:
+            self.rolling.append(iteration)
+
+    def confirm(self, iteration: int) -> None:
+        """The loss at ``iteration`` was finite: older checkpoints than the newest
+        one at or before it are not needed any more."""
+        good = [j for j in self.rolling if j <= iteration]
+        for j in good[:-1]:
+            self._drop(j)
+
+    def _drop(self, iteration: int) -> None:
+        self.rolling.remove(iteration)
+        if self.staging is not None:
+            for path in self.staging.staged_paths(iteration):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    def last_good(self, before: int) -> Optional[Tuple[int, Tuple[str, str]]]:
+        """The newest state from before iteration ``before``, committed; None if there is none."""
+        candidates = [j for j in [*self.saved, *self.rolling] if j < before]
+        if not candidates:
+            return None
+        best = max(candidates)
+        if best in self.saved:
+            return best, self.saved[best]
+        assert self.staging is not None
+        paths = commit(*self.staging.staged_paths(best), self.prefix, best)
+        self.rolling.remove(best)
+        self.saved[best] = paths
+        return best, paths
