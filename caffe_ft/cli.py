@@ -91,8 +91,9 @@ def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> No
 @click.argument("file", metavar="FILE")
 @click.option("-o", "--output", metavar="OUT", help="Where to write (default: print text to stdout).")
 @click.option("--in-place", "in_place", is_flag=True, help="Overwrite FILE with the upgraded version.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @click.pass_context
-def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool) -> None:
+def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool, force: bool) -> None:
     """Upgrade a legacy net, solver or caffemodel to the current format.
 
     Does what Caffe's upgrade_net_proto_text / upgrade_solver_proto_text do
@@ -105,6 +106,8 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
     target = file if in_place else output
     if target is not None and not in_place and _same_file(target, file):
         raise CaffeFtError("-o names the input file; use --in-place to overwrite it", file)
+    if target is not None and not in_place:
+        files.check_output(target, [file, ctx.obj.get("proto")], force)
     schema = _schema(ctx)
     data = files.read_bytes(file)
     if files.is_binary(data):
@@ -129,9 +132,18 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
 
 
 def _same_file(a: str, b: str) -> bool:
-    import os
+    from .formats.files import same_file
 
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    return same_file(a, b)
+
+
+def _check_output(ctx: click.Context, target: Optional[str], inputs: List[Optional[str]], force: bool = False,
+                  option: str = "-o") -> None:
+    """The output policy for one file: never an input (nor --proto), existing only with --force."""
+    from .formats.files import check_output
+
+    if target is not None:
+        check_output(target, [*inputs, ctx.obj.get("proto")], force, option)
 
 
 def _input_shapes(values: Any) -> Dict[str, Tuple[int, ...]]:
@@ -318,7 +330,7 @@ def _choose(schema: Schema, net_path: str, weights: Optional[str], params: Dict[
               help="Pretrained caffemodel: check which weights the new net copies, and refuse a net Caffe would reject.")
 @click.option("--diff", "show_diff", is_flag=True, help="Print the changes as a unified diff.")
 @click.option("--dry-run", is_flag=True, help="Write nothing.")
-@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (inputs included).")
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (never an input).")
 @click.pass_context
 def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff: bool, dry_run: bool, force: bool,
             **params: Any) -> None:
@@ -336,7 +348,7 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
         _emit(rw.unified_diff(result))
     if dry_run:
         return
-    rw.write_plan(result, force=force)
+    rw.write_plan(result, force=force, inputs=_plan_inputs(ctx, weights, params))
     _emit(rw.summary_text(result))
 
 
@@ -374,6 +386,11 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     _emit(f"{plan.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
     ctx.exit(outcome.exit_code)
+
+
+def _plan_inputs(ctx: click.Context, weights: Optional[str], params: Dict[str, Any]) -> List[Optional[str]]:
+    """Files a rewrite reads besides the nets: none of them may be overwritten."""
+    return [weights, params.get("train_data"), params.get("val_data"), params.get("mean_file"), ctx.obj.get("proto")]
 
 
 def _check_plan(schema: Schema, result: Any, weights: str, input_shapes: Dict[str, Tuple[int, ...]]) -> None:
@@ -490,10 +507,12 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
 @click.option("--weights", required=True, metavar="MODEL", help="The pretrained caffemodel.")
 @click.option("-o", "--output", required=True, metavar="OUT", help="The caffemodel to write (never MODEL).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh layers' random values.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @_PHASE
 @_INPUT_SHAPE
 @click.pass_context
-def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int, phase: str, input_shapes: Any) -> None:
+def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int, force: bool, phase: str,
+         input_shapes: Any) -> None:
     """Write the caffemodel NET starts from: MODEL's blobs where they fit, fillers elsewhere.
 
     Refuses when Caffe would abort (run `caffe-ft check` to see why).
@@ -503,6 +522,7 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
 
     if _same_file(output, weights):
         raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
+    _check_output(ctx, output, [net_path, weights], force)
     shapes = _input_shapes(input_shapes)
     net, model = _net_and_weights(ctx, net_path, weights)
     try:
@@ -566,6 +586,7 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
     """
     from .heads import features as ft
 
+    _check_output(ctx, output, [net_path, weights, data, mean_file], force=True)
     request = ft.Request(net_path, weights, data, layer, root_folder,
                          _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
     outcome = ft.compute_or_reuse(request, output, _schema(ctx), force=force)
@@ -590,10 +611,11 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
 @click.option("--net", "net_path", metavar="NET", help="Net the features came from (default: as recorded).")
 @click.option("--weights", metavar="MODEL", help="Its caffemodel (default: as recorded).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR.")
 @click.pass_context
 def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str, classifier: str,
            c_values: Optional[str], val_path: Optional[str], val_fraction: float, folds: int,
-           net_path: Optional[str], weights: Optional[str], seed: int) -> None:
+           net_path: Optional[str], weights: Optional[str], seed: int, force: bool) -> None:
     """Train a linear classifier on cached FEATURES and write it as a Caffe head.
 
     C is picked by stratified cross-validation; the validation accuracy is
@@ -614,7 +636,8 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
                          val, val_fraction, folds, seed)
     except CaffeFtError as exc:
         raise exc.located(features_path) from None
-    head = lin.write_head(_schema(ctx), result, train.meta, outdir, num_classes, net_path, weights)
+    head = lin.write_head(_schema(ctx), result, train.meta, outdir, num_classes, net_path, weights, force,
+                          [features_path, val_path, ctx.obj.get("proto")])
     _emit(result.report())
     _emit(f"wrote {head.deploy}, {head.weights} (head '{head.layer}', output '{head.output}'), {head.summary}\n")
 
@@ -682,6 +705,10 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
+    if metrics or plot:
+        inputs = [solver, weights, resume, *_solver_nets(ctx, solver)]
+        _check_output(ctx, metrics, inputs, force=True, option="--metrics")
+        _check_output(ctx, plot, inputs + [metrics], force=True, option="--plot")
     options = TrainOptions(
         solver=solver, weights=weights, device="cpu" if cpu else (gpu if gpu is not None else "solver"),
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
@@ -697,13 +724,28 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     ctx.exit(result.exit_code)
 
 
+def _solver_nets(ctx: click.Context, solver: str) -> List[Optional[str]]:
+    """The net files a solver names (none when it cannot be read: training says why)."""
+    from .formats import files
+
+    try:
+        message = files.load_text(solver, _schema(ctx), files.SOLVER).message
+    except CaffeFtError:
+        return []
+    return [message.net or None, message.train_net or None, *message.test_net]
+
+
 @main.command()
 @click.argument("metrics", metavar="METRICS")
 @click.option("-o", "--output", metavar="PNG", required=True, help="Where to write the plot.")
 @click.option("--title", help="Title over the plot (default: the metrics file's name).")
-def plot(metrics: str, output: str, title: Optional[str]) -> None:
+@click.option("--force", is_flag=True, help="Overwrite an existing PNG.")
+@click.pass_context
+def plot(ctx: click.Context, metrics: str, output: str, title: Optional[str], force: bool) -> None:
     """Draw the loss and test outputs of a `caffe-ft train --metrics` file to a PNG."""
     from .training.plot import plot_file
+
+    _check_output(ctx, output, [metrics], force)
 
     plot_file(metrics, output, title or "")
 

@@ -91,7 +91,7 @@ def run(schema: Schema, plan: Plan, weights: str, *, device: str = "solver", see
     if "solver.prototxt" not in plan.files or "train_val.prototxt" not in plan.files:
         raise CaffeFtError("finetune needs training data (--train-data and --val-data) or a train_val net with a --solver")
     started = time.time()
-    write_plan(plan, force=force)
+    write_plan(plan, force=force, inputs=[weights])
     start = _write_init(schema, plan, weights, seed, out, input_shapes)
     metrics = os.path.join(plan.outdir, METRICS)
     if os.path.exists(metrics):

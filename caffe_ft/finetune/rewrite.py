@@ -586,21 +586,17 @@ def unified_diff(result: Plan) -> str:
     return "".join(chunks)
 
 
-def write_plan(result: Plan, force: bool = False) -> None:
-    """Write every file of the plan; refuses to overwrite unless ``force``."""
-    from ..formats.files import write_atomic
+def write_plan(result: Plan, force: bool = False, inputs: Sequence[Optional[str]] = ()) -> None:
+    """Write every file of the plan, all or nothing (see ``files.staged_outputs``).
 
-    targets = dict(result.paths())
-    targets[SUMMARY_FILE] = os.path.join(result.outdir, SUMMARY_FILE)
-    if not force:
-        existing = [path for path in targets.values() if os.path.exists(path)]
-        if existing:
-            raise CaffeFtError(
-                f"{existing[0]} exists; choose another --outdir or pass --force to overwrite"
-            )
-    if os.path.exists(result.outdir) and not os.path.isdir(result.outdir):
-        raise CaffeFtError("is not a directory", result.outdir)
-    os.makedirs(result.outdir, exist_ok=True)
-    for name, (text, _, _) in sorted(result.files.items()):
-        write_atomic(targets[name], text)
-    write_atomic(targets[SUMMARY_FILE], summary_text(result))
+    Existing files are overwritten only with ``force``; a target that is one
+    of the plan's inputs (or of ``inputs``: weights, lists) is refused.
+    """
+    from ..formats.files import staged_outputs
+
+    names = sorted(result.files) + [SUMMARY_FILE]
+    sources = [source for _, source, _ in result.files.values()] + list(inputs)
+    with staged_outputs(result.outdir, names, sources, force, option="--outdir") as staging:
+        for name, (text, _, _) in sorted(result.files.items()):
+            staging.write(name, text)
+        staging.write(SUMMARY_FILE, summary_text(result))
