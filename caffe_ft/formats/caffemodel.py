@@ -61,6 +61,7 @@ _SHAPE = 7  # BlobShape, whose field 1 is packed int64 dim
 # One-byte keys of the array fields written unpacked (fixed32 floats, fixed64 doubles).
 _UNPACKED_KEYS = {number << 3 | (_FIXED32 if dtype == _F32 else _FIXED64) for number, (_, dtype) in _ARRAYS.items()}
 
+_INT_MAX = 2**31 - 1
 _WRITE_CHUNK = 1 << 22  # elements converted at a time when an array needs conversion
 
 
@@ -96,12 +97,24 @@ class Blob:
         return math.prod(self.shape)
 
 
+def text(value: Union[str, bytes]) -> str:
+    """A string field as caffe-ft shows and compares it.
+
+    Protobuf hands back ``bytes`` for a string that is not UTF-8 (Caffe and
+    pycaffe keep such bytes and load the file); they are shown escaped
+    (``fc\\xff``), so they print, go into JSON, and equal only the same bytes.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value
+
+
 def _layer_name(layer: Message) -> str:
     """A layer's name; an ancient (V0) layer keeps it in its nested ``layer``."""
     if layer.name:
-        return str(layer.name)
+        return text(layer.name)
     if "layer" in layer.DESCRIPTOR.fields_by_name and layer.HasField("layer"):
-        return str(layer.layer.name)
+        return text(layer.layer.name)
     return ""
 
 
@@ -358,6 +371,23 @@ def _decode_blob(buf: Buffer, start: int, end: int) -> Blob:
     return _shaped_blob(legacy, dims, arrays["data"], arrays["diff"], start)
 
 
+def shape_problem(shape: Sequence[int]) -> Optional[str]:
+    """What Caffe's ``Blob::Reshape`` aborts with for ``shape``, or None: more
+    than 32 axes (kMaxBlobAxes), a negative dimension, or more than INT_MAX
+    values (checked axis by axis as Caffe does)."""
+    shape = tuple(shape)
+    if len(shape) > 32:
+        return f"the shape has {len(shape)} axes; Caffe allows at most 32"
+    total = 1
+    for dim in shape:
+        if dim < 0:
+            return f"the shape {shape} has a negative dimension"
+        if dim > _INT_MAX or (total and dim > _INT_MAX // total):
+            return f"the shape {shape} holds more than INT_MAX values (Caffe: blob size exceeds INT_MAX)"
+        total *= dim
+    return None
+
+
 def _shaped_blob(
     legacy: Dict[str, int], dims: Optional[List[int]], data: np.ndarray, diff: np.ndarray, offset: int
 ) -> Blob:
@@ -368,8 +398,9 @@ def _shaped_blob(
             raise _Corrupt(offset, f"the blob's 4-D shape {shape} and its BlobShape {tuple(dims)} differ")
     else:
         shape = tuple(dims or ())
-    if any(dim < 0 for dim in shape):
-        raise _Corrupt(offset, f"the blob's shape {shape} has a negative dimension")
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise _Corrupt(offset, f"the blob's {problem[4:]}")
     count = math.prod(shape)
     if data.size != count:
         raise _Corrupt(offset, f"the blob's shape {shape} holds {count} values but its data has {data.size}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -471,9 +471,9 @@ def _escape(raw: bytes) -> str:
     return "".join(out)
 
 
-def format_string(value: str) -> str:
-    """A quoted prototxt string literal for ``value``."""
-    return '"' + _escape(value.encode("utf-8")) + '"'
+def format_string(value: Union[str, bytes]) -> str:
+    """A quoted prototxt string literal for ``value`` (bytes: a string that is not UTF-8)."""
+    return '"' + _escape(value if isinstance(value, bytes) else value.encode("utf-8")) + '"'
 
 
 def format_value(field: FieldDescriptor, value: Any) -> str:

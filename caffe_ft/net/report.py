@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 
 from . import graph
 from ..formats import prototext
+from ..formats.caffemodel import text
 from ..errors import CaffeFtError
 from ..formats.schema import is_repeated
 
@@ -183,7 +184,7 @@ def describe_model(model: Any) -> Dict[str, Any]:
             layer = layer.layer  # V0: the real layer sits inside
         type_field = layer.DESCRIPTOR.fields_by_name["type"]
         kind = prototext.format_value(type_field, layer.type).strip('"')
-        name = layer.name
+        name = text(layer.name)
         layers.append({
             "name": name,
             "type": kind,
@@ -192,7 +193,7 @@ def describe_model(model: Any) -> Dict[str, Any]:
         })
     return {
         "kind": "caffemodel",
-        "name": model.net.name,
+        "name": text(model.net.name),
         "format": "current" if model.layer_field == "layer" else ("V0" if model.v0 else "V1"),
         "layers": layers,
         "params": model.param_count,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -37,7 +38,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from . import fillers, shapes
-from ..formats.caffemodel import Blob, Model
+from ..formats.caffemodel import Blob, Model, text
 from ..errors import CaffeFtError
 from ..formats.upgrade import net_needs_upgrade, upgrade_net_with_map
 
@@ -201,7 +202,7 @@ def source_layers(model: Model) -> List[_Source]:
     else:
         index_map = list(range(len(model.blobs)))
     return [
-        _Source(layer.name, layer.type, tuple(model.blobs[old]) if old is not None else ())
+        _Source(text(layer.name), text(layer.type), tuple(model.blobs[old]) if old is not None else ())
         for layer, old in zip(net.layer, index_map)
     ]
 
@@ -507,6 +508,29 @@ def _written(blob: Blob, shape: Shape) -> Blob:
     return Blob(tuple(shape), data.reshape(shape))
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of memory this process can still get (MemAvailable, or free pages), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_memory(needed: int) -> None:
+    """Refuse to fill blobs that cannot fit in memory, before allocating any."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise CaffeFtError(f"the fresh layers' blobs need {needed / 2**30:.1f} GiB, but only "
+                           f"{available / 2**30:.1f} GiB of memory is available")
+
+
 def init(
     net: Message,
     model: Model,
@@ -535,6 +559,8 @@ def init(
     copied: Dict[str, LayerCheck] = {}
     for row in report.by_status(COPIED):
         copied.setdefault(row.name, row)  # rows are in net order: the first layer of a name
+    _check_memory(sum(shapes.count(shape) for target in targets if target.layer.name not in copied
+                      for shape in target.params) * 4)
     rng = np.random.default_rng(seed)
     out = type(current)()
     out.name = current.name
