@@ -45,16 +45,23 @@ def read_bytes(path: str) -> bytes:
 
 
 def is_binary(data: bytes) -> bool:
-    """Whether ``data`` looks like protobuf wire format rather than text."""
+    """Whether ``data`` looks like protobuf wire format rather than text.
+
+    Text starts (after white space) with a field name or a comment and holds
+    no NUL; a few stray control or non-UTF-8 bytes do not make it binary
+    (Caffe's parser accepts control bytes in strings and reports the others
+    at their line and column, and so does caffe-ft).  Wire format starts with
+    a field key, a control byte for every field Caffe's files begin with.
+    """
     head = data[:_SNIFF]
-    if any(byte in _CONTROL for byte in head):
+    if b"\x00" in head:
         return True
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # A multi-byte character cut off at the sniff boundary is still text.
-        return exc.start < len(head) - 4
-    return False
+    start = head.lstrip(b" \t\r\n\f\v")[:1]
+    if start and not (start.isalpha() or start in b"_#"):
+        return True
+    bad = sum(1 for byte in head if byte in _CONTROL)
+    bad += head.decode("utf-8", "replace").count("\ufffd")
+    return bad * 20 > len(head)
 
 
 def require_text(data: bytes, path: str) -> None:
