@@ -49,8 +49,22 @@ def main(ctx: click.Context, proto: Optional[str]) -> None:
     ctx.obj["proto"] = proto
 
 
+def _json(value: Any) -> str:
+    """``value`` as JSON (indented, one trailing newline); non-finite numbers,
+    which JSON cannot hold, become the strings "nan", "inf" and "-inf"."""
+    from .net.report import json_safe
+
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
 def _emit(text: str) -> None:
-    sys.stdout.write(text)
+    """Print ``text``; bytes of the input that are not UTF-8 (in comments and
+    strings, kept as surrogates) go out as they came in."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
     sys.stdout.flush()
 
 
@@ -74,7 +88,7 @@ def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> No
     for path in files:
         parsed = load_text(path, schema)
         results.append((path, parsed.data, format_text(parsed)))
-    changed = [path for path, data, text in results if text.encode("utf-8") != data]
+    changed = [path for path, data, text in results if text.encode("utf-8", "surrogateescape") != data]
     if check:
         for path in changed:
             click.echo(f"would reformat {path}")
@@ -202,7 +216,7 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
             net = _current(parsed.message, file)
             info, format_info = report.describe_net(net, _input_shapes(input_shapes)), report.format_net
     if as_json:
-        _emit(json.dumps(info, indent=2, sort_keys=False) + "\n")
+        _emit(_json(info))
     else:
         _emit(format_info(info))
 
@@ -401,7 +415,7 @@ def _check_plan(schema: Schema, result: Any, weights: str, input_shapes: Dict[st
 
     name = "train_val.prototxt" if "train_val.prototxt" in result.files else "deploy.prototxt"
     text = result.files[name][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), name), schema.new(files.NET), name)
     report = check(net, load_model(weights, schema), input_shapes=input_shapes or None)
     click.echo(format_check(report), err=True)
     if not report.ok:
@@ -420,7 +434,7 @@ def _current_file(parsed: Any, schema: Schema) -> Any:
     if not notes:  # Caffe's check flags 3-param BatchNorm nets that need nothing
         return parsed
     click.echo(f"{parsed.path}: legacy format upgraded first ({'; '.join(notes)})", err=True)
-    return files.parse_text(text.encode("utf-8"), parsed.path, schema, files.NET)
+    return files.parse_text(text.encode("utf-8", "surrogateescape"), parsed.path, schema, files.NET)
 
 
 def _current(net: Any, path: str) -> Any:
@@ -456,7 +470,7 @@ def diff(ctx: click.Context, file_a: str, file_b: str, as_json: bool) -> None:
     schema = _schema(ctx)
     changes = diff.diff_files(files.load_text(file_a, schema), files.load_text(file_b, schema))
     if as_json:
-        _emit(json.dumps(diff.to_json(changes), indent=2) + "\n")
+        _emit(_json(diff.to_json(changes)))
     else:
         _emit(diff.format_changes(changes))
     ctx.exit(1 if changes else 0)
@@ -498,7 +512,7 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
         report = wt.check(net, model, phase, shapes)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
-    _emit(json.dumps(report.to_dict(), indent=2) + "\n" if as_json else wt.format_check(report))
+    _emit(_json(report.to_dict()) if as_json else wt.format_check(report))
     ctx.exit(0 if report.ok else 1)
 
 
@@ -669,9 +683,9 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
                         sample=sample, batch_size=batch_size)
     if as_json:
-        _emit(json.dumps({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
-                          "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
-                          "reason": advice.reason, "numbers": advice.numbers}, indent=2) + "\n")
+        _emit(_json({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
+                     "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
+                     "reason": advice.reason, "numbers": advice.numbers}))
     else:
         _emit(advice.report())
 

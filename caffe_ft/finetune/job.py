@@ -67,7 +67,7 @@ def _write_init(schema: Schema, plan: Plan, weights: str, seed: int, out: IO[str
     from ..net.weights import check, format_check, init
 
     text = plan.files["train_val.prototxt"][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8"), "train_val.prototxt"),
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), "train_val.prototxt"),
                                 schema.new(files.NET), "train_val.prototxt")
     model = load_model(weights, schema)
     report = check(net, model, input_shapes=input_shapes)

@@ -61,7 +61,7 @@ def is_binary(data: bytes) -> bool:
         return True
     bad = sum(1 for byte in head if byte in _CONTROL)
     bad += head.decode("utf-8", "replace").count("\ufffd")
-    return bad * 20 > len(head)
+    return bad * 4 > len(head)
 
 
 def require_text(data: bytes, path: str) -> None:
@@ -273,7 +273,7 @@ def _file_mode(path: str) -> int:
 def write_atomic(path: str, content: Union[str, bytes]) -> None:
     """Write ``content`` to ``path`` atomically (see :func:`atomic_output`)."""
     with atomic_output(path) as handle:
-        handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+        handle.write(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
 
 
 class Staging:
@@ -295,7 +295,7 @@ class Staging:
         path = self.path(name)
         try:
             with open(path, "wb") as handle:
-                handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+                handle.write(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
