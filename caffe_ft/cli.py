@@ -30,6 +30,34 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+class _Number(click.ParamType):
+    """A finite float, optionally above a bound: inf, nan and out-of-range values
+    are refused at the edge with a one-line error (Caffe would read them, and
+    train on garbage)."""
+
+    name = "number"
+
+    def __init__(self, above: Optional[float] = None, at_least: Optional[float] = None) -> None:
+        self.above, self.at_least = above, at_least
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        option = param.opts[0] if param is not None and param.opts else "value"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise CaffeFtError(f"{option}: {value!r} is not a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise CaffeFtError(f"{option}: {value!r} is not a finite number")
+        if self.above is not None and not number > self.above:
+            raise CaffeFtError(f"{option}: {value!r} must be greater than {self.above:g}")
+        if self.at_least is not None and not number >= self.at_least:
+            raise CaffeFtError(f"{option}: {value!r} must be at least {self.at_least:g}")
+        return number
+
+
+_FINITE, _POSITIVE, _NON_NEGATIVE = _Number(), _Number(above=0), _Number(at_least=0)
+
+
 def _schema(ctx: click.Context) -> Schema:
     return load_schema(ctx.obj.get("proto"))
 
@@ -238,9 +266,9 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--head", "heads", multiple=True, metavar="LAYER",
                      help="Classifier head layer (repeatable; default: detected)."),
         click.option("--new-name", metavar="NAME", help="New name of the (single) head (default: OLD_ft)."),
-        click.option("--head-lr-mult", type=float, default=10.0, show_default=True,
+        click.option("--head-lr-mult", type=_NON_NEGATIVE, default=10.0, show_default=True,
                      help="lr_mult of the new head's weights; its bias gets twice this."),
-        click.option("--frozen-lr-mult", type=float, default=0.0, show_default=True,
+        click.option("--frozen-lr-mult", type=_NON_NEGATIVE, default=0.0, show_default=True,
                      help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen)."),
         click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it."),
         click.option("--train-last", type=click.IntRange(min=1), metavar="K", help="top: train the last K learnable layers."),
@@ -256,14 +284,14 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--crop-size", type=click.IntRange(min=1), help="Crop size (default: the net's input size)."),
         click.option("--resize", type=click.IntRange(min=1),
                      help="ImageData: resize images to this square size before cropping."),
-        click.option("--mean-value", "mean_values", type=float, multiple=True,
+        click.option("--mean-value", "mean_values", type=_FINITE, multiple=True,
                      help="Per-channel mean (repeat per channel)."),
         click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
-        click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction."),
+        click.option("--scale", type=_POSITIVE, help="Multiply pixels by this after mean subtraction."),
         click.option("--mirror/--no-mirror", default=None, help="Random horizontal flips while training."),
         click.option("--root-folder", metavar="DIR", help="ImageData: directory the image list's paths are relative to."),
-        click.option("--lr-scale", type=float, default=0.1, show_default=True, help="base_lr is multiplied by this."),
-        click.option("--step-scale", type=float, default=0.2, show_default=True,
+        click.option("--lr-scale", type=_POSITIVE, default=0.1, show_default=True, help="base_lr is multiplied by this."),
+        click.option("--step-scale", type=_POSITIVE, default=0.2, show_default=True,
                      help="stepsize/stepvalue/max_iter are multiplied by this."),
         click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
@@ -513,7 +541,7 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
     _emit(_json(report.to_dict()) if as_json else wt.format_check(report))
-    ctx.exit(0 if report.ok else 1)
+    ctx.exit(0 if report.usable else 1)
 
 
 @main.command()
@@ -561,10 +589,10 @@ def _transform_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--resize", type=click.IntRange(min=1), metavar="SIZE",
                      help="Resize images to SIZE x SIZE first (default: ImageData's new_height/new_width; "
                           "a deploy net: its input size)."),
-        click.option("--mean-value", "mean_values", type=float, multiple=True,
+        click.option("--mean-value", "mean_values", type=_FINITE, multiple=True,
                      help="Per-channel mean, BGR (repeat per channel)."),
         click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
-        click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction."),
+        click.option("--scale", type=_POSITIVE, help="Multiply pixels by this after mean subtraction."),
     ]
     for option in reversed(options):
         command = option(command)

@@ -458,7 +458,7 @@ def plan(
             deploy = to_deploy(schema, train_val, heads)
             deploy_source = net_file
     if train_val is not None and data.train:
-        check_one_label_per_score(train_val)
+        check_one_label_per_score(train_val, crop_given=data.crop_size is not None)
     if train_val is not None:
         files["train_val.prototxt"] = (_edit_text(train_val_source, train_val),
                                        train_val_source.path if train_val_source else None,
@@ -487,7 +487,7 @@ def plan(
     return Plan(outdir, files, summary, strategy, dict(result.heads))
 
 
-def check_one_label_per_score(net: Message) -> None:
+def check_one_label_per_score(net: Message, crop_given: bool = False) -> None:
     """Refuse a train net whose SoftmaxWithLoss gets more predictions than
     labels (Caffe aborts on it): an image list gives one label per image,
     but a fully convolutional head scores a grid of positions unless the
@@ -506,10 +506,12 @@ def check_one_label_per_score(net: Message) -> None:
         axis = layer.softmax_param.axis % len(scores)
         per_image = math.prod(scores[axis + 1:])
         if math.prod(scores[:axis]) * per_image != math.prod(labels):
+            fix = ("--crop-size does not give one score per image; use the input size at which it scores each "
+                   "image once" if crop_given else
+                   "give --crop-size with the input size at which it scores each image once")
             raise CaffeFtError(
                 f"'{layer.bottom[0]}' has shape {' x '.join(map(str, scores))}: {per_image} scores per image "
-                f"for one label; give --crop-size with the input size at which it scores each image once "
-                f"(a fully convolutional net: the size it was trained at)", layer=layer.name,
+                f"for one label; {fix} (a fully convolutional net: the size it was trained at)", layer=layer.name,
             )
 
 
