@@ -245,3 +245,50 @@ def test_an_output_through_a_symlink_writes_the_links_target(work):
     (work / "out").symlink_to(real.name)
     assert rewrite(work, str(work / "out")).exit_code == 0
     assert (work / "out").is_symlink() and sorted(os.listdir(real)) == list(OUTPUTS)
+
+
+# ------------------------------------------------------------- snapshots --
+
+
+def test_snapshot_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path):
+    from caffe_ft.training import snapshots as snap
+
+    prefix = str(tmp_path / "run")
+    code = textwrap.dedent(f"""
+        import time
+        from caffe_ft.training import snapshots as snap
+        staging = snap.Staging({prefix!r})
+        open(staging.prefix + "_iter_1.caffemodel", "wb").write(b"half")
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    children[0].send_signal(signal.SIGKILL)
+    children[0].wait()
+    assert len(os.listdir(tmp_path)) == 2
+    staging = snap.Staging(prefix)  # the next run: the killed run's folder goes, the live one's stays
+    try:
+        names = sorted(os.listdir(tmp_path))
+        assert len(names) == 2 and os.path.basename(staging.path) in names
+    finally:
+        children[1].send_signal(signal.SIGKILL)
+        children[1].wait()
+        staging.remove()
+
+
+def test_a_snapshot_that_cannot_fit_is_a_clear_error_before_caffe_writes(tmp_path):
+    from caffe_ft.errors import CaffeFtError
+    from caffe_ft.training import snapshots as snap
+
+    prefix = str(tmp_path / "run")
+    staging = snap.Staging(prefix)
+    calls = []
+    free = shutil.disk_usage(str(tmp_path)).free
+    shots = snap.Snapshotter(lambda: calls.append(1), prefix, staging, estimate=free + 2**40)
+    shots.checkpoint(5)  # a checkpoint without room is skipped
+    with pytest.raises(CaffeFtError, match="no room for the snapshot of iteration 5"):
+        shots.save(5)
+    assert calls == [] and shots.rolling == []
+    staging.remove()

@@ -13,8 +13,9 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from google.protobuf.message import Message
 
@@ -128,6 +129,7 @@ def load_text(path: str, schema: Schema, kind: Optional[str] = None) -> TextFile
 # * every ``OSError`` becomes one :class:`CaffeFtError` line naming the path.
 
 STAGE_PREFIX = ".caffe-ft-stage-"
+_PENDING = ".caffe-ft-pending-"  # a temporary file or folder not locked yet
 
 
 def real_target(path: str) -> str:
@@ -191,18 +193,55 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+def locked_temp(directory: str, prefix: str, suffix: str = "", folder: bool = False) -> Tuple[str, int]:
+    """A new temporary file (or folder) ``prefix*suffix`` in ``directory``, and an
+    open descriptor holding an exclusive ``flock`` on it.
+
+    It is created under a pending name and renamed once locked, so a run
+    cleaning up (:func:`remove_stale`) never sees it unlocked.
+    """
+    if folder:
+        pending = tempfile.mkdtemp(prefix=_PENDING, dir=directory)
+        fd = os.open(pending, os.O_RDONLY)
+    else:
+        fd, pending = tempfile.mkstemp(prefix=_PENDING, dir=directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        final = os.path.join(directory, prefix + os.path.basename(pending)[len(_PENDING):] + suffix)
+        os.rename(pending, final)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(pending, ignore_errors=True) if folder else _unlink(pending)
+        raise
+    return final, fd
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def remove_stale(directory: str, prefix: str, suffix: str = "") -> List[str]:
     """Remove the temporary files and folders ``prefix*suffix`` in ``directory``
-    left by killed runs: those nobody holds a lock on.  Returns what went."""
+    left by killed runs: those nobody holds a lock on (and pending ones over a
+    minute old).  Returns what went."""
     removed = []
     try:
         names = os.listdir(directory)
     except OSError:
         return removed
     for name in names:
-        if not (name.startswith(prefix) and name.endswith(suffix)):
-            continue
         path = os.path.join(directory, name)
+        if name.startswith(_PENDING):
+            try:
+                if time.time() - os.lstat(path).st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        elif not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -239,11 +278,10 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
         raise CaffeFtError("cannot write: the directory does not exist", path)
     remove_stale(directory, prefix, ".tmp")
     try:
-        fd, temp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+        temp, fd = locked_temp(directory, prefix, ".tmp")
     except OSError as exc:
         raise _os_error(exc, path) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -335,11 +373,9 @@ def staged_outputs(
             check_output(shown, inputs, force, option)
             targets[name] = real_target(shown)
         try:
-            stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=real_dir)
+            stage, stage_fd = locked_temp(real_dir, STAGE_PREFIX, folder=True)
         except OSError as exc:
             raise _os_error(exc, directory) from None
-        stage_fd = os.open(stage, os.O_RDONLY)
-        fcntl.flock(stage_fd, fcntl.LOCK_EX)
         try:
             staging = Staging(directory, stage, targets)
             yield staging

@@ -433,7 +433,10 @@ class _Run:
         solver = self.build()
         start = solver.iter
         if root:
-            self.snapshots = snap.Snapshotter(solver.snapshot, plan.prefix, plan.staging)
+            # weights plus up to two history blobs each (Adam), float32
+            params = getattr(solver.net, "params", {})
+            size = 12 * sum(blob.data.size for blobs in params.values() for blob in blobs)
+            self.snapshots = snap.Snapshotter(solver.snapshot, plan.prefix, plan.staging, estimate=size)
             if plan.resume is not None:
                 self.snapshots.known(start, (plan.resume.model, plan.options.resume or plan.resume.state))
             else:
