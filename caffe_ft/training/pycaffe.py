@@ -153,6 +153,10 @@ def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) ->
     except CaffeFtError as exc:
         raise exc.located(options.solver) from None
     train, tests = solver_nets(solver, schema)
+    from ..data.preflight import check_nets
+
+    # the data Caffe would abort on (or train on garbage from), found before it starts
+    check_nets((spec.net, spec.phase, spec.level, spec.stages) for spec in [train, *tests])
     gpus = _choose_gpus(options, solver)
     unchecked = check_weights(options.weights, schema, [train, *tests], err) if options.weights else None
     workdir = tempfile.mkdtemp(prefix="caffe-ft-train-")
