@@ -227,7 +227,7 @@ def remove_stale(directory: str, prefix: str, suffix: str = "") -> List[str]:
     """Remove the temporary files and folders ``prefix*suffix`` in ``directory``
     left by killed runs: those nobody holds a lock on (and pending ones over a
     minute old).  Returns what went."""
-    removed = []
+    removed: List[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

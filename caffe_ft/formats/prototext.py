@@ -363,7 +363,7 @@ class _Parser:
 
     def message_list(self, first: Node, depth: int) -> List[Node]:
         """``name: [{...}, <...>]``: one message node per element."""
-        nodes = []
+        nodes: List[Node] = []
         while True:
             node = first if not nodes else Node(first.name)
             node.token, node.colon = first.token, first.colon
@@ -621,20 +621,20 @@ class _Converter:
                 word = last.text.lower()
                 if word not in _SPECIAL_FLOATS:
                     raise self.error(f"Expected double, got: {last.text}", last)
-                value = _SPECIAL_FLOATS[word]
+                real = _SPECIAL_FLOATS[word]
             elif last.kind != "number":
                 raise self.error(f"Expected double, got: {last.text}", last)
             elif _is_float(last):
-                value = float(last.text.rstrip("fF"))
+                real = float(last.text.rstrip("fF"))
             else:
                 text = last.text
                 if len(text) > 1 and text[0] == "0" and (text[1] in "xX" or text[1] in "01234567"):
                     raise self.error(f"Expect a decimal number, got: {text}", last)
-                value = float(int(text))
-            value = -value if negative else value
-            if ftype == FD.TYPE_FLOAT and abs(value) > _FLOAT_MAX:
-                value = math.copysign(math.inf, value)  # protobuf's SafeDoubleToFloat
-            return value
+                real = float(int(text))
+            real = -real if negative else real
+            if ftype == FD.TYPE_FLOAT and abs(real) > _FLOAT_MAX:
+                real = math.copysign(math.inf, real)  # protobuf's SafeDoubleToFloat
+            return real
         # Integer types.
         low, high = _INT_RANGES[ftype]
         if negative and low == 0:

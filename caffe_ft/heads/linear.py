@@ -297,7 +297,8 @@ def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, n
     head_blobs = [Blob.of(result.weights.astype("float32")), Blob.of(result.bias.astype("float32"))]
     blobs[[layer.name for layer in net.layer].index(head_name)] = head_blobs
     names = ("deploy.prototxt", "linear.caffemodel", "linear.json")
-    head = Head(*(os.path.join(outdir, name) for name in names), head_name, output)
+    head = Head(os.path.join(outdir, names[0]), os.path.join(outdir, names[1]), os.path.join(outdir, names[2]),
+                head_name, output)
     with staged_outputs(outdir, names, [net_path, weights, *inputs], force, option="--outdir") as staging:
         staging.write("deploy.prototxt", print_message(net))
         save_model(Model(model_net, blobs), staging.path("linear.caffemodel"))
