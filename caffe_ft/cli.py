@@ -564,11 +564,11 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
     data and transform go to a compressed .npz; a file that is still up to
     date is reused.
     """
-    from .heads import features as ft
+    from .heads.cache import Request, compute_or_reuse
 
-    request = ft.Request(net_path, weights, data, layer, root_folder,
+    request = Request(net_path, weights, data, layer, root_folder,
                          _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
-    outcome = ft.compute_or_reuse(request, output, _schema(ctx), force=force)
+    outcome = compute_or_reuse(request, output, _schema(ctx), force=force)
     result = outcome.features
     verb = "reused" if outcome.reused else f"computed ({outcome.reason})"
     _emit(f"{output}: {verb}: {len(result.labels)} examples, feature '{result.meta['blob']}' "
@@ -600,12 +600,13 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
     reported; the standardization is folded into the InnerProduct weights of
     a deploy net (trunk + head) and its caffemodel.
     """
-    from .heads import features as ft, linear as lin
+    from .heads import linear as lin
+    from .heads.cache import load_features, stale_parts
 
-    train = ft.load_features(features_path)
-    val = ft.load_features(val_path) if val_path else None
+    train = load_features(features_path)
+    val = load_features(val_path) if val_path else None
     if val is not None:
-        stale = ft.stale_parts({k: v for k, v in train.meta["fingerprints"].items() if k != "data"},
+        stale = stale_parts({k: v for k, v in train.meta["fingerprints"].items() if k != "data"},
                                {k: v for k, v in val.meta["fingerprints"].items() if k != "data"})
         if stale:
             raise CaffeFtError(f"the validation features come from another trunk ({', '.join(stale)} differ)", val_path)

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeFtError
-from .features import FeatureSet, cut_net, load_net, sha256_file, stale_parts
+from ..formats.files import load_net, sha256_file
+from .cache import FeatureSet, stale_parts
+from .trunk import cut_net
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:

@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from google.protobuf.message import Message
@@ -73,6 +73,9 @@ from .schedule import (
     test_due,
 )
 from .stop import LocalVote, NonFiniteLoss, SharedVote, StopRequest
+
+if TYPE_CHECKING:
+    from ..heads.trunk import Trunk
 
 #: What Caffe is told instead of the real test_interval: testing is done here.
 _NO_CAFFE_TESTS = 2 ** 31 - 1
@@ -615,3 +618,41 @@ def _plot(metrics: str, png: str, out: IO[str]) -> None:
         out.write(f"note: no plot: {exc}\n")
         return
     out.write(f"plot: {png}\n")
+
+
+def quiet_caffe() -> Any:
+    """pycaffe, imported with Caffe's INFO logging off, in CPU mode."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        import caffe
+    except ImportError:
+        raise CaffeFtError("computing features needs pycaffe (run inside the Caffe environment)") from None
+    caffe.set_mode_cpu()
+    return caffe
+
+
+def load_caffe_net(text: str, weights: str) -> Any:
+    """A pycaffe TEST net from prototxt text and a weights file."""
+    caffe = quiet_caffe()
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as handle:
+        handle.write(text)
+    try:
+        return caffe.Net(handle.name, weights, caffe.TEST)
+    finally:
+        os.unlink(handle.name)
+
+
+def forward_batches(
+    net: Any, trunk: Trunk, batches: Iterator[Tuple["np.ndarray", "np.ndarray", List[str]]],
+    blobs: Sequence[str], advance: Callable[[int], None],
+) -> Iterator[Tuple[Dict[str, "np.ndarray"], "np.ndarray", List[str]]]:
+    """For each batch, copies of ``blobs`` after a forward pass, labels and names."""
+    inputs = net.blobs[trunk.input_blob]
+    for data, labels, names in batches:
+        if inputs.data.shape != data.shape:
+            inputs.reshape(*data.shape)
+            net.reshape()
+        inputs.data[...] = data
+        net.forward()
+        yield {name: net.blobs[name].data.copy() for name in blobs}, labels, names
+        advance(len(names))
