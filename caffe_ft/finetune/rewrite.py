@@ -64,7 +64,7 @@ class SolverOptions:
 
 
 @dataclass
-class Plan:
+class RewritePlan:
     """What a rewrite writes: file name -> (text, the text it was edited from)."""
 
     outdir: str
@@ -415,7 +415,7 @@ def plan(
     solver_file: Optional[TextFile] = None,
     deploy_file: Optional[TextFile] = None,
     solver_options: SolverOptions = SolverOptions(),
-) -> Plan:
+) -> RewritePlan:
     """Everything a rewrite writes, without writing it."""
     from .solver import rewrite_solver, solver_originals
 
@@ -484,7 +484,7 @@ def plan(
                                  count_images_or_zero(data.val), data, solver_options)
         summary.append("no --solver: solver.prototxt made from the fine-tuning template (SGD, step policy)")
         files["solver.prototxt"] = (prototext.print_message(solver), None, None)
-    return Plan(outdir, files, summary, strategy, dict(result.heads))
+    return RewritePlan(outdir, files, summary, strategy, dict(result.heads))
 
 
 def check_one_label_per_score(net: Message) -> None:
@@ -560,7 +560,7 @@ def _rename_like(net: Message, got: Dict[str, str], wanted: Dict[str, str]) -> M
 SUMMARY_FILE = "summary.md"
 
 
-def summary_text(result: Plan) -> str:
+def summary_text(result: RewritePlan) -> str:
     """The human-readable account of a rewrite (also written as summary.md)."""
     lines = [f"# caffe-ft rewrite: {result.strategy}", ""]
     lines.extend(f"- {line}" for line in result.summary)
@@ -572,7 +572,7 @@ def summary_text(result: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unified_diff(result: Plan) -> str:
+def unified_diff(result: RewritePlan) -> str:
     """Every output as a unified diff against the file it was edited from."""
     import difflib
 
@@ -586,7 +586,7 @@ def unified_diff(result: Plan) -> str:
     return "".join(chunks)
 
 
-def write_plan(result: Plan, force: bool = False) -> None:
+def write_plan(result: RewritePlan, force: bool = False) -> None:
     """Write every file of the plan; refuses to overwrite unless ``force``."""
     from ..formats.files import write_atomic
 

@@ -189,7 +189,7 @@ def extract(prepared: Prepared, weights: str, schema: Schema, batch_size: int) -
 
 
 @dataclass(frozen=True)
-class Outcome:
+class CacheResult:
     """What :func:`compute_or_reuse` did: ``reused``, or recomputed with the reason."""
 
     features: FeatureSet
@@ -197,7 +197,7 @@ class Outcome:
     reason: str
 
 
-def compute_or_reuse(request: Request, output: str, schema: Schema, force: bool = False) -> Outcome:
+def compute_or_reuse(request: Request, output: str, schema: Schema, force: bool = False) -> CacheResult:
     """The features of ``request``, from ``output`` when it is up to date,
     otherwise computed and written there."""
     prepared = prepare(request, schema)
@@ -210,8 +210,8 @@ def compute_or_reuse(request: Request, output: str, schema: Schema, force: bool 
         else:
             stale = stale_parts(cached.meta.get("fingerprints", {}), prepared.fingerprints)
             if not stale:
-                return Outcome(cached, True, "up to date")
+                return CacheResult(cached, True, "up to date")
             reason = "stale: " + ", ".join(f"{part} changed" for part in stale)
     result = extract(prepared, request.weights, schema, request.batch_size)
     save_features(output, result)
-    return Outcome(result, False, reason)
+    return CacheResult(result, False, reason)

@@ -457,6 +457,7 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
                  seed: int, out: IO[str]) -> Trained:
     """Replay the solver's SGD on the head over cached features, starting
     from ``init``'s head; write ``final``, the metrics and the plot."""
+    from ..training.plot import plot_quietly
     from ..training.progress import MetricsWriter, make_reporter
     from ..training.schedule import final_test_due, learning_rate, test_due
 
@@ -514,7 +515,7 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
         reporter.close()
         metrics.close()
     seconds = time.monotonic() - started
-    _plot(metrics_path, plot_path, out)
+    plot_quietly(metrics_path, plot_path, out)
     if diverged is not None:
         iteration, loss, lr = diverged
         return Trained(2, None, last, f"the loss became {loss} at iteration {iteration} (learning rate {lr:g}): "
@@ -529,16 +530,6 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
                      "the batches differ from the ones pycaffe would draw")
     return Trained(0, final, last, f"trained the head on cached features ({saving}) to iteration "
                    f"{head.iteration}; model {final}", notes)
-
-
-def _plot(metrics: str, png: str, out: IO[str]) -> None:
-    """Draw the run; a plotting problem never fails the run."""
-    from ..training.plot import plot_file
-
-    try:
-        plot_file(metrics, png)
-    except CaffeFtError as exc:
-        out.write(f"note: no plot: {exc}\n")
 
 
 # --------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from ..errors import CaffeFtError
 from ..formats.schema import Schema
 from . import snapshots as snap
 from .nets import NetSpec, check_weights, nondeterminism, solver_nets
+from .plot import plot_quietly
 from .progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
 from .run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, resume_command
 from .schedule import (
@@ -87,7 +88,7 @@ _NOT_SOURCES = frozenset({"Input", "Parameter"})
 
 
 @dataclass
-class Plan:
+class RunPlan:
     """Everything decided before pycaffe is imported."""
 
     options: TrainOptions
@@ -141,7 +142,7 @@ def net_input_shapes(net: Any) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) -> Plan:
+def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) -> RunPlan:
     """Read and check everything, write the solver copy Caffe reads; no Caffe needed."""
     from ..formats import files, prototext
     from ..formats.upgrade import upgrade_solver
@@ -182,7 +183,7 @@ def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) ->
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return Plan(options, schema, solver, path, prefix, staging, gpus, resume, workdir, notes, [train, *tests], unchecked)
+    return RunPlan(options, schema, solver, path, prefix, staging, gpus, resume, workdir, notes, [train, *tests], unchecked)
 
 
 class Guard:
@@ -252,7 +253,7 @@ def import_caffe(show_log: bool) -> Any:
     return caffe
 
 
-def data_layers(net: Any) -> List[int]:
+def source_layers(net: Any) -> List[int]:
     """Indices of the layers that read input: no bottoms, and not a mere Input/Parameter."""
     return [index for index, layer in enumerate(net.layers)
             if not len(net._bottom_ids(index)) and layer.type not in _NOT_SOURCES]
@@ -260,7 +261,7 @@ def data_layers(net: Any) -> List[int]:
 
 def advance_data(net: Any, batches: int) -> None:
     """Make each data layer of ``net`` read and drop ``batches`` batches."""
-    for index in data_layers(net):
+    for index in source_layers(net):
         for _ in range(batches):
             net._forward(index, index)
 
@@ -321,7 +322,7 @@ def _select_device(caffe: Any, ctx: WorkerContext) -> None:
 class _Run:
     """One process's training loop (the only one, or one rank of several)."""
 
-    def __init__(self, plan: Plan, ctx: WorkerContext, caffe: Any) -> None:
+    def __init__(self, plan: RunPlan, ctx: WorkerContext, caffe: Any) -> None:
         self.plan, self.ctx, self.caffe = plan, ctx, caffe
         self.param = Settings.of(plan.solver)
         self.stop = ctx.stop or StopRequest()
@@ -497,7 +498,7 @@ class _Run:
 # ------------------------------------------------------------ multi-GPU runs --
 
 
-def _worker_main(plan: Plan, gpus: Tuple[int, ...], rank: int, uid: Any, barrier: Any, slots: Any,
+def _worker_main(plan: RunPlan, gpus: Tuple[int, ...], rank: int, uid: Any, barrier: Any, slots: Any,
                  shared_stop: Any, results: Any) -> None:
     """One GPU's process: ignores signals (the parent forwards them), trains, reports."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -513,7 +514,7 @@ def _worker_main(plan: Plan, gpus: Tuple[int, ...], rank: int, uid: Any, barrier
         results.send(result)
 
 
-def _run_multi(plan: Plan, caffe: Any, out: IO[str]) -> TrainResult:
+def _run_multi(plan: RunPlan, caffe: Any, out: IO[str]) -> TrainResult:
     """One process per GPU, as Caffe's python/train.py runs them; the parent
     only forwards signals, watches for a rank that dies, and collects rank 0's result."""
     import multiprocessing
@@ -572,7 +573,7 @@ def _run_multi(plan: Plan, caffe: Any, out: IO[str]) -> TrainResult:
 # ------------------------------------------------------------------ the entry --
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: RunPlan) -> str:
     """The run in one line: solver, device, start, snapshots."""
     device = "CPU" if not plan.gpus else ("GPU " if len(plan.gpus) == 1 else "GPUs ") + ",".join(map(str, plan.gpus))
     start = f"resuming at iteration {plan.resume.iteration}" if plan.resume and plan.resume.iteration >= 0 else (
@@ -602,22 +603,11 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
             finally:
                 stop.uninstall()
         if options.plot:
-            _plot(plan.metrics_path, options.plot, out)
+            if plot_quietly(plan.metrics_path, options.plot, out):
+                out.write(f"plot: {options.plot}\n")
     finally:
         plan.cleanup()
     return result
-
-
-def _plot(metrics: str, png: str, out: IO[str]) -> None:
-    """Draw the run's loss and test outputs; a plotting problem never fails the run."""
-    from .plot import plot_file
-
-    try:
-        plot_file(metrics, png)
-    except CaffeFtError as exc:
-        out.write(f"note: no plot: {exc}\n")
-        return
-    out.write(f"plot: {png}\n")
 
 
 def quiet_caffe() -> Any:
