@@ -66,7 +66,7 @@ _LEGACY_DIMS = ("num", "channels", "height", "width")  # fields 1..4, int32
 _F32 = np.dtype("<f4")
 _F64 = np.dtype("<f8")
 # field number -> (which array, its element type on the wire)
-_ARRAYS = {5: ("data", _F32), 6: ("diff", _F32), 8: ("data", _F64), 9: ("diff", _F64)}
+_ARRAYS: Dict[int, Tuple[str, np.dtype]] = {5: ("data", _F32), 6: ("diff", _F32), 8: ("data", _F64), 9: ("diff", _F64)}
 _ARRAY_FIELD = {(name, dtype): number for number, (name, dtype) in _ARRAYS.items()}
 _SHAPE = 7  # BlobShape, whose field 1 is packed int64 dim
 # One-byte keys of the array fields written unpacked (fixed32 floats, fixed64 doubles).
@@ -359,7 +359,7 @@ def _check_layout(schema: Schema) -> None:
         **{("BlobProto", ("double_" if dtype == _F64 else "") + name): number for (name, dtype), number in _ARRAY_FIELD.items()},
     }
     for (message, name), number in expected.items():
-        found = schema.message_class(message).DESCRIPTOR.fields_by_name.get(name)
+        found = schema.descriptor(message).fields_by_name.get(name)
         if found is None or found.number != number:
             raise CaffeFtError(f"the schema's {message}.{name} is not field {number} as in Caffe", schema.path)
 
@@ -625,12 +625,12 @@ def _model_pieces(model: Model) -> List[Piece]:
 def _write_array(handle: BinaryIO, array: np.ndarray, dtype: np.dtype) -> None:
     """Stream ``array`` in C order as ``dtype``, converting a bounded chunk at a time."""
     if array.dtype == dtype and array.flags.c_contiguous:
-        handle.write(memoryview(array.reshape(-1)).cast("B"))
+        handle.write(array.reshape(-1).view(np.uint8).data)
         return
     rows = array.reshape(-1, 1) if array.ndim < 2 else array  # a view, even of a strided vector
     step = max(1, _WRITE_CHUNK // max(1, rows[0].size))
     for first in range(0, rows.shape[0], step):
-        handle.write(memoryview(np.ascontiguousarray(rows[first : first + step], dtype=dtype).reshape(-1)).cast("B"))
+        handle.write(np.ascontiguousarray(rows[first : first + step], dtype=dtype).reshape(-1).view(np.uint8).data)
 
 
 def _write_pieces(path: str, pieces: List[Piece]) -> None:
