@@ -27,7 +27,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
@@ -36,21 +36,21 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def schema():  # type: ignore[no-untyped-def]
+def schema():
     return load_schema()
 
 
 @pytest.fixture(scope="session")
-def parse_net(schema):  # type: ignore[no-untyped-def]
+def parse_net(schema):
     """``parse_net(text)`` -> NetParameter, for inline prototxt snippets."""
 
-    def parse(text: str, message: str = "NetParameter"):  # type: ignore[no-untyped-def]
+    def parse(text: str, message: str = "NetParameter"):
         return prototext.to_message(prototext.parse(text.encode()), schema.new(message))
 
     return parse
 
 
-def cli_runner():  # type: ignore[no-untyped-def]
+def cli_runner():
     """A click CliRunner keeping stderr apart on every click (7.x needs asking)."""
     from click.testing import CliRunner
 

@@ -1,4 +1,4 @@
-"""caffe_ft.finetune.advise: measured similarity (BatchNorm statistics, linear probes)
+"""caffe_ft.recipe.advise: measured similarity (BatchNorm statistics, linear probes)
 and the size x similarity advice (``caffe-ft advise``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from caffe_ft.finetune import advise as adv
+from caffe_ft.recipe import advise as adv
 
 sys.path.insert(0, os.path.dirname(__file__))
 import feature_nets  # noqa: E402

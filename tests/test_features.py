@@ -515,7 +515,7 @@ def test_heavy_modules_load_only_when_used():
     """`caffe-ft --help` and the other commands stay fast: no numpy, scikit-learn, OpenCV or pycaffe on import."""
     import subprocess
 
-    code = ("import sys, caffe_ft.cli, caffe_ft.heads.cache, caffe_ft.heads.linear, caffe_ft.finetune.advise; "
+    code = ("import sys, caffe_ft.cli, caffe_ft.heads.cache, caffe_ft.heads.linear, caffe_ft.recipe.advise; "
             "print(sorted(m for m in ('numpy', 'sklearn', 'cv2', 'caffe') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
