@@ -107,7 +107,7 @@ def check_rewrite(plan: "RewritePlan", weights: str, schema: Schema, input_shape
     text = plan.files[name][0]
     net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
     report = check_net(net, load_model(weights, schema), input_shapes=input_shapes or None)
-    out.write(format_check(report) + "\n")
+    _printer(out)(format_check(report))
     if not report.ok:
         raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
 
