@@ -82,7 +82,7 @@ _TOKEN = re.compile(rb"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|#[^\n]*|[\w.+-
 def seeds() -> List[bytes]:
     """The seed nets: the one above and the golden rewrite inputs."""
     found = [SEED_NET]
-    for path in sorted(glob.glob(os.path.join(HERE, "golden", "rewrite", "*", "*.prototxt"))):
+    for path in sorted(glob.glob(os.path.join(HERE, "recipe", "golden", "rewrite", "*", "*.prototxt"))):
         if os.path.basename(path) != "solver.prototxt":
             with open(path, "rb") as handle:
                 found.append(handle.read())

@@ -27,7 +27,7 @@ from caffe_ft.formats.caffemodel import Blob, Model, save_model
 from caffe_ft.formats.schema import load_schema
 from conftest import cli_runner
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "rewrite", "digits-full")
+GOLDEN = os.path.join(os.path.dirname(__file__), "recipe", "golden", "rewrite", "digits-full")
 REWRITE_ARGS = ["--strategy", "full", "--num-classes", "3", "--new-name", "scores"]
 OUTPUTS = ("deploy.prototxt", "solver.prototxt", "summary.md", "train_val.prototxt")
 

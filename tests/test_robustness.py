@@ -12,6 +12,7 @@ non-finite numbers.
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -22,7 +23,7 @@ from caffe_ft.formats.caffemodel import Blob, Model, load_model, save_model
 from caffe_ft.formats.schema import load_schema
 from conftest import cli_runner
 
-GOLDEN = "tests/golden/rewrite/digits-full"
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipe", "golden", "rewrite", "digits-full")
 NET = """name: "small"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
 layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 4 } }

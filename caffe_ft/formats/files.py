@@ -1,5 +1,8 @@
-"""Reading and writing Caffe files: the only module that opens files.
+"""Reading and writing files: Caffe's text files, atomic writes, fingerprints.
 
+Every write of caffe-ft goes through :func:`write_atomic` or
+:func:`atomic_output`; binary Caffe files are read by
+:mod:`caffe_ft.formats.caffemodel`, image lists by :mod:`caffe_ft.data`.
 Text or binary is decided by content (a ``.prototxt`` that is really a
 caffemodel is caught), nets and solvers by the fields they use.  Every problem
 becomes a :class:`~caffe_ft.errors.CaffeFtError` naming the file; writes go to
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -22,6 +26,8 @@ from google.protobuf.message import Message
 from . import prototext
 from ..errors import CaffeFtError
 from .schema import Schema
+
+_CHUNK = 1 << 20  # bytes hashed at a time
 
 NET = "NetParameter"
 SOLVER = "SolverParameter"
@@ -75,8 +81,8 @@ def require_text(data: bytes, path: str) -> None:
 def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     """``NetParameter`` or ``SolverParameter``, from the top-level field names."""
     names = {child.name for child in tree.children or ()}
-    net_fields = schema.message_class(NET).DESCRIPTOR.fields_by_name
-    solver_fields = schema.message_class(SOLVER).DESCRIPTOR.fields_by_name
+    net_fields = schema.descriptor(NET).fields_by_name
+    solver_fields = schema.descriptor(SOLVER).fields_by_name
     if names and all(name in solver_fields for name in names) and not all(
         name in net_fields for name in names
     ):
@@ -422,3 +428,19 @@ def load_net(path: str, schema: Schema) -> Message:
         except CaffeFtError as exc:
             raise exc.located(path) from None
     return net
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise CaffeFtError(f"cannot read: {exc.strerror}", path) from None
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeFtError
-from .features import FeatureSet, cut_net, load_net, sha256_file, stale_parts
+from ..formats.files import load_net, sha256_file
+from .cache import FeatureSet, stale_parts
+from .trunk import cut_net
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:
@@ -231,7 +233,7 @@ def _unique(name: str, taken: Sequence[str]) -> str:
 
 
 @dataclass(frozen=True)
-class Head:
+class WrittenHead:
     """The written files and the names in them."""
 
     deploy: str
@@ -274,7 +276,7 @@ def _check_source(meta: Dict[str, Any], fingerprints: Dict[str, str], net_path: 
 
 def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, num_classes: int,
                net_path: Optional[str] = None, weights: Optional[str] = None, force: bool = False,
-               inputs: Sequence[Optional[str]] = ()) -> Head:
+               inputs: Sequence[Optional[str]] = ()) -> WrittenHead:
     """Write ``deploy.prototxt``, ``linear.caffemodel`` and ``linear.json`` to ``outdir``,
     all or nothing; existing files only with ``force``, never over one of
     ``inputs`` (nor the net and weights read here)."""
@@ -297,8 +299,8 @@ def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, n
     head_blobs = [Blob.of(result.weights.astype("float32")), Blob.of(result.bias.astype("float32"))]
     blobs[[layer.name for layer in net.layer].index(head_name)] = head_blobs
     names = ("deploy.prototxt", "linear.caffemodel", "linear.json")
-    head = Head(os.path.join(outdir, names[0]), os.path.join(outdir, names[1]), os.path.join(outdir, names[2]),
-                head_name, output)
+    head = WrittenHead(os.path.join(outdir, names[0]), os.path.join(outdir, names[1]),
+                       os.path.join(outdir, names[2]), head_name, output)
     with staged_outputs(outdir, names, [net_path, weights, *inputs], force, option="--outdir") as staging:
         staging.write("deploy.prototxt", print_message(net))
         save_model(Model(model_net, blobs), staging.path("linear.caffemodel"))
@@ -306,7 +308,7 @@ def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, n
     return head
 
 
-def summary(result: Fit, meta: Dict[str, Any], head: Head, num_classes: int) -> Dict[str, Any]:
+def summary(result: Fit, meta: Dict[str, Any], head: WrittenHead, num_classes: int) -> Dict[str, Any]:
     """What linear.json records: the choice, the scores, and the input transform
     the deploy net expects (a deploy net cannot say it)."""
     return {

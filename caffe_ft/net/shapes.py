@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
-from ..formats.caffemodel import shape_problem
+from ..formats.limits import shape_problem
 
 Shape = Tuple[int, ...]
 # A top whose shape the layer's parameters do not determine is None.
@@ -832,7 +832,7 @@ def _missing_shape(layer_name: str, layer_type: str, top: str) -> CaffeFtError:
 
 
 def _resolve(
-    layer: Message, inferred: Inferred, given: Mapping[str, Tuple[int, ...]], overridable: bool
+    layer: Message, inferred: Inferred, given: Mapping[str, Sequence[int]], overridable: bool
 ) -> Tuple[Shape, ...]:
     """The layer's top shapes: the caller's shape where it may override, else
     the rule's; an unknown top with no shape given is an error.
