@@ -1,0 +1,148 @@
+"""Batches for the torch engine's source layers, as Caffe's data layers make them.
+
+``ImageData`` reads its image list in order (shuffled per epoch with
+``shuffle: true``), wraps around at the end, decodes with OpenCV (BGR,
+``new_height``/``new_width`` resize, ``is_color``) and applies
+``transform_param`` in Caffe's order: crop (random in TRAIN, centre in TEST),
+mirror (random, TRAIN), mean (file, indexed at the uncropped position, or
+values), scale.  Random choices come from a seeded numpy generator, not
+Caffe's, so runs with them are reproducible but not Caffe's own draws.
+
+``Input`` tops come from the caller (:class:`Feed`); other source layers are
+refused before any work.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from google.protobuf.message import Message
+
+from ...errors import CaffeFtError
+from ...formats.schema import Schema
+
+#: ``feed(pass_index)`` -> arrays for the Input tops of a net, by top name.
+Feed = Callable[[int], Mapping[str, np.ndarray]]
+
+SOURCES_WITH_DATA = ("ImageData",)
+
+
+class ImageDataSource:
+    """One ImageData layer's batches: ``next()`` -> {data top: (N,C,H,W), label top: (N,)}."""
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0) -> None:
+        from ...heads.features import Transform, image_path, mean_array, read_image_list
+
+        p, t = layer.image_data_param, layer.transform_param
+        self.layer, self.phase = layer, phase
+        if not p.source:
+            raise CaffeFtError("ImageData needs image_data_param.source", layer=layer.name)
+        self.entries = read_image_list(p.source)
+        self.paths = [image_path(p.root_folder, name) for name, _ in self.entries]
+        self.batch = p.batch_size
+        self.shuffle = p.shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = list(range(len(self.entries)))
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+        self.cursor = p.rand_skip and int(self.rng.integers(0, p.rand_skip + 1)) % len(self.order)
+        self.read = Transform(new_height=p.new_height, new_width=p.new_width, is_color=p.is_color)
+        self.crop, self.mirror, self.scale = t.crop_size, t.mirror, t.scale
+        self.mean = mean_array(Transform(mean_values=tuple(t.mean_value), mean_file=t.mean_file or None), schema)
+
+    def _one(self, index: int) -> np.ndarray:
+        from ...heads.features import read_image
+
+        image = read_image(self.paths[index], self.read).astype(np.float32)
+        channels, height, width = image.shape
+        mean = self.mean
+        if self.crop:
+            if height < self.crop or width < self.crop:
+                raise CaffeFtError(f"an image of {height}x{width} is smaller than crop_size {self.crop}",
+                                   self.paths[index])
+            if self.phase == "TRAIN":
+                top = int(self.rng.integers(0, height - self.crop + 1))
+                left = int(self.rng.integers(0, width - self.crop + 1))
+            else:
+                top, left = (height - self.crop) // 2, (width - self.crop) // 2
+            image = image[:, top:top + self.crop, left:left + self.crop]
+            if mean is not None and mean.shape[1:] != (1, 1):
+                mean = mean[:, top:top + self.crop, left:left + self.crop]
+        if self.mirror and self.phase == "TRAIN" and self.rng.integers(0, 2):
+            image = image[:, :, ::-1]
+            if mean is not None and mean.shape[1:] != (1, 1):
+                mean = mean[:, :, ::-1]
+        out = image - mean if mean is not None else image
+        return np.ascontiguousarray(out * np.float32(self.scale) if self.scale != 1 else out, np.float32)
+
+    def next(self) -> Dict[str, np.ndarray]:
+        images, labels = [], []
+        for _ in range(self.batch):
+            index = self.order[self.cursor]
+            images.append(self._one(index))
+            labels.append(self.entries[index][1])
+            self.cursor += 1
+            if self.cursor == len(self.order):
+                self.cursor = 0
+                if self.shuffle:
+                    self.rng.shuffle(self.order)
+        shapes = {image.shape for image in images}
+        if len(shapes) > 1:
+            raise CaffeFtError(f"images of different sizes in one batch ({sorted(shapes)}); set new_height/"
+                               "new_width or crop_size", layer=self.layer.name)
+        tops = list(self.layer.top)
+        out = {tops[0]: np.stack(images)}
+        if len(tops) > 1:
+            out[tops[1]] = np.asarray(labels, np.float32)
+        return out
+
+
+class NetFeeder:
+    """Every source layer of one net, read together: ``next()`` gives one pass's inputs."""
+
+    def __init__(self, sources: Sequence[Message], schema: Schema, phase: str, feed: Optional[Feed] = None,
+                 seed: int = 0) -> None:
+        self.readers: List[ImageDataSource] = []
+        self.inputs: List[str] = []
+        self.feed = feed
+        self.passes = 0
+        for layer in sources:
+            if layer.type == "ImageData":
+                self.readers.append(ImageDataSource(layer, schema, phase, seed))
+            elif layer.type == "Input":
+                self.inputs.extend(layer.top)
+            else:
+                raise CaffeFtError(f"the torch engine cannot read '{layer.type}' data yet (ImageData and Input "
+                                   "only)", layer=layer.name)
+        if self.inputs and feed is None:
+            raise CaffeFtError(f"the net reads its data from Input layers ({', '.join(self.inputs)}), "
+                               "which only a caller can feed; train with a data layer (ImageData)")
+
+    def next(self) -> Dict[str, np.ndarray]:
+        out: Dict[str, np.ndarray] = {}
+        for reader in self.readers:
+            out.update(reader.next())
+        if self.feed is not None:
+            out.update(self.feed(self.passes))
+        self.passes += 1
+        return out
+
+    def skip(self, passes: int) -> None:
+        """Read and drop ``passes`` batches (a resumed run reads on where the first one was)."""
+        for _ in range(passes):
+            for reader in self.readers:
+                reader.next()
+        self.passes += passes
+
+
+def input_shapes(sources: Sequence[Message], schema: Schema, phase: str) -> Dict[str, Tuple[int, ...]]:
+    """Top shapes of ImageData layers whose size only the images tell (first batch's)."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for layer in sources:
+        if layer.type == "ImageData" and not layer.transform_param.crop_size and not layer.image_data_param.new_height:
+            first = ImageDataSource(layer, schema, phase)
+            first.batch = 1
+            image = first.next()[layer.top[0]]
+            shapes[layer.top[0]] = (layer.image_data_param.batch_size, *image.shape[1:])
+    return shapes

@@ -1,0 +1,70 @@
+"""The torch engine computes what Caffe computes: every blob of real nets'
+TEST-phase forward pass equals pycaffe's within 1e-4 relative.
+
+pycaffe runs in the reference environment (tests/torch_parity_ref.py) and
+torch on the host; the arrays meet in a cache directory (tests/torch_parity.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from torch_parity import cached_dir, dumps, in_root, load_blobs, relative_error  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.host
+
+DOC = "/usr/share/doc/caffe-doc"
+NETS = [
+    {"name": "lenet", "prototxt": f"{DOC}/examples/mnist/lenet.prototxt", "weights": None, "batch": 2},
+    {"name": "cifar10_quick", "prototxt": f"{DOC}/examples/cifar10/cifar10_quick.prototxt", "weights": None,
+     "batch": 2},
+    {"name": "cifar10_full", "prototxt": f"{DOC}/examples/cifar10/cifar10_full.prototxt", "weights": None,
+     "batch": 2},
+    {"name": "caffenet", "prototxt": f"{DOC}/models/bvlc_reference_caffenet/deploy.prototxt", "weights": None,
+     "batch": 1},
+    {"name": "alexnet", "prototxt": f"{DOC}/models/bvlc_alexnet/deploy.prototxt", "weights": None, "batch": 1},
+    {"name": "googlenet", "prototxt": f"{DOC}/models/bvlc_googlenet/deploy.prototxt.gz", "weights": None,
+     "batch": 1},
+    {"name": "nsfw_resnet50", "prototxt": "/opt/models/nsfw/deploy.prototxt",
+     "weights": "/opt/models/nsfw/resnet_50_1by2_nsfw.caffemodel", "batch": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    missing = [net["prototxt"] for net in NETS if not os.path.exists(in_root(net["prototxt"]))]
+    assert not missing, f"the reference environment lacks {missing}"
+    return cached_dir("forward", {"nets.json": dumps(NETS)})
+
+
+@pytest.mark.parametrize("name", [net["name"] for net in NETS])
+def test_forward_matches_pycaffe(reference: str, schema, name: str) -> None:  # type: ignore[no-untyped-def]
+    from caffe_ft.formats.caffemodel import load_model
+    from caffe_ft.formats.files import load_net
+    from caffe_ft.training.torch.net import CaffeNet
+
+    where = os.path.join(reference, name)
+    blobs = load_blobs(os.path.join(where, "blobs.npz"))
+    net = CaffeNet(load_net(os.path.join(where, "net.prototxt"), schema), "TEST")
+    filled = net.load_blobs(load_model(os.path.join(where, "weights.caffemodel"), schema).layer_blobs())
+    assert sorted(filled) == sorted(net.blobs_of)
+    inputs = {top: torch.from_numpy(blobs[top]) for layer in net.sources for top in layer.top}
+    with torch.no_grad():
+        ours = net(inputs)
+    # Caffe adds a Split layer (tops NAME_LAYER_0_split_K) where a blob feeds several layers.
+    blobs = {blob: value for blob, value in blobs.items() if blob in ours or "_split_" not in blob}
+    assert set(ours) == set(blobs)
+    errors = {blob: relative_error(ours[blob].numpy(), blobs[blob]) for blob in blobs}
+    worst = max(errors, key=errors.get)  # type: ignore[arg-type]
+    assert errors[worst] < 1e-4, f"blob {worst}: relative error {errors[worst]:.3g}"
+    # The outputs really vary: a net of constant blobs would match anything.
+    for output in net.output_names:
+        assert np.std(blobs[output]) > 0

@@ -1,0 +1,150 @@
+"""Reference arrays from real Caffe for the torch engine's parity tests.
+
+Runs inside the reference environment (``scripts/caffe-env run -- python3
+tests/torch_parity_ref.py MODE DIR``), where pycaffe is; the tests on the host
+(where torch is) read what it writes.  Python 3.9, no caffe-ft imports.
+
+forward DIR: for each entry of DIR/nets.json (name, prototxt, weights or
+  null, batch), writes DIR/NAME/net.prototxt (the net with its Input batch
+  set), weights.caffemodel (the given weights, or seeded random ones) and
+  blobs.npz (every blob after one TEST forward pass of seeded random input).
+train DIR: DIR/net.prototxt (Input tops data and label), DIR/data.npz
+  (data_i, label_i per iteration) and DIR/solvers.json (name -> solver
+  fields as prototxt text); writes DIR/init.caffemodel once (Caffe's fillers),
+  then per solver DIR/NAME/: snapshots at iterations 10 and 20 and
+  params.npz (every learnable blob after 20 iterations).
+resume DIR NAME STATE: restores STATE in pycaffe with solver NAME of DIR and
+  trains on to iteration 20; writes DIR/NAME/resumed.npz.
+"""
+
+import gzip
+import json
+import os
+import sys
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import caffe  # noqa: E402
+import numpy as np  # noqa: E402
+from caffe.proto import caffe_pb2  # noqa: E402
+from google.protobuf import text_format  # noqa: E402
+
+
+def read_text(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        return handle.read()
+
+
+def save_blobs(path, names, arrays):
+    np.savez(path, names=np.array(names), **{"b%d" % i: a for i, a in enumerate(arrays)})
+
+
+def random_weights(net, rng):
+    for name, blobs in net.params.items():
+        for index, blob in enumerate(blobs):
+            shape = blob.data.shape
+            if len(shape) > 1:
+                fan_in = blob.data.size // shape[0]
+                blob.data[...] = rng.normal(0, 1.0 / np.sqrt(fan_in), shape)
+            else:
+                blob.data[...] = rng.normal(0, 0.1, shape)
+
+
+def forward(out):
+    with open(os.path.join(out, "nets.json")) as handle:
+        entries = json.load(handle)
+    caffe.set_mode_cpu()
+    for entry in entries:
+        where = os.path.join(out, entry["name"])
+        os.makedirs(where, exist_ok=True)
+        param = caffe_pb2.NetParameter()
+        text_format.Merge(read_text(entry["prototxt"]), param)
+        for layer in param.layer:
+            if layer.type == "Input":
+                for shape in layer.input_param.shape:
+                    shape.dim[0] = entry["batch"]
+        net_path = os.path.join(where, "net.prototxt")
+        with open(net_path, "w") as handle:
+            handle.write(text_format.MessageToString(param))
+        rng = np.random.default_rng(7)
+        if entry["weights"]:
+            net = caffe.Net(net_path, entry["weights"], caffe.TEST)
+        else:
+            net = caffe.Net(net_path, caffe.TEST)
+            random_weights(net, rng)
+        net.save(os.path.join(where, "weights.caffemodel"))
+        for name in net.inputs:
+            net.blobs[name].data[...] = rng.normal(0, 1, net.blobs[name].data.shape)
+        net.forward()
+        names = list(net.blobs)
+        save_blobs(os.path.join(where, "blobs.npz"), names, [net.blobs[n].data.copy() for n in names])
+
+
+def solver_for(out, name, prefix):
+    with open(os.path.join(out, "solvers.json")) as handle:
+        fields = json.load(handle)[name]
+    path = os.path.join(out, name, "solver.prototxt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write('net: "%s"\nsnapshot_prefix: "%s"\nsolver_mode: CPU\n%s\n'
+                     % (os.path.join(out, "net.prototxt"), prefix, fields))
+    return caffe.get_solver(path)
+
+
+def feed(solver, data, iteration):
+    solver.net.blobs["data"].data[...] = data["data_%d" % iteration]
+    solver.net.blobs["label"].data[...] = data["label_%d" % iteration]
+
+
+def dump_params(net, path):
+    names, arrays = [], []
+    for name, blobs in net.params.items():
+        for index, blob in enumerate(blobs):
+            names.append("%s/%d" % (name, index))
+            arrays.append(blob.data.copy())
+    save_blobs(path, names, arrays)
+
+
+def train(out):
+    caffe.set_mode_cpu()
+    init = os.path.join(out, "init.caffemodel")
+    if not os.path.exists(init):
+        caffe.set_random_seed(1)
+        caffe.Net(os.path.join(out, "net.prototxt"), caffe.TRAIN).save(init)
+    data = np.load(os.path.join(out, "data.npz"))
+    with open(os.path.join(out, "solvers.json")) as handle:
+        names = list(json.load(handle))
+    for name in names:
+        solver = solver_for(out, name, os.path.join(out, name, "caffe"))
+        solver.net.copy_from(init)
+        while solver.iter < 20:
+            feed(solver, data, solver.iter)
+            solver.step(1)
+            if solver.iter == 10:
+                solver.snapshot()
+        solver.snapshot()
+        dump_params(solver.net, os.path.join(out, name, "params.npz"))
+
+
+def resume(out, name, state):
+    caffe.set_mode_cpu()
+    data = np.load(os.path.join(out, "data.npz"))
+    solver = solver_for(out, name, os.path.join(out, name, "resumed"))
+    solver.restore(state)
+    while solver.iter < 20:
+        feed(solver, data, solver.iter)
+        solver.step(1)
+    dump_params(solver.net, os.path.join(out, name, "resumed.npz"))
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "forward":
+        forward(out)
+    elif mode == "train":
+        train(out)
+    else:
+        resume(out, sys.argv[3], sys.argv[4])
+    with open(os.path.join(out, mode + ".done"), "w") as handle:
+        handle.write("ok\n")
