@@ -13,8 +13,9 @@ train DIR: DIR/net.prototxt (Input tops data and label), DIR/data.npz
   fields as prototxt text); writes DIR/init.caffemodel once (Caffe's fillers),
   then per solver DIR/NAME/: snapshots at iterations 10 and 20 and
   params.npz (every learnable blob after 20 iterations).
-resume DIR NAME STATE: restores STATE in pycaffe with solver NAME of DIR and
-  trains on to iteration 20; writes DIR/NAME/resumed.npz.
+resume DIR MARK NAME STATE [NAME STATE...]: restores each STATE in pycaffe
+  with solver NAME of DIR and trains on to iteration 20; writes
+  DIR/NAME/resumed.npz, then DIR/MARK.done.
 """
 
 import gzip
@@ -145,6 +146,9 @@ if __name__ == "__main__":
     elif mode == "train":
         train(out)
     else:
-        resume(out, sys.argv[3], sys.argv[4])
+        pairs = sys.argv[4:]
+        for index in range(0, len(pairs), 2):
+            resume(out, pairs[index], pairs[index + 1])
+        mode = sys.argv[3]
     with open(os.path.join(out, mode + ".done"), "w") as handle:
         handle.write("ok\n")

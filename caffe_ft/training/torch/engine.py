@@ -186,7 +186,7 @@ class Trainer:
             copy.CopyFrom(layer)
             del copy.blobs[:]
             if not copy.HasField("phase"):
-                copy.phase = copy.TRAIN if self.specs[0].phase == "TRAIN" else copy.TEST
+                copy.phase = 0 if self.specs[0].phase == "TRAIN" else 1  # caffe.Phase
             blobs.append([Blob.of(array) for array in arrays.get(layer.name, [])])
         return Model(net, blobs)
 
