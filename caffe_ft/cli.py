@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
@@ -666,28 +667,51 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 @click.option("--caffe-log", is_flag=True, help="Show Caffe's own INFO log.")
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
+@click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
+              help="Who trains: pycaffe, PyTorch with Caffe's semantics, or auto (pycaffe where it can run "
+                   "on the device, else torch).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
+              help="Torch engine on a GPU: tf32 or bf16 trade exactness for speed.")
+@click.option("--channels-last", is_flag=True, help="Torch engine: channels-last memory format.")
 @click.pass_context
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
-          caffe_log: bool, stop_after: Optional[int]) -> None:
-    """Train with SOLVER through pycaffe: progress, metrics, safe snapshots.
+          caffe_log: bool, stop_after: Optional[int], engine: str, precision: str, channels_last: bool) -> None:
+    """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
     Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
     command that resumes; a resumed run reads on from where the data layers
     were.  A nan/inf loss stops the run and keeps the last good state.
     Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
     """
-    from .training.pycaffe import train as run_training
-    from .training.run import TrainOptions
+    from .training.run import TrainOptions, choose_engine
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
+    device = "cpu" if cpu else (gpu if gpu is not None else "solver")
+    chosen, why = choose_engine(engine, device)
+    if engine == "auto":
+        click.echo(f"engine: {chosen} ({why})", err=True)
+    if chosen == "pycaffe" and (precision != "fp32" or channels_last):
+        raise click.UsageError("--precision and --channels-last need --engine torch")
     options = TrainOptions(
-        solver=solver, weights=weights, device="cpu" if cpu else (gpu if gpu is not None else "solver"),
+        solver=solver, weights=weights, device=device,
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
-        caffe_log=caffe_log, proto=ctx.obj.get("proto"),
+        caffe_log=caffe_log, proto=ctx.obj.get("proto"), engine=engine if engine != "auto" else "pycaffe",
+        precision=precision, channels_last=channels_last,
     )
-    result = run_training(options, _schema(ctx), sys.stderr)
+    if chosen == "torch":
+        from .training.torch import require_torch
+
+        require_torch()
+        from .training.torch.engine import train as run_torch
+
+        options = replace(options, engine="torch")
+        result = run_torch(options, _schema(ctx), sys.stderr)
+    else:
+        from .training.pycaffe import train as run_training
+
+        result = run_training(options, _schema(ctx), sys.stderr)
     if result.status == "diverged":
         click.echo(f"caffe-ft: error: {result.message}", err=True)
     else:

@@ -17,8 +17,6 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from torch_parity import cached_dir, dumps, in_root, load_blobs, relative_error  # noqa: E402
 
-torch = pytest.importorskip("torch")
-
 pytestmark = pytest.mark.host
 
 DOC = "/usr/share/doc/caffe-doc"
@@ -47,6 +45,8 @@ def reference() -> str:
 
 @pytest.mark.parametrize("name", [net["name"] for net in NETS])
 def test_forward_matches_pycaffe(reference: str, schema, name: str) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
     from caffe_ft.formats.caffemodel import load_model
     from caffe_ft.formats.files import load_net
     from caffe_ft.training.torch.net import CaffeNet

@@ -18,8 +18,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from torch_parity import cached_dir, dumps, load_blobs, relative_error, run_helper  # noqa: E402
 
-torch = pytest.importorskip("torch")
-
 pytestmark = pytest.mark.host
 
 # (conv1 has no bias: BatchNorm cancels it, so its gradient is rounding noise,

@@ -139,7 +139,7 @@ class Trainer:
                 continue
             if loss.requires_grad:
                 loss.float().backward()
-            total += float(loss)
+            total += float(loss.detach())
         self.loss = total / self.settings.iter_size
         return self.loss
 
@@ -294,13 +294,13 @@ class _Loop:
         return "done", trainer.iter, None
 
 
-def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr, precision: str = "fp32",
-          channels_last: bool = False) -> TrainResult:
+def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> TrainResult:
     """Run the solver on torch as ``options`` say (the ``caffe-ft train --engine torch`` path)."""
     solver, train_spec, test_specs = _prepare(options, schema, out)
     device = _device(options, solver)
+    precision = options.precision
     trainer = Trainer(solver, schema, train_spec, test_specs, device, precision=precision,
-                      channels_last=channels_last)
+                      channels_last=options.channels_last)
     prefix = snap.effective_prefix(options.solver, solver.snapshot_prefix)
     workdir = tempfile.mkdtemp(prefix="caffe-ft-train-")
     staging = snap.Staging(prefix)

@@ -138,7 +138,7 @@ class CaffeSolver:
             raise CaffeFtError(f"the solverstate has {len(history)} history blobs; this {self.kind} solver "
                                f"over this net keeps {len(self.history)}")
         for index, (mine, theirs) in enumerate(zip(self.history, history)):
-            array = np.asarray(theirs, np.float32)
+            array = np.array(theirs, np.float32)
             if array.size != mine.numel():
                 raise CaffeFtError(f"history blob {index} holds {array.size} values; its parameter has {mine.numel()}")
             mine.copy_(torch.from_numpy(array.reshape(tuple(mine.shape))))
