@@ -32,7 +32,8 @@ class ImageDataSource:
     """One ImageData layer's batches: ``next()`` -> {data top: (N,C,H,W), label top: (N,)}."""
 
     def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0) -> None:
-        from ...heads.features import Transform, image_path, mean_array, read_image_list
+        from ...data.sources import image_path, read_image_list
+        from ...data.transform import Transform, mean_array
 
         p, t = layer.image_data_param, layer.transform_param
         self.layer, self.phase = layer, phase
@@ -52,7 +53,7 @@ class ImageDataSource:
         self.mean = mean_array(Transform(mean_values=tuple(t.mean_value), mean_file=t.mean_file or None), schema)
 
     def _one(self, index: int) -> np.ndarray:
-        from ...heads.features import read_image
+        from ...data.transform import read_image
 
         image = read_image(self.paths[index], self.read).astype(np.float32)
         channels, height, width = image.shape

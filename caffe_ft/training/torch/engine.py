@@ -343,9 +343,10 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
                 loop.metrics.close()
         result = _finish(loop, options, status, iteration, time.monotonic() - began, first)
         if options.plot:
-            from .. import pycaffe
+            from ..plot import plot_quietly
 
-            pycaffe._plot(options.metrics or os.path.join(workdir, "metrics.jsonl"), options.plot, out)
+            if plot_quietly(options.metrics or os.path.join(workdir, "metrics.jsonl"), options.plot, out):
+                out.write(f"plot: {options.plot}\n")
         return result
     finally:
         staging.remove()
