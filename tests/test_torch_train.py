@@ -137,7 +137,7 @@ def test_resumes_a_caffe_snapshot(reference: str, schema, name: str) -> None:  #
     trainer.restore(os.path.join(reference, name, "caffe_iter_10.solverstate"),
                     os.path.join(reference, name, "caffe_iter_10.caffemodel"))
     assert trainer.iter == 10
-    trainer.net.feeder.passes = 10 * trainer.settings.iter_size
+    trainer.feeder.passes = 10 * trainer.settings.iter_size
     while trainer.iter < ITERATIONS:
         trainer.step()
     _compare(trainer, load_blobs(os.path.join(reference, name, "params.npz")))

@@ -16,9 +16,13 @@ INSTALL_HINT = "the torch engine needs PyTorch: pip install 'caffe-ft[torch]'"
 
 def require_torch() -> None:
     """Raise a one-line :class:`~caffe_ft.errors.CaffeFtError` when torch cannot be imported."""
+    import importlib.util
+
     from ...errors import CaffeFtError
 
     try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise CaffeFtError(INSTALL_HINT) from None
+        found = importlib.util.find_spec("torch") is not None
+    except ValueError:  # a module object without a spec (set to None to hide it)
+        found = False
+    if not found:
+        raise CaffeFtError(INSTALL_HINT)

@@ -83,8 +83,10 @@ class Trainer:
         self.precision = precision
         self.channels_last = channels_last
         feeds = list(feeds) + [None] * (1 + len(tests) - len(feeds))
-        self.net = self._build(train, None, feeds[0])
-        self.test_nets = [self._build(spec, self.net, feed) for spec, feed in zip(tests, feeds[1:])]
+        self.net, self.feeder = self._build(train, None, feeds[0])
+        built = [self._build(spec, self.net, feed) for spec, feed in zip(tests, feeds[1:])]
+        self.test_nets = [net for net, _ in built]
+        self.test_feeders = [feeder for _, feeder in built]
         self.solver = CaffeSolver(solver, self.net.learnable)
         self.specs = [train, *tests]
         self.loss = math.nan
@@ -93,7 +95,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = allow
             torch.backends.cudnn.allow_tf32 = allow
 
-    def _build(self, spec: NetSpec, share: Optional[CaffeNet], feed: Optional[Feed]) -> CaffeNet:
+    def _build(self, spec: NetSpec, share: Optional[CaffeNet], feed: Optional[Feed]) -> Tuple[CaffeNet, NetFeeder]:
         from ...net.shapes import filter_layers
         from .net import check_supported
 
@@ -104,15 +106,14 @@ class Trainer:
         shapes = input_shapes(sources, self.schema, spec.phase)
         net = CaffeNet(spec.net, spec.phase, spec.stages, spec.level, input_shapes=shapes or None, share_from=share)
         net.to(self.device)
-        net.feeder = feeder  # type: ignore[assignment]
-        return net
+        return net, feeder
 
     @property
     def iter(self) -> int:
         return self.solver.iter
 
-    def _inputs(self, net: CaffeNet) -> Dict[str, torch.Tensor]:
-        arrays = net.feeder.next()  # type: ignore[operator]
+    def _inputs(self, feeder: NetFeeder) -> Dict[str, torch.Tensor]:
+        arrays = feeder.next()
         tensors = {}
         for name, array in arrays.items():
             tensor = torch.as_tensor(np.asarray(array, np.float32), device=self.device)
@@ -133,7 +134,7 @@ class Trainer:
         total = 0.0
         for _ in range(self.settings.iter_size):
             with self._autocast():
-                self.net(self._inputs(self.net))
+                self.net(self._inputs(self.feeder))
             loss = self.net.loss
             if loss is None:
                 continue
@@ -162,7 +163,7 @@ class Trainer:
                 if abort():
                     return None
                 with self._autocast():
-                    blobs = net(self._inputs(net))
+                    blobs = net(self._inputs(self.test_feeders[index]))
                 values = [blobs[name].float().cpu().numpy().astype(np.float32) for name in names]
                 sums = values if sums is None else [s + v for s, v in zip(sums, values)]
         return summarize_outputs(names, sums or [], max(count, 1))
@@ -309,9 +310,9 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
         if resume is not None:
             trainer.restore(resume.state, resume.model)
             train_batches, test_batches = resume_skips(trainer.settings, trainer.iter)
-            trainer.net.feeder.skip(train_batches)  # type: ignore[attr-defined]
-            for net, batches in zip(trainer.test_nets, test_batches):
-                net.feeder.skip(batches)  # type: ignore[attr-defined]
+            trainer.feeder.skip(train_batches)
+            for feeder, batches in zip(trainer.test_feeders, test_batches):
+                feeder.skip(batches)
         elif options.weights:
             trainer.copy_from(options.weights)
         start = f"resuming at iteration {trainer.iter}" if resume else (
@@ -363,10 +364,11 @@ def _finish(loop: _Loop, options: TrainOptions, status: str, iteration: int, sec
         if good is None:
             return TrainResult("diverged", iteration, 2, None, None, message + "; no earlier state was saved",
                                loop.tests)
-        at, paths = good
-        return TrainResult("diverged", iteration, 2, paths, resume_command(options, paths[1]),
-                           message + f" and resume from the last good state (iteration {at}): {paths[1]}",
+        at, good_paths = good
+        return TrainResult("diverged", iteration, 2, good_paths, resume_command(options, good_paths[1]),
+                           message + f" and resume from the last good state (iteration {at}): {good_paths[1]}",
                            loop.tests)
+    paths: Optional[Tuple[str, str]]
     if status == "interrupted":
         paths = snapshots.save(iteration) if options.snapshot_on_exit else snapshots.latest
         signum = loop.stop.requested or signal.SIGINT

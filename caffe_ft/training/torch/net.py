@@ -154,6 +154,7 @@ class _Builder:
         dilation = _pair(p.dilation, None, None, 1, n)
         group = p.group
         weight, bias = params[0], params[1] if p.bias_term else None
+        fn: Callable[..., Tensor]
         if deconv:
             fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
             run = lambda b: [fn(x, weight, bias, stride, pad, 0, group, dilation) for x in b]  # noqa: E731

@@ -84,7 +84,7 @@ class CaffeSolver:
             for i, (spec, diff) in enumerate(zip(self.learnable, diffs)):
                 data = spec.param
                 if iter_size != 1:
-                    diff.mul_(np.float32(1.0) / np.float32(iter_size))
+                    diff.mul_(float(np.float32(1.0) / np.float32(iter_size)))
                 decay = param.weight_decay * spec.decay_mult
                 if decay:
                     if param.regularization_type == "L2":
