@@ -5,9 +5,12 @@ tests/torch_parity_ref.py MODE DIR``), where pycaffe is; the tests on the host
 (where torch is) read what it writes.  Python 3.9, no caffe-ft imports.
 
 forward DIR: for each entry of DIR/nets.json (name, prototxt, weights or
-  null, batch), writes DIR/NAME/net.prototxt (the net with its Input batch
-  set), weights.caffemodel (the given weights, or seeded random ones) and
-  blobs.npz (every blob after one TEST forward pass of seeded random input).
+  null, batch, and optionally phase, stages, inputs {top: C,H,W...} and
+  labels {top: classes}), writes DIR/NAME/net.prototxt (the net with its
+  Input batch set, and its data layers made Input layers of the given
+  shapes), weights.caffemodel (the given weights, or seeded random ones) and
+  blobs.npz (every blob after one forward pass in the entry's phase, TEST by
+  default, of seeded random input and labels).
 train DIR: DIR/net.prototxt (Input tops data and label), DIR/data.npz
   (data_i, label_i per iteration) and DIR/solvers.json (name -> solver
   fields as prototxt text); writes DIR/init.caffemodel once (Caffe's fillers),
@@ -41,8 +44,31 @@ def save_blobs(path, names, arrays):
     np.savez(path, names=np.array(names), **{"b%d" % i: a for i, a in enumerate(arrays)})
 
 
+DATA_LAYERS = ("Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData")
+
+
+def as_input(layer, entry):
+    """A data layer turned into an Input layer of the entry's shapes (same name, tops, rules)."""
+    new = caffe_pb2.LayerParameter()
+    new.name, new.type = layer.name, "Input"
+    new.top.extend(layer.top)
+    new.include.extend(layer.include)
+    new.exclude.extend(layer.exclude)
+    for top in layer.top:
+        dims = [entry["batch"]] + list(entry.get("inputs", {}).get(top, []))
+        new.input_param.shape.add().dim.extend(dims)
+    return new
+
+
 def random_weights(net, rng):
+    types = dict(zip(net._layer_names, [layer.type for layer in net.layers]))
     for name, blobs in net.params.items():
+        if types.get(name) == "BatchNorm":
+            channels = blobs[0].data.shape
+            blobs[2].data[...] = rng.uniform(1, 5)
+            blobs[0].data[...] = rng.normal(0, 0.5, channels) * blobs[2].data[0]
+            blobs[1].data[...] = rng.uniform(0.5, 2, channels) * blobs[2].data[0]
+            continue
         for index, blob in enumerate(blobs):
             shape = blob.data.shape
             if len(shape) > 1:
@@ -61,22 +87,31 @@ def forward(out):
         os.makedirs(where, exist_ok=True)
         param = caffe_pb2.NetParameter()
         text_format.Merge(read_text(entry["prototxt"]), param)
-        for layer in param.layer:
+        for index, layer in enumerate(param.layer):
             if layer.type == "Input":
                 for shape in layer.input_param.shape:
                     shape.dim[0] = entry["batch"]
+            elif layer.type in DATA_LAYERS:
+                param.layer[index].CopyFrom(as_input(layer, entry))
+        phase = caffe.TRAIN if entry.get("phase") == "TRAIN" else caffe.TEST
+        stages = entry.get("stages", [])
         net_path = os.path.join(where, "net.prototxt")
         with open(net_path, "w") as handle:
             handle.write(text_format.MessageToString(param))
         rng = np.random.default_rng(7)
         if entry["weights"]:
-            net = caffe.Net(net_path, entry["weights"], caffe.TEST)
+            net = caffe.Net(net_path, phase, weights=entry["weights"], stages=stages)
         else:
-            net = caffe.Net(net_path, caffe.TEST)
+            net = caffe.Net(net_path, phase, stages=stages)
             random_weights(net, rng)
         net.save(os.path.join(where, "weights.caffemodel"))
+        labels = entry.get("labels", {})
         for name in net.inputs:
-            net.blobs[name].data[...] = rng.normal(0, 1, net.blobs[name].data.shape)
+            shape = net.blobs[name].data.shape
+            if name in labels:
+                net.blobs[name].data[...] = rng.integers(0, labels[name], shape)
+            else:
+                net.blobs[name].data[...] = rng.normal(0, 1, shape)
         net.forward()
         names = list(net.blobs)
         save_blobs(os.path.join(where, "blobs.npz"), names, [net.blobs[n].data.copy() for n in names])
