@@ -173,3 +173,68 @@ def test_pycaffe_resumes_a_torch_snapshot(reference: str, schema) -> None:  # ty
         straight = load_blobs(os.path.join(reference, name, "params.npz"))
         for blob in straight:
             assert relative_error(resumed[blob], straight[blob]) < 1e-5, f"{name} {blob}"
+
+
+# A solver whose nets read an LMDB of raw Datums through Data layers, with
+# Caffe's transform (mean values, scale): the engine
+# reads the records in Caffe's order and transforms them as Caffe does.
+LMDB_NET = """
+name: "lmdb"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { mean_value: 120 mean_value: 110 mean_value: 100 scale: 0.02 }
+  data_param { source: "items_lmdb" batch_size: 3 backend: LMDB } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { mean_value: 120 mean_value: 110 mean_value: 100 scale: 0.02 }
+  data_param { source: "items_lmdb" batch_size: 2 backend: LMDB } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 stride: 2 weight_filler { type: "gaussian" std: 0.2 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" }
+layer { name: "accuracy" type: "Accuracy" bottom: "ip1" bottom: "label" top: "accuracy" include { phase: TEST } }
+"""
+LMDB_SOLVER = {"sgd_lmdb": 'max_iter: 20 type: "SGD" base_lr: 0.05 momentum: 0.9 lr_policy: "fixed" '
+                           "weight_decay: 0.001 test_iter: 2 test_interval: 10"}
+
+
+def _lmdb_bytes(schema, tmp: str) -> bytes:  # type: ignore[no-untyped-def]
+    import lmdb
+
+    rng = np.random.default_rng(5)
+    env = lmdb.open(tmp, map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for index in range(7):  # not a multiple of the batch: reading wraps around mid-batch
+            datum = schema.new("Datum")
+            datum.channels, datum.height, datum.width = 3, 12, 12
+            datum.data = rng.integers(0, 256, 3 * 12 * 12).astype(np.uint8).tobytes()
+            datum.label = index % 3
+            txn.put(f"{index:08d}".encode(), datum.SerializeToString())
+    env.close()
+    with open(os.path.join(tmp, "data.mdb"), "rb") as handle:
+        return handle.read()
+
+
+def test_data_layers_read_and_transform_an_lmdb_as_caffe(schema, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from caffe_ft.formats import prototext
+    from caffe_ft.training.nets import solver_nets
+    from caffe_ft.training.torch.engine import Trainer
+
+    empty = io.BytesIO()
+    np.savez(empty)
+    reference = cached_dir("train", {"net.prototxt": LMDB_NET.encode(), "data.npz": empty.getvalue(),
+                                     "solvers.json": dumps(LMDB_SOLVER),
+                                     "items_lmdb/data.mdb": _lmdb_bytes(schema, str(tmp_path))})
+    monkeypatch.chdir(reference)
+    text = 'net: "net.prototxt" ' + LMDB_SOLVER["sgd_lmdb"]
+    solver = prototext.to_message(prototext.parse(text.encode()), schema.new("SolverParameter"))
+    train, tests = solver_nets(solver, schema)
+    trainer = Trainer(solver, schema, train, tests)
+    trainer.copy_from("init.caffemodel")
+    while trainer.iter < ITERATIONS:
+        trainer.step()
+    _compare(trainer, load_blobs(os.path.join(reference, "sgd_lmdb", "params.npz")))
+    outputs = trainer.test(0, 2)
+    assert outputs is not None and 0 <= outputs["accuracy"] <= 1 and outputs["loss"] > 0

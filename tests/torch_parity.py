@@ -56,6 +56,7 @@ def cached_dir(mode: str, files: Mapping[str, bytes]) -> str:
     shutil.rmtree(where, ignore_errors=True)
     os.makedirs(where)
     for name, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(where, name)), exist_ok=True)
         with open(os.path.join(where, name), "wb") as handle:
             handle.write(content)
     run_helper(mode, where)

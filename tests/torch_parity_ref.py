@@ -12,7 +12,8 @@ forward DIR: for each entry of DIR/nets.json (name, prototxt, weights or
   blobs.npz (every blob after one forward pass in the entry's phase, TEST by
   default, of seeded random input and labels).
 train DIR: DIR/net.prototxt (Input tops data and label), DIR/data.npz
-  (data_i, label_i per iteration) and DIR/solvers.json (name -> solver
+  (data_i, label_i per iteration; unused when the net has Data layers,
+  whose sources are relative to DIR) and DIR/solvers.json (name -> solver
   fields as prototxt text); writes DIR/init.caffemodel once (Caffe's fillers),
   then per solver DIR/NAME/: snapshots at iterations 10 and 20 and
   params.npz (every learnable blob after 20 iterations).
@@ -129,6 +130,8 @@ def solver_for(out, name, prefix):
 
 
 def feed(solver, data, iteration):
+    if "data" not in solver.net.inputs:  # the net reads its own data (Data layers)
+        return
     solver.net.blobs["data"].data[...] = data["data_%d" % iteration]
     solver.net.blobs["label"].data[...] = data["label_%d" % iteration]
 
@@ -143,6 +146,7 @@ def dump_params(net, path):
 
 
 def train(out):
+    os.chdir(out)  # data layers name their sources relative to DIR
     caffe.set_mode_cpu()
     init = os.path.join(out, "init.caffemodel")
     if not os.path.exists(init):
@@ -164,6 +168,7 @@ def train(out):
 
 
 def resume(out, name, state):
+    os.chdir(out)
     caffe.set_mode_cpu()
     data = np.load(os.path.join(out, "data.npz"))
     solver = solver_for(out, name, os.path.join(out, name, "resumed"))

@@ -8,13 +8,17 @@ mirror (random, TRAIN), mean (file, indexed at the uncropped position, or
 values), scale.  Random choices come from a seeded numpy generator, not
 Caffe's, so runs with them are reproducible but not Caffe's own draws.
 
+``Data`` reads an LMDB of ``Datum`` records in key order (as Caffe's
+DataReader does, wrapping around at the end), raw or encoded (OpenCV,
+``force_color``/``force_gray``), with the same transform.
+
 ``Input`` tops come from the caller (:class:`Feed`); other source layers are
 refused before any work.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from google.protobuf.message import Message
@@ -25,43 +29,27 @@ from ...formats.schema import Schema
 #: ``feed(pass_index)`` -> arrays for the Input tops of a net, by top name.
 Feed = Callable[[int], Mapping[str, np.ndarray]]
 
-SOURCES_WITH_DATA = ("ImageData",)
+SOURCES_WITH_DATA = ("ImageData", "Data")
 
 
-class ImageDataSource:
-    """One ImageData layer's batches: ``next()`` -> {data top: (N,C,H,W), label top: (N,)}."""
+class _Transformer:
+    """Caffe's DataTransformer for one layer: crop, mirror, mean, scale, in that order."""
 
-    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0) -> None:
-        from ...data.sources import image_path, read_image_list
+    def __init__(self, layer: Message, schema: Schema, phase: str, rng: np.random.Generator) -> None:
         from ...data.transform import Transform, mean_array
 
-        p, t = layer.image_data_param, layer.transform_param
-        self.layer, self.phase = layer, phase
-        if not p.source:
-            raise CaffeFtError("ImageData needs image_data_param.source", layer=layer.name)
-        self.entries = read_image_list(p.source)
-        self.paths = [image_path(p.root_folder, name) for name, _ in self.entries]
-        self.batch = p.batch_size
-        self.shuffle = p.shuffle
-        self.rng = np.random.default_rng(seed)
-        self.order = list(range(len(self.entries)))
-        if self.shuffle:
-            self.rng.shuffle(self.order)
-        self.cursor = p.rand_skip and int(self.rng.integers(0, p.rand_skip + 1)) % len(self.order)
-        self.read = Transform(new_height=p.new_height, new_width=p.new_width, is_color=p.is_color)
+        t = layer.transform_param
+        self.layer, self.phase, self.rng = layer, phase, rng
         self.crop, self.mirror, self.scale = t.crop_size, t.mirror, t.scale
         self.mean = mean_array(Transform(mean_values=tuple(t.mean_value), mean_file=t.mean_file or None), schema)
 
-    def _one(self, index: int) -> np.ndarray:
-        from ...data.transform import read_image
-
-        image = read_image(self.paths[index], self.read).astype(np.float32)
+    def __call__(self, image: np.ndarray, where: str) -> np.ndarray:
+        image = image.astype(np.float32)
         channels, height, width = image.shape
         mean = self.mean
         if self.crop:
             if height < self.crop or width < self.crop:
-                raise CaffeFtError(f"an image of {height}x{width} is smaller than crop_size {self.crop}",
-                                   self.paths[index])
+                raise CaffeFtError(f"an image of {height}x{width} is smaller than crop_size {self.crop}", where)
             if self.phase == "TRAIN":
                 top = int(self.rng.integers(0, height - self.crop + 1))
                 left = int(self.rng.integers(0, width - self.crop + 1))
@@ -77,6 +65,104 @@ class ImageDataSource:
         out = image - mean if mean is not None else image
         return np.ascontiguousarray(out * np.float32(self.scale) if self.scale != 1 else out, np.float32)
 
+
+def _batch(layer: Message, images: List[np.ndarray], labels: List[int]) -> Dict[str, np.ndarray]:
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise CaffeFtError(f"items of different sizes in one batch ({sorted(shapes)}); resize them or set "
+                           "crop_size", layer=layer.name)
+    tops = list(layer.top)
+    out = {tops[0]: np.stack(images)}
+    if len(tops) > 1:
+        out[tops[1]] = np.asarray(labels, np.float32)
+    return out
+
+
+_ENVIRONMENTS: Dict[str, Any] = {}
+
+
+class LmdbDataSource:
+    """One Data layer (LMDB backend): ``next()`` -> {data top, label top}."""
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0) -> None:
+        from ...data.transform import Transform
+
+        p = layer.data_param
+        if p.backend != p.LMDB:
+            raise CaffeFtError("the torch engine reads LMDB data only (backend: LMDB)", layer=layer.name)
+        if not p.source:
+            raise CaffeFtError("Data needs data_param.source", layer=layer.name)
+        self.layer, self.schema, self.batch = layer, schema, p.batch_size
+        self.rng = np.random.default_rng(seed)
+        self.transform = _Transformer(layer, schema, phase, self.rng)
+        t = layer.transform_param
+        self.decode = Transform(force_color=t.force_color, force_gray=t.force_gray)
+        try:
+            import lmdb
+        except ImportError:
+            raise CaffeFtError("reading an LMDB needs the Python 'lmdb' module: pip install lmdb",
+                               layer=layer.name) from None
+        import os
+
+        if not os.path.isdir(p.source):
+            raise CaffeFtError("no such LMDB directory", p.source)
+        where = os.path.realpath(p.source)
+        # py-lmdb opens an environment once per process; the nets' readers share it.
+        if where not in _ENVIRONMENTS:
+            _ENVIRONMENTS[where] = lmdb.open(where, readonly=True, lock=False, readahead=False)
+        self.txn = _ENVIRONMENTS[where].begin()
+        self.cursor = self.txn.cursor()
+        if not self.cursor.first():
+            raise CaffeFtError("the LMDB is empty", p.source)
+        for _ in range(int(self.rng.integers(0, p.rand_skip + 1)) if p.rand_skip else 0):
+            self._advance()
+
+    def _advance(self) -> None:
+        if not self.cursor.next():
+            self.cursor.first()
+
+    def next(self) -> Dict[str, np.ndarray]:
+        from ...data.transform import decode_datum
+
+        images, labels = [], []
+        for _ in range(self.batch):
+            key, value = self.cursor.item()
+            where = f"{self.layer.data_param.source} record '{bytes(key).decode(errors='replace')}'"
+            image, label = decode_datum(bytes(value), self.schema, self.decode)
+            images.append(self.transform(image, where))
+            labels.append(label)
+            self._advance()
+        return _batch(self.layer, images, labels)
+
+
+class ImageDataSource:
+    """One ImageData layer's batches: ``next()`` -> {data top: (N,C,H,W), label top: (N,)}."""
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0) -> None:
+        from ...data.sources import image_path, read_image_list
+        from ...data.transform import Transform
+
+        p = layer.image_data_param
+        self.layer, self.phase = layer, phase
+        if not p.source:
+            raise CaffeFtError("ImageData needs image_data_param.source", layer=layer.name)
+        self.entries = read_image_list(p.source)
+        self.paths = [image_path(p.root_folder, name) for name, _ in self.entries]
+        self.batch = p.batch_size
+        self.shuffle = p.shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = list(range(len(self.entries)))
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+        self.cursor = p.rand_skip and int(self.rng.integers(0, p.rand_skip + 1)) % len(self.order)
+        self.read = Transform(new_height=p.new_height, new_width=p.new_width, is_color=p.is_color)
+        self.transform = _Transformer(layer, schema, phase, self.rng)
+
+    def _one(self, index: int) -> np.ndarray:
+        from ...data.transform import read_image
+
+        return self.transform(read_image(self.paths[index], self.read), self.paths[index])
+
     def next(self) -> Dict[str, np.ndarray]:
         images, labels = [], []
         for _ in range(self.batch):
@@ -88,15 +174,7 @@ class ImageDataSource:
                 self.cursor = 0
                 if self.shuffle:
                     self.rng.shuffle(self.order)
-        shapes = {image.shape for image in images}
-        if len(shapes) > 1:
-            raise CaffeFtError(f"images of different sizes in one batch ({sorted(shapes)}); set new_height/"
-                               "new_width or crop_size", layer=self.layer.name)
-        tops = list(self.layer.top)
-        out = {tops[0]: np.stack(images)}
-        if len(tops) > 1:
-            out[tops[1]] = np.asarray(labels, np.float32)
-        return out
+        return _batch(self.layer, images, labels)
 
 
 class NetFeeder:
@@ -104,18 +182,20 @@ class NetFeeder:
 
     def __init__(self, sources: Sequence[Message], schema: Schema, phase: str, feed: Optional[Feed] = None,
                  seed: int = 0) -> None:
-        self.readers: List[ImageDataSource] = []
+        self.readers: List[Any] = []
         self.inputs: List[str] = []
         self.feed = feed
         self.passes = 0
         for layer in sources:
             if layer.type == "ImageData":
                 self.readers.append(ImageDataSource(layer, schema, phase, seed))
+            elif layer.type == "Data":
+                self.readers.append(LmdbDataSource(layer, schema, phase, seed))
             elif layer.type == "Input":
                 self.inputs.extend(layer.top)
             else:
-                raise CaffeFtError(f"the torch engine cannot read '{layer.type}' data yet (ImageData and Input "
-                                   "only)", layer=layer.name)
+                raise CaffeFtError(f"the torch engine cannot read '{layer.type}' data yet (ImageData, Data "
+                                   "(LMDB) and Input only)", layer=layer.name)
         if self.inputs and feed is None:
             raise CaffeFtError(f"the net reads its data from Input layers ({', '.join(self.inputs)}), "
                                "which only a caller can feed; train with a data layer (ImageData)")
@@ -138,9 +218,15 @@ class NetFeeder:
 
 
 def input_shapes(sources: Sequence[Message], schema: Schema, phase: str) -> Dict[str, Tuple[int, ...]]:
-    """Top shapes of ImageData layers whose size only the images tell (first batch's)."""
+    """Top shapes of ImageData and Data layers whose size only the data tell (first item's)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
     for layer in sources:
+        if layer.type == "Data":
+            reader = LmdbDataSource(layer, schema, phase)
+            reader.batch = 1
+            item = reader.next()[layer.top[0]]
+            shapes[layer.top[0]] = (layer.data_param.batch_size, *item.shape[1:])
+            continue
         if layer.type == "ImageData" and not layer.transform_param.crop_size and not layer.image_data_param.new_height:
             first = ImageDataSource(layer, schema, phase)
             first.batch = 1
