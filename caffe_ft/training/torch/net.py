@@ -202,15 +202,22 @@ class _Builder:
             x = b[0]
             if global_stats:
                 factor = 0.0 if float(factor_blob[0]) == 0 else 1.0 / float(factor_blob[0])
+                if x.dim() >= 2 and x.dtype == mean_blob.dtype:
+                    # torch's fused kernel computes Caffe's (x - mean) / sqrt(var + eps).
+                    return [F.batch_norm(x, mean_blob * factor, var_blob * factor, None, None, False, 0.0, eps)]
                 mean, var = mean_blob * factor, var_blob * factor
-            else:
-                mean = x.mean(dim=dims)
-                var = ((x - mean.reshape(view)) ** 2).mean(dim=dims)
-                if self.net.training_updates:
-                    with torch.no_grad():
-                        factor_blob.mul_(fraction).add_(1)
-                        mean_blob.mul_(fraction).add_(mean.detach())
-                        var_blob.mul_(fraction).add_(var.detach() * correction)
+                return [(x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)]
+            if self.net.training_updates:
+                with torch.no_grad():
+                    var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+                    factor_blob.mul_(fraction).add_(1)
+                    mean_blob.mul_(fraction).add_(mean)
+                    var_blob.mul_(fraction).add_(var * correction)
+            if x.dim() >= 2:
+                # Batch statistics, the biased variance inside the square root, as Caffe.
+                return [F.batch_norm(x, None, None, None, None, True, 0.0, eps)]
+            mean = x.mean(dim=dims)
+            var = ((x - mean.reshape(view)) ** 2).mean(dim=dims)
             return [(x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)]
 
         return Step(layer, s, run, params)
