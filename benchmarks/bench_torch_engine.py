@@ -2,7 +2,7 @@
 
 CaffeNet and the nsfw ResNet-50 (deploy nets with their Softmax replaced by
 SoftmaxWithLoss on an Input label), batch 16, SGD with momentum, the same
-random data every iteration.  pycaffe runs in the reference environment
+random data every iteration; torch also with ``--channels-last``.  pycaffe runs in the reference environment
 (this script re-runs itself there with ``--pycaffe``), torch on the host, in
 the same run; the ratio is torch's rate over pycaffe's.
 
@@ -70,7 +70,7 @@ def measure_pycaffe(name: str, iterations: int) -> float:
     return iterations / (time.perf_counter() - began)
 
 
-def measure_torch(name: str, iterations: int) -> float:
+def measure_torch(name: str, iterations: int, channels_last: bool = False) -> float:
     import numpy as np
     import torch
 
@@ -93,7 +93,8 @@ def measure_torch(name: str, iterations: int) -> float:
     def feed(index: int):  # type: ignore[no-untyped-def]
         return arrays
 
-    trainer = Trainer(solver, schema, NetSpec(net, "TRAIN", (), 0, "net"), [], feeds=[feed])
+    trainer = Trainer(solver, schema, NetSpec(net, "TRAIN", (), 0, "net"), [], feeds=[feed],
+                      channels_last=channels_last)
     arrays[data_name] = rng.normal(0, 1, trainer.net.shapes.blobs[data_name]).astype(np.float32)
     arrays["label"] = rng.integers(0, 2, BATCH).astype(np.float32)
     trainer.step()
@@ -118,8 +119,10 @@ def main() -> None:
         done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, universal_newlines=True, check=True)
         caffe_rate = json.loads(done.stdout.strip().splitlines()[-1])["rate"]
         torch_rate = measure_torch(name, args.iterations)
-        print(f"{name}, batch {BATCH}, CPU: torch engine {torch_rate:.3f} it/s, pycaffe {caffe_rate:.3f} it/s, "
-              f"ratio {torch_rate / caffe_rate:.2f}x")
+        last_rate = measure_torch(name, args.iterations, channels_last=True)
+        print(f"{name}, batch {BATCH}, CPU: torch engine {torch_rate:.3f} it/s ({last_rate:.3f} with "
+              f"--channels-last), pycaffe {caffe_rate:.3f} it/s, ratio {torch_rate / caffe_rate:.2f}x "
+              f"({last_rate / caffe_rate:.2f}x)")
         sys.stdout.flush()
 
 

@@ -57,7 +57,8 @@ class CaffeSolver:
         diffs = []
         for spec in self.learnable:
             grad = spec.param.grad
-            diffs.append(torch.zeros_like(spec.param).detach() if grad is None else grad.detach().clone())
+            # The gradients are ours (cleared before every forward pass): updated in place, not copied.
+            diffs.append(torch.zeros_like(spec.param).detach() if grad is None else grad.detach())
         return diffs
 
     def _clip(self, diffs: List[Tensor]) -> None:
