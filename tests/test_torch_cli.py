@@ -110,3 +110,48 @@ def test_without_torch_the_engine_says_how_to_install_it(workdir, monkeypatch) -
     result = _train()
     assert result.exit_code == 2
     assert result.stderr.strip() == "caffe-ft: error: the torch engine needs PyTorch: pip install 'caffe-ft[torch]'"
+
+
+DEPLOY = """
+name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 20 dim: 20 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc" inner_product_param { num_output: 2 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_opencv_reads_a_torch_snapshot_and_computes_the_same(workdir, schema) -> None:  # type: ignore[no-untyped-def]
+    import cv2
+    import numpy as np
+    import torch
+
+    from caffe_ft.formats.caffemodel import load_model
+    from caffe_ft.formats.prototext import parse, to_message
+    from caffe_ft.training.torch.net import CaffeNet
+
+    assert _train().exit_code == 0
+    (workdir / "deploy.prototxt").write_text(DEPLOY)
+    model = "snap/small_iter_6.caffemodel"
+    opencv = cv2.dnn.readNetFromCaffe("deploy.prototxt", model)
+    data = np.random.default_rng(0).normal(0, 1, (2, 3, 20, 20)).astype(np.float32)
+    opencv.setInput(data)
+    theirs = opencv.forward("prob")
+    net = CaffeNet(to_message(parse(DEPLOY.encode()), schema.new("NetParameter")), "TEST")
+    assert sorted(net.load_blobs(load_model(model, schema).layer_blobs())) == ["conv1", "fc"]
+    with torch.no_grad():
+        ours = net({"data": torch.from_numpy(data)})["prob"].numpy()
+    assert np.abs(ours - theirs).max() < 1e-5
+    assert np.abs(theirs - 0.5).max() > 1e-3  # trained away from the uniform guess
+
+
+def test_auto_picks_torch_where_pycaffe_is_missing_and_says_so(workdir) -> None:  # type: ignore[no-untyped-def]
+    from caffe_ft.cli import main
+
+    result = cli_runner().invoke(main, ["train", "solver.prototxt", "--engine", "auto", "--cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith("engine: torch (auto: pycaffe is not installed)\n")
+    assert (workdir / "snap/small_iter_6.caffemodel").exists()
