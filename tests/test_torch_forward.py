@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from torch_parity import cached_dir, dumps, in_root, load_blobs, relative_error  # noqa: E402
+from torch_zoo import ZOO  # noqa: E402
 
 pytestmark = pytest.mark.host
 
@@ -59,11 +60,16 @@ NETS += [
 ]
 
 
+NETS += [{"name": "zoo_TRAIN", "prototxt": "zoo.prototxt", "weights": None, "batch": 2, "phase": "TRAIN",
+          "labels": {"label": 4}}]
+
+
 @pytest.fixture(scope="module")
 def reference() -> str:
-    missing = [net["prototxt"] for net in NETS if not os.path.exists(in_root(net["prototxt"]))]
+    missing = [net["prototxt"] for net in NETS
+               if net["prototxt"].startswith("/") and not os.path.exists(in_root(net["prototxt"]))]
     assert not missing, f"the reference environment lacks {missing}"
-    return cached_dir("forward", {"nets.json": dumps(NETS)})
+    return cached_dir("forward", {"nets.json": dumps(NETS), "zoo.prototxt": ZOO.encode()})
 
 
 @pytest.mark.parametrize("name", [net["name"] for net in NETS])

@@ -88,13 +88,13 @@ def reference() -> str:
     return cached_dir("train", {"net.prototxt": NET.encode(), "data.npz": _data(), "solvers.json": dumps(SOLVERS)})
 
 
-def _trainer(reference: str, name: str, schema):  # type: ignore[no-untyped-def]
+def _trainer(reference: str, name: str, schema, solvers: Dict[str, str] = SOLVERS):  # type: ignore[no-untyped-def]
     from caffe_ft.formats import prototext
     from caffe_ft.formats.files import load_net
     from caffe_ft.training.nets import NetSpec
     from caffe_ft.training.torch.engine import Trainer
 
-    solver = prototext.to_message(prototext.parse(SOLVERS[name].encode()), schema.new("SolverParameter"))
+    solver = prototext.to_message(prototext.parse(solvers[name].encode()), schema.new("SolverParameter"))
     net = load_net(os.path.join(reference, "net.prototxt"), schema)
     data = np.load(os.path.join(reference, "data.npz"))
     iter_size = solver.iter_size
@@ -238,3 +238,33 @@ def test_data_layers_read_and_transform_an_lmdb_as_caffe(schema, tmp_path, monke
     _compare(trainer, load_blobs(os.path.join(reference, "sgd_lmdb", "params.npz")))
     outputs = trainer.test(0, 2)
     assert outputs is not None and 0 <= outputs["accuracy"] <= 1 and outputs["loss"] > 0
+
+
+ZOO_SOLVERS = {"zoo_sgd": _COMMON + 'type: "SGD" base_lr: 0.01 momentum: 0.9 lr_policy: "fixed"'}
+
+
+def test_every_layer_trains_as_in_caffe(schema) -> None:  # type: ignore[no-untyped-def]
+    """Gradients through every layer of the zoo net equal Caffe's (20 iterations of SGD)."""
+    import io
+
+    from torch_zoo import ZOO
+
+    rng = np.random.default_rng(4)
+    arrays = {}
+    for i in range(ITERATIONS):
+        arrays[f"data_{i}"] = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+        arrays[f"label_{i}"] = rng.integers(0, 4, 2).astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    reference = cached_dir("train", {"net.prototxt": ZOO.encode(), "data.npz": buffer.getvalue(),
+                                     "solvers.json": dumps(ZOO_SOLVERS)})
+    trainer = _trainer(reference, "zoo_sgd", schema, ZOO_SOLVERS)
+    trainer.copy_from(os.path.join(reference, "init.caffemodel"))
+    initial = trainer.net.blob_arrays()
+    while trainer.iter < ITERATIONS:
+        trainer.step()
+    expected = load_blobs(os.path.join(reference, "zoo_sgd", "params.npz"))
+    _compare(trainer, expected)
+    for layer in ("conv1", "deconv", "bias", "ip", "ip_axis"):
+        assert relative_error(initial[layer][0], expected[f"{layer}/0"]) > 1e-4, layer
+    assert relative_error(initial["fixed"][0], expected["fixed/0"]) == 0

@@ -4,7 +4,7 @@ Runs inside the reference environment (``scripts/caffe-env run -- python3
 tests/torch_parity_ref.py MODE DIR``), where pycaffe is; the tests on the host
 (where torch is) read what it writes.  Python 3.9, no caffe-ft imports.
 
-forward DIR: for each entry of DIR/nets.json (name, prototxt, weights or
+forward DIR: for each entry of DIR/nets.json (name, prototxt (relative to DIR or absolute), weights or
   null, batch, and optionally phase, stages, inputs {top: C,H,W...} and
   labels {top: classes}), writes DIR/NAME/net.prototxt (the net with its
   Input batch set, and its data layers made Input layers of the given
@@ -87,7 +87,7 @@ def forward(out):
         where = os.path.join(out, entry["name"])
         os.makedirs(where, exist_ok=True)
         param = caffe_pb2.NetParameter()
-        text_format.Merge(read_text(entry["prototxt"]), param)
+        text_format.Merge(read_text(os.path.join(out, entry["prototxt"])), param)
         for index, layer in enumerate(param.layer):
             if layer.type == "Input":
                 for shape in layer.input_param.shape:
