@@ -60,6 +60,29 @@ NETS += [
 ]
 
 
+_HDF5 = {"inputs": {"data": [4]}, "labels": {"label": 2}, "batch": 8, "weights": None}
+for _phase in ("TRAIN", "TEST"):
+    NETS += [
+        {"name": f"hdf5_nonlinear_{_phase}", "prototxt": f"{DOC}/examples/hdf5_classification/nonlinear_train_val.prototxt",
+         "phase": _phase, **_HDF5},
+        {"name": f"cifar10_sigmoid_{_phase}", "prototxt": f"{DOC}/examples/cifar10/cifar10_full_sigmoid_train_test.prototxt",
+         "weights": None, "batch": 4, "phase": _phase, **_CIFAR},
+    ]
+NETS += [
+    {"name": "hdf5_logreg_TEST", "prototxt": f"{DOC}/examples/hdf5_classification/train_val.prototxt", "phase": "TEST",
+     **_HDF5},
+    {"name": "cifar10_full_train_test_TEST", "prototxt": f"{DOC}/examples/cifar10/cifar10_full_train_test.prototxt",
+     "weights": None, "batch": 4, "phase": "TEST", **_CIFAR},
+    {"name": "flickr_style_train_val_TEST", "prototxt": f"{DOC}/models/finetune_flickr_style/train_val.prototxt.gz",
+     "phase": "TEST", "inputs": {"data": [3, 227, 227]}, **{**_IMAGENET, "labels": {"label": 20}}},
+    {"name": "pascal_detection_TEST", "prototxt": f"{DOC}/examples/finetune_pascal_detection/"
+     "pascal_finetune_trainval_test.prototxt", "phase": "TEST", "inputs": {"data": [3, 227, 227]},
+     **{**_IMAGENET, "labels": {"label": 21}}},
+    {"name": "imagenet_val_features", "prototxt": f"{DOC}/examples/feature_extraction/imagenet_val.prototxt",
+     "phase": "TEST", "inputs": {"data": [3, 227, 227]}, **_IMAGENET},
+    {"name": "rcnn_ilsvrc13", "prototxt": f"{DOC}/models/bvlc_reference_rcnn_ilsvrc13/deploy.prototxt",
+     "weights": None, "batch": 1},
+]
 NETS += [{"name": "zoo_TRAIN", "prototxt": "zoo.prototxt", "weights": None, "batch": 2, "phase": "TRAIN",
           "labels": {"label": 4}}]
 

@@ -554,6 +554,13 @@ def check_supported(layers: Sequence[Message]) -> None:
 # --------------------------------------------------------------------- net --
 
 
+def _tops(layer: Message) -> List[str]:
+    """A layer's tops; a loss layer given none gets Caffe's anonymous "(automatic)" one."""
+    if not len(layer.top) and layer.type in _LOSSES:
+        return ["(automatic)"]
+    return list(layer.top)
+
+
 @dataclass
 class LearnableSpec:
     """A parameter the solver updates (an owner, not a share), with its multipliers."""
@@ -612,7 +619,7 @@ class CaffeNet(nn.Module):
         for layer in layers:
             for name in layer.bottom:
                 available.pop(name, None)
-            for name in layer.top:
+            for name in _tops(layer):
                 available[name] = None
         self.output_names = list(available)
         self.loss: Optional[Tensor] = None
@@ -665,7 +672,7 @@ class CaffeNet(nn.Module):
         for layer in layers:
             if layer.type in _SOURCES:
                 continue
-            for i, _ in enumerate(layer.top):
+            for i, _ in enumerate(_tops(layer)):
                 if i < len(layer.loss_weight):
                     w = layer.loss_weight[i]
                 else:
@@ -713,7 +720,7 @@ class CaffeNet(nn.Module):
             except KeyError as exc:
                 raise _fail(layer, f"no blob {exc} was fed to the net") from None
             tops = step.run(bottoms)
-            for i, (name, value) in enumerate(zip(layer.top, tops)):
+            for i, (name, value) in enumerate(zip(_tops(layer), tops)):
                 blobs[name] = value
                 weight = self.loss_weights.get((index, i))
                 if weight:
