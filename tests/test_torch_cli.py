@@ -155,3 +155,51 @@ def test_auto_picks_torch_where_pycaffe_is_missing_and_says_so(workdir) -> None:
     assert result.exit_code == 0, result.stderr
     assert result.stderr.startswith("engine: torch (auto: pycaffe is not installed)\n")
     assert (workdir / "snap/small_iter_6.caffemodel").exists()
+
+
+def _torchrun(*args: str):  # type: ignore[no-untyped-def]
+    import subprocess
+
+    bindir = os.path.dirname(sys.executable)
+    command = [os.path.join(bindir, "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
+               os.path.join(bindir, "caffe-ft"), "train", "solver.prototxt", "--engine", "torch", "--cpu", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=env)
+
+
+def _weights(path: str, schema):  # type: ignore[no-untyped-def]
+    from caffe_ft.formats.caffemodel import load_model
+
+    return {f"{name}/{i}": blob.data for name, blobs in load_model(path, schema).layer_blobs().items()
+            for i, blob in enumerate(blobs)}
+
+
+def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(workdir, schema) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    (workdir / "net.prototxt").write_text((workdir / "net.prototxt").read_text().replace(
+        "batch_size: 4", "batch_size: 8"))
+    one = _train()
+    assert one.exit_code == 0, one.stderr
+    single = _weights("snap/small_iter_6.caffemodel", schema)
+    for path in workdir.glob("snap/*"):
+        path.unlink()
+    (workdir / "net.prototxt").write_text((workdir / "net.prototxt").read_text().replace(
+        "batch_size: 8", "batch_size: 4"))
+    two = _torchrun()
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 8 = batch 4 x iter_size 1 x 2 processes" in two.stderr
+    both = _weights("snap/small_iter_6.caffemodel", schema)
+    for name, value in single.items():
+        error = np.abs(both[name] - value).max() / np.abs(value).max()
+        assert error < 1e-5, f"{name}: {error:.3g}"
+    # Interrupted at 4 and resumed, still two processes: the same model.
+    for path in workdir.glob("snap/*"):
+        path.unlink()
+    stopped = _torchrun("--stop-after", "4")
+    assert stopped.returncode != 0 and "resume with:" in stopped.stderr, stopped.stderr[-3000:]
+    resumed = _torchrun("--resume", "snap/small_iter_4.solverstate")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = _weights("snap/small_iter_6.caffemodel", schema)
+    for name, value in both.items():
+        assert np.abs(again[name] - value).max() <= 1e-6 * np.abs(value).max(), name

@@ -84,17 +84,19 @@ _ENVIRONMENTS: Dict[str, Any] = {}
 class LmdbDataSource:
     """One Data layer (LMDB backend): ``next()`` -> {data top, label top}."""
 
-    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0) -> None:
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
         from ...data.transform import Transform
 
         p = layer.data_param
+        self.rank, self.world = rank, world
         if p.backend != p.LMDB:
             raise CaffeFtError("the torch engine reads LMDB data only (backend: LMDB)", layer=layer.name)
         if not p.source:
             raise CaffeFtError("Data needs data_param.source", layer=layer.name)
         self.layer, self.schema, self.batch = layer, schema, p.batch_size
         self.rng = np.random.default_rng(seed)
-        self.transform = _Transformer(layer, schema, phase, self.rng)
+        self.transform = _Transformer(layer, schema, phase, np.random.default_rng(seed + rank))
         t = layer.transform_param
         self.decode = Transform(force_color=t.force_color, force_gray=t.force_gray)
         try:
@@ -126,19 +128,24 @@ class LmdbDataSource:
 
         images, labels = [], []
         for _ in range(self.batch):
+            # With several processes, process r takes records r, r + W, r + 2W... (Caffe's DataLayer::Skip).
+            for _ in range(self.rank):
+                self._advance()
             key, value = self.cursor.item()
             where = f"{self.layer.data_param.source} record '{bytes(key).decode(errors='replace')}'"
             image, label = decode_datum(bytes(value), self.schema, self.decode)
             images.append(self.transform(image, where))
             labels.append(label)
-            self._advance()
+            for _ in range(self.world - self.rank):
+                self._advance()
         return _batch(self.layer, images, labels)
 
 
 class ImageDataSource:
     """One ImageData layer's batches: ``next()`` -> {data top: (N,C,H,W), label top: (N,)}."""
 
-    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0) -> None:
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
         from ...data.sources import image_path, read_image_list
         from ...data.transform import Transform
 
@@ -150,13 +157,15 @@ class ImageDataSource:
         self.paths = [image_path(p.root_folder, name) for name, _ in self.entries]
         self.batch = p.batch_size
         self.shuffle = p.shuffle
+        self.rank, self.world = rank, world
+        # The list order is the same in every process; crops and mirrors differ.
         self.rng = np.random.default_rng(seed)
         self.order = list(range(len(self.entries)))
         if self.shuffle:
             self.rng.shuffle(self.order)
         self.cursor = p.rand_skip and int(self.rng.integers(0, p.rand_skip + 1)) % len(self.order)
         self.read = Transform(new_height=p.new_height, new_width=p.new_width, is_color=p.is_color)
-        self.transform = _Transformer(layer, schema, phase, self.rng)
+        self.transform = _Transformer(layer, schema, phase, np.random.default_rng(seed + 1 + rank))
 
     def _one(self, index: int) -> np.ndarray:
         from ...data.transform import read_image
@@ -166,31 +175,37 @@ class ImageDataSource:
     def next(self) -> Dict[str, np.ndarray]:
         images, labels = [], []
         for _ in range(self.batch):
+            for _ in range(self.rank):  # several processes: process r takes items r, r + W, ...
+                self._step()
             index = self.order[self.cursor]
             images.append(self._one(index))
             labels.append(self.entries[index][1])
-            self.cursor += 1
-            if self.cursor == len(self.order):
-                self.cursor = 0
-                if self.shuffle:
-                    self.rng.shuffle(self.order)
+            for _ in range(self.world - self.rank):
+                self._step()
         return _batch(self.layer, images, labels)
+
+    def _step(self) -> None:
+        self.cursor += 1
+        if self.cursor == len(self.order):
+            self.cursor = 0
+            if self.shuffle:
+                self.rng.shuffle(self.order)
 
 
 class NetFeeder:
     """Every source layer of one net, read together: ``next()`` gives one pass's inputs."""
 
     def __init__(self, sources: Sequence[Message], schema: Schema, phase: str, feed: Optional[Feed] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
         self.readers: List[Any] = []
         self.inputs: List[str] = []
         self.feed = feed
         self.passes = 0
         for layer in sources:
             if layer.type == "ImageData":
-                self.readers.append(ImageDataSource(layer, schema, phase, seed))
+                self.readers.append(ImageDataSource(layer, schema, phase, seed, rank, world))
             elif layer.type == "Data":
-                self.readers.append(LmdbDataSource(layer, schema, phase, seed))
+                self.readers.append(LmdbDataSource(layer, schema, phase, seed, rank, world))
             elif layer.type == "Input":
                 self.inputs.extend(layer.top)
             else:

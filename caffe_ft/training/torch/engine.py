@@ -73,7 +73,7 @@ class Trainer:
 
     def __init__(self, solver: Message, schema: Schema, train: NetSpec, tests: Sequence[NetSpec],
                  device: Optional[torch.device] = None, feeds: Sequence[Optional[Feed]] = (),
-                 precision: str = "fp32", channels_last: bool = False) -> None:
+                 precision: str = "fp32", channels_last: bool = False, rank: int = 0, world: int = 1) -> None:
         if precision not in PRECISIONS:
             raise CaffeFtError(f"unknown precision '{precision}' ({', '.join(PRECISIONS)})")
         self.param = solver
@@ -82,6 +82,7 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.precision = precision
         self.channels_last = channels_last
+        self.rank, self.world = rank, world
         feeds = list(feeds) + [None] * (1 + len(tests) - len(feeds))
         self.net, self.feeder = self._build(train, None, feeds[0])
         built = [self._build(spec, self.net, feed) for spec, feed in zip(tests, feeds[1:])]
@@ -102,7 +103,9 @@ class Trainer:
         layers = filter_layers(spec.net, spec.phase, spec.level, spec.stages)
         check_supported(layers)
         sources = [layer for layer in layers if not len(layer.bottom) and layer.type != "Parameter"]
-        feeder = NetFeeder(sources, self.schema, spec.phase, feed)
+        # Only the train net's data is split between processes; the first one alone tests.
+        shard = (self.rank, self.world) if share is None else (0, 1)
+        feeder = NetFeeder(sources, self.schema, spec.phase, feed, 0, *shard)
         shapes = input_shapes(sources, self.schema, spec.phase)
         net = CaffeNet(spec.net, spec.phase, spec.stages, spec.level, input_shapes=shapes or None, share_from=share)
         net.to(self.device)
@@ -142,7 +145,44 @@ class Trainer:
                 loss.float().backward()
             total += float(loss.detach())
         self.loss = total / self.settings.iter_size
+        if self.world > 1:
+            self._all_reduce()
         return self.loss
+
+    def _all_reduce(self) -> None:
+        """Average the gradients and the loss over the processes, as Caffe's NCCL
+        solvers do (sum, then scale by 1 / solver_count)."""
+        import torch.distributed as dist
+
+        for spec in self.net.learnable:
+            grad = spec.param.grad
+            if grad is not None:
+                dist.all_reduce(grad)
+                grad.div_(self.world)
+        loss = torch.tensor([self.loss], dtype=torch.float64, device=self.device)
+        dist.all_reduce(loss)
+        self.loss = float(loss[0]) / self.world
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any process says ``flag`` (all of them learn it, so they stop together)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value[0])
+
+    def broadcast(self) -> None:
+        """Every process starts from the first one's blobs."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for params in self.net.blobs_of.values():
+                for param in params:
+                    dist.broadcast(param.data, 0)
 
     def apply_update(self) -> float:
         return self.solver.apply_update()
@@ -232,17 +272,20 @@ def _prepare(options: TrainOptions, schema: Schema, err: IO[str]) -> Tuple[Messa
 
 
 class _Loop:
-    def __init__(self, trainer: Trainer, options: TrainOptions, prefix: str, staging: snap.Staging,
+    def __init__(self, trainer: Trainer, options: TrainOptions, prefix: str, staging: Optional[snap.Staging],
                  stop: StopRequest, out: IO[str]) -> None:
         self.trainer, self.options, self.stop, self.out = trainer, options, stop, out
         self.settings = trainer.settings
         self.staging = staging
-        self.snapshots = snap.Snapshotter(self._write, prefix, staging)
+        self.root = trainer.rank == 0
+        # Only the first process tests, reports and snapshots.
+        self.snapshots = snap.Snapshotter(self._write, prefix, staging) if self.root else None
         self.tests: List[Dict[str, Output]] = []
         self.metrics: Optional[MetricsWriter] = None
         self.reporter: Optional[Reporter] = None
 
     def _write(self) -> None:
+        assert self.staging is not None
         model, state = self.staging.staged_paths(self.trainer.iter)
         self.trainer.save(model, state)
 
@@ -271,7 +314,8 @@ class _Loop:
         trainer, settings = self.trainer, self.settings
         while trainer.iter < settings.max_iter:
             iteration = trainer.iter
-            if test_due(settings, iteration) and not self.test_all(iteration, abortable=True):
+            if self.root and test_due(settings, iteration) and not self.test_all(iteration,
+                                                                                 abortable=trainer.world == 1):
                 return "interrupted", iteration, None
             loss = trainer.forward_backward()
             if not math.isfinite(loss):
@@ -283,28 +327,61 @@ class _Loop:
                 self.metrics.train(iteration, loss, lr)
             if self.reporter is not None:
                 self.reporter.train(iteration, loss, lr)
-            self.snapshots.confirm(iteration)
-            if snapshot_due(settings, trainer.iter):
-                self.snapshots.save(trainer.iter)
-            else:
-                self.snapshots.checkpoint(trainer.iter)
-            if self.stop.requested is not None and trainer.iter < settings.max_iter:
+            if self.snapshots is not None:
+                self.snapshots.confirm(iteration)
+                if snapshot_due(settings, trainer.iter):
+                    self.snapshots.save(trainer.iter)
+                else:
+                    self.snapshots.checkpoint(trainer.iter)
+            if trainer.agree(self.stop.requested is not None) and trainer.iter < settings.max_iter:
+                if self.stop.requested is None:
+                    self.stop.request(signal.SIGINT)  # another process was stopped
                 return "interrupted", trainer.iter, None
-        if final_test_due(settings, trainer.iter):
+        if self.root and final_test_due(settings, trainer.iter):
             self.test_all(trainer.iter, abortable=False)
         return "done", trainer.iter, None
 
 
+def distributed() -> Tuple[int, int, int]:
+    """``(rank, world size, local rank)`` under torchrun (its environment variables), else ``(0, 1, 0)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _source_batch(trainer: Trainer) -> Optional[int]:
+    for layer in trainer.net.sources:
+        if len(layer.top):
+            return trainer.net.shapes.blobs[layer.top[0]][0]
+    return None
+
+
 def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> TrainResult:
-    """Run the solver on torch as ``options`` say (the ``caffe-ft train --engine torch`` path)."""
-    solver, train_spec, test_specs = _prepare(options, schema, out)
+    """Run the solver on torch as ``options`` say (the ``caffe-ft train --engine torch`` path).
+
+    Under ``torchrun`` each process trains on its share of every batch (record
+    ``r`` of every ``W``) and the gradients are averaged before each update, as
+    Caffe's multi-GPU solvers do; the first process tests, reports and snapshots.
+    """
+    rank, world, local_rank = distributed()
+    solver, train_spec, test_specs = _prepare(options, schema, out if rank == 0 else open(os.devnull, "w"))
     device = _device(options, solver)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank != 0:
+            out = open(os.devnull, "w")
     precision = options.precision
     trainer = Trainer(solver, schema, train_spec, test_specs, device, precision=precision,
-                      channels_last=options.channels_last)
+                      channels_last=options.channels_last, rank=rank, world=world)
     prefix = snap.effective_prefix(options.solver, solver.snapshot_prefix)
     workdir = tempfile.mkdtemp(prefix="caffe-ft-train-")
-    staging = snap.Staging(prefix)
+    staging = snap.Staging(prefix) if rank == 0 else None
     try:
         resume = snap.check_resume(options.resume, schema, workdir) if options.resume else None
         if resume is not None:
@@ -315,20 +392,28 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
                 feeder.skip(batches)
         elif options.weights:
             trainer.copy_from(options.weights)
+        trainer.broadcast()
         start = f"resuming at iteration {trainer.iter}" if resume else (
             f"from {options.weights}" if options.weights else "from the fillers")
-        out.write(f"train {options.solver} on torch ({device}, {precision}), {start}, to iteration "
+        where = f"{world} processes, " if world > 1 else ""
+        out.write(f"train {options.solver} on torch ({where}{device}, {precision}), {start}, to iteration "
                   f"{solver.max_iter}; snapshots {prefix}_iter_N\n")
+        batch = _source_batch(trainer)
+        if batch is not None and (world > 1 or solver.iter_size > 1):
+            out.write(f"global batch {batch * solver.iter_size * world} = batch {batch} x iter_size "
+                      f"{solver.iter_size} x {world} processes\n")
         out.flush()
         stop = StopRequest()
         loop = _Loop(trainer, options, prefix, staging, stop, out)
         stop.say = loop.say
         first = trainer.iter
-        if resume is not None:
+        if loop.snapshots is None:
+            pass
+        elif resume is not None:
             loop.snapshots.known(first, (resume.model, options.resume or resume.state))
         else:
             loop.snapshots.checkpoint(first)
-        if options.metrics or options.plot:
+        if rank == 0 and (options.metrics or options.plot):
             metrics_path = options.metrics or os.path.join(workdir, "metrics.jsonl")
             loop.metrics = MetricsWriter(metrics_path, resume_at=first if resume else None)
         loop.reporter = make_reporter(out, first, solver.max_iter, solver.display, solver.average_loss, options.bar)
@@ -342,6 +427,9 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
             loop.reporter = None
             if loop.metrics is not None:
                 loop.metrics.close()
+        if rank != 0:
+            return TrainResult(status, iteration, 0 if status == "done" else (
+                2 if status == "diverged" else EXIT_SIGNAL_BASE + (stop.requested or signal.SIGINT)))
         result = _finish(loop, options, status, iteration, time.monotonic() - began, first)
         if options.plot:
             from ..plot import plot_quietly
@@ -350,13 +438,15 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
                 out.write(f"plot: {options.plot}\n")
         return result
     finally:
-        staging.remove()
+        if staging is not None:
+            staging.remove()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _finish(loop: _Loop, options: TrainOptions, status: str, iteration: int, seconds: float,
             first: int) -> TrainResult:
     snapshots, settings = loop.snapshots, loop.settings
+    assert snapshots is not None
     if status == "diverged":
         message = (f"the loss became {loop.trainer.loss} at iteration {iteration}: training diverged; lower "
                    f"base_lr (now {settings.base_lr:g}; try {settings.base_lr / 10:g})")
