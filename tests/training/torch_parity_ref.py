@@ -1,7 +1,7 @@
 """Reference arrays from real Caffe for the torch engine's parity tests.
 
 Runs inside the reference environment (``scripts/caffe-env run -- python3
-tests/torch_parity_ref.py MODE DIR``), where pycaffe is; the tests on the host
+tests/training/torch_parity_ref.py MODE DIR``), where pycaffe is; the tests on the host
 (where torch is) read what it writes.  Python 3.9, no caffe-ft imports.
 
 forward DIR: for each entry of DIR/nets.json (name, prototxt (relative to DIR or absolute), weights or

@@ -1,8 +1,8 @@
 """The torch engine computes what Caffe computes: every blob of real nets'
 TEST-phase forward pass equals pycaffe's within 1e-4 relative.
 
-pycaffe runs in the reference environment (tests/torch_parity_ref.py) and
-torch on the host; the arrays meet in a cache directory (tests/torch_parity.py).
+pycaffe runs in the reference environment (tests/training/torch_parity_ref.py) and
+torch on the host; the arrays meet in a cache directory (tests/training/torch_parity.py).
 """
 
 from __future__ import annotations

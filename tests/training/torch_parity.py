@@ -1,7 +1,7 @@
 """Host side of the torch engine's parity tests: run the reference helper in
 the Caffe environment once per content hash and read back what it wrote.
 
-The helper (``tests/torch_parity_ref.py``) runs under ``scripts/caffe-env``;
+The helper (``tests/training/torch_parity_ref.py``) runs under ``scripts/caffe-env``;
 its results are cached under ``$CAFFE_FT_PARITY_CACHE`` (default
 ``/tmp/caffe-ft-parity``) in a directory named by the hash of the helper and
 its inputs, so a rerun with nothing changed costs nothing.
@@ -19,7 +19,7 @@ from typing import Dict, List, Mapping
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
 HELPER = os.path.join(HERE, "torch_parity_ref.py")
 CACHE = os.environ.get("CAFFE_FT_PARITY_CACHE", "/tmp/caffe-ft-parity")
 
@@ -34,7 +34,7 @@ def in_root(path: str) -> str:
 
 
 def run_helper(*args: str) -> None:
-    """``python3 tests/torch_parity_ref.py ARGS`` in the reference environment."""
+    """``python3 tests/training/torch_parity_ref.py ARGS`` in the reference environment."""
     command = [os.path.join(REPO, "scripts", "caffe-env"), "run", "--", "python3", HELPER, *args]
     done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True)
