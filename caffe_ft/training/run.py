@@ -38,6 +38,7 @@ class TrainOptions:
     caffe_log: bool = False
     bar: Optional[bool] = None
     proto: Optional[str] = None
+    report: Optional[str] = None  # a directory for report.html/report.json (written by the API, not the engine)
 
 
 @dataclass
@@ -67,6 +68,8 @@ def resume_command(options: TrainOptions, state: str) -> str:
         words += ["--metrics", options.metrics]
     if options.plot:
         words += ["--plot", options.plot]
+    if options.report:
+        words += ["--report", options.report]
     if not options.snapshot_on_exit:
         words.append("--no-snapshot-on-exit")
     if options.caffe_log:
