@@ -15,7 +15,7 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (caffe_ft.__version__)
 
 
 def _import_protobuf_without_pkg_resources() -> None:

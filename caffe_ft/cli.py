@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
-from . import __version__
+from .version import __version__
 from .errors import CaffeFtError
 from .formats.schema import PROTO_ENV, Schema, load_schema
 

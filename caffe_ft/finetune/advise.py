@@ -273,7 +273,8 @@ def measure_similarity(
             if seen.early is not None:
                 numbers["early"] = early_blob
                 numbers["probe_early"] = probe_accuracy(
-                    seen.early, seen.labels, (val.early, val.labels) if val else None, seed)
+                    seen.early, seen.labels, (val.early, val.labels) if val is not None and val.early is not None
+                    else None, seed)
         except CaffeFtError as exc:
             numbers["probe_skipped"] = exc.message
     label, reasons = similarity_label(numbers)

@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 from google.protobuf.message import Message
 
@@ -196,6 +196,7 @@ def _new_data_layers(
     by_phase = {_phase_name(layer): layer for layer in originals}
     first = originals[0] if originals else None
     deploy_channels = input_shape[1] if input_shape is not None and len(input_shape) == 4 else None
+    size: Optional[int]
     if input_shape is not None and deploy_channels is not None:
         size = input_shape[2]
     else:
@@ -366,12 +367,12 @@ def read_originals(solver_file: TextFile) -> Dict[str, List[str]]:
     return {}
 
 
-def originals_comment(values: Dict[str, object]) -> str:
+def originals_comment(values: Mapping[str, object]) -> str:
     """The comment recording ``values`` (exact: ints as ints, float fields as Caffe prints them)."""
     parts = []
     for key, value in values.items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            text = str(item) if isinstance(item, int) else format_float(float(item))
+            text = str(item) if isinstance(item, int) else format_float(float(cast(float, item)))
             parts.append(f"{key}={text}")
     return f"{ORIGINALS_MARK} {' '.join(parts)}"
 
@@ -382,7 +383,7 @@ def _edit_text(file: Optional[TextFile], message: Message) -> str:
     return prototext.render_minimal(file.tree, file.data, message, file.path)
 
 
-def _solver_text(file: TextFile, solver: Message, originals: Dict[str, object]) -> str:
+def _solver_text(file: TextFile, solver: Message, originals: Mapping[str, object]) -> str:
     text = _edit_text(file, solver)
     mark = originals_comment(originals)
     lines = text.splitlines(True)
@@ -481,7 +482,7 @@ def plan(
                                     solver_file.data.decode("utf-8", "replace"))
     elif data.train and train_val is not None:
         solver = _default_solver(schema, net_path, prefix, count_images_or_zero(data.train),
-                                 count_images_or_zero(data.val), data, solver_options)
+                                 count_images_or_zero(data.val or ""), data, solver_options)
         summary.append("no --solver: solver.prototxt made from the fine-tuning template (SGD, step policy)")
         files["solver.prototxt"] = (prototext.print_message(solver), None, None)
     return RewritePlan(outdir, files, summary, strategy, dict(result.heads))
@@ -576,7 +577,7 @@ def unified_diff(result: RewritePlan) -> str:
     """Every output as a unified diff against the file it was edited from."""
     import difflib
 
-    chunks = []
+    chunks: List[str] = []
     for name, (text, source, before) in sorted(result.files.items()):
         target = os.path.join(result.outdir, name)
         chunks.extend(difflib.unified_diff(

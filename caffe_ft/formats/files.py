@@ -68,8 +68,8 @@ def require_text(data: bytes, path: str) -> None:
 def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     """``NetParameter`` or ``SolverParameter``, from the top-level field names."""
     names = {child.name for child in tree.children or ()}
-    net_fields = schema.message_class(NET).DESCRIPTOR.fields_by_name
-    solver_fields = schema.message_class(SOLVER).DESCRIPTOR.fields_by_name
+    net_fields = schema.descriptor(NET).fields_by_name
+    solver_fields = schema.descriptor(SOLVER).fields_by_name
     if names and all(name in solver_fields for name in names) and not all(
         name in net_fields for name in names
     ):
