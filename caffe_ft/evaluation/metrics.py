@@ -134,6 +134,12 @@ class Evaluation:
     def report(self) -> str:
         """The numbers as text: summary lines, the per-class table, the confusion matrix, mistakes."""
         lines = [f"images: {self.count}", f"accuracy: {self.accuracy:.4f}"]
+        if "transform" in self.meta:
+            changed = {key: value for key, value in self.meta["transform"].items()
+                       if key in ("crop_size", "mean_values", "mean_file", "scale", "new_height", "new_width")
+                       and value not in (0, 1.0, [], None)}
+            lines.insert(0, f"transform (from {self.meta.get('transform_from', '?')}, with the options): "
+                            + (", ".join(f"{key} {value}" for key, value in changed.items()) or "none"))
         lines += [f"top-{k} accuracy: {value:.4f}" for k, value in sorted(self.top_k.items()) if k != 1]
         lines.append(f"expected calibration error: {self.ece:.4f} ({ECE_BINS} bins)")
         lines.append(f"macro F1: {self.macro['f1']:.4f}, weighted F1: {self.weighted['f1']:.4f}")
@@ -142,11 +148,11 @@ class Evaluation:
         for row in self.per_class:
             lines.append(f"{row['class']:<{width}}  {row['precision']:>9.4f}  {row['recall']:>6.4f}  "
                          f"{row['f1']:>5.4f}  {row['support']:>7d}")
-        cell = max(5, len(str(max((max(row) for row in self.confusion), default=0))) + 1)
+        cell = max(5, len(str(max((max(counts) for counts in self.confusion), default=0))) + 1)
         lines += ["", "confusion matrix (rows: true, columns: predicted)",
                   " " * width + "".join(f"{index:>{cell}d}" for index in range(len(self.classes)))]
-        for name, row in zip(self.classes, self.confusion):
-            lines.append(f"{name:<{width}}" + "".join(f"{value:>{cell}d}" for value in row))
+        for name, counts in zip(self.classes, self.confusion):
+            lines.append(f"{name:<{width}}" + "".join(f"{value:>{cell}d}" for value in counts))
         if self.mistakes:
             lines += ["", "most confident mistakes"]
             for wrong in self.mistakes:
@@ -187,11 +193,11 @@ def evaluate(predictions: Predictions, top_k: Sequence[int] = (1, 5), names: Opt
         raise CaffeFtError(f"label {int(bad[0])} is outside the net's {classes} classes (0-{classes - 1})")
     names = class_names(classes, names)
     predicted = predictions.predicted
-    every = list(range(classes))
+    every: List[int] = list(range(classes))
     matrix = confusion_matrix(labels, predicted, labels=every)
     precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=every,
                                                                      zero_division=0)
-    averages = {}
+    averages: Dict[str, Dict[str, float]] = {}
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(labels, predicted, labels=every, average=average,
                                                      zero_division=0)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from google.protobuf.message import Message
 
 from ..data.sources import DataSource, input_shape
-from ..data.transform import default_transform, mean_array, net_root_folder, override
+from ..data.transform import default_transform, mean_array, net_data_layer, net_root_folder, override
 from ..errors import CaffeFtError
 from ..formats.files import load_net
 from ..formats.schema import Schema
@@ -94,12 +94,13 @@ def predict(request: PredictRequest, schema: Schema) -> Predictions:
         trunk = cut_net(net, schema, input_shape(source, schema, transform, mean), blob, request.batch_size)
     except CaffeFtError as exc:
         raise exc.located(request.net_path) from None
+    check_weights(trunk.net, request.weights, schema)
     started = time.monotonic()
     caffe_net = load_caffe_net(trunk.text(), request.weights)
     advance = count_progress(len(source), f"evaluate {blob}")
     parts, labels, names = [], [], []
     batches = source.batches(schema, transform, mean, request.batch_size)
-    for blobs, batch_labels, batch_names in forward_batches(caffe_net, trunk, batches, [trunk.feature_blob],
+    for blobs, batch_labels, batch_names in forward_batches(caffe_net, trunk.input_blob, batches, [trunk.feature_blob],
                                                             advance):
         parts.append(blobs[trunk.feature_blob].reshape(len(batch_names), -1))
         labels.append(batch_labels)
@@ -112,10 +113,28 @@ def predict(request: PredictRequest, schema: Schema) -> Predictions:
         "net": os.path.abspath(request.net_path), "weights": os.path.abspath(request.weights),
         "data": os.path.abspath(source.path), "root_folder": root, "blob": trunk.feature_blob,
         "probabilities": "the net's Softmax" if is_prob else "softmax of the scores",
-        "transform": transform.describe(), "seconds": round(seconds, 3),
+        "transform": transform.describe(),
+        "transform_from": "the net's data layer" if net_data_layer(net) is not None else
+                          "the Input's size only (a deploy net tells no mean or scale)",
+        "seconds": round(seconds, 3),
         "images_per_second": round(len(names) / seconds, 2) if seconds > 0 else None,
     }
     return Predictions(probs, np.concatenate(labels), names, meta)
+
+
+def check_weights(net: Message, weights: str, schema: Schema) -> None:
+    """Refuse weights Caffe would abort on, or that leave a layer with its
+    fillers' random values: evaluating that would measure noise."""
+    from ..formats.caffemodel import load_model
+    from ..net.weights import FRESH, check
+
+    report = check(net, load_model(weights, schema), "TEST")
+    if not report.ok:
+        raise CaffeFtError(f"Caffe cannot load these weights into the net: {report.abort}", weights)
+    fresh = [layer.name for layer in report.by_status(FRESH)]
+    if fresh:
+        raise CaffeFtError(f"no weights for layer{'s' if len(fresh) > 1 else ''} {', '.join(fresh)} "
+                           "(they would keep random values)", weights)
 
 
 def image_file(predictions: Predictions, source: str) -> Optional[str]:
@@ -130,8 +149,6 @@ def image_file(predictions: Predictions, source: str) -> Optional[str]:
 
 def data_of_test_net(net: Message) -> Tuple[Optional[str], str]:
     """The source and root folder of a net's TEST image data layer (None: it has none)."""
-    from ..data.transform import net_data_layer
-
     layer = net_data_layer(net, "TEST")
     if layer is None:
         return None, ""
