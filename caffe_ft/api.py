@@ -160,8 +160,12 @@ def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[s
     if options.report:
         from .evaluation.runs import write_train_report
 
-        html, _ = write_train_report(options.report, options, result, schema, time.monotonic() - started, out)
-        out.write(f"report: {html}\n")
+        try:
+            html, _ = write_train_report(options.report, options, result, schema, time.monotonic() - started, out)
+        except CaffeFtError as exc:  # the run and its snapshots stand: a report problem does not fail it
+            out.write(f"note: no report: {exc}\n")
+        else:
+            out.write(f"report: {html}\n")
     return result
 
 

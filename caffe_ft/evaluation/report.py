@@ -216,9 +216,9 @@ def _seconds(value: float) -> str:
 
 
 def _cell_shade(value: int, row_total: int) -> str:
-    """A background for a confusion matrix cell: darker for a larger share of its row."""
+    """The style of a confusion matrix cell: darker for a larger share of its row."""
     share = value / row_total if row_total else 0.0
-    return f"rgba(31, 119, 180, {share:.3f})"
+    return f"background: rgba(31, 119, 180, {share:.3f})" + ("; color: white" if share > 0.5 else "")
 
 
 def _images(data: Mapping[str, Any]) -> Dict[str, Optional[str]]:
@@ -226,6 +226,10 @@ def _images(data: Mapping[str, Any]) -> Dict[str, Optional[str]]:
     from ..training.plot import png_bytes
 
     images: Dict[str, Optional[str]] = {"curves": None, "calibration": None}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the page says "no plots" instead
+        return images
     curves = data.get("curves")
     if curves and (curves["train"] or curves["tests"]):
         images["curves"] = png_uri(png_bytes(curves_of(curves), data.get("title", "")))

@@ -109,9 +109,13 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
                              trained_at - started, trained.message, tuple(trained.notes))
     _append_summary(plan, outcome)
-    html = _write_report(schema, plan, outcome, weights, {"device": device, "seed": seed, "cached features": cached},
-                         out)
-    out.write(f"report: {html}\n")
+    try:
+        html = _write_report(schema, plan, outcome, weights,
+                             {"device": device, "seed": seed, "cached features": cached}, out)
+    except CaffeFtError as exc:  # the model is trained and saved: a report problem does not fail the job
+        out.write(f"note: no report: {exc}\n")
+    else:
+        out.write(f"report: {html}\n")
     return outcome
 
 
