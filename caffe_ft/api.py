@@ -147,16 +147,27 @@ def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[s
     """Run a Caffe solver (pycaffe): checked start, metrics, safe snapshots, resume.
 
     With ``options.report`` (which needs ``options.metrics``), the run's
-    report.html and report.json go there at the end, however it ended."""
+    report.html and report.json go there at the end, however it ended; with
+    ``options.tensorboard``, TensorBoard event files of the whole run."""
+    import os
     import time
 
     from .training.pycaffe import train as run_training
 
     if options.report and not options.metrics:
         raise CaffeFtError("a training report needs a metrics file (give --metrics)")
+    if options.tensorboard:
+        from .training.tensorboard import require_writer, write_events
+
+        if not options.metrics:
+            raise CaffeFtError("--tensorboard needs a metrics file (give --metrics)")
+        require_writer()
     schema = schema or load_schema(options.proto)
     started = time.monotonic()
     result = run_training(options, schema, out)
+    if options.tensorboard and options.metrics and os.path.exists(options.metrics):
+        count = write_events(options.metrics, options.tensorboard)
+        out.write(f"tensorboard: {count} scalars in {options.tensorboard}\n")
     if options.report:
         from .evaluation.runs import write_train_report
 

@@ -580,12 +580,14 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 @click.option("--caffe-log", is_flag=True, help="Show Caffe's own INFO log.")
 @click.option("--report", metavar="DIR", help="Write report.html and report.json here at the end "
               "(the last snapshot evaluated on the first test net's images; needs --metrics).")
+@click.option("--tensorboard", metavar="DIR", help="Also write the run's loss, learning rate and test outputs "
+              "as TensorBoard event files here (tensorboardX; needs --metrics).")
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
 @click.pass_context
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
-          caffe_log: bool, report: Optional[str], stop_after: Optional[int]) -> None:
+          caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int]) -> None:
     """Train with SOLVER through pycaffe: progress, metrics, safe snapshots.
 
     Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
@@ -601,7 +603,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     options = TrainOptions(
         solver=solver, weights=weights, device="cpu" if cpu else (gpu if gpu is not None else "solver"),
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
-        caffe_log=caffe_log, proto=ctx.obj.get("proto"), report=report,
+        caffe_log=caffe_log, proto=ctx.obj.get("proto"), report=report, tensorboard=tensorboard,
     )
     result = api.train(options, schema=_schema(ctx), out=sys.stderr)
     if result.status == "diverged":

@@ -39,6 +39,7 @@ class TrainOptions:
     bar: Optional[bool] = None
     proto: Optional[str] = None
     report: Optional[str] = None  # a directory for report.html/report.json (written by the API, not the engine)
+    tensorboard: Optional[str] = None  # a directory for TensorBoard event files (idem)
 
 
 @dataclass
@@ -70,6 +71,8 @@ def resume_command(options: TrainOptions, state: str) -> str:
         words += ["--plot", options.plot]
     if options.report:
         words += ["--report", options.report]
+    if options.tensorboard:
+        words += ["--tensorboard", options.tensorboard]
     if not options.snapshot_on_exit:
         words.append("--no-snapshot-on-exit")
     if options.caffe_log:
