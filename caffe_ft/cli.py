@@ -659,7 +659,7 @@ def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json
     names = ([line.strip() for line in read_bytes(class_names).decode("utf-8", "replace").splitlines() if line.strip()]
              if class_names else None)
     result = api.evaluate(net_path, weights, data, top_k=tuple(top_k) or (5,), blob=blob, batch_size=batch_size,
-                          root_folder=root_folder, class_names=names, mistakes=mistakes, predictions=predictions,
+                          root_folder=root_folder, class_names=names, mistakes=mistakes, save_predictions=predictions,
                           transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
                           schema=_schema(ctx))
     _emit(json.dumps(result.as_json(), indent=2) + "\n" if as_json else result.report())

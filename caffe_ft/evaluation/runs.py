@@ -42,7 +42,8 @@ def solver_settings(solver: Message) -> Dict[str, Any]:
             continue
         if descriptor.enum_type is not None:
             names = descriptor.enum_type.values_by_number
-            value = [names[v].name for v in value] if descriptor.label == descriptor.LABEL_REPEATED else names[value].name
+            repeated = descriptor.label == descriptor.LABEL_REPEATED
+            value = [names[v].name for v in value] if repeated else names[value].name
         elif descriptor.label == descriptor.LABEL_REPEATED:
             value = list(value)
         settings[descriptor.name] = value
