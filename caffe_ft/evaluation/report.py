@@ -306,7 +306,7 @@ def _summary_rows(report: Mapping[str, Any]) -> Dict[str, Any]:
     if curves.get("last_iteration") is not None:
         rows["iterations"] = curves["last_iteration"]
     for name, value in (report.get("timings") or {}).items():
-        rows[f"time: {name}"] = value
+        rows[f"time: {name}"] = _seconds(value)
     return rows
 
 
@@ -329,7 +329,10 @@ def comparison(reports: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
 
     differing = [name for name in union(settings)
                  if len(reports) == 1 or len({json.dumps(each.get(name), sort_keys=True) for each in settings}) > 1]
-    return {"titles": [each.get("title", "") for each in reports], "summary": table(rows, union(rows)),
+    titles = [str(each.get("title", "")) for each in reports]
+    if len(set(titles)) < len(titles):
+        titles = [f"{number}: {title}" for number, title in enumerate(titles, 1)]
+    return {"titles": titles, "summary": table(rows, union(rows)),
             "settings": table(settings, differing), "per_class_f1": table(f1, union(f1))}
 
 

@@ -78,14 +78,15 @@ def write_train_report(outdir: str, options: Any, result: Any, schema: Schema, s
     test_net = tests[0].source if tests and os.path.isfile(tests[0].source) else None
     weights = result.snapshot[0] if result.snapshot else None
     evaluation, predictions, notes = try_evaluation(test_net, weights, schema, out)
-    settings: Dict[str, Any] = {"solver": options.solver, "weights": options.weights or "(the fillers)",
-                                "device": options.device}
+    start = options.weights or ("(the snapshot's)" if options.resume else "(the fillers')")
+    settings: Dict[str, Any] = {"solver": options.solver, "weights": start, "device": options.device}
     if options.resume:
         settings["resumed from"] = options.resume
     settings.update(solver_settings(solver))
     files = [path for path in (options.metrics, options.plot, *(result.snapshot or ())) if path]
+    title = os.path.basename(os.path.dirname(os.path.abspath(options.solver))) or options.solver
     run = report.RunInfo(
-        title=os.path.basename(os.path.abspath(outdir)), kind="train", status=result.status, settings=settings,
+        title=title, kind="train", status=result.status, settings=settings,
         notes=[result.message, *notes], metrics=options.metrics, files=files,
         timings={"training (this session)": seconds},
     )
