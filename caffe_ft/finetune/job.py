@@ -105,9 +105,8 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
                                    start, plan.outdir, final, seed, out)
     else:
         trained = _train(schema, plan, start, final, device, seed, cached, out)
-    trained_at = time.time()
     outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
-                             trained_at - started, trained.message, tuple(trained.notes))
+                             time.time() - started, trained.message, tuple(trained.notes))
     _append_summary(plan, outcome)
     try:
         html = _write_report(schema, plan, outcome, weights,
@@ -132,7 +131,7 @@ def _write_report(schema: Schema, plan: RewritePlan, outcome: FinetuneResult, we
     solver = files.load_text(os.path.join(plan.outdir, "solver.prototxt"), schema, files.SOLVER).message
     settings.update(solver_settings(solver))
     metrics = os.path.join(plan.outdir, METRICS)
-    status = "done" if outcome.exit_code == 0 else f"failed (exit status {outcome.exit_code})"
+    status = "done" if outcome.exit_code == 0 else "interrupted" if outcome.exit_code > 128 else "failed"
     listed = [os.path.join(plan.outdir, name) for name in sorted(os.listdir(plan.outdir))]
     run = report.RunInfo(
         title=os.path.basename(os.path.abspath(plan.outdir)), kind="finetune", status=status, settings=settings,
