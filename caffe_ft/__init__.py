@@ -5,7 +5,7 @@ The library API is :mod:`caffe_ft.api` (``caffe_ft.rewrite``, ``caffe_ft.finetun
 that ``import caffe_ft`` stays cheap.  The packages follow the pipeline:
 ``formats`` (Caffe files) < ``net`` (questions about a net) < ``data`` (inputs)
 < ``training`` (engines) < ``heads`` / ``export`` < ``evaluation`` (metrics, reports)
-< ``finetune`` (strategies and
+< ``recipe`` (strategies and
 jobs) < ``api`` < ``cli``; a package imports only from those below it.
 """
 

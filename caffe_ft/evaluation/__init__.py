@@ -5,5 +5,5 @@ runs a net over an image list through pycaffe to get them, :mod:`.report`
 writes ``report.html``/``report.json`` for a run and compares two runs.
 
 Import layer: above :mod:`caffe_ft.heads` (it cuts nets with
-:func:`caffe_ft.heads.trunk.cut_net`), below :mod:`caffe_ft.finetune`.
+:func:`caffe_ft.heads.trunk.cut_net`), below :mod:`caffe_ft.recipe`.
 """

@@ -24,11 +24,10 @@ from caffe_ft.cli import main
 from caffe_ft.formats import prototext
 from caffe_ft.formats.files import load_net
 
-from conftest import NSFW_DIR, cli_runner
+from conftest import NSFW_DIR, REPO, cli_runner
 
 pytestmark = pytest.mark.caffe
-HERE = os.path.dirname(os.path.abspath(__file__))
-DIGITS = os.path.join(os.path.dirname(HERE), "examples", "digits")
+DIGITS = os.path.join(REPO, "examples", "digits")
 
 
 def caffe_ft(cwd, *args):
@@ -216,7 +215,6 @@ def nsfw_train_val(schema, source, batch):
 
 
 def test_nsfw_resnet50_accuracy_equals_caffe_accuracy_layer(schema, tmp_path):
-    sys.path.insert(0, HERE)
     from synth_images import write_dataset
 
     images = write_dataset(str(tmp_path / "images"), "photo", per_class=3, classes=2, size=240)
