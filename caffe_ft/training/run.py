@@ -38,6 +38,8 @@ class TrainOptions:
     caffe_log: bool = False
     bar: Optional[bool] = None
     proto: Optional[str] = None
+    report: Optional[str] = None  # a directory for report.html/report.json (written by the API, not the engine)
+    tensorboard: Optional[str] = None  # a directory for TensorBoard event files (idem)
     engine: str = "pycaffe"
     precision: str = "fp32"
     channels_last: bool = False
@@ -76,6 +78,10 @@ def resume_command(options: TrainOptions, state: str) -> str:
         words += ["--metrics", options.metrics]
     if options.plot:
         words += ["--plot", options.plot]
+    if options.report:
+        words += ["--report", options.report]
+    if options.tensorboard:
+        words += ["--tensorboard", options.tensorboard]
     if not options.snapshot_on_exit:
         words.append("--no-snapshot-on-exit")
     if options.caffe_log:
