@@ -203,3 +203,20 @@ def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(workdir
     again = _weights("snap/small_iter_6.caffemodel", schema)
     for name, value in both.items():
         assert np.abs(again[name] - value).max() <= 1e-6 * np.abs(value).max(), name
+
+
+
+def test_a_test_net_whose_blobs_cannot_be_shared_is_refused(schema) -> None:  # type: ignore[no-untyped-def]
+    from caffe_ft.errors import CaffeFtError
+    from caffe_ft.formats.prototext import parse, to_message
+    from caffe_ft.training.torch.net import CaffeNet
+
+    def net(outputs: int):  # type: ignore[no-untyped-def]
+        return to_message(parse(DEPLOY.replace("num_output: 2", f"num_output: {outputs}").encode()),
+                          schema.new("NetParameter"))
+
+    train = CaffeNet(net(2), "TRAIN")
+    shared = CaffeNet(net(2), "TEST", share_from=train)
+    assert shared.blobs_of["fc"][0] is train.blobs_of["fc"][0]
+    with pytest.raises(CaffeFtError, match="layer 'fc': cannot share the train net's blobs"):
+        CaffeNet(net(3), "TEST", share_from=train)

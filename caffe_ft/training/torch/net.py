@@ -632,9 +632,11 @@ class CaffeNet(nn.Module):
         if self._share_from is not None and layer.name in self._share_from.blobs_of:
             # A test net shares the train net's blobs by layer name (Net::ShareTrainedLayersWith).
             theirs = self._share_from.blobs_of[layer.name]
-            if [tuple(p.shape) for p in theirs] == [tuple(shape) for shape in shapes]:
-                self.blobs_of[layer.name] = list(theirs)
-                return list(theirs)
+            if [tuple(p.shape) for p in theirs] != [tuple(shape) for shape in shapes]:
+                raise _fail(layer, f"cannot share the train net's blobs: shapes {[tuple(p.shape) for p in theirs]} "
+                                   f"there, {[tuple(shape) for shape in shapes]} here")
+            self.blobs_of[layer.name] = list(theirs)
+            return list(theirs)
         params: List[nn.Parameter] = []
         fresh = None
         for index, shape in enumerate(shapes):
