@@ -60,7 +60,7 @@ from google.protobuf.message import Message
 from ..errors import CaffeFtError
 from ..formats.schema import Schema
 from . import snapshots as snap
-from .nets import NetSpec, check_weights, nondeterminism, solver_nets
+from .nets import NetSpec, check_data, check_weights, nondeterminism, solver_nets
 from .plot import plot_quietly
 from .progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
 from .run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, resume_command
@@ -154,10 +154,7 @@ def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) ->
     except CaffeFtError as exc:
         raise exc.located(options.solver) from None
     train, tests = solver_nets(solver, schema)
-    from ..data.preflight import check_nets
-
-    # the data Caffe would abort on (or train on garbage from), found before it starts
-    check_nets((spec.net, spec.phase, spec.level, spec.stages) for spec in [train, *tests])
+    check_data([train, *tests])  # the data Caffe would abort on (or train on garbage from), before it starts
     gpus = _choose_gpus(options, solver)
     unchecked = check_weights(options.weights, schema, [train, *tests], err) if options.weights else None
     workdir = tempfile.mkdtemp(prefix="caffe-ft-train-")
