@@ -50,7 +50,10 @@ _KINDS = ("", "comment", "number", "ident", "string", "symbol")
 _SPACE = b" \t\r\n\f\v"
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b"abfnrtv\\?'\"01234567")
-MAX_DEPTH = 100  # protobuf's default recursion limit for nested messages
+# Nesting deeper than this is refused ("Message is too deep").  Caffe's schema nests only a few
+# levels, so Caffe refuses such text anyway, at the first field the schema lacks; the limit
+# keeps a hostile file from exhausting the stack (100 is protobuf's limit for binary input).
+MAX_DEPTH = 100
 
 
 def _bad_string(data: bytes, start: int) -> Tuple[int, str]:
