@@ -675,11 +675,10 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
-    if metrics or plot or report:
+    if metrics or plot:
         inputs = [solver, weights, resume, *_solver_nets(ctx, solver)]
         _check_output(ctx, metrics, inputs, force=True, option="--metrics")
         _check_output(ctx, plot, inputs + [metrics], force=True, option="--plot")
-        _check_output(ctx, report, inputs + [metrics, plot], force=True, option="--report")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     chosen, why = choose_engine(engine, device)
     if engine == "auto":
