@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 
 def peak_kib() -> int:
@@ -49,3 +49,27 @@ def save_random_model(proto: str, prototxt: str, weights: str) -> None:
         for param in params:
             param.data[...] = rng.standard_normal(param.data.shape, dtype=np.float32)
     net.save(weights)
+
+
+# Run by ``measure_process`` in a fresh, small interpreter: Linux charges a
+# child's peak resident set with that of the process that forked it (the
+# forker's pages count until ``exec``), so the benchmark's own memory must not
+# be the forker's.
+_LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ,
+                      file_actions=[(os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8)
+"""
+
+
+def measure_process(command: List[str]) -> Tuple[float, float, int]:
+    """Wall seconds, peak resident MiB and exit status of ``command`` run as a
+    whole process (its output discarded), started from a small launcher so that
+    this process's memory does not count."""
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], check=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    seconds, peak, status = done.stdout.decode().split()[-3:]
+    return float(seconds), int(peak) / 1024, int(status)

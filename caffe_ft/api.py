@@ -40,17 +40,9 @@ def _printer(out: IO[str]) -> Any:
 
 def current_net(net: Any, path: str) -> Any:
     """``net`` in the current format (a legacy net is upgraded on a copy)."""
-    from .formats.upgrade import net_needs_upgrade, upgrade_net
+    from .formats.upgrade import current_net as upgraded
 
-    if not net_needs_upgrade(net):
-        return net
-    copy = type(net)()
-    copy.CopyFrom(net)
-    try:
-        upgrade_net(copy)
-    except CaffeFtError as exc:
-        raise exc.located(path) from None
-    return copy
+    return upgraded(net, path)
 
 
 def load_net_and_model(net_path: str, weights: str, schema: Schema) -> Tuple[Any, Any]:

@@ -20,6 +20,11 @@ from .errors import CaffeFtError
 from .formats.schema import PROTO_ENV, Schema, load_schema
 
 
+# Commands that build big parse trees and messages and end: no cyclic garbage
+# collection while they run (see formats/gcpause.py).  Training commands keep it.
+_TREE_COMMANDS = frozenset({"fmt", "upgrade", "inspect", "diff", "rewrite", "check", "init"})
+
+
 class _Group(click.Group):
     """Turns caffe-ft errors into a one-line message and exit status 2."""
 
@@ -78,6 +83,10 @@ def main(ctx: click.Context, proto: Optional[str]) -> None:
     """Fine-tune Caffe models: rewrite nets and solvers, check weights, train."""
     ctx.ensure_object(dict)
     ctx.obj["proto"] = proto
+    if ctx.invoked_subcommand in _TREE_COMMANDS:
+        from .formats.gcpause import paused
+
+        ctx.with_resource(paused())  # until the command ends
 
 
 def _json(value: Any) -> str:
@@ -154,8 +163,7 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
     if target is not None and not in_place:
         files.check_output(target, [file, ctx.obj.get("proto")], force)
     schema = _schema(ctx)
-    data = files.read_bytes(file)
-    if files.is_binary(data):
+    if files.is_binary(files.read_head(file)):
         from .formats.caffemodel import load_model, save_model, upgrade_model
 
         if target is None:
@@ -167,7 +175,7 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
         return
     from .formats.layout import upgrade_text
 
-    text, notes = upgrade_text(files.parse_text(data, file, schema))
+    text, notes = upgrade_text(files.parse_text(files.read_bytes(file), file, schema))
     for note in notes:
         click.echo(note, err=True)
     if target is None:
@@ -225,7 +233,7 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     from .net import report
 
     schema = _schema(ctx)
-    data = files.read_bytes(file)
+    head = files.read_head(file)  # never the whole file: a caffemodel is mapped, not read
     format_info: Callable[[Any], str]
     if file.endswith(".binaryproto"):
         from .formats.caffemodel import load_blob
@@ -235,16 +243,16 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
         from .formats.caffemodel import load_solverstate
 
         info, format_info = report.describe_solverstate(load_solverstate(file, schema)), report.format_solverstate
-    elif files.is_binary(data):
+    elif files.is_binary(head):
         from .formats.caffemodel import load_model
 
         info, format_info = report.describe_model(load_model(file, schema)), report.format_model
     else:
-        parsed = files.parse_text(data, file, schema)
+        parsed = files.parse_text(files.read_bytes(file), file, schema)
         if parsed.kind == files.SOLVER:
             info, format_info = report.describe_solver(parsed.message), report.format_solver
         else:
-            from .api import current_net
+            from .formats.upgrade import current_net
 
             net = current_net(parsed.message, file)
             info, format_info = report.describe_net(net, _input_shapes(input_shapes)), report.format_net

@@ -32,6 +32,7 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from ..errors import CaffeFtError
+from .wire import text  # noqa: F401  (re-exported: caffemodel.text)
 from .wire import (
     Buffer,
     BYTES as _BYTES,
@@ -106,18 +107,6 @@ class Blob:
     def count(self) -> int:
         """Number of values in ``data``."""
         return math.prod(self.shape)
-
-
-def text(value: Union[str, bytes]) -> str:
-    """A string field as caffe-ft shows and compares it.
-
-    Protobuf hands back ``bytes`` for a string that is not UTF-8 (Caffe and
-    pycaffe keep such bytes and load the file); they are shown escaped
-    (``fc\\xff``), so they print, go into JSON, and equal only the same bytes.
-    """
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    return value
 
 
 def _layer_name(layer: Message) -> str:

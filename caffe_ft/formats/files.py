@@ -51,6 +51,24 @@ def read_bytes(path: str) -> bytes:
     return data
 
 
+def read_head(path: str) -> bytes:
+    """The first bytes of ``path``, enough for :func:`is_binary` to tell text
+    from wire format, with the errors :func:`read_bytes` gives (a missing,
+    unreadable or empty file).  A caffemodel is never read whole to sniff it."""
+    if os.path.isdir(path):
+        raise CaffeFtError("is a directory, not a file", path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_SNIFF)
+    except FileNotFoundError:
+        raise CaffeFtError("no such file", path) from None
+    except OSError as exc:
+        raise CaffeFtError(f"cannot read: {exc.strerror}", path) from None
+    if not head.strip():
+        return read_bytes(path)  # all white space so far: empty, or text
+    return head
+
+
 def is_binary(data: bytes) -> bool:
     """Whether ``data`` looks like protobuf wire format rather than text.
 

@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
 from .numbers import format_double, format_float
+from .gcpause import pausing
 from .schema import is_repeated
 
 FD = FieldDescriptor
@@ -412,6 +413,7 @@ class _Parser:
         node.values.append("".join(p.text for p in parts))
 
 
+@pausing
 def parse(data: bytes, path: str = "<text>") -> Node:
     """Parse text-format bytes into a :class:`Node` tree (no schema needed)."""
     return _Parser(data, path).parse()
@@ -655,6 +657,7 @@ class _Converter:
         return -value if negative else value
 
 
+@pausing
 def to_message(root: Node, message: Message, path: str = "<text>") -> Message:
     """Fill ``message`` from the tree ``root``; raises :class:`CaffeFtError`."""
     _Converter(path).fill(root, message)
@@ -730,6 +733,7 @@ def to_tree(message: Message, name: str = "") -> Node:
     return node
 
 
+@pausing
 def render(root: Node) -> str:
     """Print a tree in canonical layout, comments included."""
     out: List[str] = []
@@ -776,6 +780,7 @@ def canonicalize(root: Node) -> Node:
     return root
 
 
+@pausing
 def print_message(message: Message) -> str:
     """``message`` as protobuf's C++ ``TextFormat::Print`` writes it."""
     return render(to_tree(message))
@@ -786,6 +791,7 @@ def print_message(message: Message) -> str:
 # ---------------------------------------------------------------------------
 
 
+@pausing
 def reconcile(old: Node, new: Message, renames: Optional[Dict[str, str]] = None) -> Node:
     """The canonical tree of ``new`` carrying the comments of ``old``.
 
@@ -834,6 +840,7 @@ def _transplant(old: Node, new: Node, renames: Dict[str, str]) -> None:
 # ---------------------------------------------------------------------------
 
 
+@pausing
 def render_minimal(old: Node, source: bytes, new: Message, path: str = "<text>") -> str:
     """Text of ``new`` written as an edit of ``source`` (whose tree is ``old``).
 

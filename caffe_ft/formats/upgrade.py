@@ -650,3 +650,17 @@ def upgrade_solver(solver: Message) -> List[str]:
     solver.type = SOLVER_TYPES[old]
     solver.ClearField("solver_type")
     return [f"solver_type: {old} -> type: \"{SOLVER_TYPES[old]}\""]
+
+
+def current_net(net: Message, path: str) -> Message:
+    """``net`` in the current format (a legacy net is upgraded on a copy;
+    an error names ``path``)."""
+    if not net_needs_upgrade(net):
+        return net
+    copy = type(net)()
+    copy.CopyFrom(net)
+    try:
+        upgrade_net(copy)
+    except CaffeFtError as exc:
+        raise exc.located(path) from None
+    return copy

@@ -124,3 +124,15 @@ def varint_bytes(value: int) -> bytes:
 
 def key_bytes(field: int, wire: int) -> bytes:
     return varint_bytes(field << 3 | wire)
+
+
+def text(value: Union[str, bytes]) -> str:
+    """A string field as caffe-ft shows and compares it.
+
+    Protobuf hands back ``bytes`` for a string that is not UTF-8 (Caffe and
+    pycaffe keep such bytes and load the file); they are shown escaped
+    (``fc\\xff``), so they print, go into JSON, and equal only the same bytes.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from . import graph
 from ..formats import prototext
-from ..formats.caffemodel import text
+from ..formats.wire import text
 from ..errors import CaffeFtError
 from ..formats.schema import is_repeated
 

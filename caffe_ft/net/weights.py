@@ -421,10 +421,26 @@ def _check(targets: Sequence[_Target], model: Model, phase: str) -> CheckReport:
     )
 
 
+_CHUNK = 1 << 20
+
+
+def _all_finite(data: np.ndarray) -> bool:
+    """Whether every value of ``data`` is finite, without a temporary the size
+    of ``data``: a float64 sum is NaN or inf when a value is (and a sum of
+    float32 values cannot overflow float64), so one pass that allocates
+    nothing answers almost always; a non-finite sum is confirmed chunk by chunk
+    (a float64 sum of finite values may overflow)."""
+    flat = data.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(flat, dtype=np.float64)):
+            return True
+    return all(bool(np.isfinite(flat[start:start + _CHUNK]).all()) for start in range(0, flat.size, _CHUNK))
+
+
 def _nonfinite(blob: Blob) -> Optional[str]:
     """How many NaN and inf values ``blob`` holds, or None when all are finite."""
     data = blob.data
-    if data.size == 0 or bool(np.isfinite(data).all()):
+    if data.size == 0 or _all_finite(data):
         return None
     nans = int(np.isnan(data).sum())
     infs = int(np.isinf(data).sum())

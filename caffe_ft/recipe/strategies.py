@@ -497,7 +497,8 @@ def _set_body_multipliers(
             f"froze {len(frozen)} layer(s): {_listing(_names(layers, frozen))} "
             f"(lr_mult {options.frozen_lr_mult:g}, decay_mult 0; BatchNorm: use_global_stats)"
         )
-    thawed = {i for i, layer in enumerate(layers) if i not in frozen | skip and _was_frozen(layer)}
+    kept = frozen | skip  # built once: a union inside the comprehension would make this quadratic
+    thawed = {i for i, layer in enumerate(layers) if i not in kept and _was_frozen(layer)}
     for index in sorted(thawed):
         _set_multipliers(layers[index], _caffe_convention)
     if thawed:

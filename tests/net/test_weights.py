@@ -576,3 +576,38 @@ def test_init_for_a_new_nsfw_head_loads_in_pycaffe_and_opencv(tmp_path, schema):
     cv_net.setInput(x)
     prob_cv = cv_net.forward("prob")
     assert np.allclose(prob_cv.reshape(prob_new.shape), prob_new, atol=1e-4, rtol=0)
+
+
+def test_all_finite_sees_every_nan_and_inf_without_a_full_size_temporary():
+    """The one-pass float64 sum says "finite" only when every value is; a sum
+    that overflows on finite float64 values is confirmed chunk by chunk."""
+    data = np.arange(3 * weights._CHUNK + 5, dtype=np.float32)
+    assert weights._all_finite(data)
+    for bad in (np.nan, np.inf, -np.inf):
+        spoiled = data.copy()
+        spoiled[-1] = bad  # in the last, partial chunk
+        assert not weights._all_finite(spoiled)
+    big = np.full(8, 1e308)  # finite, but its sum overflows
+    assert weights._all_finite(big)
+    big[3] = np.inf
+    assert not weights._all_finite(big)
+    huge = np.full((4, 4), 3.4e38, dtype=np.float32)  # float32 maxima sum finitely in float64
+    assert weights._all_finite(huge)
+
+
+def test_inspect_and_upgrade_sniff_a_caffemodel_without_reading_it_whole(write_model, tmp_path, monkeypatch):
+    """Text or binary is told from the first bytes; the weights are mapped, never read into memory."""
+    from caffe_ft.formats import files
+
+    path, _ = write_model([("fc", "InnerProduct", [np.ones((3, 4)), np.zeros(3)])])
+
+    def refuse(name):
+        raise AssertionError(f"{name} was read whole")
+
+    monkeypatch.setattr(files, "read_bytes", refuse)
+    shown = cli_runner().invoke(main, ["inspect", path])
+    assert shown.exit_code == 0, shown.output
+    assert "fc" in shown.output
+    upgraded = cli_runner().invoke(main, ["upgrade", path, "-o", str(tmp_path / "out.caffemodel")])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert open(tmp_path / "out.caffemodel", "rb").read() == open(path, "rb").read()
