@@ -669,7 +669,14 @@ def to_message(root: Node, message: Message, path: str = "<text>") -> Message:
 # ---------------------------------------------------------------------------
 
 
+# Bytes that print as themselves: printable ASCII but for the quotes and the backslash.
+_PLAIN = re.compile(rb"[ !#-&(-\[\]-~]*")
+
+
 def _escape(raw: bytes) -> str:
+    """``raw`` escaped as C++ ``CEscape`` does (octal for other bytes)."""
+    if _PLAIN.fullmatch(raw):
+        return raw.decode("ascii")  # nearly every name and path: no per-byte work
     out = []
     for byte in raw:
         char = chr(byte)
