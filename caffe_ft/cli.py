@@ -142,16 +142,16 @@ def _input_shapes(values: Any) -> Dict[str, Tuple[int, ...]]:
         try:
             shapes[name] = tuple(int(dim) for dim in dims.split(","))
         except ValueError:
-            raise click.BadParameter(f"expected NAME=N,C,H,W, got {value!r}", param_hint="--input-shape") from None
+            raise click.BadParameter(f"expected TOP=N,C,H,W, got {value!r}", param_hint="--input-shape") from None
         if not name or not shapes[name]:
-            raise click.BadParameter(f"expected NAME=N,C,H,W, got {value!r}", param_hint="--input-shape")
+            raise click.BadParameter(f"expected TOP=N,C,H,W, got {value!r}", param_hint="--input-shape")
     return shapes
 
 
 @main.command()
 @click.argument("file", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="TOP=N,C,H,W",
               help="Shape of a data layer's top when its parameters do not tell (repeatable).")
 @click.pass_context
 def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> None:
@@ -206,7 +206,9 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--strategy", required=strategy_default is None, default=strategy_default,
                      show_default=strategy_default is not None,
                      type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help),
-        click.option("--num-classes", type=click.IntRange(min=1), required=True, help="Classes of the new task."),
+        click.option("--num-classes", type=click.IntRange(min=2),
+                     help="Classes of the new task (default: the labels of --train-data, 0..K-1; "
+                          "without data the heads keep their num_output)."),
         click.option("--solver", "solver_path", metavar="SOLVER", help="Solver to rewrite (learning rate, steps, paths)."),
         click.option("--deploy", "deploy_path", metavar="DEPLOY",
                      help="The matching deploy net, rewritten alongside (default: derived from NET)."),
@@ -240,10 +242,15 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--root-folder", metavar="DIR", help="ImageData: directory the image list's paths are relative to."),
         click.option("--lr-scale", type=float, default=0.1, show_default=True, help="base_lr is multiplied by this."),
         click.option("--step-scale", type=float, default=0.2, show_default=True,
-                     help="stepsize/stepvalue/max_iter are multiplied by this."),
-        click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling)."),
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
-                     help="With --weights: shape of a data layer's top when its parameters do not tell."),
+                     help="Without --train-data (run length unknown): stepsize/stepvalue/max_iter are multiplied by this."),
+        click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of epochs)."),
+        click.option("--epochs", type=click.IntRange(min=1), metavar="N",
+                     help="Passes over --train-data the run makes (default: by strategy and data set size)."),
+        click.option("--gray/--color", "gray", default=None,
+                     help="Grey (1-channel) or colour (3-channel) input (default: the net's, else the data's)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="TOP=N,C,H,W",
+                     help="Shape of a data layer's top when neither its parameters nor its data tell "
+                          "(the deploy net's input; with --weights, the check's); repeatable."),
     ]
 
     def decorate(command: Any) -> Any:
@@ -270,8 +277,10 @@ def _options_of(params: Dict[str, Any]) -> Any:
         val_batch_size=params["val_batch_size"], crop_size=params["crop_size"], resize=params["resize"],
         mean_values=tuple(params["mean_values"]), mean_file=params["mean_file"], scale=params["scale"],
         mirror=params["mirror"], root_folder=params["root_folder"],
+        channels=None if params["gray"] is None else (1 if params["gray"] else 3),
     )
-    solver = SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"])
+    solver = SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"],
+                           epochs=params["epochs"])
     return RewriteOptions(
         head, strategy=params["strategy"], data=data, solver=solver, solver_path=params["solver_path"],
         deploy_path=params["deploy_path"], outdir=params["outdir"], dataset_size=params["dataset_size"],

@@ -232,7 +232,7 @@ def test_rewrite_fits_test_iter_to_the_new_validation_list(tmp_path):
                  "--train-data", str(tmp_path / "train.txt"), "--val-data", str(tmp_path / "val.txt"),
                  "--val-batch-size", "2", "-o", str(tmp_path / "out"))
     assert result.exit_code == 0, result.stderr
-    assert "test_iter: 10 -> 2 (3 validation images, batches of 2)" in result.output
+    assert "test_iter: 10 -> 2 (3 validation examples, batches of 2" in result.output
     assert "\ntest_iter: 2\n" in (tmp_path / "out" / "solver.prototxt").read_text()
     train_val = (tmp_path / "out" / "train_val.prototxt").read_text()
     assert "scale: 0.00390625" in train_val and "mean_value" not in train_val  # preprocessing kept as it was

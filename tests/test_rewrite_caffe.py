@@ -31,6 +31,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -97,16 +98,15 @@ NETS = [
     Net("examples/finetune_pascal_detection/pascal_finetune_trainval_test.prototxt", 227, reference=CAFFENET),
     # Fully convolutional at 451x451: trained on 227x227 crops so that each image gets one score.
     Net(FULL_CONV, 451, args=("--crop-size", "227"), reference=FULL_CONV),
-    # LMDB-fed nets without a crop: the input size must be given.
-    Net("examples/cifar10/cifar10_quick_train_test.prototxt", 32, args=("--crop-size", "32"), reference=CIFAR_QUICK),
+    # LMDB-fed nets without a crop: the input size (and grey or colour) is the images' (read from their headers).
+    Net("examples/cifar10/cifar10_quick_train_test.prototxt", 32, reference=CIFAR_QUICK),
     Net(CIFAR_QUICK, 32, reference=CIFAR_QUICK),
-    Net("examples/cifar10/cifar10_full_train_test.prototxt", 32, args=("--crop-size", "32"), reference=CIFAR_FULL),
+    Net("examples/cifar10/cifar10_full_train_test.prototxt", 32, reference=CIFAR_FULL),
     Net(CIFAR_FULL, 32, reference=CIFAR_FULL),
-    Net("examples/cifar10/cifar10_full_sigmoid_train_test.prototxt", 32, args=("--crop-size", "32"),
-        reference=CIFAR_FULL),
+    Net("examples/cifar10/cifar10_full_sigmoid_train_test.prototxt", 32, reference=CIFAR_FULL),
     # No deploy net has its layers (convolutions without bias): random weights.
-    Net("examples/cifar10/cifar10_full_sigmoid_train_test_bn.prototxt", 32, args=("--crop-size", "32")),
-    Net("examples/mnist/lenet_train_test.prototxt", 28, grey=True, args=("--crop-size", "28"), reference=LENET),
+    Net("examples/cifar10/cifar10_full_sigmoid_train_test_bn.prototxt", 32),
+    Net("examples/mnist/lenet_train_test.prototxt", 28, grey=True, reference=LENET),
     Net(LENET, 28, grey=True, reference=LENET),
     Net(os.path.join(NSFW_DIR, "deploy.prototxt"), 224,
         weights=os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel")),
@@ -298,8 +298,8 @@ print(json.dumps({
 
 def _train(outdir: str, weights: Optional[str], reference: Optional[str]) -> dict:
     run = subprocess.run(
-        [sys.executable, "-c", _TRAIN_SCRIPT, outdir, str(STEPS), weights or "", reference or ""],
-        capture_output=True, text=True, env={**os.environ, "GLOG_minloglevel": "2"},
+        [sys.executable, "-c", _TRAIN_SCRIPT, os.path.abspath(outdir), str(STEPS), weights or "", reference or ""],
+        capture_output=True, text=True, env={**os.environ, "GLOG_minloglevel": "2"}, cwd=outdir,
     )
     assert run.returncode == 0, f"Caffe failed on {outdir}:\n{run.stderr[-3000:]}"
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -424,6 +424,40 @@ def test_rewrite_refuses_clearly(net, message, remedy, strategy, image_lists, tm
 
 
 # ---------------------------------------------------------------------------
+# The bare command: a net and a strategy, nothing else
+# ---------------------------------------------------------------------------
+
+DOC_NETS = [net for net in NETS if not os.path.isabs(net.path)]
+QUOTED_ABSOLUTE = re.compile(r'"(/[^"]*)"')
+
+
+@pytest.mark.caffe
+@pytest.mark.parametrize("net", DOC_NETS, ids=[net.id for net in DOC_NETS])
+def test_bare_rewrite_of_every_caffe_doc_net(net, tmp_path):  # type: ignore[no-untyped-def]
+    """`caffe-ft rewrite NET --strategy last-fc` alone works (--head only where no Softmax or
+    loss names the head), keeps the heads' class count and says so, and writes no absolute path."""
+    source = _plain_file(net.path, str(tmp_path))
+    outdir = tmp_path / "out"
+    head = [arg for arg in net.args if arg != "--crop-size" and not arg.isdigit()]
+    result = cli_runner().invoke(main, ["rewrite", source, "--strategy", "last-fc", "-o", str(outdir), *head],
+                                 catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert "kept (no --num-classes or --train-data" in result.output
+    with open(source, encoding="utf-8") as handle:
+        given = set(QUOTED_ABSOLUTE.findall(handle.read()))
+    written = sorted(os.listdir(outdir))
+    assert "summary.md" in written and ("deploy.prototxt" in written or "train_val.prototxt" in written)
+    for name in written:
+        absolute = set(QUOTED_ABSOLUTE.findall((outdir / name).read_text())) - given
+        assert not absolute, (name, absolute)
+    if "deploy.prototxt" in written:  # it loads in Caffe
+        run = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST)",
+                              str(outdir / "deploy.prototxt")], capture_output=True, text=True,
+                             env={**os.environ, "GLOG_minloglevel": "2"})
+        assert run.returncode == 0, run.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------
 # caffe-doc's own solvers, rewritten along with their nets
 # ---------------------------------------------------------------------------
 
@@ -473,7 +507,7 @@ SOLVERS = [
 @pytest.mark.parametrize("solver_path, net_path", SOLVERS,
                          ids=[f"{path.split('/')[1]}-{os.path.basename(path)[:-9]}" for path, _ in SOLVERS])
 def test_rewritten_caffe_doc_solvers_load_in_caffe(solver_path, net_path, image_lists, tmp_path):  # type: ignore[no-untyped-def]
-    from caffe_ft.finetune.solver import solver_originals
+    from caffe_ft.finetune.solver import looks_like_finetuning, solver_originals
 
     net = next(net for net in NETS if net.path == net_path)
     train, val = image_lists(net.size, net.grey)
@@ -482,15 +516,24 @@ def test_rewritten_caffe_doc_solvers_load_in_caffe(solver_path, net_path, image_
     result = _rewrite(_plain_file(net_path, str(tmp_path)), str(outdir), _strategy_args("last-fc", net),
                       "--solver", solver, *_data_args(net, train, val))
     assert result.exit_code == 0, result.stderr
-    run = subprocess.run([sys.executable, "-c", _SOLVER_SCRIPT, str(outdir / "solver.prototxt")],
+    run = subprocess.run([sys.executable, "-c", _SOLVER_SCRIPT, "solver.prototxt"], cwd=str(outdir),
                          capture_output=True, text=True, env={**os.environ, "GLOG_minloglevel": "2"})
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout.strip().splitlines()[-1])
-    original = files.load_text(solver, load_schema()).message
+    schema = load_schema()
+    original = files.load_text(solver, schema).message
     assert built["type"] == (original.type or "SGD")
-    assert built["base_lr"] == pytest.approx(float(solver_originals(original)["base_lr"]) * 0.1, rel=1e-6)
+    scale = 1.0 if looks_like_finetuning(original, files.load_text(_plain_file(net_path, str(tmp_path)), schema).message) else 0.1
+    assert (scale == 1.0) == ("already looks like a fine-tuning solver" in result.output)
+    assert built["base_lr"] == pytest.approx(float(solver_originals(original)["base_lr"]) * scale, rel=1e-6)
     assert built["test_nets"] == max(len(original.test_iter), 1)
     assert built["losses"] == ["SoftmaxWithLoss"]
+    # A few epochs of the 4-image list in batches of 2, and the last test scores the final weights.
+    written = files.load_text(str(outdir / "solver.prototxt"), schema).message
+    assert written.max_iter <= 10 * 2, written.max_iter
+    if len(written.test_iter):
+        assert written.max_iter % written.test_interval == 0
+        assert list(written.test_iter) == [1] * len(written.test_iter)  # 2 validation images, batches of 2
 
 
 # ---------------------------------------------------------------------------
@@ -565,7 +608,7 @@ def test_fully_convolutional_head_needs_a_crop(tmp_path):  # type: ignore[no-unt
     assert [layer.transform_param.crop_size for layer in layers] == [3, 3]
 
 
-@pytest.mark.parametrize("top_k, num_classes, kept", [(5, 3, False), (5, 5, False), (5, 6, True), (1, 1, True)])
+@pytest.mark.parametrize("top_k, num_classes, kept", [(5, 3, False), (5, 5, False), (5, 6, True), (1, 2, True)])
 def test_top_k_accuracy_that_cannot_tell_anything_is_removed(parse_net, top_k, num_classes, kept):  # type: ignore[no-untyped-def]
     from caffe_ft.finetune.strategies import StrategyOptions, apply_strategy
 

@@ -385,7 +385,7 @@ def test_error_scale_before_the_loss(parse_net):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     "strategy, fields, expected",
     [
-        ("last-fc", {"num_classes": 0}, "at least 1"),
+        ("last-fc", {"num_classes": 1}, "at least 2"),
         ("last-fc", {"head_lr_mult": 0}, "must be positive"),
         ("last-fc", {"frozen_lr_mult": -1}, "0 or more"),
         ("last-fc", {"train_last": 2}, "--train-last only applies to --strategy top"),
@@ -415,8 +415,8 @@ def test_unknown_strategy(parse_net):  # type: ignore[no-untyped-def]
 
 
 def test_registry_functions_validate_too(parse_net):  # type: ignore[no-untyped-def]
-    with pytest.raises(CaffeFtError, match="at least 1"):
-        STRATEGIES["full"](parse_net(CAFFENET), StrategyOptions(num_classes=0))
+    with pytest.raises(CaffeFtError, match="at least 2"):
+        STRATEGIES["full"](parse_net(CAFFENET), StrategyOptions(num_classes=1))
 
 
 # --------------------------------------------------------------------------

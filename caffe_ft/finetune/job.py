@@ -13,6 +13,7 @@ and plot; no snapshots but ``final.caffemodel``); otherwise, or with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from ..formats import files, prototext
 from ..errors import CaffeFtError
+from ..training.run import working_directory
 from .rewrite import RewritePlan, summary_text, write_plan
 from ..formats.schema import Schema
 
@@ -97,12 +99,15 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     metrics = os.path.join(plan.outdir, METRICS)
     if os.path.exists(metrics):
         os.unlink(metrics)  # a fresh run: no stale records from an earlier one
-    final = os.path.join(plan.outdir, FINAL)
-    if plan.strategy == "features":
-        trained = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan),
-                                   start, plan.outdir, final, seed, out)
-    else:
-        trained = _train(schema, plan, start, final, device, seed, cached, out)
+    # Training runs in OUTDIR: its files name each other and their data from there.
+    here = dataclasses.replace(plan, outdir=os.path.abspath(plan.outdir))
+    start, final = os.path.abspath(start), os.path.join(here.outdir, FINAL)
+    with working_directory(here.outdir):
+        if plan.strategy == "features":
+            trained = fit.fit_features(os.path.join(here.outdir, "train_val.prototxt"), schema, _single_head(plan),
+                                       start, here.outdir, final, seed, out)
+        else:
+            trained = _train(schema, here, start, final, device, seed, cached, out)
     outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
                              time.time() - started, trained.message, tuple(trained.notes))
     _append_summary(plan, outcome)
@@ -160,7 +165,8 @@ def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:
     for name, value in sorted(outcome.test_outputs.items()):
         lines.append(f"- final {name}: {value:.4f}")
     lines.extend(f"- {note}" for note in outcome.notes)
-    lines.append(f"- final weights: {outcome.final_model or '(none: ' + outcome.message + ')'}")
+    final = os.path.relpath(outcome.final_model, os.path.abspath(plan.outdir)) if outcome.final_model else None
+    lines.append(f"- final weights: {final or '(none: ' + outcome.message + ')'}")
     if os.path.exists(os.path.join(plan.outdir, METRICS)):
         lines.append(f"- metrics: {METRICS}, plot: {PLOT}")
     files.write_atomic(os.path.join(plan.outdir, "summary.md"), "\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ Nothing is written here; ``say`` receives the notes a user should see.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Optional, Tuple
 
@@ -41,8 +42,10 @@ def current_file(parsed: files.TextFile, schema: Schema, say: Say) -> files.Text
 def choose(schema: Schema, net_path: str, weights: Optional[str], options: RewriteOptions,
            say: Say) -> Tuple[str, strategies.StrategyOptions]:
     """``--strategy auto``: the size x similarity rule, measuring similarity when not given."""
+    from ..data.sources import count_items
+
     data = options.data
-    size = options.dataset_size or (rewrite.count_images_or_zero(data.train) if data.train else 0)
+    size = options.dataset_size or (count_items(data.train) if data.train else 0)
     if not size:
         raise OptionError("--strategy auto needs --dataset-size (or an image list as --train-data)")
     similarity = options.similarity
@@ -60,6 +63,46 @@ def choose(schema: Schema, net_path: str, weights: Optional[str], options: Rewri
     return strategy, head
 
 
+def class_count(schema: Schema, options: RewriteOptions, say: Say) -> Optional[int]:
+    """``--num-classes``, or the number of distinct labels of ``--train-data``
+    (which must be 0..K-1, as Caffe's SoftmaxWithLoss needs); None without either
+    (the heads then keep their ``num_output``).  A given count must exceed every label."""
+    from ..data.sources import labels_of
+
+    given = options.head.num_classes
+    train = options.data.train
+    if given is not None and given < 2:
+        raise OptionError(f"--num-classes must be at least 2, not {given}")
+    if not train or (given is not None and not os.path.exists(train)):
+        return given
+    try:
+        labels = sorted(set(labels_of(train, schema)))
+    except CaffeFtError as exc:
+        if given is not None:
+            return given
+        raise CaffeFtError(f"cannot count the classes of --train-data ({exc.message}); give --num-classes",
+                           train) from None
+    if not labels:
+        raise CaffeFtError("the training data holds no examples", train)
+    if labels[0] < 0:
+        raise CaffeFtError(f"label {labels[0]} is negative; Caffe's labels are 0..K-1", train)
+    if given is not None:
+        if labels[-1] >= given:
+            raise CaffeFtError(f"label {labels[-1]} needs at least {labels[-1] + 1} classes, "
+                               f"but --num-classes is {given}", train)
+        return given
+    missing = sorted(set(range(labels[-1] + 1)) - set(labels))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise CaffeFtError(f"labels run to {labels[-1]} but {shown} never occur(s); Caffe's labels are 0..K-1: "
+                           f"give --num-classes {labels[-1] + 1} if those classes have no training examples",
+                           train)
+    if len(labels) < 2:
+        raise CaffeFtError("every training example has label 0: a classifier needs at least 2 classes", train)
+    say(f"--num-classes {len(labels)}: the labels 0..{labels[-1]} of {train}")
+    return len(labels)
+
+
 def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights: Optional[str] = None,
                  say: Say = lambda text: None) -> rewrite.RewritePlan:
     """The rewrite ``options`` ask for, nothing written yet."""
@@ -67,12 +110,15 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
     solver_file = files.load_text(options.solver_path, schema, files.SOLVER) if options.solver_path else None
     deploy_file = (current_file(files.load_text(options.deploy_path, schema, files.NET), schema, say)
                    if options.deploy_path else None)
+    count = class_count(schema, options, say)
+    if count != options.head.num_classes:
+        options = dataclasses.replace(options, head=dataclasses.replace(options.head, num_classes=count))
     strategy, head = options.strategy, options.head
     if strategy == "auto":
         strategy, head = choose(schema, net_path, weights, options, say)
     outdir = options.outdir or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
     try:
         return rewrite.plan(schema, net_file, strategy, head, outdir, options.data, solver_file, deploy_file,
-                            options.solver)
+                            options.solver, options.input_shapes)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
