@@ -424,6 +424,117 @@ def test_rewrite_refuses_clearly(net, message, remedy, strategy, image_lists, tm
 
 
 # ---------------------------------------------------------------------------
+# A SqueezeNet-style head: conv10 -> ReLU -> global AVE pool -> loss / prob
+# ---------------------------------------------------------------------------
+
+# The layers of DeepScale's SqueezeNet v1.1 train_val.prototxt (github.com/DeepScale/SqueezeNet), one fire
+# module kept and the input made small: the classifier is a 1x1 convolution whose scores reach the loss
+# through a ReLU and a global average pooling.
+_SQUEEZE_BODY = """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 16 kernel_size: 3 stride: 2 weight_filler { type: "xavier" } } }
+layer { name: "relu_conv1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "fire2/squeeze1x1" type: "Convolution" bottom: "pool1" top: "fire2/squeeze1x1"
+  convolution_param { num_output: 8 kernel_size: 1 weight_filler { type: "xavier" } } }
+layer { name: "fire2/relu_squeeze1x1" type: "ReLU" bottom: "fire2/squeeze1x1" top: "fire2/squeeze1x1" }
+layer { name: "fire2/expand1x1" type: "Convolution" bottom: "fire2/squeeze1x1" top: "fire2/expand1x1"
+  convolution_param { num_output: 16 kernel_size: 1 weight_filler { type: "xavier" } } }
+layer { name: "fire2/relu_expand1x1" type: "ReLU" bottom: "fire2/expand1x1" top: "fire2/expand1x1" }
+layer { name: "fire2/expand3x3" type: "Convolution" bottom: "fire2/squeeze1x1" top: "fire2/expand3x3"
+  convolution_param { num_output: 16 pad: 1 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "fire2/relu_expand3x3" type: "ReLU" bottom: "fire2/expand3x3" top: "fire2/expand3x3" }
+layer { name: "fire2/concat" type: "Concat" bottom: "fire2/expand1x1" bottom: "fire2/expand3x3" top: "fire2/concat" }
+layer { name: "drop9" type: "Dropout" bottom: "fire2/concat" top: "fire2/concat" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "conv10" type: "Convolution" bottom: "fire2/concat" top: "conv10"
+  convolution_param { num_output: 1000 kernel_size: 1 weight_filler { type: "gaussian" mean: 0.0 std: 0.01 } } }
+layer { name: "relu_conv10" type: "ReLU" bottom: "conv10" top: "conv10" }
+layer { name: "pool10" type: "Pooling" bottom: "conv10" top: "pool10" pooling_param { pool: AVE global_pooling: true } }
+"""
+SQUEEZE_TRAIN_VAL = """name: "SqueezeNet"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { mirror: true mean_value: 104 mean_value: 117 mean_value: 123 }
+  data_param { source: "examples/imagenet/ilsvrc12_train_lmdb" batch_size: 32 backend: LMDB } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { mean_value: 104 mean_value: 117 mean_value: 123 }
+  data_param { source: "examples/imagenet/ilsvrc12_val_lmdb" batch_size: 25 backend: LMDB } }
+""" + _SQUEEZE_BODY + """
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "pool10" bottom: "label" top: "loss" include { phase: TRAIN } }
+layer { name: "accuracy" type: "Accuracy" bottom: "pool10" bottom: "label" top: "accuracy" include { phase: TEST } }
+"""
+SQUEEZE_DEPLOY = """name: "SqueezeNet"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }
+""" + _SQUEEZE_BODY + """
+layer { name: "prob" type: "Softmax" bottom: "pool10" top: "prob" }
+"""
+
+# In the output folder: random weights into the TEST net of train_val.prototxt, one forward pass over the
+# validation images; the deploy net gets the same weights and input.  Then two SGD steps of the solver.
+_SQUEEZE_SCRIPT = r"""
+import json
+import numpy as np
+import caffe
+
+caffe.set_mode_cpu()
+rng = np.random.default_rng(0)
+test = caffe.Net("train_val.prototxt", caffe.TEST)
+for blobs in test.params.values():
+    for blob in blobs:
+        blob.data[...] = rng.normal(0, 0.1, blob.data.shape)
+test.forward()
+deploy = caffe.Net("deploy.prototxt", caffe.TEST)
+for name, blobs in deploy.params.items():
+    for blob, source in zip(blobs, test.params[name]):
+        blob.data[...] = source.data
+deploy.blobs["data"].reshape(*test.blobs["data"].data.shape)
+deploy.blobs["data"].data[...] = test.blobs["data"].data
+output = deploy.forward()
+name = deploy.outputs[0]
+scores = test.blobs["pool10"].data.reshape(test.blobs["pool10"].data.shape[:2])
+expected = np.exp(scores - scores.max(axis=1, keepdims=True))
+expected /= expected.sum(axis=1, keepdims=True)
+solver = caffe.SGDSolver("solver.prototxt")
+solver.step(2)
+print(json.dumps({"output": name, "shape": list(output[name].shape),
+                  "error": float(np.abs(output[name].reshape(expected.shape) - expected).max()),
+                  "loss": float(solver.net.blobs["loss"].data)}))
+"""
+
+
+@pytest.mark.caffe
+@pytest.mark.parametrize("given", ["train_val", "deploy"])
+def test_squeezenet_style_head_keeps_its_pooling(given, image_lists, tmp_path):  # type: ignore[no-untyped-def]
+    """The loss and the deploy net's Softmax read the pooled scores (N x K), not the conv head's
+    N x K x H x W, whether the net given is the train_val or the deploy net."""
+    train, val = image_lists(32, False)
+    net = tmp_path / f"{given}.prototxt"
+    net.write_text(SQUEEZE_TRAIN_VAL if given == "train_val" else SQUEEZE_DEPLOY)
+    outdir = tmp_path / "out"
+    result = cli_runner().invoke(main, ["rewrite", str(net), "--strategy", "last-fc", "--train-data", train,
+                                        "--val-data", val, "--batch-size", "2", "--val-batch-size", "2",
+                                        "-o", str(outdir)], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    written = files.load_text(str(outdir / "train_val.prototxt"), load_schema()).message
+    losses = [layer for layer in written.layer if layer.type in ("SoftmaxWithLoss", "Accuracy")]
+    assert losses and all(layer.bottom[0] == "pool10" for layer in losses)
+    run = subprocess.run([sys.executable, "-c", _SQUEEZE_SCRIPT], cwd=str(outdir), capture_output=True, text=True,
+                         env={**os.environ, "GLOG_minloglevel": "2"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["shape"][:2] == [VAL_IMAGES, NUM_CLASSES] and all(d == 1 for d in report["shape"][2:])
+    assert report["error"] < 1e-5
+    assert np.isfinite(report["loss"])
+
+
+def test_head_feeding_another_head_is_refused(tmp_path):  # type: ignore[no-untyped-def]
+    net = tmp_path / "net.prototxt"
+    net.write_text(SQUEEZE_DEPLOY)
+    result = _rewrite(str(net), str(tmp_path / "out"), ["--strategy", "last-fc", "--head", "fire2/expand1x1"])
+    assert result.exit_code == 2
+    assert "--head 'fire2/expand1x1' feeds 'conv10'" in result.stderr
+
+
+# ---------------------------------------------------------------------------
 # The bare command: a net and a strategy, nothing else
 # ---------------------------------------------------------------------------
 

@@ -400,7 +400,7 @@ def test_error_scale_before_the_loss(parse_net):  # type: ignore[no-untyped-def]
         ("top", {"freeze_fraction": 1.0}, "freeze_fraction must be in [0, 1)"),
         ("last-fc", {"heads": ("fc_8",)}, "did you mean 'fc8'"),
         ("last-fc", {"heads": ("relu7",)}, "'relu7' is a ReLU layer"),
-        ("last-fc", {"heads": ("fc7", "fc8"), "new_name": "x"}, "--new-name needs a single head"),
+        ("last-fc", {"heads": ("fc7",)}, "--head 'fc7' feeds 'fc8' (InnerProduct)"),
         ("last-fc", {"new_name": "fc7"}, "cannot rename head 'fc8' to 'fc7'"),
         ("last-fc", {"new_name": " "}, "must not be empty"),
     ],

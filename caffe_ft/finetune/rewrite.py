@@ -127,12 +127,11 @@ def _phase_name(layer: Message) -> Optional[str]:
     return None
 
 
-def _head_tops(net: Message, heads: Sequence[str]) -> List[str]:
-    tops = []
-    for name in heads:
-        layer = net.layer[graph.layer_index(net, name)]
-        tops.append(layer.top[0])
-    return tops
+def _head_scores(net: Message, heads: Sequence[str]) -> List[Tuple[List[int], str]]:
+    """For each head, the sink layers its scores reach (through parameter-free
+    layers) and the blob carrying its scores (:func:`graph.head_outputs`)."""
+    layers = list(net.layer)
+    return [graph.head_outputs(layers, graph.layer_index(net, name)) for name in heads]
 
 
 # ---------------------------------------------------------------------------
@@ -295,12 +294,12 @@ def to_train_val(schema: Schema, deploy: Message, heads: Sequence[str], data: Da
     shape = list(source.input_param.shape[0].dim) if source.input_param.shape else None
     layers = _new_data_layers(schema, data, source.name, (source.top[0], "label"), [], shape, item)
     _replace_layers(net, inputs, inputs[0], layers)
-    head_tops = set(_head_tops(net, heads))
-    # Output layers of the deploy net (a Softmax over the scores) give way to the loss.
-    outputs = [i for i, layer in enumerate(net.layer)
-               if layer.type in ("Softmax", "ArgMax") and set(layer.bottom) & head_tops]
+    # Output layers of the deploy net (a Softmax over the scores) give way to the loss,
+    # which reads what they read (after any ReLU, pooling... between the head and them).
+    scores = _head_scores(net, heads)
+    outputs = sorted({i for sinks, _ in scores for i in sinks if net.layer[i].type in ("Softmax", "ArgMax")})
     _replace_layers(net, outputs, len(net.layer), [])
-    for index, top in enumerate(_head_tops(net, heads)):
+    for index, (_, top) in enumerate(scores):
         prefix = "" if len(heads) == 1 else f"{heads[index]}/"
         net.layer.extend(_render_layers(schema, "loss_layers.prototxt.j2", prefix=prefix, scores=top, label="label"))
     return net
@@ -319,6 +318,7 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
     kept = filter_layers(net, "TEST")
     del net.layer[:]
     net.layer.extend(kept)
+    scores = [blob for _, blob in _head_scores(net, heads)]
     sources = data_layers(net)
     data_tops = {top for i in sources for top in net.layer[i].top[1:]}  # labels
     input_message = None
@@ -343,7 +343,7 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
         del layer.exclude[:]
     existing = {layer.name for layer in net.layer}
     softmax = []
-    for index, top in enumerate(_head_tops(net, heads)):
+    for index, top in enumerate(scores):
         consumers = [layer for layer in net.layer if top in layer.bottom and layer.type in ("Softmax", "ArgMax")]
         if consumers:
             continue
@@ -449,7 +449,7 @@ def _default_solver(schema: Schema, net_path: str, prefix: str, schedule: "Sched
     run = ("max_iter given" if options.max_iter else
            f"{epochs} epochs ({reason}) of {schedule.train_size} examples in batches of {schedule.batch}")
     notes = [f"max_iter {max_iter} ({run}); a step at a third of the run; "
-             f"test_interval {interval} ({interval / epoch:.3g} epochs; the last test at max_iter scores the final "
+             f"test_interval {interval} ({interval / epoch:.3g} epoch(s); the last test at max_iter scores the final "
              f"weights), test_iter {test_iter} ({schedule.val_size} validation examples once)"]
     return prototext.to_message(prototext.parse(text.encode()), schema.new(SOLVER), "solver.prototxt.j2"), notes
 

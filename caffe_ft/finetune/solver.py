@@ -220,7 +220,7 @@ def _fit_schedule(out: Message, source: Mapping[str, Original], schedule: Schedu
         interval = test_interval_for(new_max, epoch_iters)
         if interval != out.test_interval:
             epochs_apart = interval / epoch_iters
-            notes.append(f"test_interval: {out.test_interval} -> {interval} ({epochs_apart:.3g} epochs; "
+            notes.append(f"test_interval: {out.test_interval} -> {interval} ({epochs_apart:.3g} epoch(s); "
                          f"the last test at max_iter scores the final weights)")
             out.test_interval = interval
     if schedule.val_size and len(out.test_iter):

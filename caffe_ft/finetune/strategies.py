@@ -155,6 +155,15 @@ def _given_heads(net: Message, options: StrategyOptions) -> Tuple[str, ...]:
                 f"--head '{given}' is a {layer.type} layer; a head must be "
                 "InnerProduct, Convolution or Deconvolution"
             )
+        index = graph.layer_index(net, name)
+        layers = list(net.layer)
+        fed = sorted(i for i in graph.downstream(layers, [index])
+                     if i != index and layers[i].type in graph.HEAD_TYPES)
+        if fed:
+            raise CaffeFtError(
+                f"--head '{given}' feeds '{layers[fed[0]].name}' ({layers[fed[0]].type}), which maps it to other "
+                f"outputs: a head is the last such layer before the scores (did you mean --head {layers[fed[0]].name}?)"
+            )
         names.append(name)
     return tuple(dict.fromkeys(names))
 
