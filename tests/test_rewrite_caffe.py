@@ -542,6 +542,31 @@ DOC_NETS = [net for net in NETS if not os.path.isabs(net.path)]
 QUOTED_ABSOLUTE = re.compile(r'"(/[^"]*)"')
 
 
+def _check_review_promises(source: str, outdir, command: List[str]) -> None:  # type: ignore[no-untyped-def]
+    """`--diff` is no longer than `diff -u` on the same files, and every comment of the input is in
+    the output or in the summary's list of dropped comments (by its line number)."""
+    from caffe_ft.formats.prototext import comment_lines
+
+    shown = cli_runner().invoke(main, [*command, "--diff", "--dry-run"], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.stderr
+    summary = (outdir / "summary.md").read_text()
+    plain = 0
+    for name in ("train_val.prototxt", "deploy.prototxt"):
+        if not (outdir / name).exists():
+            continue
+        done = subprocess.run(["diff", "-u", source, str(outdir / name)], capture_output=True, text=True)
+        plain += len(done.stdout.splitlines())
+        kept = [comment for _, comment in comment_lines((outdir / name).read_text())]
+        for number, comment in comment_lines(open(source, encoding="utf-8").read()):
+            if comment in kept:
+                kept.remove(comment)
+                continue
+            listed = " ".join(re.findall(rf"^- {name}: .*", summary, re.M))
+            ranges = [(int(a), int(b or a)) for a, b in re.findall(r"lines? (\d+)(?:-(\d+))? '", listed)]
+            assert any(a <= number <= b for a, b in ranges), (name, number, comment)
+    assert len(shown.output.splitlines()) <= plain
+
+
 @pytest.mark.caffe
 @pytest.mark.parametrize("net", DOC_NETS, ids=[net.id for net in DOC_NETS])
 def test_bare_rewrite_of_every_caffe_doc_net(net, tmp_path):  # type: ignore[no-untyped-def]
@@ -561,6 +586,7 @@ def test_bare_rewrite_of_every_caffe_doc_net(net, tmp_path):  # type: ignore[no-
     for name in written:
         absolute = set(QUOTED_ABSOLUTE.findall((outdir / name).read_text())) - given
         assert not absolute, (name, absolute)
+    _check_review_promises(source, outdir, ["rewrite", source, "--strategy", "last-fc", "-o", str(outdir), *head])
     if "deploy.prototxt" in written:  # it loads in Caffe
         run = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST)",
                               str(outdir / "deploy.prototxt")], capture_output=True, text=True,

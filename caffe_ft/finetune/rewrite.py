@@ -636,7 +636,37 @@ def plan(
         summary.append("no --solver: solver.prototxt made from the fine-tuning template (SGD, step policy)")
         summary.extend(notes)
         files["solver.prototxt"] = (prototext.print_message(solver), None, None)
+    summary.extend(dropped_comments(files))
     return RewritePlan(outdir, files, summary, strategy, dict(result.heads))
+
+
+def dropped_comments(files: Dict[str, Tuple[str, Optional[str], Optional[str]]]) -> List[str]:
+    """Summary lines for the input comments an output no longer has: those inside
+    a layer or field that was replaced or removed (a commented-out block in a
+    replaced data layer) go with it, and the reviewer is told which."""
+    from collections import Counter
+
+    notes = []
+    for name, (text, source, before) in sorted(files.items()):
+        if before is None:
+            continue
+        kept = Counter(comment for _, comment in prototext.comment_lines(text))
+        runs: List[List[Tuple[int, str]]] = []  # consecutive lost lines, shown as one range
+        for number, comment in prototext.comment_lines(before):
+            if kept[comment]:
+                kept[comment] -= 1
+            elif runs and runs[-1][-1][0] == number - 1:
+                runs[-1].append((number, comment))
+            else:
+                runs.append([(number, comment)])
+        if runs:
+            shown = "; ".join(
+                (f"lines {run[0][0]}-{run[-1][0]}" if len(run) > 1 else f"line {run[0][0]}") + f" '{run[0][1]}'"
+                + (" ..." if len(run) > 1 else "") for run in runs)
+            count = sum(len(run) for run in runs)
+            notes.append(f"{name}: {count} comment line(s) of {source} went with the layers or fields "
+                         f"they sat in (replaced or removed): {shown}")
+    return notes
 
 
 def check_one_label_per_score(net: Message) -> None:
@@ -702,17 +732,44 @@ def summary_text(result: RewritePlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unified_diff(result: RewritePlan) -> str:
-    """Every output as a unified diff against the file it was edited from."""
+def _unified(before: List[str], after: List[str], fromfile: str, tofile: str, context: int = 3) -> List[str]:
+    """``diff -u`` of two line lists.  difflib's own unified_diff treats lines that
+    are frequent (a prototxt's ``}`` and ``param {``) as junk and reports them
+    changed; matching without that heuristic gives diff's minimal hunks."""
     import difflib
 
-    chunks = []
+    matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
+    chunks: List[str] = []
+    for group in matcher.get_grouped_opcodes(context):
+        if not chunks:
+            chunks += [f"--- {fromfile}\n", f"+++ {tofile}\n"]
+        first, last = group[0], group[-1]
+        old_start, old_len = first[1], last[2] - first[1]
+        new_start, new_len = first[3], last[4] - first[3]
+        chunks.append(f"@@ -{_range(old_start, old_len)} +{_range(new_start, new_len)} @@\n")
+        for tag, i1, i2, j1, j2 in group:
+            if tag == "equal":
+                chunks += [" " + line for line in before[i1:i2]]
+                continue
+            chunks += ["-" + line for line in before[i1:i2]]
+            chunks += ["+" + line for line in after[j1:j2]]
+    return [line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in chunks]
+
+
+def _range(start: int, length: int) -> str:
+    """A hunk's line range as diff -u prints it (1-based; an empty range names the line before)."""
+    if length == 1:
+        return str(start + 1)
+    return f"{start + 1 if length else start},{length}"
+
+
+def unified_diff(result: RewritePlan) -> str:
+    """Every output as a unified diff against the file it was edited from."""
+    chunks: List[str] = []
     for name, (text, source, before) in sorted(result.files.items()):
         target = os.path.join(result.outdir, name)
-        chunks.extend(difflib.unified_diff(
-            (before or "").splitlines(True), text.splitlines(True),
-            fromfile=source or "/dev/null", tofile=target,
-        ))
+        chunks.extend(_unified((before or "").splitlines(True), text.splitlines(True),
+                               source or "/dev/null", target))
     return "".join(chunks)
 
 

@@ -594,8 +594,9 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
     if folder is None:
         return _train(options, schema, out)
     out.write(f"working in {os.path.dirname(options.solver) or '.'} (the solver names its nets from there)\n")
+    moved = absolute_options(options)
     with working_directory(folder):
-        result = _train(absolute_options(options), schema, out)
+        result = _train(moved, schema, out)
     if result.resume_command and result.snapshot:
         result.resume_command = resume_command(options, os.path.relpath(result.snapshot[1]))
     return result

@@ -107,10 +107,16 @@ def absolute_options(options: TrainOptions) -> TrainOptions:
 
 @contextlib.contextmanager
 def working_directory(folder: str) -> Iterator[None]:
-    """Run the body in ``folder`` (Caffe opens every relative path from the working directory)."""
+    """Run the body in ``folder`` (Caffe opens every relative path from the working directory).
+
+    Caffe's data layers read ahead in threads for as long as their net lives, so
+    the nets the body made are collected (their threads joined) before leaving."""
+    import gc
+
     before = os.getcwd()
     os.chdir(folder)
     try:
         yield
     finally:
+        gc.collect()
         os.chdir(before)
