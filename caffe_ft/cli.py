@@ -18,7 +18,27 @@ from .formats.schema import PROTO_ENV, Schema, load_schema
 
 
 class _Group(click.Group):
-    """Turns caffe-ft errors into a one-line message and exit status 2."""
+    """Turns caffe-ft errors, and click's own usage errors, into one line
+    (``caffe-ft: error: ...``) and exit status 2."""
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = " ".join(["caffe-ft", *(exc.ctx.command_path.split()[1:] if exc.ctx is not None else [])])
+            message = " ".join(exc.format_message().split())  # one line, whatever click's layout
+            click.echo(f"caffe-ft: error: {message} (see '{where} --help')", err=True)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            click.echo(f"caffe-ft: error: {exc.format_message()}", err=True)
+            code = exc.exit_code
+        except click.Abort:
+            click.echo("caffe-ft: aborted", err=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -203,9 +223,10 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
                      "features: last-fc's net, whose head finetune fits with scikit-learn on cached features; "
                      "auto picks by data set size and similarity.")
     options = [
-        click.option("--strategy", required=strategy_default is None, default=strategy_default,
-                     show_default=strategy_default is not None,
-                     type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help),
+        click.option("--strategy", type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help,
+                     # click 8.3+ takes an explicit default=None as a default that satisfies required
+                     **({"required": True} if strategy_default is None
+                        else {"default": strategy_default, "show_default": True})),
         click.option("--num-classes", type=click.IntRange(min=2),
                      help="Classes of the new task (default: the labels of --train-data, 0..K-1; "
                           "without data the heads keep their num_output)."),

@@ -757,3 +757,39 @@ def test_top_k_accuracy_that_cannot_tell_anything_is_removed(parse_net, top_k, n
     assert ("top-k" in [layer.name for layer in result.net.layer]) == kept
     assert ("top-k" in result.removed) != kept
     assert any("top-k" in note for note in result.notes) != kept
+
+
+@pytest.mark.caffe
+def test_output_folder_moves_with_its_data_and_trains_from_anywhere(tmp_path):  # type: ignore[no-untyped-def]
+    """A rewrite run with relative paths names everything relative to the output folder (the grey
+    16x16 list needs no --crop-size or --gray); the whole tree moved elsewhere, `caffe-ft train`
+    started from a third folder trains, tests the final weights and snapshots inside the folder."""
+    import shutil
+
+    work = tmp_path / "work"
+    digits = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits")
+    _image_list(str(work / "data"), "train", 16, True, 6, seed=1)
+    _image_list(str(work / "data"), "val", 16, True, 3, seed=2)
+    for name in ("train", "val"):  # entries relative to the working directory, as Caffe reads them
+        listed = (work / "data" / f"{name}.txt").read_text().replace(str(work) + "/", "")
+        (work / "data" / f"{name}.txt").write_text(listed)
+    run = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "rewrite", os.path.join(digits, "train_val.prototxt"),
+                          "--solver", os.path.join(digits, "solver.prototxt"), "--strategy", "full",
+                          "--train-data", "data/train.txt", "--val-data", "data/val.txt", "--batch-size", "2",
+                          "--val-batch-size", "3", "--epochs", "2", "-o", "ft"], cwd=str(work),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for name in ("train_val.prototxt", "solver.prototxt", "deploy.prototxt", "summary.md"):
+        assert str(tmp_path) not in (work / "ft" / name).read_text(), name
+    assert "is_color: false" in (work / "ft" / "train_val.prototxt").read_text()
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(str(work), str(moved))
+    (tmp_path / "third").mkdir()
+    run = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "train", "../elsewhere/moved/ft/solver.prototxt",
+                          "--cpu", "--metrics", "m.jsonl"], cwd=str(tmp_path / "third"), capture_output=True,
+                         text=True, env={**os.environ, "GLOG_minloglevel": "2"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    tests = [json.loads(line) for line in (tmp_path / "third" / "m.jsonl").read_text().splitlines()
+             if json.loads(line).get("phase") == "test"]
+    assert tests and tests[-1]["iteration"] == 6  # 2 epochs of 3 batches: the final weights are tested
+    assert (moved / "ft" / "digitsnet_iter_6.caffemodel").exists()
