@@ -101,12 +101,13 @@ def check_rewrite(plan: "RewritePlan", weights: str, schema: Schema, input_shape
     """Print what Caffe will copy from ``weights`` into the rewritten net; raise if it would abort."""
     from .formats import files, prototext
     from .formats.caffemodel import load_model
-    from .net.weights import check as check_net, format_check
+    from .net.weights import check as check_net, format_check, with_new_heads
 
     name = "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt"
     text = plan.files[name][0]
     net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
-    report = check_net(net, load_model(weights, schema), input_shapes=input_shapes or None)
+    report = with_new_heads(check_net(net, load_model(weights, schema), input_shapes=input_shapes or None),
+                            {new: old for old, new in plan.heads.items()})
     out.write(format_check(report) + "\n")
     if not report.ok:
         raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
@@ -139,7 +140,8 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     schema = schema or load_schema()
     plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out))
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
-                   input_shapes=options.rewrite.input_shapes or None, cached=options.cached, out=out)
+                   input_shapes=options.rewrite.input_shapes or None, cached=options.cached, resume=options.resume,
+                   out=out)
 
 
 def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "TrainResult":

@@ -360,9 +360,11 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
 @click.option("--cached-features/--no-cached-features", "cached", default=True, show_default=True,
               help="last-fc: train the head on cached features when that gives what pycaffe would "
                    "(deterministic input, SGD); off: always train with pycaffe.")
+@click.option("--resume", metavar="STATE", help="Continue a stopped job from its .solverstate (the command it "
+              "printed when stopped).")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
-             force: bool, cached: bool, **params: Any) -> None:
+             force: bool, cached: bool, resume: Optional[str], **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
@@ -378,11 +380,31 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
-    options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached)
+    options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
+                              resume=resume)
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
-    _emit(f"{outcome.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
+    tested = "the final weights' test" if outcome.final_model else "the last test"
+    _emit(f"{outcome.outdir}: {outcome.message}; {tested}: {results or 'no test outputs'}; "
+          f"{outcome.seconds:.1f} s\n")
+    if outcome.resume_state:
+        click.echo(f"resume with: {_resume_command(outcome.resume_state)}", err=True)
     ctx.exit(outcome.exit_code)
+
+
+def _resume_command(state: str) -> str:
+    """This very command line, continuing from ``state`` (an earlier --resume replaced)."""
+    import shlex
+
+    words, skip = [], False
+    for word in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = True
+        elif not word.startswith("--resume="):
+            words.append(word)
+    return " ".join(shlex.quote(word) for word in ["caffe-ft", *words, "--resume", state])
 
 
 @main.command()

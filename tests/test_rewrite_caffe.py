@@ -793,3 +793,46 @@ def test_output_folder_moves_with_its_data_and_trains_from_anywhere(tmp_path):  
              if json.loads(line).get("phase") == "test"]
     assert tests and tests[-1]["iteration"] == 6  # 2 epochs of 3 batches: the final weights are tested
     assert (moved / "ft" / "digitsnet_iter_6.caffemodel").exists()
+
+
+@pytest.mark.caffe
+def test_finetune_stopped_prints_how_to_resume_and_resumes(tmp_path):  # type: ignore[no-untyped-def]
+    """Ctrl-C in `caffe-ft finetune` snapshots and prints the same command with --resume; that command
+    finishes the job, whose last test scores the final weights."""
+    import shlex
+    import signal
+    import time
+
+    digits = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits")
+    train = _image_list(str(tmp_path / "data"), "train", 16, True, 8, seed=3)
+    val = _image_list(str(tmp_path / "data"), "val", 16, True, 3, seed=4)
+    env = {**os.environ, "GLOG_minloglevel": "2"}
+    weights = str(tmp_path / "pretrained.caffemodel")
+    made = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST).save(sys.argv[2])",
+                           os.path.join(digits, "deploy.prototxt"), weights], capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr
+    command = ["finetune", os.path.join(digits, "train_val.prototxt"), "--weights", weights, "--strategy", "full",
+               "--train-data", train, "--val-data", val, "--batch-size", "2", "--max-iter", "400", "--cpu",
+               "-o", "ft"]
+    proc = subprocess.Popen([sys.executable, "-m", "caffe_ft.cli", *command], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    metrics = tmp_path / "ft" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line).get("iteration", 0) >= 20
+                                    for line in metrics.read_text().splitlines()[:-1]):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    line = next(line for line in stderr.splitlines() if line.startswith("resume with: caffe-ft finetune "))
+    words = shlex.split(line[len("resume with: "):])
+    assert words[-2] == "--resume" and words[-1].endswith(".solverstate")
+    done = subprocess.run([sys.executable, "-m", "caffe_ft.cli", *words[1:]], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the final weights' test: accuracy" in done.stdout
+    tests = [json.loads(line) for line in metrics.read_text().splitlines() if json.loads(line).get("phase") == "test"]
+    assert tests[-1]["iteration"] == 400
+    assert (tmp_path / "ft" / "final.caffemodel").exists()
