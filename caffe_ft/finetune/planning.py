@@ -47,11 +47,17 @@ def choose(schema: Schema, net_path: str, weights: Optional[str], options: Rewri
     data = options.data
     size = options.dataset_size or (count_items(data.train) if data.train else 0)
     if not size:
-        raise OptionError("--strategy auto needs --dataset-size (or an image list as --train-data)")
+        raise OptionError("--strategy auto needs --dataset-size N, or --train-data and --val-data to count")
     similarity = options.similarity
+    if similarity is None and size > strategies.LARGE_DATASET:
+        similarity = "high"  # a large data set fine-tunes the whole net whatever its similarity
     if similarity is None:
-        if not (weights and data.train):
-            raise OptionError("--strategy auto needs --similarity, or --weights and --train-data to measure it")
+        if not (weights and data.train and data.val):
+            missing = [flag for flag, value in (("--weights", weights), ("--train-data", data.train),
+                                                ("--val-data", data.val)) if not value]
+            raise OptionError(f"--strategy auto needs --similarity high|low for a data set of {size} "
+                              f"(up to {strategies.LARGE_DATASET}), or it measures it with --weights, --train-data "
+                              f"and --val-data ({', '.join(missing)} missing)")
         from .advise import measure_similarity
 
         similarity, numbers = measure_similarity(net_path, weights, data.train, data.val, schema=schema,

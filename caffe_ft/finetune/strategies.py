@@ -517,13 +517,21 @@ def _set_body_multipliers(
     return notes
 
 
+def _decay_mults(layer: Message) -> List[float]:
+    """Each parameter blob's decay_mult as Caffe applies it (1 where no param entry says)."""
+    return [layer.param[i].decay_mult if i < len(layer.param) else 1.0
+            for i in range(graph.param_blob_count(layer))]
+
+
 def _replace_heads(
     layers: Sequence[Message], replaced: Sequence[int], options: StrategyOptions
 ) -> Tuple[Dict[str, str], List[str]]:
     """Fresh heads at the new class count, renamed; returns the renames and notes."""
     old_outputs = {layers[i].name: _num_output_params(layers[i]).num_output for i in replaced}
+    old_decays = {layers[i].name: _decay_mults(layers[i]) for i in replaced}
     for index in replaced:
         _set_fresh_head(layers[index], options)
+    new_decays = {layers[i].name: _decay_mults(layers[i]) for i in replaced}
     renames = _rename_heads(layers, replaced, options)
     notes = []
     for old, new in renames.items():
@@ -533,9 +541,12 @@ def _replace_heads(
         )
         count = (f"num_output {old_outputs[old]} -> {options.num_classes}" if options.num_classes is not None
                  else f"num_output {old_outputs[old]} kept (no --num-classes or --train-data to count classes in)")
+        decays = [f"{'bias' if blob else 'weights'} {a:g} -> {b:g}"
+                  for blob, (a, b) in enumerate(zip(old_decays[old], new_decays[old])) if a != b]
         notes.append(
             f"head '{old}': {count}, {renamed}, "
             f"lr_mult {options.head_lr_mult:g} (bias {2 * options.head_lr_mult:g})"
+            + (f", decay_mult {', '.join(decays)}" if decays else "")
         )
     return renames, notes
 
@@ -653,6 +664,9 @@ def choose_strategy(
         "full": "fine-tune the whole net",
     }.get(name, f"freeze the first {'two thirds' if (fraction or 0) > 0.5 else 'third'} "
                 "of the learnable layers and retrain the rest")
-    data = "similar to" if similar else "different from"
-    reason = f"dataset {size}, {data} the pretrained model's: {what} (strategy {name})"
+    if dataset_size > LARGE_DATASET:
+        reason = f"dataset {size}, whatever its similarity to the pretrained model's: {what} (strategy {name})"
+    else:
+        data = "similar to" if similar else "different from"
+        reason = f"dataset {size}, {data} the pretrained model's: {what} (strategy {name})"
     return name, replace(options, freeze_fraction=fraction), reason
