@@ -124,7 +124,7 @@ def rewrite(net_path: str, options: RewriteOptions, *, weights: Optional[str] = 
     schema = schema or load_schema()
     plan = plan_rewrite(schema, net_path, options, weights, _printer(out))
     if weights:
-        check_rewrite(plan, weights, schema, options.input_shapes, out)
+        check_rewrite(plan, weights, schema, options.input_shapes or plan.input_shapes, out)
     if write:
         write_plan(plan, force=force)
     return plan
@@ -140,7 +140,8 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     schema = schema or load_schema()
     plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out))
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
-                   input_shapes=options.rewrite.input_shapes or None, cached=options.cached, resume=options.resume,
+                   input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
+                   resume=options.resume,
                    out=out)
 
 

@@ -313,3 +313,46 @@ def test_schedule_in_epochs_of_the_new_data(net, tmp_path, monkeypatch):
     # Paths relative to the output folder.
     train_val = (tmp_path / "out" / "train_val.prototxt").read_text()
     assert 'source: "../train.txt"' in train_val and str(tmp_path) not in train_val
+
+
+LMDB_NET = """name: "lmdb"
+layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { scale: 0.00390625 } data_param { source: "train_lmdb" batch_size: 64 backend: LMDB } }
+layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { scale: 0.00390625 } data_param { source: "test_lmdb" batch_size: 100 backend: LMDB } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 5 } }
+layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" inner_product_param { num_output: 10 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("magic, extra, channels", [(b"P6", [], 3), (b"P5", [], 1), (b"P6", ["--gray"], 1),
+                                                    (b"P5", ["--color"], 3), (b"P6", ["weights"], 1)])
+def test_input_shape_and_channels_from_what_exists(tmp_path, schema, magic, extra, channels):
+    """An LMDB net without crop gets the first image's size (its header) and, unless --gray/--color
+    or the first convolution's weights say otherwise, its channels."""
+    import numpy as np
+
+    from caffe_ft.formats.caffemodel import Blob, Model, save_model
+
+    net = tmp_path / "net.prototxt"
+    net.write_text(LMDB_NET)
+    for index in range(2):
+        (tmp_path / f"img{index}.pnm").write_bytes(magic + b"\n# a comment\n20 12\n255\n" + b"\0" * 20 * 12 * 3)
+    _list(tmp_path / "list.txt", [0, 1])
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/img0.pnm 0\n{tmp_path}/img1.pnm 1\n")
+    if extra == ["weights"]:
+        model = schema.new("NetParameter")
+        layer = model.layer.add()
+        layer.name, layer.type = "conv1", "Convolution"
+        save_model(Model(model, [[Blob.of(np.zeros((4, 1, 5, 5), np.float32)), Blob.of(np.zeros(4, np.float32))]]),
+                   str(tmp_path / "w.caffemodel"))
+        extra = ["--weights", str(tmp_path / "w.caffemodel")]
+    result = run("rewrite", str(net), "--strategy", "last-fc", "--train-data", str(tmp_path / "list.txt"),
+                 "--val-data", str(tmp_path / "list.txt"), "-o", str(tmp_path / "out"), *extra)
+    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, result.exception)
+    if extra[:1] == ["--weights"]:
+        assert "input channels: 1 ('conv1' of" in result.stderr
+    deploy = (tmp_path / "out" / "deploy.prototxt").read_text()
+    assert f"shape {{ dim: 1 dim: {channels} dim: 12 dim: 20 }}" in deploy, deploy
+    assert ("is_color: false" in (tmp_path / "out" / "train_val.prototxt").read_text()) == (channels == 1)

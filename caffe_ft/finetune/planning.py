@@ -109,6 +109,29 @@ def class_count(schema: Schema, options: RewriteOptions, say: Say) -> Optional[i
     return len(labels)
 
 
+def weights_channels(schema: Schema, net_file: files.TextFile, weights: str) -> Optional[Tuple[int, str]]:
+    """The input channels the pretrained weights need: the first convolution
+    reading the data's input blob, its weight blob's channels times its group;
+    with that layer's name.  None when the net or the weights do not tell."""
+    from ..formats.caffemodel import load_model
+    from .rewrite import data_layers, input_layers
+
+    net = net_file.message
+    sources = data_layers(net) or input_layers(net)
+    if not sources or not net.layer[sources[0]].top:
+        return None
+    top = net.layer[sources[0]].top[0]
+    first = next((layer for layer in net.layer if layer.type == "Convolution" and top in layer.bottom), None)
+    if first is None:
+        return None
+    model = load_model(weights, schema)
+    for layer, blobs in zip(model.layers, model.blobs):
+        if layer.name == first.name and blobs and len(blobs[0].shape) == 4:
+            group = first.convolution_param.group or 1
+            return int(blobs[0].shape[1]) * group, first.name
+    return None
+
+
 def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights: Optional[str] = None,
                  say: Say = lambda text: None) -> rewrite.RewritePlan:
     """The rewrite ``options`` ask for, nothing written yet."""
@@ -119,6 +142,11 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
     count = class_count(schema, options, say)
     if count != options.head.num_classes:
         options = dataclasses.replace(options, head=dataclasses.replace(options.head, num_classes=count))
+    if weights and options.data.train and options.data.channels is None and os.path.exists(weights):
+        found = weights_channels(schema, net_file, weights)
+        if found is not None:
+            say(f"input channels: {found[0]} ('{found[1]}' of {weights} takes {found[0]})")
+            options = dataclasses.replace(options, data=dataclasses.replace(options.data, channels=found[0]))
     strategy, head = options.strategy, options.head
     if strategy == "auto":
         strategy, head = choose(schema, net_path, weights, options, say)

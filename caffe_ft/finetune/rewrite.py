@@ -96,6 +96,8 @@ class RewritePlan:
     summary: List[str]
     strategy: str
     heads: Dict[str, str]
+    # The train net's input shapes where its data layers do not tell (no crop or resize): the data's.
+    input_shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def paths(self) -> Dict[str, str]:
         return {name: os.path.join(self.outdir, name) for name in self.files}
@@ -637,7 +639,12 @@ def plan(
         summary.extend(notes)
         files["solver.prototxt"] = (prototext.print_message(solver), None, None)
     summary.extend(dropped_comments(files))
-    return RewritePlan(outdir, files, summary, strategy, dict(result.heads))
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if data.train and train_val is not None and deploy is not None and input_layers(deploy):
+        source = deploy.layer[input_layers(deploy)[0]]
+        if source.input_param.shape and len(source.input_param.shape[0].dim) == 4:
+            shapes[source.top[0]] = (data.batch_size, *source.input_param.shape[0].dim[1:])
+    return RewritePlan(outdir, files, summary, strategy, dict(result.heads), shapes)
 
 
 def dropped_comments(files: Dict[str, Tuple[str, Optional[str], Optional[str]]]) -> List[str]:
