@@ -4,7 +4,7 @@ The library API is :mod:`caffe_ft.api` (``caffe_ft.rewrite``, ``caffe_ft.finetun
 ``caffe_ft.check``, ``caffe_ft.init``, ``caffe_ft.train``), loaded on first use so
 that ``import caffe_ft`` stays cheap.  The packages follow the pipeline:
 ``formats`` (Caffe files) < ``net`` (questions about a net) < ``data`` (inputs)
-< ``training`` (engines) < ``heads`` / ``export`` < ``finetune`` (strategies and
+< ``training`` (engines) < ``heads`` / ``export`` < ``recipe`` (strategies and
 jobs) < ``api`` < ``cli``; a package imports only from those below it.
 """
 
@@ -14,7 +14,7 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (caffe_ft.__version__)
 
 
 def _import_protobuf_without_pkg_resources() -> None:

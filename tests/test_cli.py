@@ -238,7 +238,7 @@ def test_rewrite_fits_test_iter_to_the_new_validation_list(tmp_path):
     assert "scale: 0.00390625" in train_val and "mean_value" not in train_val  # preprocessing kept as it was
 
 
-def _list(path, labels) -> str:  # type: ignore[no-untyped-def]
+def _list(path, labels) -> str:
     path.write_text("".join(f"img{index}.png {label}\n" for index, label in enumerate(labels)))
     return str(path)
 

@@ -1,5 +1,8 @@
-"""Reading and writing Caffe files: the only module that opens files.
+"""Reading and writing files: Caffe's text files, atomic writes, fingerprints.
 
+Every write of caffe-ft goes through :func:`write_atomic` or
+:func:`atomic_output`; binary Caffe files are read by
+:mod:`caffe_ft.formats.caffemodel`, image lists by :mod:`caffe_ft.data`.
 Text or binary is decided by content (a ``.prototxt`` that is really a
 caffemodel is caught), nets and solvers by the fields they use.  Every problem
 becomes a :class:`~caffe_ft.errors.CaffeFtError` naming the file; writes go to
@@ -68,8 +71,8 @@ def require_text(data: bytes, path: str) -> None:
 def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     """``NetParameter`` or ``SolverParameter``, from the top-level field names."""
     names = {child.name for child in tree.children or ()}
-    net_fields = schema.message_class(NET).DESCRIPTOR.fields_by_name
-    solver_fields = schema.message_class(SOLVER).DESCRIPTOR.fields_by_name
+    net_fields = schema.descriptor(NET).fields_by_name
+    solver_fields = schema.descriptor(SOLVER).fields_by_name
     if names and all(name in solver_fields for name in names) and not all(
         name in net_fields for name in names
     ):

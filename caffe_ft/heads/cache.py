@@ -168,7 +168,8 @@ def extract(prepared: Prepared, weights: str, schema: Schema, batch_size: int) -
     advance = count_progress(len(source), f"features {trunk.feature_blob}")
     parts, labels, names = [], [], []
     batches = source.batches(schema, prepared.transform, prepared.mean, batch_size)
-    for blobs, batch_labels, batch_names in forward_batches(net, trunk, batches, [trunk.feature_blob], advance):
+    outputs = forward_batches(net, trunk.input_blob, batches, [trunk.feature_blob], advance)
+    for blobs, batch_labels, batch_names in outputs:
         parts.append(blobs[trunk.feature_blob])
         labels.append(batch_labels)
         names.extend(batch_names)

@@ -35,7 +35,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from google.protobuf.message import Message
@@ -136,7 +136,7 @@ def data_reasons(layer: Message, phase: str) -> List[str]:
     return reasons
 
 
-def trunk_reasons(layers: Sequence[Message], trunk: Sequence[int]) -> List[str]:
+def trunk_reasons(layers: Sequence[Message], trunk: Iterable[int]) -> List[str]:
     """Why the TRAIN-phase layers before the head give other features each time."""
     reasons = []
     for index in sorted(trunk):
@@ -353,7 +353,8 @@ def analyse(solver_path: str, schema: Schema, device: str = "cpu") -> Tuple[Opti
     if parts is None:
         return None, reasons
     reasons += _same_trunk(net, schema, parts)
-    test, outputs = None, []
+    test: Optional[DataSpec] = None
+    outputs: List[replay.Output] = []
     if test_specs:
         test, outputs, found = _test_net(net, schema, parts.head.top[0])
         reasons += found

@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 from google.protobuf.message import Message
@@ -74,9 +74,6 @@ from .schedule import (
     test_due,
 )
 from .stop import LocalVote, NonFiniteLoss, SharedVote, StopRequest
-
-if TYPE_CHECKING:
-    from ..heads.trunk import Trunk
 
 #: What Caffe is told instead of the real test_interval: testing is done here.
 _NO_CAFFE_TESTS = 2 ** 31 - 1
@@ -531,7 +528,11 @@ def _run_multi(plan: RunPlan, caffe: Any, out: IO[str]) -> TrainResult:
     slots = context.Array("b", 4 * len(gpus), lock=False)
     shared_stop = context.Value("i", 0, lock=False)
     reader, writer = context.Pipe(duplex=False)
-    stop = StopRequest(say=lambda text: (out.write(text + "\n"), out.flush()))
+    def say(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    stop = StopRequest(say=say)
 
     def forward(signum: int, frame: Any) -> None:
         stop.request(signum, frame)
@@ -552,7 +553,7 @@ def _run_multi(plan: RunPlan, caffe: Any, out: IO[str]) -> TrainResult:
                 if ready is reader:
                     result = reader.recv()
                     continue
-                proc = pending.pop(ready)  # type: ignore[call-overload]
+                proc = pending.pop(cast(int, ready))
                 proc.join()
                 if proc.exitcode != 0:
                     barrier.abort()
@@ -652,11 +653,11 @@ def load_caffe_net(text: str, weights: str) -> Any:
 
 
 def forward_batches(
-    net: Any, trunk: Trunk, batches: Iterator[Tuple["np.ndarray", "np.ndarray", List[str]]],
+    net: Any, input_blob: str, batches: Iterator[Tuple["np.ndarray", "np.ndarray", List[str]]],
     blobs: Sequence[str], advance: Callable[[int], None],
 ) -> Iterator[Tuple[Dict[str, "np.ndarray"], "np.ndarray", List[str]]]:
-    """For each batch, copies of ``blobs`` after a forward pass, labels and names."""
-    inputs = net.blobs[trunk.input_blob]
+    """For each batch fed to ``input_blob``: copies of ``blobs`` after a forward pass, labels and names."""
+    inputs = net.blobs[input_blob]
     for data, labels, names in batches:
         if inputs.data.shape != data.shape:
             inputs.reshape(*data.shape)

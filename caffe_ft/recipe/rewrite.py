@@ -2,13 +2,13 @@
 
 The steps, each a function over messages (no file access here):
 
-1. apply a strategy (:mod:`caffe_ft.finetune.strategies`) to the net;
+1. apply a strategy (:mod:`caffe_ft.recipe.strategies`) to the net;
 2. give it data layers from ``templates/`` when data was named (a deploy net
    gets data layers and a loss; a train_val net has its data layers' sources
    replaced, keeping their preprocessing);
 3. derive the matching deploy net (same layers minus data, loss and
    accuracy; an Input layer; a Softmax per head);
-4. rewrite the solver (:mod:`caffe_ft.finetune.solver`).
+4. rewrite the solver (:mod:`caffe_ft.recipe.solver`).
 
 :func:`plan` returns every output file's text, written as an edit of its
 input so that reviewers see only the lines that changed; the CLI writes them.
@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 from google.protobuf.message import Message
 
@@ -218,8 +218,9 @@ def _new_data_layers(
     by_phase = {_phase_name(layer): layer for layer in originals}
     first = originals[0] if originals else None
     deploy_channels = input_shape[1] if input_shape is not None and len(input_shape) == 4 else None
+    size: Optional[int]
     if input_shape is not None and deploy_channels is not None:
-        size: Optional[int] = input_shape[2]
+        size = input_shape[2]
     else:
         size = (first.transform_param.crop_size if first is not None else 0) or None
     old_resize = first.image_data_param.new_height if first is not None and first.HasField("image_data_param") else 0
@@ -406,12 +407,12 @@ def read_originals(solver_file: TextFile) -> Dict[str, List[str]]:
     return {}
 
 
-def originals_comment(values: Dict[str, object]) -> str:
+def originals_comment(values: Mapping[str, object]) -> str:
     """The comment recording ``values`` (exact: ints as ints, float fields as Caffe prints them)."""
     parts = []
     for key, value in values.items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            text = str(item) if isinstance(item, int) else format_float(float(item))
+            text = str(item) if isinstance(item, int) else format_float(float(cast(float, item)))
             parts.append(f"{key}={text}")
     return f"{ORIGINALS_MARK} {' '.join(parts)}"
 
@@ -422,7 +423,7 @@ def _edit_text(file: Optional[TextFile], message: Message) -> str:
     return prototext.render_minimal(file.tree, file.data, message, file.path)
 
 
-def _solver_text(file: TextFile, solver: Message, originals: Dict[str, object]) -> str:
+def _solver_text(file: TextFile, solver: Message, originals: Mapping[str, object]) -> str:
     text = _edit_text(file, solver)
     mark = originals_comment(originals)
     lines = text.splitlines(True)
