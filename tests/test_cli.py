@@ -271,7 +271,7 @@ def test_bare_rewrite_keeps_the_class_count_and_says_so(net, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ([], "Missing option '--strategy'"),
-    (["--strategy", "last-fc", "--num-classes", "1"], "'--num-classes': 1 is not in the range x>=2"),
+    (["--strategy", "last-fc", "--num-classes", "1"], "'--num-classes'"),
     (["--strategy", "nope"], "Invalid value for '--strategy'"),
 ])
 def test_usage_errors_are_one_line_with_a_hint(net, args, message):

@@ -539,6 +539,7 @@ def test_head_feeding_another_head_is_refused(tmp_path):
 # ---------------------------------------------------------------------------
 
 DOC_NETS = [net for net in NETS if not os.path.isabs(net.path)]
+DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "digits")
 QUOTED_ABSOLUTE = re.compile(r'"(/[^"]*)"')
 
 
@@ -767,7 +768,7 @@ def test_output_folder_moves_with_its_data_and_trains_from_anywhere(tmp_path):
     import shutil
 
     work = tmp_path / "work"
-    digits = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits")
+    digits = DIGITS
     _image_list(str(work / "data"), "train", 16, True, 6, seed=1)
     _image_list(str(work / "data"), "val", 16, True, 3, seed=2)
     for name in ("train", "val"):  # entries relative to the working directory, as Caffe reads them
@@ -803,7 +804,7 @@ def test_finetune_stopped_prints_how_to_resume_and_resumes(tmp_path):
     import signal
     import time
 
-    digits = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits")
+    digits = DIGITS
     train = _image_list(str(tmp_path / "data"), "train", 16, True, 8, seed=3)
     val = _image_list(str(tmp_path / "data"), "val", 16, True, 3, seed=4)
     env = {**os.environ, "GLOG_minloglevel": "2"}
