@@ -584,26 +584,7 @@ def describe(plan: RunPlan) -> str:
 
 
 def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> TrainResult:
-    """Run the solver as ``options`` say; returns how it ended (the CLI exits with ``exit_code``).
-
-    A solver whose nets are named relative to its own folder (caffe-ft's output)
-    runs in that folder, as Caffe reads every relative path from the working
-    directory; the folder can then move (see :func:`run.run_folder`)."""
-    from .run import absolute_options, run_folder, working_directory
-
-    folder = run_folder(options.solver, schema)
-    if folder is None:
-        return _train(options, schema, out)
-    out.write(f"working in {os.path.dirname(options.solver) or '.'} (the solver names its nets from there)\n")
-    moved = absolute_options(options)
-    with working_directory(folder):
-        result = _train(moved, schema, out)
-    if result.resume_command and result.snapshot:
-        result.resume_command = resume_command(options, os.path.relpath(result.snapshot[1]))
-    return result
-
-
-def _train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> TrainResult:
+    """Run the solver as ``options`` say; returns how it ended (the CLI exits with ``exit_code``)."""
     plan = prepare(options, schema, out)
     try:
         out.write(describe(plan) + "\n")
