@@ -181,8 +181,9 @@ def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[s
     if folder is None:
         return _train_and_report(run_training, options, schema, out, started)
     _printer(out)(f"working in {os.path.dirname(options.solver) or '.'} (the solver names its nets from there)")
+    moved = absolute_options(options)  # before moving: the paths are the caller's
     with working_directory(folder):
-        result = _train_and_report(run_training, absolute_options(options), schema, out, started)
+        result = _train_and_report(run_training, moved, schema, out, started)
     if result.resume_command and result.snapshot:
         result.resume_command = resume_command(options, os.path.relpath(result.snapshot[1]))
     return result

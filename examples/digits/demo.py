@@ -33,8 +33,10 @@ FINETUNE_CLASSES = (5, 6, 7, 8, 9)
 SIZE = 16
 
 
-def write_images(outdir: str, per_class: int) -> dict:
-    """The digits as PNGs and image lists in ``outdir`` (entries relative to it); returns the lists' names."""
+def write_images(outdir: str, per_class: int, relative: bool = False) -> dict:
+    """The digits as PNGs and image lists in ``outdir``; returns the lists' paths.  The
+    lists name the images by absolute path, or with ``relative`` by their path from
+    ``outdir`` (for commands run there: no file then names the folder)."""
     import cv2
     import numpy as np
     from sklearn.datasets import load_digits
@@ -49,8 +51,9 @@ def write_images(outdir: str, per_class: int) -> dict:
     seen = {digit: 0 for digit in range(10)}
     for index in order:
         digit = int(digits.target[index])
-        path = os.path.join("images", f"{index:04d}_{digit}.png")
-        cv2.imwrite(os.path.join(outdir, path), cv2.resize(images[index], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
+        name = os.path.join("images", f"{index:04d}_{digit}.png")
+        path = name if relative else os.path.join(os.path.abspath(outdir), name)
+        cv2.imwrite(os.path.join(outdir, name), cv2.resize(images[index], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
         if digit in PRETRAIN_CLASSES:
             split = "pretrain_train" if rng.random() < 0.8 else "pretrain_val"
             lists[split].append(f"{path} {PRETRAIN_CLASSES.index(digit)}")
@@ -60,8 +63,8 @@ def write_images(outdir: str, per_class: int) -> dict:
             lists[split].append(f"{path} {FINETUNE_CLASSES.index(digit)}")
     paths = {}
     for name, lines in lists.items():
-        paths[name] = f"{name}.txt"
-        with open(os.path.join(outdir, paths[name]), "w") as handle:
+        paths[name] = os.path.join(outdir, f"{name}.txt")
+        with open(paths[name], "w") as handle:
             handle.write("\n".join(lines) + "\n")
     return paths
 
@@ -108,8 +111,9 @@ def main() -> int:
     outdir = os.path.abspath(args.outdir)
     logs = os.path.join(outdir, "logs")
     os.makedirs(logs, exist_ok=True)
-    lists = write_images(outdir, args.per_class)
-    counts = {name: sum(1 for _ in open(os.path.join(outdir, path))) for name, path in lists.items()}
+    written = write_images(outdir, args.per_class, relative=True)
+    counts = {name: sum(1 for _ in open(path)) for name, path in written.items()}
+    lists = {name: os.path.relpath(path, outdir) for name, path in written.items()}  # the commands run in outdir
     print(f"digits 0-4: {counts['pretrain_train']} training / {counts['pretrain_val']} validation images; "
           f"digits 5-9: {counts['finetune_train']} training ({args.per_class} per class) / "
           f"{counts['finetune_val']} validation images")
