@@ -69,7 +69,10 @@ def measure_process(command: List[str]) -> Tuple[float, float, int]:
     """Wall seconds, peak resident MiB and exit status of ``command`` run as a
     whole process (its output discarded), started from a small launcher so that
     this process's memory does not count."""
+    # Python may keep its bytecode, as an installed package has it (a shell that sets
+    # PYTHONDONTWRITEBYTECODE would otherwise make every run compile caffe-ft anew).
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
     done = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], check=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
     seconds, peak, status = done.stdout.decode().split()[-3:]
     return float(seconds), int(peak) / 1024, int(status)

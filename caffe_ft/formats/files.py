@@ -31,7 +31,7 @@ _CHUNK = 1 << 20  # bytes hashed at a time
 
 NET = "NetParameter"
 SOLVER = "SolverParameter"
-_CONTROL = frozenset(range(0x20)) - {0x09, 0x0A, 0x0B, 0x0C, 0x0D}
+_CONTROL = bytes(sorted(frozenset(range(0x20)) - {0x09, 0x0A, 0x0B, 0x0C, 0x0D}))
 _SNIFF = 65536
 
 
@@ -84,7 +84,7 @@ def is_binary(data: bytes) -> bool:
     start = head.lstrip(b" \t\r\n\f\v")[:1]
     if start and not (start.isalpha() or start in b"_#"):
         return True
-    bad = sum(1 for byte in head if byte in _CONTROL)
+    bad = len(head) - len(head.translate(None, _CONTROL))  # counted in C, not byte by byte
     bad += head.decode("utf-8", "replace").count("\ufffd")
     return bad * 4 > len(head)
 

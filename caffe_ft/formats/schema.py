@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Any, Dict, Optional
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -19,7 +18,6 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
-from .protofile import parse_proto
 from ..resources import resource_dir
 
 PROTO_ENV = "CAFFE_FT_PROTO"
@@ -101,6 +99,10 @@ def _compiled(text: str, path: str) -> descriptor_pb2.FileDescriptorProto:
             return descriptor_pb2.FileDescriptorProto.FromString(handle.read())
     except Exception:  # missing or unreadable: parse again
         pass
+    import tempfile
+
+    from .protofile import parse_proto  # only on a cache miss: the parser's import is a few ms
+
     fdp = parse_proto(text, path)
     try:
         os.makedirs(os.path.dirname(cached), exist_ok=True)
