@@ -419,9 +419,15 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
                    "(deterministic input, SGD); off: always train with pycaffe.")
 @click.option("--resume", metavar="STATE", help="Continue a stopped job from its .solverstate (the command it "
               "printed when stopped).")
+@click.option("--keep-best", "keep_best", metavar="OUTPUT",
+              help="Write best.caffemodel at each test where this output of the first test net is the best yet "
+                   "(accuracy is maximised, an output named *loss* minimised).")
+@click.option("--patience", type=click.IntRange(min=1), metavar="N",
+              help="With --keep-best: stop after N tests in a row without a better value.")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
-             force: bool, cached: bool, resume: Optional[str], **params: Any) -> None:
+             force: bool, cached: bool, resume: Optional[str], keep_best: Optional[str], patience: Optional[int],
+             **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
@@ -438,7 +444,7 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
-                              resume=resume)
+                              resume=resume, keep_best=keep_best, patience=patience)
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     tested = "the final weights' test" if outcome.final_model else "the last test"
@@ -702,6 +708,11 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
               "(the last snapshot evaluated on the first test net's images; needs --metrics).")
 @click.option("--tensorboard", metavar="DIR", help="Also write the run's loss, learning rate and test outputs "
               "as TensorBoard event files here (tensorboardX; needs --metrics).")
+@click.option("--keep-best", "keep_best", metavar="OUTPUT",
+              help="Write best.caffemodel at each test where this output of the first test net is the best yet "
+                   "(accuracy is maximised, an output named *loss* minimised).")
+@click.option("--patience", type=click.IntRange(min=1), metavar="N",
+              help="With --keep-best: stop after N tests in a row without a better value.")
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
 @click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
@@ -714,7 +725,8 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
           caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int],
-          engine: str, precision: str, channels_last: bool) -> None:
+          engine: str, precision: str, channels_last: bool, keep_best: Optional[str],
+          patience: Optional[int]) -> None:
     """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
     Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
@@ -742,6 +754,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
         caffe_log=caffe_log, proto=ctx.obj.get("proto"), report=report, tensorboard=tensorboard,
         engine=engine if engine != "auto" else "pycaffe", precision=precision, channels_last=channels_last,
+        keep_best=keep_best, patience=patience,
     )
     if chosen == "torch":
         options = replace(options, engine="torch")
@@ -750,6 +763,8 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         click.echo(f"caffe-ft: error: {result.message}", err=True)
     else:
         click.echo(result.message, err=True)
+    for note in result.best_notes:
+        click.echo(note, err=True)
     if result.resume_command:
         click.echo(f"resume with: {result.resume_command}", err=True)
     ctx.exit(result.exit_code)

@@ -55,3 +55,5 @@ class FinetuneOptions:
     force: bool = False
     cached: bool = True
     resume: Optional[str] = None  # a .solverstate of a stopped run: continue it instead of starting afresh
+    keep_best: Optional[str] = None  # a test output: OUTDIR/best.caffemodel keeps the weights of its best test
+    patience: Optional[int] = None  # stop after this many tests without a better keep_best value
