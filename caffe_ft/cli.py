@@ -299,6 +299,9 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--frozen-lr-mult", type=_NON_NEGATIVE, default=0.0, show_default=True,
                      help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen)."),
         click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it."),
+        click.option("--layer-decay", type=_POSITIVE, metavar="F",
+                     help="Layer-wise lr decay: each training layer (a residual/inception block) below the heads "
+                          "learns F times as fast as the one above; frozen layers stay frozen."),
         click.option("--train-last", type=click.IntRange(min=1), metavar="K", help="top: train the last K learnable layers."),
         click.option("--dataset-size", type=click.IntRange(min=1), metavar="N",
                      help="auto: training examples (default: lines of --train-data)."),
@@ -348,7 +351,7 @@ def _options_of(params: Dict[str, Any]) -> Any:
     head = StrategyOptions(
         num_classes=params["num_classes"], heads=tuple(params["heads"]), new_name=params["new_name"],
         head_lr_mult=params["head_lr_mult"], frozen_lr_mult=params["frozen_lr_mult"],
-        freeze_until=params["freeze_until"], train_last=params["train_last"],
+        freeze_until=params["freeze_until"], train_last=params["train_last"], layer_decay=params["layer_decay"],
     )
     data = DataOptions(
         train=params["train_data"], val=params["val_data"], batch_size=params["batch_size"],
