@@ -299,6 +299,9 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--frozen-lr-mult", type=_NON_NEGATIVE, default=0.0, show_default=True,
                      help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen)."),
         click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it."),
+        click.option("--class-weights", metavar="auto|FILE",
+                     help="Weight each class's loss: auto (N / (K n_k) from --train-data's labels) or a file with "
+                          "one weight per line; an InfogainLoss with a diagonal H (class_weights.binaryproto)."),
         click.option("--layer-decay", type=_POSITIVE, metavar="F",
                      help="Layer-wise lr decay: each training layer (a residual/inception block) below the heads "
                           "learns F times as fast as the one above; frozen layers stay frozen."),
@@ -366,6 +369,7 @@ def _options_of(params: Dict[str, Any]) -> Any:
         head, strategy=params["strategy"], data=data, solver=solver, solver_path=params["solver_path"],
         deploy_path=params["deploy_path"], outdir=params["outdir"], dataset_size=params["dataset_size"],
         similarity=params["similarity"], input_shapes=_input_shapes(params["input_shapes"]),
+        class_weights=params["class_weights"],
     )
 
 
