@@ -278,9 +278,11 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
     """The options ``rewrite`` and ``finetune`` share: strategy, head, data, solver."""
     strategy_help = ("What trains: only the classifier head(s), the top of the net, or all of it; "
                      "features: last-fc's net, whose head finetune fits with scikit-learn on cached features; "
+                     "lp-ft: fit the head on cached features (a linear probe), then fine-tune (--then) from it; "
                      "auto picks by data set size and similarity.")
     options = [
-        click.option("--strategy", type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help,
+        click.option("--strategy", type=click.Choice(["last-fc", "top", "full", "features", "lp-ft", "auto"]),
+                     help=strategy_help,
                      # click 8.3+ takes an explicit default=None as a default that satisfies required
                      **({"required": True} if strategy_default is None
                         else {"default": strategy_default, "show_default": True})),
@@ -299,6 +301,9 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--frozen-lr-mult", type=_NON_NEGATIVE, default=0.0, show_default=True,
                      help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen)."),
         click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it."),
+        click.option("--then", type=click.Choice(["full", "top"]), default="full", show_default=True,
+                     help="lp-ft: how the net is fine-tuned after the probe (top needs --train-last or "
+                          "--freeze-until)."),
         click.option("--class-weights", metavar="auto|FILE",
                      help="Weight each class's loss: auto (N / (K n_k) from --train-data's labels) or a file with "
                           "one weight per line; an InfogainLoss with a diagonal H (class_weights.binaryproto)."),
@@ -369,7 +374,7 @@ def _options_of(params: Dict[str, Any]) -> Any:
         head, strategy=params["strategy"], data=data, solver=solver, solver_path=params["solver_path"],
         deploy_path=params["deploy_path"], outdir=params["outdir"], dataset_size=params["dataset_size"],
         similarity=params["similarity"], input_shapes=_input_shapes(params["input_shapes"]),
-        class_weights=params["class_weights"],
+        class_weights=params["class_weights"], then=params["then"],
     )
 
 

@@ -37,6 +37,7 @@ PLOT = "plot.png"
 INIT = "init.caffemodel"
 FINAL = "final.caffemodel"
 BEST = "best.caffemodel"
+PROBE = "probe.caffemodel"
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
         if plan.strategy == "features":
             trained = fit.fit_features(os.path.join(here.outdir, "train_val.prototxt"), schema, _single_head(plan),
                                        start, here.outdir, final, seed, out)
+        elif plan.strategy == "lp-ft" and resume is None:
+            trained = _linear_probe_then_finetune(schema, here, start, final, device, seed, out, best)
         elif resume is not None:
             solver = os.path.join(here.outdir, "solver.prototxt")
             trained = _train_pycaffe(schema, solver, start, device, os.path.join(here.outdir, METRICS),
@@ -183,6 +186,27 @@ def _single_head(plan: RewritePlan) -> str:
         raise CaffeFtError(f"--strategy features fits one head; this net has {len(plan.heads)} "
                            f"({', '.join(plan.heads.values())}): use --strategy last-fc")
     return next(iter(plan.heads.values()))
+
+
+def _linear_probe_then_finetune(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int,
+                                out: IO[str], best: "Best") -> "Trained":
+    """lp-ft: the head fitted on cached features (the ``features`` path) into PROBE, then
+    Caffe fine-tunes from PROBE; the notes give the probe's accuracy and the fine-tuned one."""
+    from ..heads import fit
+
+    probe_path = os.path.join(plan.outdir, PROBE)
+    probe = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan), start,
+                             plan.outdir, probe_path, seed, out)
+    out.write(f"lp-ft: linear probe validation accuracy {probe.test_outputs['accuracy']:.4f}; fine-tuning from "
+              f"{PROBE}\n")
+    trained = _train(schema, plan, probe_path, final, device, seed, False, out, best)
+    tuned = trained.test_outputs.get("accuracy")
+    trained.notes[:0] = [f"linear probe (the head on cached features, {PROBE}): validation accuracy "
+                         f"{probe.test_outputs['accuracy']:.4f}",
+                         *probe.notes[:1],
+                         "fine-tuned from the probe: " + (f"accuracy {tuned:.4f} at the last test" if tuned is not None
+                                                          else "no accuracy tested")]
+    return trained
 
 
 @dataclass(frozen=True)

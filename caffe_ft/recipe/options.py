@@ -37,6 +37,7 @@ class RewriteOptions:
     dataset_size: Optional[int] = None
     similarity: Optional[str] = None
     input_shapes: InputShapes = field(default_factory=dict)
+    then: str = "full"  # lp-ft: the strategy the fine-tuning after the linear probe follows
     class_weights: Optional[str] = None  # "auto" or a file of one weight per class: InfogainLoss (class_weights.py)
 
 

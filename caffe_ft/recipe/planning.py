@@ -151,14 +151,28 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
     if strategy == "auto":
         strategy, head = choose(schema, net_path, weights, options, say)
     outdir = options.outdir or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
+    solver_options, net_strategy = options.solver, strategy
+    if strategy == "lp-ft":
+        # The probe fits the head first: it then learns at the body's rate, and all of it more gently.
+        net_strategy, head = options.then, dataclasses.replace(head, head_lr_mult=1.0)
+        solver_options = dataclasses.replace(solver_options, lr_scale=solver_options.lr_scale * LP_FT_LR)
     try:
-        planned = rewrite.plan(schema, net_file, strategy, head, outdir, options.data, solver_file, deploy_file,
-                               options.solver, options.input_shapes)
+        planned = rewrite.plan(schema, net_file, net_strategy, head, outdir, options.data, solver_file, deploy_file,
+                               solver_options, options.input_shapes)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
+    if strategy == "lp-ft":
+        planned.strategy = "lp-ft"
+        planned.summary.insert(0, f"lp-ft: finetune fits the head on cached features (a linear probe), writes it "
+                                  f"into the starting weights, then fine-tunes as '{options.then}' with the head at "
+                                  f"lr_mult 1 and base_lr x{LP_FT_LR:g} more (Kumar et al., ICLR 2022)")
     if options.class_weights is not None:
         weigh_classes(schema, planned, options, head.num_classes, say)
     return planned
+
+
+#: lp-ft's fine-tuning rate, relative to a plain fine-tuning's: the probed head needs no large steps.
+LP_FT_LR = 0.1
 
 
 def weigh_classes(schema: Schema, planned: rewrite.RewritePlan, options: RewriteOptions,

@@ -104,3 +104,49 @@ print(json.dumps(batches))
         weight = np.array([12 / 20, 12 / 4])[labels]
         expected = float(-(weight * log_p[np.arange(len(labels)), labels]).mean())
         assert batch["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.caffe
+def test_lp_ft_fits_the_probe_then_fine_tunes_from_it(tmp_path, schema) -> None:  # type: ignore[no-untyped-def]
+    """`finetune --strategy lp-ft`: probe.caffemodel holds the head fitted on cached features; Caffe's
+    first test (iteration 0) scores exactly the probe's reported accuracy, so training starts from it;
+    the summary gives the probe's accuracy and the fine-tuned one."""
+    from caffe_ft.formats.caffemodel import load_model
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "training"))
+    from test_train import make_dataset
+
+    train, val = str(tmp_path / "train.txt"), str(tmp_path / "val.txt")
+    with open(train, "w") as handle:
+        handle.writelines(make_dataset(str(tmp_path / "train"), 24, 0))
+    with open(val, "w") as handle:
+        handle.writelines(make_dataset(str(tmp_path / "val"), 12, 1))
+    env = {**os.environ, "GLOG_minloglevel": "2"}
+    weights = str(tmp_path / "pretrained.caffemodel")
+    # Random (not zero: the deploy net has no fillers) trunk weights: random features a probe can read.
+    fill = ("import caffe, sys, numpy as np; net = caffe.Net(sys.argv[1], caffe.TEST); rng = np.random.default_rng(0)\n"
+            "for blobs in net.params.values():\n"
+            "    for blob in blobs: blob.data[...] = rng.normal(0, (2.0 / max(1, blob.data[0].size)) ** 0.5, blob.data.shape)\n"
+            "net.save(sys.argv[2])")
+    made = subprocess.run([sys.executable, "-c", fill, os.path.join(DIGITS, "deploy.prototxt"), weights],
+                          capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "finetune", os.path.join(DIGITS, "train_val.prototxt"),
+                           "--weights", weights, "--strategy", "lp-ft", "--train-data", train, "--val-data", val,
+                           "--batch-size", "4", "--val-batch-size", "6", "--max-iter", "12", "--cpu", "-o", "ft"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ft = tmp_path / "ft"
+    init = load_model(str(ft / "init.caffemodel"), schema).layer_blobs()
+    probe = load_model(str(ft / "probe.caffemodel"), schema).layer_blobs()
+    assert not np.array_equal(init["fc2_ft"][0].data, probe["fc2_ft"][0].data)  # the head was fitted
+    assert np.array_equal(init["conv1"][0].data, probe["conv1"][0].data)  # the trunk was not
+    summary = (ft / "summary.md").read_text()
+    found = __import__("re").search(r"linear probe \(.*\): validation accuracy (\S+)", summary)
+    assert found, summary
+    records = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
+    tests = [r for r in records if r["phase"] == "test"]
+    assert tests[0]["iteration"] == 0
+    assert tests[0]["outputs"]["accuracy"] == pytest.approx(float(found.group(1)), abs=1e-4)
+    assert f"fine-tuned from the probe: accuracy {tests[-1]['outputs']['accuracy']:.4f}" in summary
+    assert "base_lr x0.1 more" in summary
