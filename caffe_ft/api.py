@@ -111,7 +111,8 @@ def check_rewrite(plan: "RewritePlan", weights: str, schema: Schema, input_shape
 
     name = "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt"
     text = plan.files[name][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), name), schema.new(files.NET), name)
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), name),
+                               schema.new(files.NET), name)
     report = with_new_heads(check_net(net, load_model(weights, schema), input_shapes=input_shapes or None),
                             {new: old for old, new in plan.heads.items()})
     _printer(out)(format_check(report))
