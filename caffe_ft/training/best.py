@@ -6,7 +6,8 @@ engine write ``best.caffemodel`` each time a test pass beats every earlier
 one; ``--patience N`` stops the run once N test passes in a row have not.
 Ties are not improvements, so the best model is the earliest with the best
 value.  The engines (:mod:`caffe_ft.training.pycaffe`, the torch engine)
-only report each test pass here and act on :class:`Verdict`.
+only report each test pass here and act on :class:`Verdict`.  A resumed run
+keeps afresh from its first test (the best before the stop is not known to it).
 """
 
 from __future__ import annotations
