@@ -140,7 +140,7 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out))
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
                    input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
-                   resume=options.resume,
+                   resume=options.resume, keep_best=options.keep_best, patience=options.patience,
                    out=out)
 
 
