@@ -35,12 +35,13 @@ original ``layers`` list if the net had one, else its ``layer`` list.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, cast
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
 from .schema import is_repeated
+from .wire import key_bytes, varint_bytes
 
 IndexMap = List[Optional[int]]
 
@@ -390,16 +391,36 @@ def _fold_padding_layers(net: Message, index_map: IndexMap) -> Tuple[List[Messag
     return kept, kept_map, notes
 
 
+def _set_string(message: Message, field: str, value: Any) -> None:
+    """``message.field = value``, also for ``bytes`` that are not UTF-8 (what
+    protobuf hands back for such a string; Caffe keeps them, and protobuf 3.12
+    refuses to assign them), which go in as a wire record."""
+    if isinstance(value, bytes):
+        number = message.DESCRIPTOR.fields_by_name[field].number
+        message.MergeFromString(key_bytes(number, 2) + varint_bytes(len(value)) + value)
+    else:
+        setattr(message, field, value)
+
+
+def _extend_strings(message: Message, field: str, values: Any) -> None:
+    """``message.field.extend(values)``, also for ``bytes`` that are not UTF-8."""
+    for value in values:
+        if isinstance(value, bytes):
+            _set_string(message, field, value)  # a record of a repeated field appends
+        else:
+            getattr(message, field).append(value)
+
+
 def _v0_to_v1_layer(entry: Message, out: Message, label: str) -> List[str]:
     """UpgradeV0LayerParameter: one ``layers { layer { ... } }`` → V1 fields."""
     out.Clear()
-    out.bottom.extend(entry.bottom)
-    out.top.extend(entry.top)
+    _extend_strings(out, "bottom", entry.bottom)
+    _extend_strings(out, "top", entry.top)
     if not entry.HasField("layer"):
         return []
     v0 = entry.layer
     if v0.HasField("name"):
-        out.name = v0.name
+        _set_string(out, "name", v0.name)
     if v0.HasField("type"):
         v1_type = V0_LAYER_TYPES.get(v0.type)
         if v1_type is None:
@@ -439,7 +460,7 @@ def _upgrade_v0(net: Message, index_map: IndexMap) -> Tuple[IndexMap, List[str]]
     force_backward = net.force_backward if net.HasField("force_backward") else None
     net.Clear()
     if name is not None:
-        net.name = name
+        _set_string(net, "name", name)
     for entry, original_index in zip(kept, kept_map):
         notes.extend(_v0_to_v1_layer(entry, net.layers.add(), _layer_label(entry, original_index)))
     net.input.extend(inputs)
@@ -485,10 +506,10 @@ def _upgrade_data_transformation(net: Message) -> List[str]:
 def _v1_to_current_layer(v1: Message, out: Message, label: str) -> None:
     """UpgradeV1LayerParameter: one V1 ``layers`` entry → a ``layer`` entry."""
     out.Clear()
-    out.bottom.extend(v1.bottom)
-    out.top.extend(v1.top)
+    _extend_strings(out, "bottom", v1.bottom)
+    _extend_strings(out, "top", v1.top)
     if v1.HasField("name"):
-        out.name = v1.name
+        _set_string(out, "name", v1.name)
     out.include.extend(v1.include)
     out.exclude.extend(v1.exclude)
     if v1.HasField("type"):
@@ -504,7 +525,7 @@ def _v1_to_current_layer(v1: Message, out: Message, label: str) -> None:
         return out.param[i]
 
     for i, name in enumerate(v1.param):
-        param(i).name = name
+        _set_string(param(i), "name", name)
     share_modes = v1.DESCRIPTOR.fields_by_name["blob_share_mode"].enum_type
     for i, mode in enumerate(v1.blob_share_mode):
         _set_enum_by_name(param(i), "share_mode", share_modes.values_by_number[mode].name)
@@ -555,7 +576,7 @@ def _upgrade_input(net: Message, index_map: IndexMap) -> Tuple[IndexMap, List[st
         input_param = layer.input_param
         input_param.SetInParent()
         for i, blob in enumerate(inputs):
-            layer.top.append(blob)
+            _extend_strings(layer, "top", [blob])
             shape = input_param.shape.add()
             if has_shape:
                 shape.CopyFrom(net.input_shape[i])
