@@ -162,7 +162,7 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     and classifier head(s).  A solver: every setting, defaults shown.  A
     caffemodel: layers, blob shapes, parameter counts and size.  A mean file
     (.binaryproto): its shape and per-channel means.  A .solverstate: the
-    iteration and the history blobs.
+    iteration and the history blobs.  An .onnx model: inputs, outputs, opset, size.
     """
     from .formats import files
     from .net import report
@@ -170,7 +170,11 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     schema = _schema(ctx)
     data = files.read_bytes(file)
     format_info: Callable[[Any], str]
-    if file.endswith(".binaryproto"):
+    if file.endswith(".onnx"):
+        from .export import onnx_info
+
+        info, format_info = onnx_info.describe_onnx(file), onnx_info.format_onnx
+    elif file.endswith(".binaryproto"):
         from .formats.caffemodel import load_blob
 
         info, format_info = report.describe_blob(load_blob(file, schema)), report.format_blob
@@ -516,6 +520,46 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
             click.echo(f"warning: layer '{layer.name}' starts fresh: {layer.reason}", err=True)
     copied, fresh = (len(report.by_status(status)) for status in (wt.COPIED, wt.FRESH))
     _emit(f"wrote {output}: {copied} layers copied, {fresh} filled fresh (seed {seed})\n")
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", metavar="MODEL", help="The net's caffemodel (needed when it has learnable layers).")
+@click.option("-o", "--output", required=True, metavar="OUT.onnx", help="The ONNX model to write.")
+@click.option("--opset", type=click.IntRange(min=13), default=13, show_default=True, help="ONNX opset to target.")
+@_INPUT_SHAPE
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
+              help="Leave the batch axis symbolic (N), or fix it at the net's batch size.")
+@click.option("--softmax/--logits", default=None,
+              help="Add a Softmax to each score output, or strip the output Softmax (default: as the net says).")
+@click.pass_context
+def export(ctx: click.Context, net_path: str, weights: Optional[str], output: str, opset: int, input_shapes: Any,
+           dynamic_batch: bool, softmax: Optional[bool]) -> None:
+    """Write NET and its weights as an ONNX model that computes what Caffe computes.
+
+    A train_val net is exported as its deploy net (data, loss and accuracy
+    layers replaced by an Input layer).  Nothing is written when a layer has
+    no faithful ONNX equivalent.
+    """
+    from .export import to_onnx
+    from .finetune.rewrite import is_deploy, to_deploy
+    from .formats import files
+    from .formats.caffemodel import load_model
+    from .net.graph import find_heads
+
+    schema = _schema(ctx)
+    net = _current(files.load_text(net_path, schema, files.NET).message, net_path)
+    model = load_model(weights, schema) if weights else None
+    options = to_onnx.ExportOptions(opset, _input_shapes(input_shapes), dynamic_batch, softmax)
+    try:
+        if not is_deploy(net):
+            net = to_deploy(schema, net, find_heads(net).heads, options.input_shapes)
+            click.echo(f"{net_path}: not a deploy net: exporting the deploy net derived from it", err=True)
+        result = to_onnx.export(net, model, options, to_onnx.source_metadata(net_path, weights, options))
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+    files.write_atomic(output, to_onnx.serialize(result))
+    _emit(to_onnx.summary(result, output))
 
 
 def _transform_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from google.protobuf.message import Message
 
@@ -279,9 +279,11 @@ def to_train_val(schema: Schema, deploy: Message, heads: Sequence[str], data: Da
     return net
 
 
-def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str]) -> Message:
+def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str],
+              input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Message:
     """The deploy net matching a train_val net: TEST-phase layers, data and
-    loss layers replaced by an Input layer and a Softmax per head."""
+    loss layers replaced by an Input layer and a Softmax per head.
+    ``input_shapes`` gives data tops' shapes the net does not (an LMDB's)."""
     from ..net.shapes import filter_layers, infer
 
     net = type(train_val)()
@@ -295,7 +297,7 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str]) -> Messa
     if sources:
         first = net.layer[sources[0]]
         try:
-            shape = list(infer(train_val, phase="TEST").blobs[first.top[0]])
+            shape = list(infer(train_val, phase="TEST", input_shapes=input_shapes).blobs[first.top[0]])
         except CaffeFtError:
             shape = _shape_from_transform(first)
         shape[0] = 1

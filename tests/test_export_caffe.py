@@ -1,0 +1,276 @@
+"""``caffe-ft export``: the ONNX model computes what pycaffe computes.
+
+Every classifier deploy net of caffe-doc (with random weights of the right
+shapes: caffe-doc ships none), a train_val net exported as its derived deploy
+net, the nsfw ResNet-50 with its real weights, a net holding every other
+layer type the exporter knows, and pooling shapes where Caffe's ceil rounding
+and pad clipping matter: each is exported through the CLI, checked by
+``onnx.checker``, run in ONNX Runtime and in pycaffe on the same random input,
+and the outputs must agree within 1e-4 of their largest magnitude, at batch 1
+and (where it is cheap) batch 8 through the model's symbolic batch axis.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import pytest
+
+from caffe_ft.cli import main
+from caffe_ft.formats.files import load_net
+from caffe_ft.formats.schema import load_schema
+
+from conftest import NSFW_DIR, cli_runner
+
+pytestmark = pytest.mark.caffe
+
+DOC = "/usr/share/doc/caffe-doc"
+RELATIVE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def caffe():  # type: ignore[no-untyped-def]
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    import caffe as pycaffe
+
+    pycaffe.set_mode_cpu()
+    return pycaffe
+
+
+def _plain(path: str, directory: str) -> str:
+    """A caffe-doc prototxt as a plain file (Debian gzips the bigger ones)."""
+    source = os.path.join(DOC, path)
+    if not source.endswith(".gz"):
+        return source
+    target = os.path.join(directory, os.path.basename(os.path.dirname(source)) + ".prototxt")
+    with gzip.open(source, "rb") as handle, open(target, "wb") as out:
+        out.write(handle.read())
+    return target
+
+
+def _randomize(net, rng: np.random.Generator) -> None:  # type: ignore[no-untyped-def]
+    """Weights of a trained net's magnitudes: N(0, 1/fan_in), BatchNorm statistics
+    stored times a scale factor of 2 (as Caffe's moving averages are), Scale near 1."""
+    types = {name: layer.type for name, layer in zip(net._layer_names, net.layers)}
+    for name, blobs in net.params.items():
+        kind = types[name]
+        if kind == "BatchNorm":
+            channels = blobs[0].data.shape
+            blobs[0].data[...] = 2 * rng.normal(0, 0.1, channels)
+            blobs[1].data[...] = 2 * rng.uniform(0.5, 1.5, channels)
+            blobs[2].data[...] = 2
+            continue
+        for index, blob in enumerate(blobs):
+            shape = blob.data.shape
+            if kind in ("Scale", "PReLU") and index == 0:
+                blob.data[...] = rng.uniform(0.5, 1.5, shape)
+            else:
+                std = np.sqrt(1.0 / max(1, int(np.prod(shape[1:])))) if len(shape) > 1 else 0.1
+                blob.data[...] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+
+def _export(tmp_path, net: str, weights: Optional[str], *args: str) -> str:  # type: ignore[no-untyped-def]
+    out = str(tmp_path / (os.path.basename(net).split(".")[0] + ".onnx"))
+    command = ["export", net, "-o", out, *args] + (["--weights", weights] if weights else [])
+    result = cli_runner().invoke(main, command)
+    assert result.exit_code == 0, result.output + result.stderr
+    return out
+
+
+def _session(path: str):  # type: ignore[no-untyped-def]
+    import onnx
+    import onnxruntime
+
+    onnx.checker.check_model(onnx.load(path))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 2
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _compare(caffe, prototxt: str, weights: Optional[str], model: str, batches: Sequence[int],  # type: ignore[no-untyped-def]
+             input_shape: Optional[Tuple[int, ...]] = None, scale: float = 1.0, seed: int = 0) -> Dict[str, float]:
+    """Run pycaffe and ONNX Runtime on the same random inputs; assert the outputs agree.
+    Returns each output's largest relative difference."""
+    net = caffe.Net(prototxt, weights, caffe.TEST) if weights else caffe.Net(prototxt, caffe.TEST)
+    session = _session(model)
+    rng = np.random.default_rng(seed)
+    worst: Dict[str, float] = {}
+    onnx_inputs = {value.name: value for value in session.get_inputs()}
+    assert sorted(onnx_inputs) == sorted(net.inputs)
+    for batch in batches:
+        feed = {}
+        for name in net.inputs:
+            shape = (batch, *(input_shape or net.blobs[name].data.shape)[1:])
+            assert onnx_inputs[name].shape[0] == "N"
+            feed[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
+            net.blobs[name].reshape(*shape)
+        net.reshape()
+        expected = {name: value.copy() for name, value in net.forward(**feed).items()}
+        got = dict(zip([value.name for value in session.get_outputs()], session.run(None, feed)))
+        assert sorted(got) == sorted(expected)
+        for name, want in expected.items():
+            assert got[name].shape == want.shape, (name, batch)
+            assert np.isfinite(want).all()
+            difference = float(np.abs(got[name] - want).max()) / max(float(np.abs(want).max()), 1e-30)
+            assert difference <= RELATIVE, f"{name} at batch {batch}: relative difference {difference:.2e}"
+            worst[name] = max(worst.get(name, 0.0), difference)
+    return worst
+
+
+def _random_weights(caffe, prototxt: str, path: str, seed: int = 0) -> str:  # type: ignore[no-untyped-def]
+    net = caffe.Net(prototxt, caffe.TEST)
+    _randomize(net, np.random.default_rng(seed))
+    net.save(path)
+    return path
+
+
+# Classifier deploy nets of caffe-doc; batch 8 where a forward pass is cheap.
+DEPLOY_NETS = [
+    ("models/bvlc_reference_caffenet/deploy.prototxt", (1,), ()),
+    ("models/bvlc_alexnet/deploy.prototxt", (1,), ()),
+    ("models/bvlc_googlenet/deploy.prototxt.gz", (1,), ()),
+    ("models/finetune_flickr_style/deploy.prototxt.gz", (1,), ()),
+    ("models/bvlc_reference_rcnn_ilsvrc13/deploy.prototxt", (1,), ()),
+    # Fully convolutional: a 2x2 score map from 259x259 instead of 451x451.
+    ("examples/net_surgery/bvlc_caffenet_full_conv.prototxt", (1,), (1, 3, 259, 259)),
+    ("examples/cifar10/cifar10_quick.prototxt", (1, 8), ()),
+    ("examples/cifar10/cifar10_full.prototxt", (1, 8), ()),
+    ("examples/mnist/lenet.prototxt", (1, 8), ()),
+]
+
+
+@pytest.mark.parametrize("path,batches,shape", DEPLOY_NETS, ids=[n[0].split("/")[-2] for n in DEPLOY_NETS])
+def test_caffe_doc_deploy_nets(caffe, tmp_path, path: str, batches: Tuple[int, ...], shape: Tuple[int, ...]) -> None:
+    prototxt = _plain(path, str(tmp_path))
+    weights = _random_weights(caffe, prototxt, str(tmp_path / "random.caffemodel"))
+    args = ["--input-shape", "data=" + ",".join(map(str, shape))] if shape else []
+    model = _export(tmp_path, prototxt, weights, *args)
+    _compare(caffe, prototxt, weights, model, batches, shape or None, scale=50.0)
+
+
+def test_nsfw_resnet50_real_weights(caffe, tmp_path) -> None:
+    prototxt = os.path.join(NSFW_DIR, "deploy.prototxt")
+    weights = os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel")
+    model = _export(tmp_path, prototxt, weights)
+    worst = _compare(caffe, prototxt, weights, model, (1, 8), scale=50.0)
+    assert set(worst) == {"prob"}
+
+
+def test_logits_and_train_val_derived_deploy(caffe, tmp_path, parse_net) -> None:  # type: ignore[no-untyped-def]
+    """A train_val net (BatchNorm, no deploy twin in caffe-doc) is exported as its
+    derived deploy net; --logits leaves out the Softmax; the scores match Caffe's."""
+    from google.protobuf import text_format
+
+    from caffe_ft.finetune.rewrite import to_deploy
+    from caffe_ft.net.graph import find_heads
+
+    schema = load_schema()
+    train_val = os.path.join(DOC, "examples/cifar10/cifar10_full_sigmoid_train_test_bn.prototxt")
+    net = load_net(train_val, schema)
+    deploy = to_deploy(schema, net, find_heads(net).heads, {"data": (1, 3, 32, 32)})
+    prototxt = str(tmp_path / "deploy.prototxt")
+    with open(prototxt, "w") as handle:
+        handle.write(text_format.MessageToString(deploy))
+    weights = _random_weights(caffe, prototxt, str(tmp_path / "bn.caffemodel"))
+    model = _export(tmp_path, train_val, weights, "--logits", "--input-shape", "data=1,3,32,32")
+    caffe_net = caffe.Net(prototxt, weights, caffe.TEST)
+    session = _session(model)
+    assert [value.name for value in session.get_outputs()] == ["ip1"]
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    caffe_net.blobs["data"].reshape(*data.shape)
+    caffe_net.forward(data=data)
+    want = caffe_net.blobs["ip1"].data
+    got = session.run(None, {"data": data})[0]
+    assert np.abs(got - want).max() <= RELATIVE * np.abs(want).max()
+
+
+# Every other layer the exporter knows, on a small input.
+LAYERS_NET = """
+name: "layers"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 4 dim: 9 dim: 11 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 6 kernel_h: 3 kernel_w: 2 pad_h: 2 pad_w: 1 stride_h: 1 stride_w: 2 dilation: 2 group: 2 } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "bn" }
+layer { name: "bn_scale" type: "Scale" bottom: "bn" top: "bn_scale" scale_param { bias_term: true } }
+layer { name: "bn_tap" type: "AbsVal" bottom: "bn" top: "bn_tap" }
+layer { name: "prelu" type: "PReLU" bottom: "bn_scale" top: "bn_scale" }
+layer { name: "elu" type: "ELU" bottom: "bn_tap" top: "elu" elu_param { alpha: 0.7 } }
+layer { name: "sum" type: "Eltwise" bottom: "elu" bottom: "bn_scale" top: "sum" eltwise_param { coeff: 0.5 coeff: -2 } }
+layer { name: "prod" type: "Eltwise" bottom: "sum" bottom: "elu" top: "prod" eltwise_param { operation: PROD } }
+layer { name: "max" type: "Eltwise" bottom: "prod" bottom: "sum" top: "max" eltwise_param { operation: MAX } }
+layer { name: "leaky" type: "ReLU" bottom: "max" top: "max" relu_param { negative_slope: 0.1 } }
+layer { name: "lrn_across" type: "LRN" bottom: "max" top: "lrn_across" lrn_param { local_size: 3 alpha: 0.5 beta: 0.7 k: 2 } }
+layer { name: "lrn_within" type: "LRN" bottom: "max" top: "lrn_within"
+  lrn_param { local_size: 3 alpha: 0.5 beta: 0.7 norm_region: WITHIN_CHANNEL } }
+layer { name: "concat" type: "Concat" bottom: "lrn_across" bottom: "lrn_within" top: "concat" }
+layer { name: "slice" type: "Slice" bottom: "concat" top: "part_a" top: "part_b" top: "part_c"
+  slice_param { slice_point: 2 slice_point: 7 } }
+layer { name: "tanh" type: "TanH" bottom: "part_a" top: "tanh" }
+layer { name: "sigmoid" type: "Sigmoid" bottom: "part_b" top: "sigmoid" }
+layer { name: "bnll" type: "BNLL" bottom: "part_c" top: "bnll" }
+layer { name: "exp" type: "Exp" bottom: "tanh" top: "exp" exp_param { base: 2 scale: 0.5 shift: 0.3 } }
+layer { name: "log" type: "Log" bottom: "exp" top: "log" log_param { base: 10 scale: 2 shift: 1 } }
+layer { name: "power" type: "Power" bottom: "sigmoid" top: "power" power_param { power: 2 scale: 0.5 shift: 1 } }
+layer { name: "gain" type: "Pooling" bottom: "sigmoid" top: "channel_gain0" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "gain_flat" type: "Reshape" bottom: "channel_gain0" top: "channel_gain" reshape_param { shape { dim: 0 dim: -1 } } }
+layer { name: "scale2" type: "Scale" bottom: "power" bottom: "channel_gain" top: "scaled" scale_param { axis: 0 } }
+layer { name: "bias" type: "Bias" bottom: "scaled" top: "biased" }
+layer { name: "threshold" type: "Threshold" bottom: "bnll" top: "threshold" threshold_param { threshold: 0.8 } }
+layer { name: "split" type: "Split" bottom: "threshold" top: "t1" top: "t2" }
+layer { name: "cat2" type: "Concat" bottom: "log" bottom: "biased" bottom: "t1" top: "cat2" }
+layer { name: "deconv" type: "Deconvolution" bottom: "cat2" top: "deconv"
+  convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 group: 2 } }
+layer { name: "pool" type: "Pooling" bottom: "deconv" top: "pool" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "drop" type: "Dropout" bottom: "pool" top: "pool" }
+layer { name: "flat" type: "Flatten" bottom: "pool" top: "flat" flatten_param { axis: 2 } }
+layer { name: "ip_axis2" type: "InnerProduct" bottom: "flat" top: "ip_axis2" inner_product_param { num_output: 5 axis: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "ip_axis2" top: "ip" inner_product_param { num_output: 7 transpose: true } }
+layer { name: "global_max" type: "Pooling" bottom: "deconv" top: "global_max" pooling_param { pool: MAX global_pooling: true } }
+layer { name: "softmax" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+def test_every_layer_type(caffe, tmp_path) -> None:
+    prototxt = str(tmp_path / "layers.prototxt")
+    with open(prototxt, "w") as handle:
+        handle.write(LAYERS_NET)
+    weights = _random_weights(caffe, prototxt, str(tmp_path / "layers.caffemodel"))
+    model = _export(tmp_path, prototxt, weights)
+    worst = _compare(caffe, prototxt, weights, model, (1, 8))
+    assert set(worst) == {"prob", "global_max", "t2"}
+
+
+def _pooling_net(size: Tuple[int, int], pool: str, kernel: Tuple[int, int], stride: Tuple[int, int],
+                 pad: Tuple[int, int]) -> str:
+    return f"""
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 2 dim: {size[0]} dim: {size[1]} }} }} }}
+layer {{ name: "pool" type: "Pooling" bottom: "data" top: "pool"
+  pooling_param {{ pool: {pool} kernel_h: {kernel[0]} kernel_w: {kernel[1]} stride_h: {stride[0]} stride_w: {stride[1]}
+                  pad_h: {pad[0]} pad_w: {pad[1]} }} }}
+"""
+
+
+# (input H, W), kernel, stride, pad: Caffe's output size and AVE divisors at each edge.
+POOLING_CASES = [
+    ((13, 13), (3, 3), (2, 2), (0, 0)),  # exact fit: no rounding
+    ((14, 12), (3, 3), (2, 2), (0, 0)),  # ceil adds a last window overhanging the bottom/right
+    ((6, 7), (3, 3), (2, 2), (1, 1)),  # AVE's last window counts one pad cell, not two
+    ((5, 5), (2, 2), (2, 2), (1, 1)),  # a last window starting in the padding is dropped
+    ((7, 9), (2, 3), (4, 3), (1, 1)),  # ...leaving windows that stop short of the end
+    ((8, 5), (3, 2), (1, 3), (2, 1)),  # rectangular, pad on one axis wider than the other
+    ((3, 3), (3, 3), (1, 1), (1, 1)),  # pad all around a tiny input
+]
+
+
+@pytest.mark.parametrize("pool", ["MAX", "AVE"])
+@pytest.mark.parametrize("size,kernel,stride,pad", POOLING_CASES)
+def test_pooling_edges(caffe, tmp_path, pool: str, size, kernel, stride, pad) -> None:  # type: ignore[no-untyped-def]
+    prototxt = str(tmp_path / "pool.prototxt")
+    with open(prototxt, "w") as handle:
+        handle.write(_pooling_net(size, pool, kernel, stride, pad))
+    model = _export(tmp_path, prototxt, None)
+    _compare(caffe, prototxt, None, model, (1, 3))
