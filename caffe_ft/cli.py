@@ -355,9 +355,11 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
 @click.option("--cached-features/--no-cached-features", "cached", default=True, show_default=True,
               help="last-fc: train the head on cached features when that gives what pycaffe would "
                    "(deterministic input, SGD); off: always train with pycaffe.")
+@click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
+              "checked against pycaffe.")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
-             force: bool, cached: bool, **params: Any) -> None:
+             force: bool, cached: bool, export_onnx: bool, **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
@@ -374,7 +376,8 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     plan = _plan_rewrite(ctx, net_path, weights, params)
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     outcome = ft.run(_schema(ctx), plan, weights, device=device, seed=seed, force=force,
-                     input_shapes=_input_shapes(params["input_shapes"]) or None, cached=cached, out=sys.stderr)
+                     input_shapes=_input_shapes(params["input_shapes"]) or None, cached=cached,
+                     export_onnx=export_onnx, out=sys.stderr)
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     _emit(f"{plan.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
     ctx.exit(outcome.exit_code)

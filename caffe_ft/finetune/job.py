@@ -8,7 +8,9 @@ Two strategies train the head on cached features instead (:mod:`caffe_ft.heads.f
 ``features`` always (scikit-learn; no solver run, no metrics), and
 ``last-fc`` when Caffe's SGD can be replayed on them exactly (same metrics
 and plot; no snapshots but ``final.caffemodel``); otherwise, or with
-``cached=False``, pycaffe trains and the summary says why.
+``cached=False``, pycaffe trains and the summary says why.  With
+``export_onnx``, ``final.onnx`` (the deploy net with the final weights) is
+written beside ``final.caffemodel`` and compared with pycaffe.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ METRICS = "metrics.jsonl"
 PLOT = "plot.png"
 INIT = "init.caffemodel"
 FINAL = "final.caffemodel"
+ONNX = "final.onnx"
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,12 @@ def _write_init(schema: Schema, plan: Plan, weights: str, seed: int, out: IO[str
 
 def run(schema: Schema, plan: Plan, weights: str, *, device: str = "solver", seed: int = 0,
         force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
-        out: IO[str]) -> Outcome:
+        export_onnx: bool = False, out: IO[str]) -> Outcome:
     """Write ``plan``, start from ``weights`` and train; returns the outcome.
 
     ``cached``: let ``last-fc`` train the head on cached features where that
-    gives what pycaffe would (``features`` always does)."""
+    gives what pycaffe would (``features`` always does).  ``export_onnx``:
+    also write ``final.onnx`` and say in the summary how it was checked."""
     from ..heads import fit
 
     if "solver.prototxt" not in plan.files or "train_val.prototxt" not in plan.files:
@@ -102,10 +106,33 @@ def run(schema: Schema, plan: Plan, weights: str, *, device: str = "solver", see
                                          start, plan.outdir, final, seed, out)
     else:
         trained = _train(schema, plan, start, final, device, seed, cached, out)
+    if export_onnx and trained.final_model:
+        trained.notes.append(_export_onnx(schema, plan, trained.final_model, out))
     outcome = Outcome(trained.exit_code, trained.final_model, trained.test_outputs, time.time() - started,
                       trained.message, tuple(trained.notes))
     _append_summary(plan, outcome)
     return outcome
+
+
+def _export_onnx(schema: Schema, plan: Plan, final: str, out: IO[str]) -> str:
+    """Write ``final.onnx`` from ``deploy.prototxt`` and the final weights, compare
+    it with pycaffe; the summary line saying what was written and checked."""
+    from ..export import to_onnx, verify
+    from ..formats.caffemodel import load_model
+
+    deploy = os.path.join(plan.outdir, "deploy.prototxt")
+    path = os.path.join(plan.outdir, ONNX)
+    options = to_onnx.ExportOptions()
+    try:
+        model = to_onnx.export(files.load_net(deploy, schema), load_model(final, schema), options,
+                               to_onnx.source_metadata(deploy, final, options))
+        files.write_atomic(path, to_onnx.serialize(model))
+    except CaffeFtError as exc:
+        out.write(f"warning: {ONNX} not written: {exc.located(deploy)}\n")
+        return f"{ONNX} not written: {exc}"
+    agreement = verify.compare_with_pycaffe(deploy, final, path)
+    out.write(f"wrote {path}: {agreement}\n")
+    return f"ONNX model: {ONNX} (opset {options.opset}, batch axis N); onnx.checker passed; {agreement}"
 
 
 def _single_head(plan: Plan) -> str:
