@@ -364,7 +364,7 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
     final.caffemodel, metrics.jsonl, plot.png and report.md (final accuracy,
-    time).  --strategy features fits the head with scikit-learn on features
+    time); with --export-onnx also final.onnx.  --strategy features fits the head with scikit-learn on features
     the trunk computes once (features-train.npz, features-val.npz, reused
     while up to date); last-fc does the solver's SGD on such features when
     the input is deterministic, and says so.

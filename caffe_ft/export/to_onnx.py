@@ -191,7 +191,7 @@ class _Graph:
     def __init__(self, onnx: Any, taken: Set[str], dynamic: bool) -> None:
         self.onnx = onnx
         self.nodes: List[Any] = []
-        self.initializers: List[Any] = []
+        self.initializers: List[Tuple[str, np.ndarray]] = []
         self.taken = set(taken)
         self.node_names: Set[str] = set()
         self.dynamic = dynamic
@@ -206,9 +206,22 @@ class _Graph:
         return name
 
     def const(self, base: str, array: np.ndarray) -> str:
+        """A new initializer holding ``array`` (float32 or int64), kept as an
+        array until :meth:`fill` writes it into the model."""
         name = self.fresh(base)
-        self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append((name, array))
         return name
+
+    def fill(self, graph: Any) -> None:
+        """Write the initializers into ``graph`` in place (one copy of each
+        array's bytes: VGG16's weights alone are half a gigabyte)."""
+        for name, array in self.initializers:
+            tensor = graph.initializer.add()
+            tensor.name = name
+            integer = array.dtype == np.int64
+            tensor.data_type = self.onnx.TensorProto.INT64 if integer else self.onnx.TensorProto.FLOAT
+            tensor.dims.extend(array.shape)
+            tensor.raw_data = np.ascontiguousarray(array, dtype="<i8" if integer else "<f4").tobytes()
 
     def ints(self, base: str, values: Sequence[int]) -> str:
         return self.const(base, np.asarray(values, np.int64))
@@ -743,10 +756,11 @@ def convert(
             g.node("Identity", [value], [top], f"{top}/output")
         graph_outputs.append(onnx.helper.make_tensor_value_info(
             top, onnx.TensorProto.FLOAT, dims(inferred_a.blobs[top], blobs_b[top])))
-    graph = onnx.helper.make_graph(g.nodes, net.name or "caffe_net", graph_inputs, graph_outputs, g.initializers)
+    graph = onnx.helper.make_graph(g.nodes, net.name or "caffe_net", graph_inputs, graph_outputs)
     opset = onnx.helper.make_opsetid("", options.opset)
     model = onnx.helper.make_model(graph, opset_imports=[opset], producer_name="caffe-ft",
                                    producer_version=__version__)
+    g.fill(model.graph)
     model.ir_version = onnx.helper.find_min_ir_version_for([opset])
     onnx.helper.set_model_props(model, dict(metadata or {}))
     return model
@@ -810,5 +824,6 @@ def serialize(model: "onnx.ModelProto") -> bytes:
     size = model.ByteSize()
     if size > _PROTOBUF_LIMIT:
         raise CaffeFtError(f"the model is {size / 2 ** 30:.1f} GiB, over protobuf's 2 GiB limit for one ONNX file")
-    onnx.checker.check_model(model)
-    return bytes(model.SerializeToString())
+    data = bytes(model.SerializeToString())
+    onnx.checker.check_model(data)  # bytes: the checker would serialize a ModelProto once more
+    return data
