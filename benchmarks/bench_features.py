@@ -46,7 +46,13 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import feature_nets  # noqa: E402
 from synth_images import write_dataset  # noqa: E402
 
-from caffe_ft.heads import features as ft, linear as lin  # noqa: E402
+from caffe_ft.heads import linear as lin
+
+from caffe_ft.formats.files import load_net
+
+from caffe_ft.heads.cache import Request, compute_or_reuse, load_features
+
+from caffe_ft.training.pycaffe import quiet_caffe
 from caffe_ft.formats.schema import load_schema  # noqa: E402
 from caffe_ft.finetune.strategies import StrategyOptions, apply_strategy  # noqa: E402
 from caffe_ft.formats.prototext import parse, print_message, to_message  # noqa: E402
@@ -58,7 +64,7 @@ CLASSES = 3
 def nsfw_case(train: str, val: str, batch: int, schema: Any) -> Dict[str, Any]:
     """The nsfw ResNet-50 deploy net as a train_val with open_nsfw's preprocessing
     (256 x 256, crop 224, BGR mean), its Input and Softmax replaced."""
-    deploy = ft.load_net(os.path.join(NSFW, "deploy.prototxt"), schema)
+    deploy = load_net(os.path.join(NSFW, "deploy.prototxt"), schema)
     transform = "crop_size: 224 mean_value: 104 mean_value: 117 mean_value: 123"
     data = "".join(
         f'layer {{ name: "data" type: "ImageData" top: "data" top: "label" include {{ phase: {phase} }}\n'
@@ -86,7 +92,7 @@ def small_case(root: str, train: str, val: str, batch: int) -> Dict[str, Any]:
 
 def pretrain_small(root: str, iterations: int = 1500) -> str:
     """Train the whole small net from random weights on 600 easy images; return its caffemodel."""
-    caffe = ft.quiet_caffe()
+    caffe = quiet_caffe()
     images = write_dataset(os.path.join(root, "pretrain"), "photo", 200, CLASSES, 40, seed=5)
     net_path = os.path.join(root, "pretrain.prototxt")
     with open(net_path, "w", encoding="utf-8") as handle:
@@ -113,8 +119,8 @@ def cached_head(case: Dict[str, Any], net_path: str, lists: Dict[str, str], root
     start, start_cpu = time.perf_counter(), time.process_time()
     sets = {}
     for name, listing in lists.items():
-        request = ft.Request(net_path, case["weights"], listing, batch_size=25)
-        sets[name] = ft.compute_or_reuse(request, os.path.join(root, f"{name}.npz"), schema).features
+        request = Request(net_path, case["weights"], listing, batch_size=25)
+        sets[name] = compute_or_reuse(request, os.path.join(root, f"{name}.npz"), schema).features
     extracted = time.perf_counter()
     result = lin.fit(sets["train"], CLASSES, "logreg", val=sets["val"])
     done, done_cpu = time.perf_counter(), time.process_time()
@@ -141,7 +147,7 @@ random_seed: 0
 def sgd_to_target(net_path: str, weights: str, target: float, cap_s: float, eval_every: int, val_count: int,
                   lr: float) -> Dict[str, Any]:
     """Train with SGDSolver until the validation accuracy reaches ``target`` (or ``cap_s`` of training)."""
-    caffe = ft.quiet_caffe()
+    caffe = quiet_caffe()
     directory = os.path.dirname(net_path)
     solver_path = os.path.join(directory, "solver.prototxt")
     with open(solver_path, "w", encoding="utf-8") as handle:
@@ -182,8 +188,8 @@ def run_case(kind: str, args: argparse.Namespace, schema: Any) -> Dict[str, Any]
         handle.write(case["train_val"])
     cached = cached_head(case, train_val, lists, root, schema)
     warm_start = time.perf_counter()
-    lin.fit(ft.load_features(os.path.join(root, "train.npz")), CLASSES, "logreg",
-            val=ft.load_features(os.path.join(root, "val.npz")))
+    lin.fit(load_features(os.path.join(root, "train.npz")), CLASSES, "logreg",
+            val=load_features(os.path.join(root, "val.npz")))
     cached["warm_s"] = time.perf_counter() - warm_start
     last_fc = os.path.join(root, "last_fc.prototxt")
     with open(last_fc, "w", encoding="utf-8") as handle:

@@ -1,11 +1,20 @@
-"""caffe-ft: fine-tune Caffe models with deterministic, reviewable rewrites."""
+"""caffe-ft: fine-tune Caffe models with deterministic, reviewable rewrites.
+
+The library API is :mod:`caffe_ft.api` (``caffe_ft.rewrite``, ``caffe_ft.finetune``,
+``caffe_ft.check``, ``caffe_ft.init``, ``caffe_ft.train``), loaded on first use so
+that ``import caffe_ft`` stays cheap.  The packages follow the pipeline:
+``formats`` (Caffe files) < ``net`` (questions about a net) < ``data`` (inputs)
+< ``training`` (engines) < ``heads`` / ``export`` < ``finetune`` (strategies and
+jobs) < ``api`` < ``cli``; a package imports only from those below it.
+"""
 
 from __future__ import annotations
 
 import sys
 import types
+from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (caffe_ft.__version__)
 
 
 def _import_protobuf_without_pkg_resources() -> None:
@@ -34,3 +43,14 @@ def _import_protobuf_without_pkg_resources() -> None:
 
 
 _import_protobuf_without_pkg_resources()
+
+_API = ("check", "finetune", "init", "rewrite", "train")
+
+
+def __getattr__(name: str) -> Any:
+    """``caffe_ft.rewrite`` & co., imported from :mod:`caffe_ft.api` when first used."""
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'caffe_ft' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
-from . import __version__
+from .version import __version__
 from .errors import CaffeFtError
 from .formats.schema import PROTO_ENV, Schema, load_schema
 
@@ -191,7 +191,9 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
         if parsed.kind == files.SOLVER:
             info, format_info = report.describe_solver(parsed.message), report.format_solver
         else:
-            net = _current(parsed.message, file)
+            from .api import current_net
+
+            net = current_net(parsed.message, file)
             info, format_info = report.describe_net(net, _input_shapes(input_shapes)), report.format_net
     if as_json:
         _emit(json.dumps(info, indent=2, sort_keys=False) + "\n")
@@ -256,63 +258,39 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
     return decorate
 
 
-def _plan_rewrite(ctx: click.Context, net_path: str, weights: Optional[str], params: Dict[str, Any]) -> Any:
-    """The rewrite the shared options ask for (nothing written yet)."""
-    import os
+def _options_of(params: Dict[str, Any]) -> Any:
+    """The typed options of ``rewrite``/``finetune`` from the shared command-line options."""
+    from .finetune.options import RewriteOptions
+    from .finetune.rewrite import DataOptions, SolverOptions
+    from .finetune.strategies import StrategyOptions
 
-    from .formats import files
-    from .finetune import rewrite as rw, strategies
-
-    schema = _schema(ctx)
-    net_file = _current_file(files.load_text(net_path, schema, files.NET), schema)
-    solver_path, deploy_path = params["solver_path"], params["deploy_path"]
-    solver_file = files.load_text(solver_path, schema, files.SOLVER) if solver_path else None
-    deploy_file = _current_file(files.load_text(deploy_path, schema, files.NET), schema) if deploy_path else None
-    options = strategies.StrategyOptions(
+    head = StrategyOptions(
         num_classes=params["num_classes"], heads=tuple(params["heads"]), new_name=params["new_name"],
         head_lr_mult=params["head_lr_mult"], frozen_lr_mult=params["frozen_lr_mult"],
         freeze_until=params["freeze_until"], train_last=params["train_last"],
     )
-    data = rw.DataOptions(
+    data = DataOptions(
         train=params["train_data"], val=params["val_data"], batch_size=params["batch_size"],
         val_batch_size=params["val_batch_size"], crop_size=params["crop_size"], resize=params["resize"],
         mean_values=tuple(params["mean_values"]), mean_file=params["mean_file"], scale=params["scale"],
         mirror=params["mirror"], root_folder=params["root_folder"],
     )
-    strategy = params["strategy"]
-    if strategy == "auto":
-        strategy, options = _choose(schema, net_path, weights, params, data, options)
-    outdir = params["outdir"] or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
+    solver = SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"])
+    return RewriteOptions(
+        head, strategy=params["strategy"], data=data, solver=solver, solver_path=params["solver_path"],
+        deploy_path=params["deploy_path"], outdir=params["outdir"], dataset_size=params["dataset_size"],
+        similarity=params["similarity"], input_shapes=_input_shapes(params["input_shapes"]),
+    )
+
+
+def _usage_errors(call: Callable[[], Any]) -> Any:
+    """``call()``, with the library's option conflicts shown as click usage errors."""
+    from .finetune.planning import OptionError
+
     try:
-        return rw.plan(
-            schema, net_file, strategy, options, outdir, data, solver_file, deploy_file,
-            rw.SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"]),
-        )
-    except CaffeFtError as exc:
-        raise exc.located(net_path) from None
-
-
-def _choose(schema: Schema, net_path: str, weights: Optional[str], params: Dict[str, Any], data: Any,
-            options: Any) -> Tuple[str, Any]:
-    """``--strategy auto``: the size x similarity rule, measuring similarity when not given."""
-    from .finetune import rewrite as rw, strategies
-
-    size = params["dataset_size"] or (rw.count_images_or_zero(data.train) if data.train else 0)
-    if not size:
-        raise click.UsageError("--strategy auto needs --dataset-size (or an image list as --train-data)")
-    similarity = params["similarity"]
-    if similarity is None:
-        if not (weights and data.train):
-            raise click.UsageError("--strategy auto needs --similarity, or --weights and --train-data to measure it")
-        from .finetune.advise import measure_similarity
-
-        similarity, numbers = measure_similarity(net_path, weights, data.train, data.val, schema=schema,
-                                                 root_folder=data.root_folder)
-        for reason in numbers.get("reasons", []):
-            click.echo(f"similarity: {reason}", err=True)
-    strategy, options, reason = strategies.choose_strategy(size, similarity, options)
-    click.echo(f"auto: {strategy}: {reason}", err=True)
-    return strategy, options
+        return call()
+    except OptionError as exc:
+        raise click.UsageError(exc.message) from None
 
 
 @main.command()
@@ -331,17 +309,18 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
     Writes train_val.prototxt, deploy.prototxt, solver.prototxt and report.md
     to OUTDIR, each an edit of its input that keeps comments and layout.
     """
-    from .finetune import rewrite as rw
+    from . import api
+    from .finetune.rewrite import summary_text, unified_diff, write_plan
 
-    result = _plan_rewrite(ctx, net_path, weights, params)
-    if weights:
-        _check_plan(_schema(ctx), result, weights, _input_shapes(params["input_shapes"]))
+    options = _options_of(params)
+    result = _usage_errors(lambda: api.rewrite(net_path, options, weights=weights, write=False,
+                                               schema=_schema(ctx), out=sys.stderr))
     if show_diff:
-        _emit(rw.unified_diff(result))
+        _emit(unified_diff(result))
     if dry_run:
         return
-    rw.write_plan(result, force=force)
-    _emit(rw.summary_text(result))
+    write_plan(result, force=force)
+    _emit(summary_text(result))
 
 
 @main.command()
@@ -369,63 +348,18 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     while up to date); last-fc does the solver's SGD on such features when
     the input is deterministic, and says so.
     """
-    from .finetune import job as ft
+    from . import api
+    from .finetune.options import FinetuneOptions
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
-    plan = _plan_rewrite(ctx, net_path, weights, params)
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
-    outcome = ft.run(_schema(ctx), plan, weights, device=device, seed=seed, force=force,
-                     input_shapes=_input_shapes(params["input_shapes"]) or None, cached=cached,
-                     export_onnx=export_onnx, out=sys.stderr)
+    options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
+                              export_onnx=export_onnx)
+    outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
-    _emit(f"{plan.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
+    _emit(f"{outcome.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
     ctx.exit(outcome.exit_code)
-
-
-def _check_plan(schema: Schema, result: Any, weights: str, input_shapes: Dict[str, Tuple[int, ...]]) -> None:
-    """Print what Caffe will copy from ``weights`` into the rewritten net; fail if it would abort."""
-    from .formats import files, prototext
-    from .formats.caffemodel import load_model
-    from .net.weights import check, format_check
-
-    name = "train_val.prototxt" if "train_val.prototxt" in result.files else "deploy.prototxt"
-    text = result.files[name][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
-    report = check(net, load_model(weights, schema), input_shapes=input_shapes or None)
-    click.echo(format_check(report), err=True)
-    if not report.ok:
-        raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
-
-
-def _current_file(parsed: Any, schema: Schema) -> Any:
-    """``parsed`` itself, or for a legacy net its upgraded text (comments kept)."""
-    from .formats import files
-    from .formats.layout import upgrade_text
-    from .formats.upgrade import net_needs_upgrade
-
-    if not net_needs_upgrade(parsed.message):
-        return parsed
-    text, notes = upgrade_text(parsed)
-    if not notes:  # Caffe's check flags 3-param BatchNorm nets that need nothing
-        return parsed
-    click.echo(f"{parsed.path}: legacy format upgraded first ({'; '.join(notes)})", err=True)
-    return files.parse_text(text.encode("utf-8"), parsed.path, schema, files.NET)
-
-
-def _current(net: Any, path: str) -> Any:
-    """``net`` in the current format (legacy nets are upgraded on a copy)."""
-    from .formats.upgrade import net_needs_upgrade, upgrade_net
-
-    if not net_needs_upgrade(net):
-        return net
-    copy = type(net)()
-    copy.CopyFrom(net)
-    try:
-        upgrade_net(copy)
-    except CaffeFtError as exc:
-        raise exc.located(path) from None
-    return copy
 
 
 @main.command()
@@ -458,16 +392,6 @@ _INPUT_SHAPE = click.option("--input-shape", "input_shapes", multiple=True, meta
                             help="Shape of a data layer's top the net does not give (Data, HDF5Data...); repeatable.")
 
 
-def _net_and_weights(ctx: click.Context, net_path: str, weights: str) -> Any:
-    """The current-format net of NET and the caffemodel WEIGHTS."""
-    from .formats import files
-    from .formats.caffemodel import load_model
-
-    schema = _schema(ctx)
-    net = _current(files.load_text(net_path, schema, files.NET).message, net_path)
-    return net, load_model(weights, schema)
-
-
 @main.command()
 @click.argument("net_path", metavar="NET")
 @click.option("--weights", required=True, metavar="MODEL", help="The pretrained caffemodel.")
@@ -480,15 +404,12 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
 
     Exit 0 when training would start, 1 when Caffe would abort.
     """
-    from .net import weights as wt
+    from . import api
+    from .net.weights import format_check
 
-    shapes = _input_shapes(input_shapes)
-    net, model = _net_and_weights(ctx, net_path, weights)
-    try:
-        report = wt.check(net, model, phase, shapes)
-    except CaffeFtError as exc:
-        raise exc.located(net_path) from None
-    _emit(json.dumps(report.to_dict(), indent=2) + "\n" if as_json else wt.format_check(report))
+    report = api.check(net_path, weights, phase=phase, input_shapes=_input_shapes(input_shapes),
+                       schema=_schema(ctx))
+    _emit(json.dumps(report.to_dict(), indent=2) + "\n" if as_json else format_check(report))
     ctx.exit(0 if report.ok else 1)
 
 
@@ -505,19 +426,11 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
 
     Refuses when Caffe would abort (run `caffe-ft check` to see why).
     """
+    from . import api
     from .net import weights as wt
-    from .formats.caffemodel import save_model
 
-    if _same_file(output, weights):
-        raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
-    shapes = _input_shapes(input_shapes)
-    net, model = _net_and_weights(ctx, net_path, weights)
-    try:
-        report = wt.check(net, model, phase, shapes)
-        result = wt.init(net, model, seed, phase, shapes)
-    except CaffeFtError as exc:
-        raise exc.located(net_path) from None
-    save_model(result, output)
+    report = api.init(net_path, weights, output, seed=seed, phase=phase, input_shapes=_input_shapes(input_shapes),
+                      schema=_schema(ctx))
     for layer in report.by_status(wt.FRESH):
         if layer.likely_typo:
             click.echo(f"warning: layer '{layer.name}' starts fresh: {layer.reason}", err=True)
@@ -544,24 +457,11 @@ def export(ctx: click.Context, net_path: str, weights: Optional[str], output: st
     layers replaced by an Input layer).  Nothing is written when a layer has
     no faithful ONNX equivalent.
     """
+    from . import api
     from .export import to_onnx
-    from .finetune.rewrite import is_deploy, to_deploy
-    from .formats import files
-    from .formats.caffemodel import load_model
-    from .net.graph import find_heads
 
-    schema = _schema(ctx)
-    net = _current(files.load_text(net_path, schema, files.NET).message, net_path)
-    model = load_model(weights, schema) if weights else None
     options = to_onnx.ExportOptions(opset, _input_shapes(input_shapes), dynamic_batch, softmax)
-    try:
-        if not is_deploy(net):
-            net = to_deploy(schema, net, find_heads(net).heads, options.input_shapes)
-            click.echo(f"{net_path}: not a deploy net: exporting the deploy net derived from it", err=True)
-        result = to_onnx.export(net, model, options, to_onnx.source_metadata(net_path, weights, options))
-    except CaffeFtError as exc:
-        raise exc.located(net_path) from None
-    files.write_atomic(output, to_onnx.serialize(result))
+    result = api.export_onnx(net_path, weights, output, options, schema=_schema(ctx), out=sys.stderr)
     _emit(to_onnx.summary(result, output))
 
 
@@ -611,11 +511,11 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
     data and transform go to a compressed .npz; a file that is still up to
     date is reused.
     """
-    from .heads import features as ft
+    from .heads.cache import Request, compute_or_reuse
 
-    request = ft.Request(net_path, weights, data, layer, root_folder,
+    request = Request(net_path, weights, data, layer, root_folder,
                          _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
-    outcome = ft.compute_or_reuse(request, output, _schema(ctx), force=force)
+    outcome = compute_or_reuse(request, output, _schema(ctx), force=force)
     result = outcome.features
     verb = "reused" if outcome.reused else f"computed ({outcome.reason})"
     _emit(f"{output}: {verb}: {len(result.labels)} examples, feature '{result.meta['blob']}' "
@@ -647,12 +547,13 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
     reported; the standardization is folded into the InnerProduct weights of
     a deploy net (trunk + head) and its caffemodel.
     """
-    from .heads import features as ft, linear as lin
+    from .heads import linear as lin
+    from .heads.cache import load_features, stale_parts
 
-    train = ft.load_features(features_path)
-    val = ft.load_features(val_path) if val_path else None
+    train = load_features(features_path)
+    val = load_features(val_path) if val_path else None
     if val is not None:
-        stale = ft.stale_parts({k: v for k, v in train.meta["fingerprints"].items() if k != "data"},
+        stale = stale_parts({k: v for k, v in train.meta["fingerprints"].items() if k != "data"},
                                {k: v for k, v in val.meta["fingerprints"].items() if k != "data"})
         if stale:
             raise CaffeFtError(f"the validation features come from another trunk ({', '.join(stale)} differ)", val_path)
@@ -724,7 +625,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     were.  A nan/inf loss stops the run and keeps the last good state.
     Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
     """
-    from .training.pycaffe import train as run_training
+    from . import api
     from .training.run import TrainOptions
 
     if gpu is not None and cpu:
@@ -734,7 +635,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
         caffe_log=caffe_log, proto=ctx.obj.get("proto"),
     )
-    result = run_training(options, _schema(ctx), sys.stderr)
+    result = api.train(options, schema=_schema(ctx), out=sys.stderr)
     if result.status == "diverged":
         click.echo(f"caffe-ft: error: {result.message}", err=True)
     else:

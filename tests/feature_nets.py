@@ -75,7 +75,7 @@ def make_weights(directory: str, seed: int = 1, name: Optional[str] = None) -> s
     statistics set to a plausible mean 0, variance 1); returns the caffemodel."""
     import numpy as np
 
-    from caffe_ft.heads.features import quiet_caffe
+    from caffe_ft.training.pycaffe import quiet_caffe
 
     caffe = quiet_caffe()
     caffe.set_random_seed(seed)

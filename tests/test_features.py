@@ -1,4 +1,4 @@
-"""caffe_ft.heads.features: the cut trunk, Caffe's TEST-phase data transform,
+"""caffe_ft.heads.cache: the cut trunk, Caffe's TEST-phase data transform,
 data sources, fingerprints and the feature cache (``caffe-ft features``)."""
 
 from __future__ import annotations
@@ -9,7 +9,35 @@ import sys
 import numpy as np
 import pytest
 
-from caffe_ft.heads import features as ft
+from caffe_ft.data.sources import DataSource, image_path, read_image_list
+
+from caffe_ft.data.transform import (
+    Transform,
+    decode_datum,
+    default_transform,
+    mean_array,
+    net_data_layer,
+    net_root_folder,
+    override,
+    read_image,
+    transform_image,
+)
+
+from caffe_ft.formats.files import load_net, sha256_file
+
+from caffe_ft.heads.cache import (
+    FORMAT,
+    FeatureSet,
+    Request,
+    compute_or_reuse,
+    load_features,
+    save_features,
+    stale_parts,
+)
+
+from caffe_ft.heads.trunk import cut_net
+
+from caffe_ft.training.pycaffe import quiet_caffe
 from caffe_ft.errors import CaffeFtError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -24,8 +52,8 @@ from ft_nets import CAFFENET  # noqa: E402
 def test_transform_crops_centre_then_subtracts_mean_then_scales(schema):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (3, 7, 6)).astype(np.uint8)
-    transform = ft.Transform(crop_size=4, mean_values=(10.0, 20.0, 30.0), scale=0.5)
-    out = ft.transform_image(image, transform, ft.mean_array(transform, schema))
+    transform = Transform(crop_size=4, mean_values=(10.0, 20.0, 30.0), scale=0.5)
+    out = transform_image(image, transform, mean_array(transform, schema))
     # centre offsets: (7 - 4) // 2 = 1 rows, (6 - 4) // 2 = 1 columns
     expected = (image[:, 1:5, 1:5].astype(np.float32) - np.float32([10, 20, 30])[:, None, None]) * np.float32(0.5)
     assert out.dtype == np.float32
@@ -36,7 +64,7 @@ def test_mean_file_is_indexed_at_the_uncropped_position():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (3, 6, 6)).astype(np.uint8)
     mean = rng.uniform(0, 255, (3, 6, 6)).astype(np.float32)
-    out = ft.transform_image(image, ft.Transform(crop_size=2, scale=2.0), mean)
+    out = transform_image(image, Transform(crop_size=2, scale=2.0), mean)
     expected = (image.astype(np.float32) - mean)[:, 2:4, 2:4] * np.float32(2.0)
     np.testing.assert_array_equal(out, expected)
 
@@ -44,21 +72,21 @@ def test_mean_file_is_indexed_at_the_uncropped_position():
 def test_mean_file_of_another_size_is_refused():
     image = np.zeros((3, 6, 6), np.uint8)
     with pytest.raises(CaffeFtError, match="must match"):
-        ft.transform_image(image, ft.Transform(), np.zeros((3, 5, 5), np.float32))
+        transform_image(image, Transform(), np.zeros((3, 5, 5), np.float32))
 
 
 def test_one_mean_value_applies_to_every_channel_and_a_wrong_count_is_refused(schema):
     image = np.full((3, 2, 2), 50, np.uint8)
-    one = ft.Transform(mean_values=(20.0,))
-    assert (ft.transform_image(image, one, ft.mean_array(one, schema)) == 30).all()
-    two = ft.Transform(mean_values=(1.0, 2.0))
+    one = Transform(mean_values=(20.0,))
+    assert (transform_image(image, one, mean_array(one, schema)) == 30).all()
+    two = Transform(mean_values=(1.0, 2.0))
     with pytest.raises(CaffeFtError, match="2 mean values for 3-channel"):
-        ft.transform_image(image, two, ft.mean_array(two, schema))
+        transform_image(image, two, mean_array(two, schema))
 
 
 def test_crop_larger_than_the_image_is_refused():
     with pytest.raises(CaffeFtError, match="smaller than crop_size"):
-        ft.transform_image(np.zeros((1, 4, 8), np.uint8), ft.Transform(crop_size=5), None)
+        transform_image(np.zeros((1, 4, 8), np.uint8), Transform(crop_size=5), None)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -68,30 +96,30 @@ def test_crop_larger_than_the_image_is_refused():
 ])
 def test_inconsistent_transforms_are_refused(settings, message):
     with pytest.raises(CaffeFtError, match=message):
-        ft.Transform(**settings)
+        Transform(**settings)
 
 
 def test_the_test_phase_data_layer_gives_the_transform(parse_net):
     net = parse_net(feature_nets.train_val("train.txt", "val.txt", root_folder="/imgs/"))
-    transform = ft.default_transform(net)
+    transform = default_transform(net)
     assert transform.crop_size == feature_nets.CROP
     assert transform.mean_values == feature_nets.MEAN
     assert transform.scale == pytest.approx(feature_nets.SCALE)
     assert (transform.new_height, transform.new_width) == (feature_nets.RESIZE, feature_nets.RESIZE)
-    assert ft.net_data_layer(net).include[0].phase == 1  # TEST's, not TRAIN's (which mirrors)
-    assert ft.net_root_folder(net) == "/imgs/"
+    assert net_data_layer(net).include[0].phase == 1  # TEST's, not TRAIN's (which mirrors)
+    assert net_root_folder(net) == "/imgs/"
 
 
 def test_a_deploy_net_resizes_to_its_input(parse_net):
-    transform = ft.default_transform(parse_net(feature_nets.deploy()))
-    assert transform == ft.Transform(new_height=feature_nets.CROP, new_width=feature_nets.CROP)
+    transform = default_transform(parse_net(feature_nets.deploy()))
+    assert transform == Transform(new_height=feature_nets.CROP, new_width=feature_nets.CROP)
 
 
 def test_override_replaces_the_mean_kind():
-    base = ft.Transform(mean_file="mean.binaryproto", crop_size=3)
-    changed = ft.override(base, mean_values=(1.0, 2.0, 3.0), crop_size=None, scale=0.5)
-    assert changed == ft.Transform(mean_values=(1.0, 2.0, 3.0), crop_size=3, scale=0.5)
-    assert ft.override(changed, mean_file="other.binaryproto").mean_values == ()
+    base = Transform(mean_file="mean.binaryproto", crop_size=3)
+    changed = override(base, mean_values=(1.0, 2.0, 3.0), crop_size=None, scale=0.5)
+    assert changed == Transform(mean_values=(1.0, 2.0, 3.0), crop_size=3, scale=0.5)
+    assert override(changed, mean_file="other.binaryproto").mean_values == ()
 
 
 # --------------------------------------------------------------------------
@@ -101,7 +129,7 @@ def test_override_replaces_the_mean_kind():
 def test_image_list_lines_split_at_the_last_space(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("a b.png 3\n\n  c.png 0  \n")
-    assert ft.read_image_list(str(listing)) == [("a b.png", 3), ("c.png", 0)]
+    assert read_image_list(str(listing)) == [("a b.png", 3), ("c.png", 0)]
 
 
 @pytest.mark.parametrize("content", ["a.png x\n", "a.png\n", " 3\n"])
@@ -109,14 +137,14 @@ def test_a_bad_image_list_line_is_located(tmp_path, content):
     listing = tmp_path / "list.txt"
     listing.write_text("ok.png 1\n" + content)
     with pytest.raises(CaffeFtError) as info:
-        ft.read_image_list(str(listing))
+        read_image_list(str(listing))
     assert info.value.line == 2
 
 
 def test_root_folder_prefixes_paths():
-    assert ft.image_path("", "a/b.png") == "a/b.png"
-    assert ft.image_path("/data/", "b.png") == "/data/b.png"
-    assert ft.image_path("/data", "b.png") == "/data/b.png"
+    assert image_path("", "a/b.png") == "a/b.png"
+    assert image_path("/data/", "b.png") == "/data/b.png"
+    assert image_path("/data", "b.png") == "/data/b.png"
 
 
 def test_raw_datums_decode_without_opencv(schema):
@@ -124,23 +152,23 @@ def test_raw_datums_decode_without_opencv(schema):
     datum.channels, datum.height, datum.width, datum.label = 2, 3, 4, 7
     values = np.arange(24, dtype=np.uint8)
     datum.data = values.tobytes()
-    image, label = ft.decode_datum(datum.SerializeToString(), schema, ft.Transform())
+    image, label = decode_datum(datum.SerializeToString(), schema, Transform())
     assert label == 7
     np.testing.assert_array_equal(image, values.reshape(2, 3, 4))
     floats = schema.new("Datum")
     floats.channels, floats.height, floats.width = 1, 2, 2
     floats.float_data.extend([0.5, 1.5, 2.5, 3.5])
-    image, _ = ft.decode_datum(floats.SerializeToString(), schema, ft.Transform())
+    image, _ = decode_datum(floats.SerializeToString(), schema, Transform())
     assert image.dtype == np.float32 and image[0, 1, 1] == 3.5
     floats.ClearField("float_data")
     with pytest.raises(CaffeFtError, match="holds 0 values"):
-        ft.decode_datum(floats.SerializeToString(), schema, ft.Transform())
+        decode_datum(floats.SerializeToString(), schema, Transform())
 
 
 def test_an_lmdb_without_the_lmdb_module_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "data.mdb").write_bytes(b"\0" * 16)
     monkeypatch.setitem(sys.modules, "lmdb", None)
-    source = ft.DataSource.open(str(tmp_path))
+    source = DataSource.open(str(tmp_path))
     with pytest.raises(CaffeFtError, match="python3-lmdb"):
         len(source)
 
@@ -182,14 +210,14 @@ def test_lmdb_records_are_read_in_key_order_and_transformed(tmp_path, monkeypatc
     (tmp_path / "data.mdb").write_bytes(b"")
     records = {b"00000002": _datum(schema, 2, 30), b"00000000": _datum(schema, 0, 10), b"00000001": _datum(schema, 1, 20)}
     monkeypatch.setitem(sys.modules, "lmdb", _FakeLmdb(records))
-    source = ft.DataSource.open(str(tmp_path))
+    source = DataSource.open(str(tmp_path))
     assert source.is_lmdb and len(source) == 3
-    transform = ft.Transform(crop_size=2, mean_values=(5.0,), scale=0.5)
-    batches = list(source.batches(schema, transform, ft.mean_array(transform, schema), 2))
+    transform = Transform(crop_size=2, mean_values=(5.0,), scale=0.5)
+    batches = list(source.batches(schema, transform, mean_array(transform, schema), 2))
     assert [names for _, _, names in batches] == [["00000000", "00000001"], ["00000002"]]
     assert batches[0][0].shape == (2, 3, 2, 2) and batches[0][1].tolist() == [0, 1]
     assert (batches[0][0][1] == (20 - 5) * 0.5).all()
-    limited = ft.DataSource(str(tmp_path), limit=2)
+    limited = DataSource(str(tmp_path), limit=2)
     assert len(limited) == 2 and len(list(limited.items(schema, transform))) == 2
     records[b"00000003"] = b"\xff\xff not a datum"
     with pytest.raises(CaffeFtError, match="record '00000003'"):
@@ -198,7 +226,7 @@ def test_lmdb_records_are_read_in_key_order_and_transformed(tmp_path, monkeypatc
 
 def test_a_directory_that_is_no_lmdb_is_refused(tmp_path):
     with pytest.raises(CaffeFtError, match="no data.mdb"):
-        ft.DataSource.open(str(tmp_path))
+        DataSource.open(str(tmp_path))
 
 
 # --------------------------------------------------------------------------
@@ -215,14 +243,14 @@ def _list_of_files(tmp_path, names):
 
 def test_data_fingerprint_follows_the_list_and_the_images(tmp_path):
     listing = _list_of_files(tmp_path, ["a.png", "b.png"])
-    first = ft.DataSource.open(listing, str(tmp_path)).fingerprint()
-    assert ft.DataSource.open(listing, str(tmp_path)).fingerprint() == first
+    first = DataSource.open(listing, str(tmp_path)).fingerprint()
+    assert DataSource.open(listing, str(tmp_path)).fingerprint() == first
     (tmp_path / "b.png").write_bytes(b"a longer, different image")
-    changed_image = ft.DataSource.open(listing, str(tmp_path)).fingerprint()
+    changed_image = DataSource.open(listing, str(tmp_path)).fingerprint()
     assert changed_image != first
     with open(listing, "a") as handle:
         handle.write("a.png 5\n")
-    assert ft.DataSource.open(listing, str(tmp_path)).fingerprint() not in (first, changed_image)
+    assert DataSource.open(listing, str(tmp_path)).fingerprint() not in (first, changed_image)
 
 
 def test_a_missing_image_is_named(tmp_path):
@@ -230,12 +258,12 @@ def test_a_missing_image_is_named(tmp_path):
     with open(listing, "a") as handle:
         handle.write("gone.png 1\n")
     with pytest.raises(CaffeFtError, match="gone.png"):
-        ft.DataSource.open(listing, str(tmp_path)).fingerprint()
+        DataSource.open(listing, str(tmp_path)).fingerprint()
 
 
 def test_stale_parts_names_what_differs():
-    assert ft.stale_parts({"a": "1", "b": "2"}, {"a": "1", "b": "2"}) == []
-    assert ft.stale_parts({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}) == ["b", "c"]
+    assert stale_parts({"a": "1", "b": "2"}, {"a": "1", "b": "2"}) == []
+    assert stale_parts({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}) == ["b", "c"]
 
 
 def test_sha256_file_reads_the_whole_file(tmp_path):
@@ -244,7 +272,7 @@ def test_sha256_file_reads_the_whole_file(tmp_path):
     data = os.urandom(3 << 20)
     path = tmp_path / "w.caffemodel"
     path.write_bytes(data)
-    assert ft.sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
 
 
 def test_transform_fingerprint_follows_settings_and_mean_file_content(tmp_path, schema):
@@ -252,28 +280,28 @@ def test_transform_fingerprint_follows_settings_and_mean_file_content(tmp_path, 
 
     mean = tmp_path / "mean.binaryproto"
     save_blob(Blob.of(np.zeros((1, 3, 4, 4), np.float32)), str(mean))
-    with_file = ft.Transform(mean_file=str(mean))
+    with_file = Transform(mean_file=str(mean))
     before = with_file.fingerprint()
-    assert ft.Transform(mean_file=str(mean), scale=0.5).fingerprint() != before
+    assert Transform(mean_file=str(mean), scale=0.5).fingerprint() != before
     save_blob(Blob.of(np.ones((1, 3, 4, 4), np.float32)), str(mean))
     assert with_file.fingerprint() != before
-    assert ft.mean_array(with_file, schema).shape == (3, 4, 4)
+    assert mean_array(with_file, schema).shape == (3, 4, 4)
 
 
 def test_features_file_round_trip_and_foreign_files(tmp_path):
     path = str(tmp_path / "f.npz")
-    meta = {"format": ft.FORMAT, "fingerprints": {"trunk": "x"}}
-    written = ft.FeatureSet(np.arange(12, dtype=np.float32).reshape(3, 2, 2, 1), np.array([0, 1, 0]),
+    meta = {"format": FORMAT, "fingerprints": {"trunk": "x"}}
+    written = FeatureSet(np.arange(12, dtype=np.float32).reshape(3, 2, 2, 1), np.array([0, 1, 0]),
                             np.array(["a", "b", "c"]), meta)
-    ft.save_features(path, written)
-    read = ft.load_features(path)
+    save_features(path, written)
+    read = load_features(path)
     np.testing.assert_array_equal(read.features, written.features)
     np.testing.assert_array_equal(read.labels, written.labels)
     assert list(read.sources) == ["a", "b", "c"] and read.meta == meta
     assert read.matrix.shape == (3, 4) and read.matrix[1].tolist() == [4, 5, 6, 7]
     np.savez(str(tmp_path / "other.npz"), x=np.zeros(2))
     with pytest.raises(CaffeFtError, match="not a caffe-ft features file"):
-        ft.load_features(str(tmp_path / "other.npz"))
+        load_features(str(tmp_path / "other.npz"))
 
 
 # --------------------------------------------------------------------------
@@ -281,7 +309,7 @@ def test_features_file_round_trip_and_foreign_files(tmp_path):
 
 
 def test_default_cut_keeps_what_the_head_reads(parse_net, schema):
-    trunk = ft.cut_net(parse_net(CAFFENET), schema, (3, 32, 32), batch=5)
+    trunk = cut_net(parse_net(CAFFENET), schema, (3, 32, 32), batch=5)
     names = [layer.name for layer in trunk.net.layer]
     # fc7 as the head sees it: after relu7 and drop7, which rewrite it in place
     assert names == ["data", "conv1", "relu1", "pool1", "norm1", "conv2", "relu2", "fc6", "relu6", "drop6",
@@ -299,30 +327,30 @@ def test_default_cut_keeps_what_the_head_reads(parse_net, schema):
     ("conv1", "relu1", "conv1"),
 ])
 def test_cut_at_a_layer_or_blob(parse_net, schema, layer, last, blob):
-    trunk = ft.cut_net(parse_net(CAFFENET), schema, (3, 32, 32), layer)
+    trunk = cut_net(parse_net(CAFFENET), schema, (3, 32, 32), layer)
     assert trunk.net.layer[-1].name == last and trunk.feature_blob == blob
 
 
 def test_cut_at_an_unknown_layer_suggests_names(parse_net, schema):
     with pytest.raises(CaffeFtError, match="did you mean 'conv2'"):
-        ft.cut_net(parse_net(CAFFENET), schema, (3, 32, 32), "conv3")
+        cut_net(parse_net(CAFFENET), schema, (3, 32, 32), "conv3")
 
 
 def test_trunk_fingerprint_ignores_batch_and_head_but_not_trunk_layers(parse_net, schema):
     net = parse_net(CAFFENET)
-    base = ft.cut_net(net, schema, (3, 32, 32), batch=1).fingerprint()
-    assert ft.cut_net(net, schema, (3, 32, 32), batch=64).fingerprint() == base
+    base = cut_net(net, schema, (3, 32, 32), batch=1).fingerprint()
+    assert cut_net(net, schema, (3, 32, 32), batch=64).fingerprint() == base
     net.layer[[layer.name for layer in net.layer].index("fc8")].inner_product_param.num_output = 5
-    assert ft.cut_net(net, schema, (3, 32, 32)).fingerprint() == base
+    assert cut_net(net, schema, (3, 32, 32)).fingerprint() == base
     net.layer[[layer.name for layer in net.layer].index("conv1")].convolution_param.num_output = 4
-    assert ft.cut_net(net, schema, (3, 32, 32)).fingerprint() != base
-    assert ft.cut_net(parse_net(CAFFENET), schema, (3, 28, 28)).fingerprint() != base
+    assert cut_net(net, schema, (3, 32, 32)).fingerprint() != base
+    assert cut_net(parse_net(CAFFENET), schema, (3, 28, 28)).fingerprint() != base
 
 
 def test_a_trunk_reading_labels_is_refused(parse_net, schema):
     net = parse_net(CAFFENET.replace('bottom: "norm1" top: "conv2"', 'bottom: "norm1" bottom: "label" top: "conv2"'))
     with pytest.raises(CaffeFtError, match="labels"):
-        ft.cut_net(net, schema, (3, 32, 32))
+        cut_net(net, schema, (3, 32, 32))
 
 
 # --------------------------------------------------------------------------
@@ -345,7 +373,7 @@ def small(tmp_path_factory):
 
 def _caffe_batches(net_path: str, count: int, blobs):
     """Blobs of Caffe's own TEST net, forwarded until ``count`` examples are seen."""
-    caffe = ft.quiet_caffe()
+    caffe = quiet_caffe()
     net = caffe.Net(net_path, caffe.TEST)
     out = {name: [] for name in blobs}
     seen = 0
@@ -360,11 +388,11 @@ def _caffe_batches(net_path: str, count: int, blobs):
 @pytest.mark.caffe
 def test_transform_matches_caffes_image_data_layer(small, schema):
     """Caffe's own ImageData (TEST): resize, BGR, centre crop, mean, scale."""
-    entries = ft.read_image_list(small["val"])
+    entries = read_image_list(small["val"])
     expected = _caffe_batches(small["net"], len(entries), ["data", "label"])
-    net = ft.load_net(small["net"], schema)
-    transform = ft.default_transform(net)
-    ours = np.stack([ft.transform_image(ft.read_image(path, transform), transform, ft.mean_array(transform, schema))
+    net = load_net(small["net"], schema)
+    transform = default_transform(net)
+    ours = np.stack([transform_image(read_image(path, transform), transform, mean_array(transform, schema))
                      for path, _ in entries])
     assert ours.shape == expected["data"].shape
     np.testing.assert_array_equal(ours, expected["data"])
@@ -383,28 +411,28 @@ def test_transform_with_mean_file_and_grey_matches_caffe(small, schema, tmp_path
             .replace("mean_value: 104 mean_value: 117 mean_value: 123", f'mean_file: "{mean}"'))
     path = tmp_path / "grey.prototxt"
     path.write_text(text)
-    entries = ft.read_image_list(small["val"])
+    entries = read_image_list(small["val"])
     expected = _caffe_batches(str(path), len(entries), ["data"])["data"]
-    transform = ft.default_transform(ft.load_net(str(path), schema))
+    transform = default_transform(load_net(str(path), schema))
     assert transform.is_color is False and transform.mean_file == str(mean)
-    mean_array = ft.mean_array(transform, schema)
-    ours = np.stack([ft.transform_image(ft.read_image(p, transform), transform, mean_array) for p, _ in entries])
+    mean = mean_array(transform, schema)
+    ours = np.stack([transform_image(read_image(p, transform), transform, mean) for p, _ in entries])
     np.testing.assert_array_equal(ours, expected)
 
 
 @pytest.mark.caffe
 def test_features_equal_the_full_nets_blob(small, schema, tmp_path):
     output = str(tmp_path / "f.npz")
-    outcome = ft.compute_or_reuse(ft.Request(small["net"], small["weights"], small["val"], batch_size=5), output, schema)
+    outcome = compute_or_reuse(Request(small["net"], small["weights"], small["val"], batch_size=5), output, schema)
     assert not outcome.reused
-    result = ft.load_features(output)
+    result = load_features(output)
     assert result.meta["blob"] == "fc1" and result.meta["layer"] == "drop1"
     assert result.features.shape == (12, 32)
-    entries = ft.read_image_list(small["val"])
+    entries = read_image_list(small["val"])
     assert list(result.sources) == [path for path, _ in entries]
     np.testing.assert_array_equal(result.labels, [label for _, label in entries])
     # the whole train_val net, run by Caffe from its own data layer, with the same weights
-    caffe = ft.quiet_caffe()
+    caffe = quiet_caffe()
     net = caffe.Net(small["net"], small["weights"], caffe.TEST)
     seen = []
     while sum(len(part) for part in seen) < 12:
@@ -416,35 +444,35 @@ def test_features_equal_the_full_nets_blob(small, schema, tmp_path):
 @pytest.mark.caffe
 def test_cache_is_reused_and_stale_caches_are_recomputed(small, schema, tmp_path):
     output = str(tmp_path / "f.npz")
-    request = ft.Request(small["net"], small["weights"], small["train"], batch_size=7)
-    first = ft.compute_or_reuse(request, output, schema)
+    request = Request(small["net"], small["weights"], small["train"], batch_size=7)
+    first = compute_or_reuse(request, output, schema)
     assert not first.reused and first.reason == "no features file yet"
-    again = ft.compute_or_reuse(request, output, schema)
+    again = compute_or_reuse(request, output, schema)
     assert again.reused and again.reason == "up to date"
     np.testing.assert_array_equal(again.features.features, first.features.features)
 
-    other_weights = ft.compute_or_reuse(ft.Request(small["net"], small["other_weights"], small["train"]), output, schema)
+    other_weights = compute_or_reuse(Request(small["net"], small["other_weights"], small["train"]), output, schema)
     assert not other_weights.reused and other_weights.reason == "stale: weights changed"
     assert not np.allclose(other_weights.features.features, first.features.features)
 
     changed = tmp_path / "changed.prototxt"
     changed.write_text(open(small["net"]).read().replace("pool: AVE kernel_size: 4 stride: 4",
                                                           "pool: MAX kernel_size: 4 stride: 4"))
-    other_net = ft.compute_or_reuse(ft.Request(str(changed), small["other_weights"], small["train"]), output, schema)
+    other_net = compute_or_reuse(Request(str(changed), small["other_weights"], small["train"]), output, schema)
     assert not other_net.reused and other_net.reason == "stale: trunk changed"
 
-    other_data = ft.compute_or_reuse(ft.Request(str(changed), small["other_weights"], small["val"]), output, schema)
+    other_data = compute_or_reuse(Request(str(changed), small["other_weights"], small["val"]), output, schema)
     assert other_data.reason == "stale: data changed" and len(other_data.features.labels) == 12
 
-    other_layer = ft.compute_or_reuse(ft.Request(str(changed), small["other_weights"], small["val"], "pool2"),
+    other_layer = compute_or_reuse(Request(str(changed), small["other_weights"], small["val"], "pool2"),
                                       output, schema)
     assert other_layer.reason == "stale: layer changed, trunk changed"
     assert other_layer.features.features.shape == (12, 16, 4, 4)
 
-    other_transform = ft.compute_or_reuse(
-        ft.Request(str(changed), small["other_weights"], small["val"], "pool2", transform={"scale": 0.01}), output, schema)
+    other_transform = compute_or_reuse(
+        Request(str(changed), small["other_weights"], small["val"], "pool2", transform={"scale": 0.01}), output, schema)
     assert other_transform.reason == "stale: transform changed"
-    assert ft.compute_or_reuse(ft.Request(str(changed), small["other_weights"], small["val"], "pool2",
+    assert compute_or_reuse(Request(str(changed), small["other_weights"], small["val"], "pool2",
                                           transform={"scale": 0.01}), output, schema).reused
 
 
@@ -473,11 +501,11 @@ def test_nsfw_features_are_the_pooled_output(tmp_path, schema):
     from synth_images import write_dataset
 
     listing = write_dataset(str(tmp_path / "img"), "photo", 2, classes=2, size=256, seed=7)
-    request = ft.Request(os.path.join(NSFW_DIR, "deploy.prototxt"),
+    request = Request(os.path.join(NSFW_DIR, "deploy.prototxt"),
                          os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel"), listing, batch_size=4,
                          transform={"new_height": 256, "new_width": 256, "crop_size": 224,
                                     "mean_values": (104.0, 117.0, 123.0)})
-    result = ft.compute_or_reuse(request, str(tmp_path / "f.npz"), schema).features
+    result = compute_or_reuse(request, str(tmp_path / "f.npz"), schema).features
     assert result.meta["blob"] == "pool" and result.features.shape == (4, 1024, 1, 1)
     assert result.meta["input_shape"] == [3, 224, 224]
     assert (result.features >= 0).all() and result.features.std() > 0
@@ -487,7 +515,7 @@ def test_heavy_modules_load_only_when_used():
     """`caffe-ft --help` and the other commands stay fast: no numpy, scikit-learn, OpenCV or pycaffe on import."""
     import subprocess
 
-    code = ("import sys, caffe_ft.cli, caffe_ft.heads.features, caffe_ft.heads.linear, caffe_ft.finetune.advise; "
+    code = ("import sys, caffe_ft.cli, caffe_ft.heads.cache, caffe_ft.heads.linear, caffe_ft.finetune.advise; "
             "print(sorted(m for m in ('numpy', 'sklearn', 'cv2', 'caffe') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

@@ -337,7 +337,7 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def pretrained(directory) -> str:
     """Random weights for the small net (its old 5-class head included), as a pretrained model."""
-    from caffe_ft.heads.features import quiet_caffe
+    from caffe_ft.training.pycaffe import quiet_caffe
 
     caffe_module = quiet_caffe()
     caffe_module.set_random_seed(3)
@@ -446,7 +446,7 @@ def test_no_cached_features_forces_pycaffe(tmp_path, data):
 
 @caffe
 def test_finetune_features_fits_the_head_and_writes_a_loadable_model(tmp_path, data):
-    from caffe_ft.heads.features import quiet_caffe
+    from caffe_ft.training.pycaffe import quiet_caffe
 
     # Dropout and mirroring do not matter: the features are those of the TEST-phase trunk.
     net_text = small_net(data["train"], data["val"], trunk_extra=DROPOUT, transform="mirror: true scale: 0.00390625")

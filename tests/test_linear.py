@@ -10,7 +10,17 @@ import sys
 import numpy as np
 import pytest
 
-from caffe_ft.heads import features as ft, linear as lin
+from caffe_ft.heads import linear as lin
+
+from caffe_ft.data.sources import read_image_list
+
+from caffe_ft.data.transform import Transform, default_transform, mean_array, override, read_image, transform_image
+
+from caffe_ft.formats.files import load_net
+
+from caffe_ft.heads.cache import Request, compute_or_reuse, load_features
+
+from caffe_ft.training.pycaffe import quiet_caffe
 from caffe_ft.errors import CaffeFtError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -121,7 +131,7 @@ def small(tmp_path_factory):
     paths = {}
     for name, listing in (("train", train), ("val", val)):
         paths[name] = str(root / f"{name}.npz")
-        ft.compute_or_reuse(ft.Request(net, weights, listing, layer="pool2"), paths[name], schema)
+        compute_or_reuse(Request(net, weights, listing, layer="pool2"), paths[name], schema)
     return {"root": root, "net": net, "weights": weights, "train_list": train, "val_list": val, **paths}
 
 
@@ -133,7 +143,7 @@ def _run_head(deploy: str, weights: str, output: str, inputs: np.ndarray, use_op
         net = cv2.dnn.readNetFromCaffe(deploy, weights)
         net.setInput(inputs)
         return net.forward(output).reshape(len(inputs), -1)
-    caffe = ft.quiet_caffe()
+    caffe = quiet_caffe()
     net = caffe.Net(deploy, weights, caffe.TEST)
     net.blobs["data"].reshape(*inputs.shape)
     net.blobs["data"].data[...] = inputs
@@ -142,17 +152,17 @@ def _run_head(deploy: str, weights: str, output: str, inputs: np.ndarray, use_op
 
 
 def _inputs(listing: str, net_path: str, schema) -> np.ndarray:
-    transform = ft.default_transform(ft.load_net(net_path, schema))
-    mean = ft.mean_array(transform, schema)
-    return np.stack([ft.transform_image(ft.read_image(path, transform), transform, mean)
-                     for path, _ in ft.read_image_list(listing)])
+    transform = default_transform(load_net(net_path, schema))
+    mean = mean_array(transform, schema)
+    return np.stack([transform_image(read_image(path, transform), transform, mean)
+                     for path, _ in read_image_list(listing)])
 
 
 @pytest.mark.caffe
 @pytest.mark.parametrize("classifier", ["logreg", "svm"])
 @pytest.mark.parametrize("use_opencv", [False, True], ids=["pycaffe", "opencv"])
 def test_written_head_predicts_what_scikit_learn_predicts(small, schema, tmp_path, classifier, use_opencv):
-    train, val = ft.load_features(small["train"]), ft.load_features(small["val"])
+    train, val = load_features(small["train"]), load_features(small["val"])
     result = lin.fit(train, 3, classifier, val=val)
     head = lin.write_head(schema, result, train.meta, str(tmp_path / classifier), 3)
     scores = _run_head(head.deploy, head.weights, head.output, _inputs(small["val_list"], small["net"], schema),
@@ -168,7 +178,7 @@ def test_written_head_predicts_what_scikit_learn_predicts(small, schema, tmp_pat
 
 @pytest.mark.caffe
 def test_cross_validation_picks_the_best_c_and_reports(small):
-    train = ft.load_features(small["train"])
+    train = load_features(small["train"])
     result = lin.fit(train, 3, "logreg", cs=(0.001, 0.1, 10.0), folds=3)
     assert set(result.cv_scores) == {0.001, 0.1, 10.0} and result.folds == 3
     assert result.cv_scores[result.C] == max(result.cv_scores.values())
@@ -183,7 +193,7 @@ def test_cross_validation_picks_the_best_c_and_reports(small):
 def test_written_files_keep_the_trunk_weights(small, schema, tmp_path):
     from caffe_ft.formats.caffemodel import load_model
 
-    train = ft.load_features(small["train"])
+    train = load_features(small["train"])
     head = lin.write_head(schema, lin.fit(train, 3, cs=(1.0,)), train.meta, str(tmp_path), 3)
     written = load_model(head.weights, schema).layer_blobs()
     source = load_model(small["weights"], schema).layer_blobs()
@@ -199,7 +209,7 @@ def test_written_files_keep_the_trunk_weights(small, schema, tmp_path):
 
 @pytest.mark.caffe
 def test_features_of_other_weights_are_refused(small, schema, tmp_path):
-    train = ft.load_features(small["train"])
+    train = load_features(small["train"])
     result = lin.fit(train, 3, cs=(1.0,))
     other = feature_nets.make_weights(str(tmp_path), 9)
     with pytest.raises(CaffeFtError, match="weights differ"):
@@ -231,14 +241,14 @@ def test_binary_head_on_nsfw_resnet(tmp_path, schema, use_opencv):
     weights = os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel")
     listing = write_dataset(str(tmp_path / "img"), "photo", 10, classes=2, size=256, seed=21)
     transform = {"new_height": 256, "new_width": 256, "crop_size": 224, "mean_values": (104.0, 117.0, 123.0)}
-    features = ft.compute_or_reuse(ft.Request(net, weights, listing, transform=transform, batch_size=10),
+    features = compute_or_reuse(Request(net, weights, listing, transform=transform, batch_size=10),
                                    str(tmp_path / "f.npz"), schema).features
     result = lin.fit(features, 2, "logreg", cs=(0.1,), val_fraction=0.3)
     assert result.model[-1].coef_.shape[0] == 1
     head = lin.write_head(schema, result, features.meta, str(tmp_path / "head"), 2)
-    prepared = ft.override(ft.Transform(), **transform)
-    inputs = np.stack([ft.transform_image(ft.read_image(path, prepared), prepared, ft.mean_array(prepared, schema))
-                       for path, _ in ft.read_image_list(listing)])
+    prepared = override(Transform(), **transform)
+    inputs = np.stack([transform_image(read_image(path, prepared), prepared, mean_array(prepared, schema))
+                       for path, _ in read_image_list(listing)])
     probs = _run_head(head.deploy, head.weights, head.output, inputs, use_opencv)
     X = features.matrix.astype(np.float64)
     np.testing.assert_array_equal(probs.argmax(axis=1), result.model.predict(X))

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import numpy as np
 from google.protobuf.message import Message
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CaffeFtError
 from ..formats.caffemodel import Model
 from ..net import shapes, weights

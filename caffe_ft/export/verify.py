@@ -1,12 +1,12 @@
 """Checking an exported ONNX model against pycaffe: the same random input through both.
 
 Used by ``caffe-ft finetune --export-onnx`` to say in its summary how
-``final.onnx`` was checked.  pycaffe and onnxruntime are imported here, lazily.
+``final.onnx`` was checked.  pycaffe comes through the pycaffe engine; both
+it and onnxruntime are imported lazily.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,12 +40,12 @@ def compare_with_pycaffe(deploy: str, weights: str, model: str, batches: Sequenc
     """Run ``deploy`` with ``weights`` in pycaffe and ``model`` in ONNX Runtime on
     the same inputs (normal noise of standard deviation 50, pixel-like) and
     measure how far their outputs are apart."""
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    import caffe
     import onnxruntime
 
-    caffe.set_mode_cpu()
-    net = caffe.Net(deploy, weights, caffe.TEST)
+    from ..training.pycaffe import load_caffe_net
+
+    with open(deploy, encoding="utf-8") as handle:
+        net = load_caffe_net(handle.read(), weights)
     session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     names = [value.name for value in session.get_outputs()]
     rng = np.random.default_rng(seed)

@@ -38,21 +38,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
-from ..heads.features import (
-    DataSource,
-    Transform,
-    cut_net,
-    default_transform,
-    feature_source,
-    input_shape,
-    load_caffe_net,
-    load_net,
-    mean_array,
-    net_root_folder,
-    override,
-    progress,
-    net_at_test,
-)
+from ..data.sources import DataSource, input_shape
+from ..data.transform import Transform, default_transform, mean_array, net_root_folder, override
+from ..formats.files import load_net
+from ..heads.trunk import cut_net, feature_source, net_at_test
+from ..training.progress import count_progress
 from ..formats.schema import Schema, load_schema
 
 if TYPE_CHECKING:
@@ -208,7 +198,7 @@ def _collect(net: Any, trunk: Any, source: DataSource, schema: Schema, transform
                for _, name in bn}
     inputs = net.blobs[trunk.input_blob]
     pen, early, labels = [], [], []
-    advance = progress(len(source), what)
+    advance = count_progress(len(source), what)
     for data, batch_labels, batch_names in source.batches(schema, transform, mean, batch_size):
         if inputs.data.shape != data.shape:
             inputs.reshape(*data.shape)
@@ -242,7 +232,7 @@ def measure_similarity(
     (``probe_penultimate``, ``probe_early``, with the blob names
     ``penultimate``/``early``), the images used and ``reasons``: one line per
     signal.  ``transform`` overrides the net's data transform as in
-    :class:`caffe_ft.heads.features.Request`.
+    :class:`caffe_ft.heads.cache.Request`.
     """
     import numpy as np
 
@@ -257,6 +247,8 @@ def measure_similarity(
     early_blob = net.layer[early_index].top[0] if early_index is not None else None
     if early_blob not in {top for layer in trunk.net.layer for top in layer.top}:
         early_blob = None  # on a branch the features do not go through
+    from ..training.pycaffe import load_caffe_net
+
     caffe_net = load_caffe_net(trunk.text(), weights)
     seen = _collect(caffe_net, trunk, source, schema, chosen, mean, early_blob, batch_size, "measuring")
     numbers: Dict[str, Any] = {"images": int(len(seen.labels)), "penultimate": trunk.feature_blob}
@@ -281,7 +273,8 @@ def measure_similarity(
             if seen.early is not None:
                 numbers["early"] = early_blob
                 numbers["probe_early"] = probe_accuracy(
-                    seen.early, seen.labels, (val.early, val.labels) if val else None, seed)
+                    seen.early, seen.labels, (val.early, val.labels) if val is not None and val.early is not None
+                    else None, seed)
         except CaffeFtError as exc:
             numbers["probe_skipped"] = exc.message
     label, reasons = similarity_label(numbers)

@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from ..formats import files, prototext
 from ..errors import CaffeFtError
-from .rewrite import Plan, summary_text, write_plan
+from .rewrite import RewritePlan, summary_text, write_plan
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:
@@ -38,9 +38,10 @@ ONNX = "final.onnx"
 
 
 @dataclass(frozen=True)
-class Outcome:
+class FinetuneResult:
     """How a fine-tuning job ended."""
 
+    outdir: str
     exit_code: int
     final_model: Optional[str]
     test_outputs: Dict[str, float]
@@ -63,7 +64,7 @@ def last_test_outputs(metrics_path: str) -> Dict[str, float]:
     return outputs
 
 
-def _write_init(schema: Schema, plan: Plan, weights: str, seed: int, out: IO[str],
+def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out: IO[str],
                 input_shapes: Optional[Dict[str, Any]]) -> str:
     """Check the pretrained weights against the new net and write its starting caffemodel."""
     from ..formats.caffemodel import load_model, save_model
@@ -82,9 +83,9 @@ def _write_init(schema: Schema, plan: Plan, weights: str, seed: int, out: IO[str
     return path
 
 
-def run(schema: Schema, plan: Plan, weights: str, *, device: str = "solver", seed: int = 0,
+def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
         force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
-        export_onnx: bool = False, out: IO[str]) -> Outcome:
+        export_onnx: bool = False, out: IO[str]) -> FinetuneResult:
     """Write ``plan``, start from ``weights`` and train; returns the outcome.
 
     ``cached``: let ``last-fc`` train the head on cached features where that
@@ -103,18 +104,18 @@ def run(schema: Schema, plan: Plan, weights: str, *, device: str = "solver", see
     final = os.path.join(plan.outdir, FINAL)
     if plan.strategy == "features":
         trained = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan),
-                                         start, plan.outdir, final, seed, out)
+                                   start, plan.outdir, final, seed, out)
     else:
         trained = _train(schema, plan, start, final, device, seed, cached, out)
     if export_onnx and trained.final_model:
         trained.notes.append(_export_onnx(schema, plan, trained.final_model, out))
-    outcome = Outcome(trained.exit_code, trained.final_model, trained.test_outputs, time.time() - started,
-                      trained.message, tuple(trained.notes))
+    outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
+                             time.time() - started, trained.message, tuple(trained.notes))
     _append_summary(plan, outcome)
     return outcome
 
 
-def _export_onnx(schema: Schema, plan: Plan, final: str, out: IO[str]) -> str:
+def _export_onnx(schema: Schema, plan: RewritePlan, final: str, out: IO[str]) -> str:
     """Write ``final.onnx`` from ``deploy.prototxt`` and the final weights, compare
     it with pycaffe; the summary line saying what was written and checked."""
     from ..export import to_onnx, verify
@@ -135,7 +136,7 @@ def _export_onnx(schema: Schema, plan: Plan, final: str, out: IO[str]) -> str:
     return f"ONNX model: {ONNX} (opset {options.opset}, batch axis N); onnx.checker passed; {agreement}"
 
 
-def _single_head(plan: Plan) -> str:
+def _single_head(plan: RewritePlan) -> str:
     """The new name of the one head ``--strategy features`` fits."""
     if len(plan.heads) != 1:
         raise CaffeFtError(f"--strategy features fits one head; this net has {len(plan.heads)} "
@@ -143,7 +144,7 @@ def _single_head(plan: Plan) -> str:
     return next(iter(plan.heads.values()))
 
 
-def _train(schema: Schema, plan: Plan, start: str, final: str, device: str, seed: int, cached: bool,
+def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int, cached: bool,
            out: IO[str]) -> "Trained":
     """last-fc on cached features where that gives what pycaffe gives, else pycaffe (saying why)."""
     from ..heads import fit
@@ -180,7 +181,7 @@ def _train_pycaffe(schema: Schema, solver: str, start: str, device: str, metrics
     return Trained(result.exit_code, copied, last_test_outputs(metrics), result.message)
 
 
-def _append_summary(plan: Plan, outcome: Outcome) -> None:
+def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:
     lines = [summary_text(plan), "## Training", ""]
     lines.append(f"- time: {outcome.seconds:.1f} s")
     for name, value in sorted(outcome.test_outputs.items()):

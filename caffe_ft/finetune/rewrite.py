@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 from google.protobuf.message import Message
 
@@ -64,7 +64,7 @@ class SolverOptions:
 
 
 @dataclass
-class Plan:
+class RewritePlan:
     """What a rewrite writes: file name -> (text, the text it was edited from)."""
 
     outdir: str
@@ -196,6 +196,7 @@ def _new_data_layers(
     by_phase = {_phase_name(layer): layer for layer in originals}
     first = originals[0] if originals else None
     deploy_channels = input_shape[1] if input_shape is not None and len(input_shape) == 4 else None
+    size: Optional[int]
     if input_shape is not None and deploy_channels is not None:
         size = input_shape[2]
     else:
@@ -368,12 +369,12 @@ def read_originals(solver_file: TextFile) -> Dict[str, List[str]]:
     return {}
 
 
-def originals_comment(values: Dict[str, object]) -> str:
+def originals_comment(values: Mapping[str, object]) -> str:
     """The comment recording ``values`` (exact: ints as ints, float fields as Caffe prints them)."""
     parts = []
     for key, value in values.items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            text = str(item) if isinstance(item, int) else format_float(float(item))
+            text = str(item) if isinstance(item, int) else format_float(float(cast(float, item)))
             parts.append(f"{key}={text}")
     return f"{ORIGINALS_MARK} {' '.join(parts)}"
 
@@ -384,7 +385,7 @@ def _edit_text(file: Optional[TextFile], message: Message) -> str:
     return prototext.render_minimal(file.tree, file.data, message, file.path)
 
 
-def _solver_text(file: TextFile, solver: Message, originals: Dict[str, object]) -> str:
+def _solver_text(file: TextFile, solver: Message, originals: Mapping[str, object]) -> str:
     text = _edit_text(file, solver)
     mark = originals_comment(originals)
     lines = text.splitlines(True)
@@ -417,7 +418,7 @@ def plan(
     solver_file: Optional[TextFile] = None,
     deploy_file: Optional[TextFile] = None,
     solver_options: SolverOptions = SolverOptions(),
-) -> Plan:
+) -> RewritePlan:
     """Everything a rewrite writes, without writing it."""
     from .solver import rewrite_solver, solver_originals
 
@@ -483,10 +484,10 @@ def plan(
                                     solver_file.data.decode("utf-8", "replace"))
     elif data.train and train_val is not None:
         solver = _default_solver(schema, net_path, prefix, count_images_or_zero(data.train),
-                                 count_images_or_zero(data.val), data, solver_options)
+                                 count_images_or_zero(data.val or ""), data, solver_options)
         summary.append("no --solver: solver.prototxt made from the fine-tuning template (SGD, step policy)")
         files["solver.prototxt"] = (prototext.print_message(solver), None, None)
-    return Plan(outdir, files, summary, strategy, dict(result.heads))
+    return RewritePlan(outdir, files, summary, strategy, dict(result.heads))
 
 
 def check_one_label_per_score(net: Message) -> None:
@@ -562,7 +563,7 @@ def _rename_like(net: Message, got: Dict[str, str], wanted: Dict[str, str]) -> M
 SUMMARY_FILE = "summary.md"
 
 
-def summary_text(result: Plan) -> str:
+def summary_text(result: RewritePlan) -> str:
     """The human-readable account of a rewrite (also written as summary.md)."""
     lines = [f"# caffe-ft rewrite: {result.strategy}", ""]
     lines.extend(f"- {line}" for line in result.summary)
@@ -574,11 +575,11 @@ def summary_text(result: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unified_diff(result: Plan) -> str:
+def unified_diff(result: RewritePlan) -> str:
     """Every output as a unified diff against the file it was edited from."""
     import difflib
 
-    chunks = []
+    chunks: List[str] = []
     for name, (text, source, before) in sorted(result.files.items()):
         target = os.path.join(result.outdir, name)
         chunks.extend(difflib.unified_diff(
@@ -588,7 +589,7 @@ def unified_diff(result: Plan) -> str:
     return "".join(chunks)
 
 
-def write_plan(result: Plan, force: bool = False) -> None:
+def write_plan(result: RewritePlan, force: bool = False) -> None:
     """Write every file of the plan; refuses to overwrite unless ``force``."""
     from ..formats.files import write_atomic
 

@@ -13,7 +13,7 @@ the same solver instead of shrinking it again.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 from google.protobuf.message import Message
 
@@ -106,7 +106,7 @@ def rewrite_solver(
     lr_scale: float = 0.1,
     step_scale: float = 0.2,
     max_iter: Optional[int] = None,
-    originals: Optional[Mapping[str, Original]] = None,
+    originals: Optional[Mapping[str, object]] = None,
 ) -> Tuple[Message, List[str]]:
     """A fine-tuning copy of ``solver`` and notes on what changed.
 
@@ -138,7 +138,7 @@ def rewrite_solver(
     if "base_lr" in source:
         # scale the value as printed (0.01, not float32's 0.00999999977) so
         # that 0.01 x 0.1 gives the float32 nearest 0.001
-        printed = format_float(float(source["base_lr"]))
+        printed = format_float(float(cast(float, source["base_lr"])))
         out.base_lr = float(printed) * lr_scale
         notes.append(f"base_lr: {printed} -> {format_float(out.base_lr)} "
                      f"(x{lr_scale:g}: the pretrained weights need small steps)")

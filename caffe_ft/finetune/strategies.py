@@ -371,8 +371,11 @@ def _back_to_batch_norm(layers: Sequence[Message], index: int) -> int:
     else ``index``."""
     sources = graph.producers(layers)
     current = index
-    while layers[current].type in ("Scale", "Bias") and sources[current] and sources[current][0] is not None:
-        current = sources[current][0]
+    while layers[current].type in ("Scale", "Bias") and sources[current]:
+        previous = sources[current][0]
+        if previous is None:
+            break
+        current = previous
         if layers[current].type == "BatchNorm":
             return current
     return index

@@ -26,19 +26,30 @@ import math
 import mmap
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
+from typing import BinaryIO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from ..errors import CaffeFtError
+from .wire import (
+    Buffer,
+    BYTES as _BYTES,
+    Corrupt as _Corrupt,
+    FIXED32 as _FIXED32,
+    FIXED64 as _FIXED64,
+    Record as _Record,
+    VARINT as _VARINT,
+    key_bytes as _key,
+    read_record as _record,
+    records as _records,
+    read_varint as _varint,
+    varint_bytes as _varint_bytes,
+)
 from .schema import Schema
 
-Buffer = Union[bytes, mmap.mmap]
 T = TypeVar("T")
 
-# Wire types.
-_VARINT, _FIXED64, _BYTES, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
 
 # Where the blobs live.  These numbers are Caffe's wire format, fixed since
 # 2014; _check_layout makes sure a custom schema agrees with them.
@@ -55,7 +66,7 @@ _LEGACY_DIMS = ("num", "channels", "height", "width")  # fields 1..4, int32
 _F32 = np.dtype("<f4")
 _F64 = np.dtype("<f8")
 # field number -> (which array, its element type on the wire)
-_ARRAYS = {5: ("data", _F32), 6: ("diff", _F32), 8: ("data", _F64), 9: ("diff", _F64)}
+_ARRAYS: Dict[int, Tuple[str, np.dtype]] = {5: ("data", _F32), 6: ("diff", _F32), 8: ("data", _F64), 9: ("diff", _F64)}
 _ARRAY_FIELD = {(name, dtype): number for number, (name, dtype) in _ARRAYS.items()}
 _SHAPE = 7  # BlobShape, whose field 1 is packed int64 dim
 # One-byte keys of the array fields written unpacked (fixed32 floats, fixed64 doubles).
@@ -157,100 +168,6 @@ class SolverState:
 
 
 # --------------------------------------------------------------- wire reading --
-
-
-class _Corrupt(Exception):
-    """Malformed input at byte ``offset``; the public functions add the file name."""
-
-    def __init__(self, offset: int, message: str) -> None:
-        super().__init__(message)
-        self.offset = offset
-        self.message = message
-
-
-class _Record(NamedTuple):
-    """One field occurrence: key at ``start``, payload ``[value_start, end)``."""
-
-    field: int
-    wire: int
-    start: int
-    value_start: int
-    end: int
-    value: int  # the number, for a varint; else 0
-
-
-def _varint(buf: Buffer, pos: int, end: int) -> Tuple[int, int]:
-    """Decode the varint at ``pos``; return it and the position after it."""
-    result = shift = 0
-    start = pos
-    while pos < end:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise _Corrupt(start, "a varint is longer than 10 bytes")
-    raise _Corrupt(start, "truncated: the data ends inside a varint")
-
-
-def _payload(buf: Buffer, key_pos: int, pos: int, end: int, field: int, wire: int) -> Tuple[int, int, int]:
-    """Read the payload of a field whose key ended at ``pos``: (varint value, start, end)."""
-    if wire == _VARINT:
-        value, after = _varint(buf, pos, end)
-        return value, pos, after
-    if wire == _FIXED64:
-        size = 8
-    elif wire == _FIXED32:
-        size = 4
-    elif wire == _BYTES:
-        size, pos = _varint(buf, pos, end)
-    elif wire == _START_GROUP:
-        return 0, pos, _skip_group(buf, pos, end, field)
-    else:
-        raise _Corrupt(key_pos, f"field {field} has invalid wire type {wire}")
-    if pos + size > end:
-        raise _Corrupt(
-            key_pos,
-            f"truncated: field {field} needs {size} bytes from byte {pos}, "
-            f"but its message ends at byte {end}",
-        )
-    return 0, pos, pos + size
-
-
-def _skip_group(buf: Buffer, pos: int, end: int, group: int) -> int:
-    """Skip a (deprecated) group's fields up to its end-group key."""
-    while pos < end:
-        key, value_pos = _varint(buf, pos, end)
-        field, wire = key >> 3, key & 7
-        if wire == _END_GROUP:
-            if field != group:
-                raise _Corrupt(pos, f"group {group} closed as group {field}")
-            return value_pos
-        pos = _payload(buf, pos, value_pos, end, field, wire)[2]
-    raise _Corrupt(pos, f"truncated: group {group} never ends")
-
-
-def _record(buf: Buffer, pos: int, end: int) -> _Record:
-    """The field occurrence whose key starts at ``pos``."""
-    key, value_pos = _varint(buf, pos, end)
-    field, wire = key >> 3, key & 7
-    if field == 0:
-        raise _Corrupt(pos, "field number 0 is invalid")
-    if wire == _END_GROUP:
-        raise _Corrupt(pos, f"end of group {field} that never started")
-    value, start, stop = _payload(buf, pos, value_pos, end, field, wire)
-    return _Record(field, wire, pos, start, stop, value)
-
-
-def _records(buf: Buffer, start: int, end: int) -> Iterator[_Record]:
-    """The field occurrences of the message in ``buf[start:end]``, in order."""
-    pos = start
-    while pos < end:
-        record = _record(buf, pos, end)
-        yield record
-        pos = record.end
 
 
 def _need_bytes(record: _Record, what: str) -> None:
@@ -442,7 +359,7 @@ def _check_layout(schema: Schema) -> None:
         **{("BlobProto", ("double_" if dtype == _F64 else "") + name): number for (name, dtype), number in _ARRAY_FIELD.items()},
     }
     for (message, name), number in expected.items():
-        found = schema.message_class(message).DESCRIPTOR.fields_by_name.get(name)
+        found = schema.descriptor(message).fields_by_name.get(name)
         if found is None or found.number != number:
             raise CaffeFtError(f"the schema's {message}.{name} is not field {number} as in Caffe", schema.path)
 
@@ -600,20 +517,6 @@ class _Array(NamedTuple):
 Piece = Union[bytes, _Array]
 
 
-def _varint_bytes(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative numbers take ten bytes, as in C++
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint_bytes(field << 3 | wire)
-
-
 def _size(pieces: Sequence[Piece]) -> int:
     return sum(len(p) if isinstance(p, bytes) else p.array.size * p.dtype.itemsize for p in pieces)
 
@@ -722,12 +625,12 @@ def _model_pieces(model: Model) -> List[Piece]:
 def _write_array(handle: BinaryIO, array: np.ndarray, dtype: np.dtype) -> None:
     """Stream ``array`` in C order as ``dtype``, converting a bounded chunk at a time."""
     if array.dtype == dtype and array.flags.c_contiguous:
-        handle.write(memoryview(array.reshape(-1)).cast("B"))
+        handle.write(array.reshape(-1).view(np.uint8).data)
         return
     rows = array.reshape(-1, 1) if array.ndim < 2 else array  # a view, even of a strided vector
     step = max(1, _WRITE_CHUNK // max(1, rows[0].size))
     for first in range(0, rows.shape[0], step):
-        handle.write(memoryview(np.ascontiguousarray(rows[first : first + step], dtype=dtype).reshape(-1)).cast("B"))
+        handle.write(np.ascontiguousarray(rows[first : first + step], dtype=dtype).reshape(-1).view(np.uint8).data)
 
 
 def _write_pieces(path: str, pieces: List[Piece]) -> None:

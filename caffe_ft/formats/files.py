@@ -9,6 +9,7 @@ a temporary file that is renamed over the target, so nothing is half-written.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from google.protobuf.message import Message
 from . import prototext
 from ..errors import CaffeFtError
 from .schema import Schema
+
+_CHUNK = 1 << 20  # bytes hashed at a time
 
 NET = "NetParameter"
 SOLVER = "SolverParameter"
@@ -65,8 +68,8 @@ def require_text(data: bytes, path: str) -> None:
 def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     """``NetParameter`` or ``SolverParameter``, from the top-level field names."""
     names = {child.name for child in tree.children or ()}
-    net_fields = schema.message_class(NET).DESCRIPTOR.fields_by_name
-    solver_fields = schema.message_class(SOLVER).DESCRIPTOR.fields_by_name
+    net_fields = schema.descriptor(NET).fields_by_name
+    solver_fields = schema.descriptor(SOLVER).fields_by_name
     if names and all(name in solver_fields for name in names) and not all(
         name in net_fields for name in names
     ):
@@ -156,3 +159,19 @@ def load_net(path: str, schema: Schema) -> Message:
         except CaffeFtError as exc:
             raise exc.located(path) from None
     return net
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise CaffeFtError(f"cannot read: {exc.strerror}", path) from None
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

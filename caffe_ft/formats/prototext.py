@@ -17,6 +17,7 @@ of an old tree, so ``fmt`` and ``upgrade`` keep every comment in place.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -704,7 +705,7 @@ class _MinimalPrinter:
             if pending:
                 at_line_start = (out[-1].endswith("\n") if out else self.at_line_start(bounds[0]))
                 self.insert(out, pending, items, child_indent, not at_line_start,
-                            lambda name, i=index: one_line(name, i))
+                            functools.partial(one_line, anchor=index))
         return "".join(out)
 
     def open_bound(self, node: Node) -> int:

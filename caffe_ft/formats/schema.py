@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor
@@ -78,6 +78,10 @@ class Schema:
         """A new, empty message of type ``name``."""
         return self.message_class(name)()
 
+    def descriptor(self, name: str) -> Any:
+        """The ``Descriptor`` of message ``name``: its fields by name and number."""
+        return getattr(self.message_class(name), "DESCRIPTOR")
+
 
 def _cache_dir() -> str:
     return os.environ.get("CAFFE_FT_CACHE") or os.path.join(
@@ -88,7 +92,7 @@ def _cache_dir() -> str:
 def _compiled(text: str, path: str) -> descriptor_pb2.FileDescriptorProto:
     """``parse_proto(text)``, remembered on disk: parsing Caffe's schema is a
     tenth of a ``caffe-ft fmt`` run, loading the parsed form almost nothing."""
-    from .. import __version__
+    from ..version import __version__
 
     key = hashlib.sha256(f"{__version__}\0{path}\0{text}".encode("utf-8")).hexdigest()[:32]
     cached = os.path.join(_cache_dir(), f"schema-{key}.pb")

@@ -35,7 +35,7 @@ original ``layers`` list if the net had one, else its ``layer`` list.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, cast
 
 from google.protobuf.message import Message
 
@@ -567,7 +567,7 @@ def _upgrade_input(net: Message, index_map: IndexMap) -> Tuple[IndexMap, List[st
             copy.CopyFrom(original)
         net.ClearField("layer")
         net.layer.extend(layers[-1:] + layers[:-1])
-        index_map = [None] + index_map
+        index_map = [cast(Optional[int], None)] + index_map
         notes.append(f"input fields -> Input layer 'input' (tops: {', '.join(inputs)})")
     else:
         notes.append(f"input fields without shapes removed ({', '.join(inputs)})")

@@ -4,7 +4,7 @@
 
 * ``--strategy features`` (the fixed-feature-extractor recipe): the frozen
   trunk runs once over the training and the validation images (TEST-phase
-  preprocessing, :mod:`caffe_ft.heads.features`), scikit-learn fits a multinomial
+  preprocessing, :mod:`caffe_ft.heads.cache`), scikit-learn fits a multinomial
   logistic regression on the training features (:func:`linear.fit`, ``C`` by
   cross-validation) and scores it on the validation ones; the head's weights
   (standardization folded in) replace the fresh head of ``init.caffemodel``
@@ -35,7 +35,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from google.protobuf.message import Message
@@ -46,7 +46,7 @@ from ..errors import CaffeFtError
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:
-    from .features import FeatureSet
+    from .cache import FeatureSet
 
 TRAIN_FEATURES = "features-train.npz"
 VAL_FEATURES = "features-val.npz"
@@ -135,7 +135,7 @@ def data_reasons(layer: Message, phase: str) -> List[str]:
     return reasons
 
 
-def trunk_reasons(layers: Sequence[Message], trunk: Sequence[int]) -> List[str]:
+def trunk_reasons(layers: Sequence[Message], trunk: Iterable[int]) -> List[str]:
     """Why the TRAIN-phase layers before the head give other features each time."""
     reasons = []
     for index in sorted(trunk):
@@ -214,7 +214,7 @@ def _head_reader_reasons(layer: Message, scores: str, label: str) -> List[str]:
 
 def _trunk_text(net: Message, schema: Schema, feature_layer: str) -> Tuple[str, str]:
     """The cut trunk's text and the blob it ends with."""
-    from .features import cut_net
+    from .trunk import cut_net
 
     trunk = cut_net(net, schema, (1, 1, 1), feature_layer)
     return trunk.text(), trunk.feature_blob
@@ -247,7 +247,7 @@ class _TrainNet:
 def _train_net(net: Message, schema: Schema) -> Tuple[Optional[_TrainNet], List[str]]:
     """The TRAIN net's head, feature layer, data and loss layers (None when
     they cannot be told apart), and why they cannot be replayed."""
-    from .features import net_data_layer
+    from ..data.transform import net_data_layer
 
     layers = list(_phase_net(net, "TRAIN", schema).layer)
     head, reasons = _head_index(layers)
@@ -295,7 +295,7 @@ def _same_trunk(net: Message, schema: Schema, parts: _TrainNet) -> List[str]:
 
 def _test_net(net: Message, schema: Schema, scores: str) -> Tuple[Optional[DataSpec], List[replay.Output], List[str]]:
     """The TEST net's data and outputs (each from the head's scores), or why they cannot be replayed."""
-    from .features import net_data_layer
+    from ..data.transform import net_data_layer
 
     data = net_data_layer(net, "TEST")
     if data is None:
@@ -352,7 +352,8 @@ def analyse(solver_path: str, schema: Schema, device: str = "cpu") -> Tuple[Opti
     if parts is None:
         return None, reasons
     reasons += _same_trunk(net, schema, parts)
-    test, outputs = None, []
+    test: Optional[DataSpec] = None
+    outputs: List[replay.Output] = []
     if test_specs:
         test, outputs, found = _test_net(net, schema, parts.head.top[0])
         reasons += found
@@ -371,10 +372,10 @@ def _features(net_path: str, weights: str, spec: DataSpec, layer: str, phase: Op
               schema: Schema, out: IO[str]) -> Tuple["FeatureSet", bool]:
     """The features of ``spec``'s data at ``layer``'s output (computed, or
     reused while up to date) and whether they were reused."""
-    from . import features as ft
+    from .cache import Request, compute_or_reuse
 
-    request = ft.Request(net_path, weights, spec.source, layer, batch_size=max(1, spec.batch_size), phase=phase)
-    outcome = ft.compute_or_reuse(request, path, schema)
+    request = Request(net_path, weights, spec.source, layer, batch_size=max(1, spec.batch_size), phase=phase)
+    outcome = compute_or_reuse(request, path, schema)
     verb = "reused" if outcome.reused else f"computed ({outcome.reason})"
     out.write(f"features of {spec.source}: {verb}, {len(outcome.features.labels)} images "
               f"-> {os.path.basename(path)}\n")
@@ -457,6 +458,7 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
                  seed: int, out: IO[str]) -> Trained:
     """Replay the solver's SGD on the head over cached features, starting
     from ``init``'s head; write ``final``, the metrics and the plot."""
+    from ..training.plot import plot_quietly
     from ..training.progress import MetricsWriter, make_reporter
     from ..training.schedule import final_test_due, learning_rate, test_due
 
@@ -514,7 +516,7 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
         reporter.close()
         metrics.close()
     seconds = time.monotonic() - started
-    _plot(metrics_path, plot_path, out)
+    plot_quietly(metrics_path, plot_path, out)
     if diverged is not None:
         iteration, loss, lr = diverged
         return Trained(2, None, last, f"the loss became {loss} at iteration {iteration} (learning rate {lr:g}): "
@@ -529,16 +531,6 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
                      "the batches differ from the ones pycaffe would draw")
     return Trained(0, final, last, f"trained the head on cached features ({saving}) to iteration "
                    f"{head.iteration}; model {final}", notes)
-
-
-def _plot(metrics: str, png: str, out: IO[str]) -> None:
-    """Draw the run; a plotting problem never fails the run."""
-    from ..training.plot import plot_file
-
-    try:
-        plot_file(metrics, png)
-    except CaffeFtError as exc:
-        out.write(f"note: no plot: {exc}\n")
 
 
 # --------------------------------------------------------------------------
@@ -568,7 +560,7 @@ def fit_features(net_path: str, schema: Schema, head: str, init: str, outdir: st
     """Fit the head with scikit-learn on cached features (TEST-phase
     preprocessing) of the TRAIN and TEST data layers' images; write ``final``."""
     from . import linear
-    from .features import net_data_layer
+    from ..data.transform import net_data_layer
     from ..formats.files import load_net
 
     net = load_net(net_path, schema)

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeFtError
-from .features import FeatureSet, cut_net, load_net, sha256_file, stale_parts
+from ..formats.files import load_net, sha256_file
+from .cache import FeatureSet, stale_parts
+from .trunk import cut_net
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:
@@ -231,7 +233,7 @@ def _unique(name: str, taken: Sequence[str]) -> str:
 
 
 @dataclass(frozen=True)
-class Head:
+class WrittenHead:
     """The written files and the names in them."""
 
     deploy: str
@@ -273,7 +275,7 @@ def _check_source(meta: Dict[str, Any], fingerprints: Dict[str, str], net_path: 
 
 
 def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, num_classes: int,
-               net_path: Optional[str] = None, weights: Optional[str] = None) -> Head:
+               net_path: Optional[str] = None, weights: Optional[str] = None) -> WrittenHead:
     """Write ``deploy.prototxt``, ``linear.caffemodel`` and ``linear.json`` to ``outdir``."""
     from ..formats.caffemodel import Blob, Model, load_model, save_model
     from ..formats.files import write_atomic
@@ -294,7 +296,7 @@ def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, n
     head_blobs = [Blob.of(result.weights.astype("float32")), Blob.of(result.bias.astype("float32"))]
     blobs[[layer.name for layer in net.layer].index(head_name)] = head_blobs
     os.makedirs(outdir, exist_ok=True)
-    head = Head(os.path.join(outdir, "deploy.prototxt"), os.path.join(outdir, "linear.caffemodel"),
+    head = WrittenHead(os.path.join(outdir, "deploy.prototxt"), os.path.join(outdir, "linear.caffemodel"),
                 os.path.join(outdir, "linear.json"), head_name, output)
     write_atomic(head.deploy, print_message(net))
     save_model(Model(model_net, blobs), head.weights)
@@ -302,7 +304,7 @@ def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, n
     return head
 
 
-def summary(result: Fit, meta: Dict[str, Any], head: Head, num_classes: int) -> Dict[str, Any]:
+def summary(result: Fit, meta: Dict[str, Any], head: WrittenHead, num_classes: int) -> Dict[str, Any]:
     """What linear.json records: the choice, the scores, and the input transform
     the deploy net expects (a deploy net cannot say it)."""
     return {

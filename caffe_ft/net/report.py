@@ -87,7 +87,7 @@ def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]
     return info
 
 
-def _table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:

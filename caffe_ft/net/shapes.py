@@ -831,7 +831,7 @@ def _missing_shape(layer_name: str, layer_type: str, top: str) -> CaffeFtError:
 
 
 def _resolve(
-    layer: Message, inferred: Inferred, given: Mapping[str, Tuple[int, ...]], overridable: bool
+    layer: Message, inferred: Inferred, given: Mapping[str, Sequence[int]], overridable: bool
 ) -> Tuple[Shape, ...]:
     """The layer's top shapes: the caller's shape where it may override, else
     the rule's; an unknown top with no shape given is an error.

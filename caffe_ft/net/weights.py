@@ -380,11 +380,12 @@ def _check(targets: Sequence[_Target], model: Model, phase: str) -> CheckReport:
     ignored: Dict[str, _Source] = {}
     copy_abort = None
     for source in source_layers(model):
-        index = first.get(source.name)
-        if index is None:
+        found = first.get(source.name)
+        if found is None:
             if source.blobs:
                 ignored[source.name] = source
             continue
+        index = found
         failure = _copy_failure(source, targets[index])
         if failure is not None:
             failures.setdefault(index, (source, failure))
@@ -533,8 +534,8 @@ def init(
         where = f" (mismatched: {mismatched}; rename or fix them first)" if mismatched else ""
         raise CaffeFtError(f"Caffe would abort loading these weights: {report.abort}{where}")
     copied: Dict[str, LayerCheck] = {}
-    for row in report.by_status(COPIED):
-        copied.setdefault(row.name, row)  # rows are in net order: the first layer of a name
+    for checked in report.by_status(COPIED):
+        copied.setdefault(checked.name, checked)  # rows are in net order: the first layer of a name
     rng = np.random.default_rng(seed)
     out = type(current)()
     out.name = current.name
@@ -545,7 +546,7 @@ def init(
         layer.ClearField("blobs")
         if not layer.HasField("phase"):
             layer.phase = shapes.PHASES[phase]  # as Net::Init sets it
-        row = copied.pop(layer.name, None)
+        row: Optional[LayerCheck] = copied.pop(layer.name, None)
         if row is not None:
             blobs.append([_written(blob, shape) for blob, shape in zip(row.source_blobs, target.params)])
         elif target.params:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import IO, Any, Dict, List, Mapping, Sequence, Tuple
 
 from ..errors import CaffeFtError
 from .progress import read_metrics
@@ -131,3 +131,14 @@ def plot_file(metrics: str, png: str, title: str = "") -> Curves:
     data = curves(read_metrics(metrics))
     render(data, png, title or os.path.basename(metrics))
     return data
+
+
+def plot_quietly(metrics: str, png: str, out: IO[str]) -> bool:
+    """Draw a run's loss and test outputs at its end; a plotting problem never
+    fails the run, it becomes a note on ``out``.  True when the PNG was written."""
+    try:
+        plot_file(metrics, png)
+    except CaffeFtError as exc:
+        out.write(f"note: no plot: {exc}\n")
+        return False
+    return True

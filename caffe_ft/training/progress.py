@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections import deque
-from typing import IO, Any, Deque, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, IO, List, Mapping, Optional, Sequence, Union
 
 from ..errors import CaffeFtError
 
@@ -318,3 +319,34 @@ def summarize_outputs(names: Sequence[str], sums: Sequence[Any], count: int) -> 
         values = [float(v) for v in getattr(mean, "ravel", lambda: [mean])()]
         result[name] = values[0] if len(values) == 1 else values
     return result
+
+
+def count_progress(total: int, what: str) -> Callable[[int], None]:
+    """A callback advancing a progress display by n items: a tqdm bar on a
+    terminal when tqdm is installed, otherwise a line about every tenth."""
+    stream = sys.stderr
+    if stream.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            bar = tqdm(total=total, desc=what, unit="img", file=stream, leave=False)
+
+            def advance_bar(count: int) -> None:
+                bar.update(count)
+                if bar.n >= total:
+                    bar.close()
+
+            return advance_bar
+    done = [0, 0]  # items, tenths reported
+
+    def advance(count: int) -> None:
+        done[0] += count
+        tenth = done[0] * 10 // max(total, 1)
+        if tenth > done[1] or done[0] >= total:
+            done[1] = tenth
+            stream.write(f"{what}: {done[0]}/{total} images\n")
+            stream.flush()
+
+    return advance

@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 from google.protobuf.message import Message
@@ -61,6 +61,7 @@ from ..errors import CaffeFtError
 from ..formats.schema import Schema
 from . import snapshots as snap
 from .nets import NetSpec, check_weights, nondeterminism, solver_nets
+from .plot import plot_quietly
 from .progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
 from .run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, resume_command
 from .schedule import (
@@ -84,7 +85,7 @@ _NOT_SOURCES = frozenset({"Input", "Parameter"})
 
 
 @dataclass
-class Plan:
+class RunPlan:
     """Everything decided before pycaffe is imported."""
 
     options: TrainOptions
@@ -138,7 +139,7 @@ def net_input_shapes(net: Any) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) -> Plan:
+def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) -> RunPlan:
     """Read and check everything, write the solver copy Caffe reads; no Caffe needed."""
     from ..formats import files, prototext
     from ..formats.upgrade import upgrade_solver
@@ -179,7 +180,7 @@ def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) ->
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return Plan(options, schema, solver, path, prefix, staging, gpus, resume, workdir, notes, [train, *tests], unchecked)
+    return RunPlan(options, schema, solver, path, prefix, staging, gpus, resume, workdir, notes, [train, *tests], unchecked)
 
 
 class Guard:
@@ -249,7 +250,7 @@ def import_caffe(show_log: bool) -> Any:
     return caffe
 
 
-def data_layers(net: Any) -> List[int]:
+def source_layers(net: Any) -> List[int]:
     """Indices of the layers that read input: no bottoms, and not a mere Input/Parameter."""
     return [index for index, layer in enumerate(net.layers)
             if not len(net._bottom_ids(index)) and layer.type not in _NOT_SOURCES]
@@ -257,7 +258,7 @@ def data_layers(net: Any) -> List[int]:
 
 def advance_data(net: Any, batches: int) -> None:
     """Make each data layer of ``net`` read and drop ``batches`` batches."""
-    for index in data_layers(net):
+    for index in source_layers(net):
         for _ in range(batches):
             net._forward(index, index)
 
@@ -318,7 +319,7 @@ def _select_device(caffe: Any, ctx: WorkerContext) -> None:
 class _Run:
     """One process's training loop (the only one, or one rank of several)."""
 
-    def __init__(self, plan: Plan, ctx: WorkerContext, caffe: Any) -> None:
+    def __init__(self, plan: RunPlan, ctx: WorkerContext, caffe: Any) -> None:
         self.plan, self.ctx, self.caffe = plan, ctx, caffe
         self.param = Settings.of(plan.solver)
         self.stop = ctx.stop or StopRequest()
@@ -494,7 +495,7 @@ class _Run:
 # ------------------------------------------------------------ multi-GPU runs --
 
 
-def _worker_main(plan: Plan, gpus: Tuple[int, ...], rank: int, uid: Any, barrier: Any, slots: Any,
+def _worker_main(plan: RunPlan, gpus: Tuple[int, ...], rank: int, uid: Any, barrier: Any, slots: Any,
                  shared_stop: Any, results: Any) -> None:
     """One GPU's process: ignores signals (the parent forwards them), trains, reports."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -510,7 +511,7 @@ def _worker_main(plan: Plan, gpus: Tuple[int, ...], rank: int, uid: Any, barrier
         results.send(result)
 
 
-def _run_multi(plan: Plan, caffe: Any, out: IO[str]) -> TrainResult:
+def _run_multi(plan: RunPlan, caffe: Any, out: IO[str]) -> TrainResult:
     """One process per GPU, as Caffe's python/train.py runs them; the parent
     only forwards signals, watches for a rank that dies, and collects rank 0's result."""
     import multiprocessing
@@ -527,7 +528,11 @@ def _run_multi(plan: Plan, caffe: Any, out: IO[str]) -> TrainResult:
     slots = context.Array("b", 4 * len(gpus), lock=False)
     shared_stop = context.Value("i", 0, lock=False)
     reader, writer = context.Pipe(duplex=False)
-    stop = StopRequest(say=lambda text: (out.write(text + "\n"), out.flush()))
+    def say(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    stop = StopRequest(say=say)
 
     def forward(signum: int, frame: Any) -> None:
         stop.request(signum, frame)
@@ -548,7 +553,7 @@ def _run_multi(plan: Plan, caffe: Any, out: IO[str]) -> TrainResult:
                 if ready is reader:
                     result = reader.recv()
                     continue
-                proc = pending.pop(ready)  # type: ignore[call-overload]
+                proc = pending.pop(cast(int, ready))
                 proc.join()
                 if proc.exitcode != 0:
                     barrier.abort()
@@ -569,7 +574,7 @@ def _run_multi(plan: Plan, caffe: Any, out: IO[str]) -> TrainResult:
 # ------------------------------------------------------------------ the entry --
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: RunPlan) -> str:
     """The run in one line: solver, device, start, snapshots."""
     device = "CPU" if not plan.gpus else ("GPU " if len(plan.gpus) == 1 else "GPUs ") + ",".join(map(str, plan.gpus))
     start = f"resuming at iteration {plan.resume.iteration}" if plan.resume and plan.resume.iteration >= 0 else (
@@ -599,19 +604,46 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
             finally:
                 stop.uninstall()
         if options.plot:
-            _plot(plan.metrics_path, options.plot, out)
+            if plot_quietly(plan.metrics_path, options.plot, out):
+                out.write(f"plot: {options.plot}\n")
     finally:
         plan.cleanup()
     return result
 
 
-def _plot(metrics: str, png: str, out: IO[str]) -> None:
-    """Draw the run's loss and test outputs; a plotting problem never fails the run."""
-    from .plot import plot_file
-
+def quiet_caffe() -> Any:
+    """pycaffe, imported with Caffe's INFO logging off, in CPU mode."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
     try:
-        plot_file(metrics, png)
-    except CaffeFtError as exc:
-        out.write(f"note: no plot: {exc}\n")
-        return
-    out.write(f"plot: {png}\n")
+        import caffe
+    except ImportError:
+        raise CaffeFtError("computing features needs pycaffe (run inside the Caffe environment)") from None
+    caffe.set_mode_cpu()
+    return caffe
+
+
+def load_caffe_net(text: str, weights: str) -> Any:
+    """A pycaffe TEST net from prototxt text and a weights file."""
+    caffe = quiet_caffe()
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as handle:
+        handle.write(text)
+    try:
+        return caffe.Net(handle.name, weights, caffe.TEST)
+    finally:
+        os.unlink(handle.name)
+
+
+def forward_batches(
+    net: Any, input_blob: str, batches: Iterator[Tuple["np.ndarray", "np.ndarray", List[str]]],
+    blobs: Sequence[str], advance: Callable[[int], None],
+) -> Iterator[Tuple[Dict[str, "np.ndarray"], "np.ndarray", List[str]]]:
+    """For each batch fed to ``input_blob``: copies of ``blobs`` after a forward pass, labels and names."""
+    inputs = net.blobs[input_blob]
+    for data, labels, names in batches:
+        if inputs.data.shape != data.shape:
+            inputs.reshape(*data.shape)
+            net.reshape()
+        inputs.data[...] = data
+        net.forward()
+        yield {name: net.blobs[name].data.copy() for name in blobs}, labels, names
+        advance(len(names))

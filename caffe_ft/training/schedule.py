@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 
 from ..errors import CaffeFtError
@@ -50,7 +50,7 @@ class Settings:
 
     @classmethod
     def of(cls, solver: SolverLike) -> "Settings":
-        values = {}
+        values: Dict[str, Any] = {}
         for name in cls.__dataclass_fields__:
             value = getattr(solver, name)
             values[name] = tuple(value) if name in ("stepvalue", "test_iter") else value

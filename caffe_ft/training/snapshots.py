@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import CaffeFtError
+from ..formats import wire
 
 MODEL_EXT = ".caffemodel"
 STATE_EXT = ".solverstate"
 _LEARNED_NET = 2  # SolverState.learned_net
-_LEN = 2  # wire type of length-delimited fields
 
 
 def effective_prefix(solver_path: str, prefix: Optional[str]) -> str:
@@ -59,81 +59,31 @@ def snapshot_paths(prefix: str, iteration: int) -> Tuple[str, str]:
 # ------------------------------------------------------------- wire splicing --
 
 
-def _varint(data: bytes, pos: int) -> Tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _skip(data: bytes, pos: int, wire: int) -> int:
-    if wire == 0:
-        return _varint(data, pos)[1]
-    if wire == 1:
-        return pos + 8
-    if wire == 5:
-        return pos + 4
-    if wire == _LEN:
-        length, pos = _varint(data, pos)
-        return pos + length
-    raise ValueError(f"unexpected wire type {wire}")
-
-
 def learned_net_span(data: bytes) -> Optional[Tuple[int, int, str]]:
     """``(start, end, value)`` of the ``learned_net`` record of a serialized
     SolverState, or None when it has none.  Caffe writes fields in number
     order, so the record comes right after ``iter``: only the head is read."""
-    pos = 0
-    while pos < len(data):
-        start = pos
-        key, pos = _varint(data, pos)
-        field, wire = key >> 3, key & 7
-        if field == _LEARNED_NET and wire == _LEN:
-            length, body = _varint(data, pos)
-            end = body + length
-            if end > len(data):
-                raise ValueError("truncated learned_net")
-            return start, end, data[body:end].decode("utf-8", "replace")
-        if field > _LEARNED_NET:
+    for record in wire.records(data, 0, len(data)):
+        if record.field == _LEARNED_NET and record.wire == wire.BYTES:
+            return record.start, record.end, data[record.value_start:record.end].decode("utf-8", "replace")
+        if record.field > _LEARNED_NET:
             return None
-        pos = _skip(data, pos, wire)
     return None
 
 
 def with_learned_net(data: bytes, learned_net: str) -> bytes:
     """A serialized SolverState with its ``learned_net`` set to ``learned_net``."""
     value = learned_net.encode("utf-8")
-    record = _encode_varint(_LEARNED_NET << 3 | _LEN) + _encode_varint(len(value)) + value
+    record = wire.key_bytes(_LEARNED_NET, wire.BYTES) + wire.varint_bytes(len(value)) + value
     span = learned_net_span(data)
     if span is not None:
         start, end, _ = span
         return data[:start] + record + data[end:]
     pos = 0  # no learned_net yet: insert it after the fields numbered below it
-    while pos < len(data):
-        key, after = _varint(data, pos)
-        if key >> 3 > _LEARNED_NET:
+    for each in wire.records(data, 0, len(data)):
+        if each.field > _LEARNED_NET:
             break
-        pos = _skip(data, after, key & 7)
+        pos = each.end
     return data[:pos] + record + data[pos:]
 
 

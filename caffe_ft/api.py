@@ -1,0 +1,181 @@
+"""caffe-ft as a library: the commands' jobs as functions, no click needed.
+
+Each function takes file paths and typed options (:mod:`caffe_ft.finetune.options`,
+:class:`caffe_ft.training.run.TrainOptions`) and returns plain results; problems
+with the input raise :class:`~caffe_ft.errors.CaffeFtError`.  Progress and notes
+go to ``out`` (stderr by default), as on the command line::
+
+    import caffe_ft
+    from caffe_ft.finetune.options import FinetuneOptions, RewriteOptions
+    from caffe_ft.finetune.strategies import StrategyOptions
+
+    result = caffe_ft.finetune("deploy.prototxt", "pretrained.caffemodel", FinetuneOptions(
+        RewriteOptions(StrategyOptions(num_classes=5), strategy="last-fc", ...)))
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, TYPE_CHECKING, Any, Optional, Tuple
+
+from .errors import CaffeFtError
+from .finetune.options import FinetuneOptions, InputShapes, RewriteOptions
+from .formats.schema import Schema, load_schema
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .export.to_onnx import ExportOptions
+    from .finetune.job import FinetuneResult
+    from .finetune.rewrite import RewritePlan
+    from .net.weights import CheckReport
+    from .training.run import TrainOptions, TrainResult
+
+
+def _printer(out: IO[str]) -> Any:
+    def say(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    return say
+
+
+def current_net(net: Any, path: str) -> Any:
+    """``net`` in the current format (a legacy net is upgraded on a copy)."""
+    from .formats.upgrade import net_needs_upgrade, upgrade_net
+
+    if not net_needs_upgrade(net):
+        return net
+    copy = type(net)()
+    copy.CopyFrom(net)
+    try:
+        upgrade_net(copy)
+    except CaffeFtError as exc:
+        raise exc.located(path) from None
+    return copy
+
+
+def load_net_and_model(net_path: str, weights: str, schema: Schema) -> Tuple[Any, Any]:
+    """The current-format net of ``net_path`` and the caffemodel ``weights``."""
+    from .formats import files
+    from .formats.caffemodel import load_model
+
+    net = files.load_text(net_path, schema, files.NET).message
+    return current_net(net, net_path), load_model(weights, schema)
+
+
+def check(net_path: str, weights: str, *, phase: str = "TRAIN", input_shapes: Optional[InputShapes] = None,
+          schema: Optional[Schema] = None) -> "CheckReport":
+    """What Caffe will do when it loads ``weights`` into the net: each layer COPIED, FRESH or MISMATCH."""
+    from .net import weights as wt
+
+    schema = schema or load_schema()
+    net, model = load_net_and_model(net_path, weights, schema)
+    try:
+        return wt.check(net, model, phase, input_shapes or None)
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+
+
+def init(net_path: str, weights: str, output: str, *, seed: int = 0, phase: str = "TRAIN",
+         input_shapes: Optional[InputShapes] = None, schema: Optional[Schema] = None) -> "CheckReport":
+    """Write the caffemodel the net starts from (``weights``' blobs where they fit,
+    Caffe's fillers elsewhere) to ``output``; returns the check it rests on."""
+    import os
+
+    from .formats.caffemodel import save_model
+    from .net import weights as wt
+
+    if os.path.exists(output) and os.path.exists(weights) and os.path.samefile(output, weights):
+        raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
+    schema = schema or load_schema()
+    net, model = load_net_and_model(net_path, weights, schema)
+    try:
+        report = wt.check(net, model, phase, input_shapes or None)
+        result = wt.init(net, model, seed, phase, input_shapes or None)
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+    save_model(result, output)
+    return report
+
+
+def check_rewrite(plan: "RewritePlan", weights: str, schema: Schema, input_shapes: Optional[InputShapes],
+                  out: IO[str]) -> None:
+    """Print what Caffe will copy from ``weights`` into the rewritten net; raise if it would abort."""
+    from .formats import files, prototext
+    from .formats.caffemodel import load_model
+    from .net.weights import check as check_net, format_check
+
+    name = "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt"
+    text = plan.files[name][0]
+    net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
+    report = check_net(net, load_model(weights, schema), input_shapes=input_shapes or None)
+    out.write(format_check(report) + "\n")
+    if not report.ok:
+        raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
+
+
+def rewrite(net_path: str, options: RewriteOptions, *, weights: Optional[str] = None, write: bool = True,
+            force: bool = False, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "RewritePlan":
+    """Turn a pretrained net into a fine-tuning setup (train_val, deploy, solver,
+    summary.md in ``options.outdir``); with ``weights``, check first that Caffe
+    would start from them.  ``write=False`` plans without writing."""
+    from .finetune.planning import plan_rewrite
+    from .finetune.rewrite import write_plan
+
+    schema = schema or load_schema()
+    plan = plan_rewrite(schema, net_path, options, weights, _printer(out))
+    if weights:
+        check_rewrite(plan, weights, schema, options.input_shapes, out)
+    if write:
+        write_plan(plan, force=force)
+    return plan
+
+
+def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: Optional[Schema] = None,
+             out: IO[str] = sys.stderr) -> "FinetuneResult":
+    """Rewrite, check, init and train in one job; OUTDIR gets the nets, init and
+    final caffemodels, metrics, plot and summary.md."""
+    from .finetune import job
+    from .finetune.planning import plan_rewrite
+
+    schema = schema or load_schema()
+    plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out))
+    return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
+                   input_shapes=options.rewrite.input_shapes or None, cached=options.cached,
+                   export_onnx=options.export_onnx, out=out)
+
+
+def export_onnx(net_path: str, weights: Optional[str], output: str, options: "ExportOptions", *,
+                schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "onnx.ModelProto":
+    """Write the net (a deploy net, or the deploy net derived from a train_val)
+    and ``weights`` to ``output`` as an ONNX model; nothing is written when a
+    layer has no faithful ONNX equivalent."""
+    from .export import to_onnx
+    from .finetune.rewrite import is_deploy, to_deploy
+    from .formats import files
+    from .formats.caffemodel import load_model
+    from .net.graph import find_heads
+
+    schema = schema or load_schema()
+    net = current_net(files.load_text(net_path, schema, files.NET).message, net_path)
+    model = load_model(weights, schema) if weights else None
+    try:
+        if not is_deploy(net):
+            net = to_deploy(schema, net, find_heads(net).heads, options.input_shapes)
+            out.write(f"{net_path}: not a deploy net: exporting the deploy net derived from it\n")
+        result = to_onnx.export(net, model, options, to_onnx.source_metadata(net_path, weights, options))
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+    files.write_atomic(output, to_onnx.serialize(result))
+    return result
+
+
+def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "TrainResult":
+    """Run a Caffe solver (pycaffe): checked start, metrics, safe snapshots, resume."""
+    from .training.pycaffe import train as run_training
+
+    return run_training(options, schema or load_schema(options.proto), out)
+
+
+__all__ = ["check", "export_onnx", "finetune", "init", "rewrite", "train"]

@@ -1,0 +1,166 @@
+"""Where images and labels come from: Caffe image lists and LMDB directories.
+
+:class:`DataSource` reads either, in order, and yields transformed batches;
+its fingerprint changes whenever the list or any image it names changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple
+
+from ..errors import CaffeFtError
+from ..formats.files import sha256_file
+from ..formats.schema import Schema
+from .transform import Transform, decode_datum, read_image, transform_image
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def image_path(root: str, name: str) -> str:
+    """Where an image list entry lives: Caffe prefixes the root folder as a
+    string; a root given without a trailing slash is taken as a directory."""
+    if root and not root.endswith("/"):
+        root += "/"
+    return root + name
+
+
+def read_image_list(path: str) -> List[Tuple[str, int]]:
+    """The ``path label`` lines of an image list (split at the last space, as Caffe does)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise CaffeFtError(f"cannot read: {exc.strerror}", path) from None
+    except UnicodeDecodeError:
+        raise CaffeFtError("an image list must be UTF-8 text", path) from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        name, _, label = line.rpartition(" ")
+        try:
+            entries.append((name.strip(), int(label)))
+        except ValueError:
+            raise CaffeFtError("expected 'path label' with an integer label", path, number) from None
+        if not name.strip():
+            raise CaffeFtError("expected 'path label' with an integer label", path, number)
+    if not entries:
+        raise CaffeFtError("the image list is empty", path)
+    return entries
+
+
+@dataclass
+class DataSource:
+    """Images with labels, read in batches: an image list or an LMDB directory."""
+
+    path: str
+    root: str = ""
+    entries: List[Tuple[str, int]] = field(default_factory=list)  # image lists only
+    limit: Optional[int] = None  # LMDB: read only the first records
+
+    @classmethod
+    def open(cls, path: str, root: str = "") -> "DataSource":
+        if os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, "data.mdb")):
+                raise CaffeFtError("a directory given as data must be an LMDB (it has no data.mdb)", path)
+            return cls(path)
+        return cls(path, root, read_image_list(path))
+
+    @property
+    def is_lmdb(self) -> bool:
+        return not self.entries
+
+    def __len__(self) -> int:
+        if self.is_lmdb:
+            with self._lmdb() as env:
+                count = int(env.stat()["entries"])
+            return count if self.limit is None else min(count, self.limit)
+        return len(self.entries)
+
+    def fingerprint(self) -> str:
+        """Digest of the list and of each image's size and mtime (LMDB: of data.mdb's)."""
+        digest = hashlib.sha256()
+        if self.is_lmdb:
+            stat = os.stat(os.path.join(self.path, "data.mdb"))
+            digest.update(f"lmdb {stat.st_size} {stat.st_mtime_ns}".encode())
+            return digest.hexdigest()
+        digest.update(sha256_file(self.path).encode())
+        digest.update(self.root.encode("utf-8"))
+        for name, _ in self.entries:
+            where = image_path(self.root, name)
+            try:
+                stat = os.stat(where)
+            except OSError:
+                raise CaffeFtError(f"image '{name}' not found (looked at {where})", self.path) from None
+            digest.update(f"{where}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8"))
+        return digest.hexdigest()
+
+    def _lmdb(self) -> Any:
+        try:
+            import lmdb
+        except ImportError:
+            raise CaffeFtError(
+                "reading an LMDB needs the Python 'lmdb' module (Debian: python3-lmdb), "
+                "or give an image list instead", self.path) from None
+        return lmdb.open(self.path, readonly=True, lock=False, readahead=False)
+
+    def items(self, schema: Schema, transform: Transform) -> Iterator[Tuple["np.ndarray", int, str]]:
+        """(C x H x W image before the TEST transform, label, source name) in order."""
+        if not self.is_lmdb:
+            for name, label in self.entries:
+                yield read_image(image_path(self.root, name), transform), label, name
+            return
+        with self._lmdb() as env, env.begin() as txn:
+            for index, (key, value) in enumerate(txn.cursor()):
+                if index == self.limit:
+                    return
+                try:
+                    image, label = decode_datum(bytes(value), schema, transform)
+                except Exception as exc:  # noqa: BLE001 - protobuf and OpenCV errors alike
+                    message = exc.message if isinstance(exc, CaffeFtError) else f"not a Datum ({exc})"
+                    raise CaffeFtError(f"record '{bytes(key).decode(errors='replace')}': {message}",
+                                       self.path) from None
+                yield image, label, bytes(key).decode("utf-8", errors="replace")
+
+    def batches(self, schema: Schema, transform: Transform, mean: Optional["np.ndarray"], size: int
+                ) -> Iterator[Tuple["np.ndarray", "np.ndarray", List[str]]]:
+        """Transformed inputs (N x C x H x W float32), labels and names, ``size`` at a time."""
+        import numpy as np
+
+        images: List[np.ndarray] = []
+        labels: List[int] = []
+        names: List[str] = []
+        for image, label, name in self.items(schema, transform):
+            images.append(transform_image(image, transform, mean))
+            labels.append(label)
+            names.append(name)
+            if len(images) == size:
+                yield _stack(images, names), np.asarray(labels, np.int64), names
+                images, labels, names = [], [], []
+        if images:
+            yield _stack(images, names), np.asarray(labels, np.int64), names
+
+
+def _stack(images: List["np.ndarray"], names: List[str]) -> "np.ndarray":
+    import numpy as np
+
+    first = images[0].shape
+    for image, name in zip(images, names):
+        if image.shape != first:
+            raise CaffeFtError(
+                f"image '{name}' is {'x'.join(map(str, image.shape))} after the transform, "
+                f"others are {'x'.join(map(str, first))}; set a resize or crop size")
+    return np.stack(images)
+
+
+def input_shape(source: DataSource, schema: Schema, transform: Transform, mean: Optional["np.ndarray"]
+                ) -> Tuple[int, ...]:
+    """C x H x W of the first transformed image (the Input the trunk gets)."""
+    for image, _, _ in source.items(schema, transform):
+        return tuple(transform_image(image, transform, mean).shape)
+    raise CaffeFtError("the data source holds no images", source.path)

@@ -1,0 +1,57 @@
+"""What a fine-tuning job is asked to do, as typed values instead of command-line flags.
+
+The CLI builds these from its options; Python code builds them directly
+(``caffe_ft.rewrite(net, RewriteOptions(strategy="last-fc", ...))``).  Each is
+frozen: a job never changes what it was asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from .rewrite import DataOptions, SolverOptions
+from .strategies import StrategyOptions
+
+#: ``--input-shape`` values: a data layer's top name -> its N, C, H, W.
+InputShapes = Dict[str, Tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """``caffe-ft rewrite``: the strategy, the head, the data, the solver and where to write.
+
+    ``strategy`` ``"auto"`` is decided from ``dataset_size`` (default: the
+    lines of ``data.train``) and ``similarity`` (default: measured, which
+    needs the pretrained weights and the training data).  ``outdir`` defaults
+    to ``ft-STRATEGY`` beside the net.
+    """
+
+    head: StrategyOptions
+    strategy: str = "auto"
+    data: DataOptions = DataOptions()
+    solver: SolverOptions = SolverOptions()
+    solver_path: Optional[str] = None
+    deploy_path: Optional[str] = None
+    outdir: Optional[str] = None
+    dataset_size: Optional[int] = None
+    similarity: Optional[str] = None
+    input_shapes: InputShapes = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """``caffe-ft finetune``: a rewrite, then training from the pretrained weights.
+
+    ``device``: ``"cpu"``, ``"solver"`` (the solver's own ``solver_mode``) or
+    GPU ids (``"0"``, ``"0,1"``, ``"all"``).  ``cached``: let ``last-fc`` train
+    the head on cached features where that gives what pycaffe would.
+    ``export_onnx``: also write ``final.onnx``, checked against pycaffe.
+    """
+
+    rewrite: RewriteOptions
+    device: str = "solver"
+    seed: int = 0
+    force: bool = False
+    cached: bool = True
+    export_onnx: bool = False
