@@ -54,7 +54,7 @@ from caffe_ft.heads.cache import Request, compute_or_reuse, load_features
 
 from caffe_ft.training.pycaffe import quiet_caffe
 from caffe_ft.formats.schema import load_schema  # noqa: E402
-from caffe_ft.finetune.strategies import StrategyOptions, apply_strategy  # noqa: E402
+from caffe_ft.recipe.strategies import StrategyOptions, apply_strategy  # noqa: E402
 from caffe_ft.formats.prototext import parse, print_message, to_message  # noqa: E402
 
 NSFW = "/opt/models/nsfw"

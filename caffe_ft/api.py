@@ -1,13 +1,13 @@
 """caffe-ft as a library: the commands' jobs as functions, no click needed.
 
-Each function takes file paths and typed options (:mod:`caffe_ft.finetune.options`,
+Each function takes file paths and typed options (:mod:`caffe_ft.recipe.options`,
 :class:`caffe_ft.training.run.TrainOptions`) and returns plain results; problems
 with the input raise :class:`~caffe_ft.errors.CaffeFtError`.  Progress and notes
 go to ``out`` (stderr by default), as on the command line::
 
     import caffe_ft
-    from caffe_ft.finetune.options import FinetuneOptions, RewriteOptions
-    from caffe_ft.finetune.strategies import StrategyOptions
+    from caffe_ft.recipe.options import FinetuneOptions, RewriteOptions
+    from caffe_ft.recipe.strategies import StrategyOptions
 
     result = caffe_ft.finetune("deploy.prototxt", "pretrained.caffemodel", FinetuneOptions(
         RewriteOptions(StrategyOptions(num_classes=5), strategy="last-fc", ...)))
@@ -19,15 +19,15 @@ import sys
 from typing import IO, TYPE_CHECKING, Any, Optional, Tuple
 
 from .errors import CaffeFtError
-from .finetune.options import FinetuneOptions, InputShapes, RewriteOptions
+from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
 from .formats.schema import Schema, load_schema
 
 if TYPE_CHECKING:
     import onnx
 
     from .export.to_onnx import ExportOptions
-    from .finetune.job import FinetuneResult
-    from .finetune.rewrite import RewritePlan
+    from .recipe.job import FinetuneResult
+    from .recipe.rewrite import RewritePlan
     from .net.weights import CheckReport
     from .training.run import TrainOptions, TrainResult
 
@@ -110,7 +110,7 @@ def check_rewrite(plan: "RewritePlan", weights: str, schema: Schema, input_shape
     text = plan.files[name][0]
     net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
     report = check_net(net, load_model(weights, schema), input_shapes=input_shapes or None)
-    out.write(format_check(report) + "\n")
+    _printer(out)(format_check(report))
     if not report.ok:
         raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
 
@@ -120,8 +120,8 @@ def rewrite(net_path: str, options: RewriteOptions, *, weights: Optional[str] = 
     """Turn a pretrained net into a fine-tuning setup (train_val, deploy, solver,
     summary.md in ``options.outdir``); with ``weights``, check first that Caffe
     would start from them.  ``write=False`` plans without writing."""
-    from .finetune.planning import plan_rewrite
-    from .finetune.rewrite import write_plan
+    from .recipe.planning import plan_rewrite
+    from .recipe.rewrite import write_plan
 
     schema = schema or load_schema()
     plan = plan_rewrite(schema, net_path, options, weights, _printer(out))
@@ -136,8 +136,8 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
              out: IO[str] = sys.stderr) -> "FinetuneResult":
     """Rewrite, check, init and train in one job; OUTDIR gets the nets, init and
     final caffemodels, metrics, plot and summary.md."""
-    from .finetune import job
-    from .finetune.planning import plan_rewrite
+    from .recipe import job
+    from .recipe.planning import plan_rewrite
 
     schema = schema or load_schema()
     plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out))
@@ -152,7 +152,7 @@ def export_onnx(net_path: str, weights: Optional[str], output: str, options: "Ex
     and ``weights`` to ``output`` as an ONNX model; nothing is written when a
     layer has no faithful ONNX equivalent."""
     from .export import to_onnx
-    from .finetune.rewrite import is_deploy, to_deploy
+    from .recipe.rewrite import is_deploy, to_deploy
     from .formats import files
     from .formats.caffemodel import load_model
     from .net.graph import find_heads

@@ -1,7 +1,9 @@
 """The ``caffe-ft`` command line: parse options, call the library, write.
 
-No logic lives here.  Every :class:`CaffeFtError` becomes one line on stderr
-and exit status 2; nothing is written when a command fails.
+Each command turns its options into the library's typed options, calls
+:mod:`caffe_ft.api` (or the module that does the job) and prints the result.
+Every :class:`CaffeFtError` becomes one line on stderr and exit status 2;
+nothing is written when a command fails.
 """
 
 from __future__ import annotations
@@ -260,9 +262,9 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
 
 def _options_of(params: Dict[str, Any]) -> Any:
     """The typed options of ``rewrite``/``finetune`` from the shared command-line options."""
-    from .finetune.options import RewriteOptions
-    from .finetune.rewrite import DataOptions, SolverOptions
-    from .finetune.strategies import StrategyOptions
+    from .recipe.options import RewriteOptions
+    from .recipe.rewrite import DataOptions, SolverOptions
+    from .recipe.strategies import StrategyOptions
 
     head = StrategyOptions(
         num_classes=params["num_classes"], heads=tuple(params["heads"]), new_name=params["new_name"],
@@ -285,7 +287,7 @@ def _options_of(params: Dict[str, Any]) -> Any:
 
 def _usage_errors(call: Callable[[], Any]) -> Any:
     """``call()``, with the library's option conflicts shown as click usage errors."""
-    from .finetune.planning import OptionError
+    from .recipe.planning import OptionError
 
     try:
         return call()
@@ -310,7 +312,7 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
     to OUTDIR, each an edit of its input that keeps comments and layout.
     """
     from . import api
-    from .finetune.rewrite import summary_text, unified_diff, write_plan
+    from .recipe.rewrite import summary_text, unified_diff, write_plan
 
     options = _options_of(params)
     result = _usage_errors(lambda: api.rewrite(net_path, options, weights=weights, write=False,
@@ -349,7 +351,7 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     the input is deterministic, and says so.
     """
     from . import api
-    from .finetune.options import FinetuneOptions
+    from .recipe.options import FinetuneOptions
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
@@ -588,7 +590,7 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
     statistics from the stored ones, and from linear probes on penultimate
     versus early features; the numbers are shown with the advice.
     """
-    from .finetune import advise as adv
+    from .recipe import advise as adv
 
     advice = adv.advise(net_path, weights, train_data, val_data, schema=_schema(ctx), root_folder=root_folder,
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import pytest
 
 from caffe_ft.formats import prototext
 from caffe_ft.formats.schema import load_schema
+
+#: The checkout, and this folder (its helper modules: ft_nets, feature_nets...)
+#: importable from the tests in the subfolders.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 # Where Debian's caffe-doc puts the BVLC example and model-zoo prototxts.
 CAFFE_DOC_DIRS = ("/usr/share/doc/caffe-doc",)
@@ -27,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
@@ -36,21 +44,21 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def schema():  # type: ignore[no-untyped-def]
+def schema():
     return load_schema()
 
 
 @pytest.fixture(scope="session")
-def parse_net(schema):  # type: ignore[no-untyped-def]
+def parse_net(schema):
     """``parse_net(text)`` -> NetParameter, for inline prototxt snippets."""
 
-    def parse(text: str, message: str = "NetParameter"):  # type: ignore[no-untyped-def]
+    def parse(text: str, message: str = "NetParameter"):
         return prototext.to_message(prototext.parse(text.encode()), schema.new(message))
 
     return parse
 
 
-def cli_runner():  # type: ignore[no-untyped-def]
+def cli_runner():
     """A click CliRunner keeping stderr apart on every click (7.x needs asking)."""
     from click.testing import CliRunner
 

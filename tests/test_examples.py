@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
-def run_example(name: str, script: str, cwd) -> str:  # type: ignore[no-untyped-def]
+def run_example(name: str, script: str, cwd) -> str:
     done = subprocess.run([sys.executable, os.path.join(EXAMPLES, name, script)], cwd=str(cwd),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     assert done.returncode == 0, done.stdout[-5000:]
@@ -34,14 +34,14 @@ def readme(name: str) -> str:
         return handle.read()
 
 
-def assert_in_output_and_readme(lines, output: str, name: str) -> None:  # type: ignore[no-untyped-def]
+def assert_in_output_and_readme(lines, output: str, name: str) -> None:
     documented = readme(name)
     for line in lines:
         assert line in output, f"not in the output: {line!r}"
         assert line in documented, f"not in {name}/README.md: {line!r}"
 
 
-def params(*shapes) -> int:  # type: ignore[no-untyped-def]
+def params(*shapes) -> int:
     """Parameters of blobs given as shape tuples."""
     total = 0
     for shape in shapes:

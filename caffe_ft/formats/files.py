@@ -1,5 +1,8 @@
-"""Reading and writing Caffe files: the only module that opens files.
+"""Reading and writing files: Caffe's text files, atomic writes, fingerprints.
 
+Every write of caffe-ft goes through :func:`write_atomic` or
+:func:`atomic_output`; binary Caffe files are read by
+:mod:`caffe_ft.formats.caffemodel`, image lists by :mod:`caffe_ft.data`.
 Text or binary is decided by content (a ``.prototxt`` that is really a
 caffemodel is caught), nets and solvers by the fields they use.  Every problem
 becomes a :class:`~caffe_ft.errors.CaffeFtError` naming the file; writes go to

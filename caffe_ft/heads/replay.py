@@ -37,7 +37,6 @@ import numpy as np
 from ..training.schedule import learning_rate
 
 FLT_MIN = np.float32(np.finfo(np.float32).tiny)
-NORMALIZATIONS = ("FULL", "VALID", "BATCH_SIZE", "NONE")
 
 
 @dataclass(frozen=True)

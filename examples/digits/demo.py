@@ -80,7 +80,7 @@ def run(command: list, log: str) -> float:
 
 def accuracy(metrics: str) -> float:
     """The last test accuracy recorded in a `caffe-ft train` metrics file."""
-    from caffe_ft.finetune.job import last_test_outputs
+    from caffe_ft.recipe.job import last_test_outputs
 
     return last_test_outputs(metrics).get("accuracy", float("nan"))
 

@@ -34,7 +34,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from styles import STYLES, caffe_ft, write_images  # noqa: E402  (examples/styles.py)
 
-from caffe_ft.finetune.job import last_test_outputs  # noqa: E402
+from caffe_ft.recipe.job import last_test_outputs  # noqa: E402
 
 MODEL_DIR = os.environ.get("CAFFE_ENV_MODELS", "/opt/models/nsfw")
 # open_nsfw's preprocessing (its classify_nsfw.py): 256x256, centre 224x224 crop, BGR mean.

@@ -565,7 +565,7 @@ print(json.dumps({
 """
 
 
-def _caffe_shapes(path: str, phase: str, stages: Sequence[str] = (), python_path: Sequence[str] = ()):  # type: ignore[no-untyped-def]
+def _caffe_shapes(path: str, phase: str, stages: Sequence[str] = (), python_path: Sequence[str] = ()):
     """Blob and parameter shapes of the net pycaffe builds from ``path``."""
     pytest.importorskip("caffe")
     job = {"path": path, "phase": phase, "stages": list(stages), "python_path": list(python_path)}
@@ -580,7 +580,7 @@ def _caffe_shapes(path: str, phase: str, stages: Sequence[str] = (), python_path
     return blobs, params
 
 
-def _assert_same_as_caffe(  # type: ignore[no-untyped-def]
+def _assert_same_as_caffe(
     net,
     path: str,
     phase: str,
@@ -639,7 +639,7 @@ def test_rules_name_only_layer_types_caffe_knows() -> None:
 DATASET_ITEMS = (("siamese", (2, 28, 28)), ("mnist", (1, 28, 28)), ("cifar", (3, 32, 32)))
 
 
-def _item_shape(layer) -> Shape:  # type: ignore[no-untyped-def]
+def _item_shape(layer) -> Shape:
     crop = layer.transform_param.crop_size
     if crop:
         return (3, crop, crop)
@@ -657,7 +657,7 @@ def _write_image(path: str, height: int = 50, width: int = 40) -> None:
     assert cv2.imwrite(path, pixels)
 
 
-def _stand_in_data(net, phase: str, stages: Sequence[str], tmp: str) -> Dict[str, Shape]:  # type: ignore[no-untyped-def]
+def _stand_in_data(net, phase: str, stages: Sequence[str], tmp: str) -> Dict[str, Shape]:
     """Point ``net``'s data layers at stand-ins (in place); return our input_shapes."""
     given: Dict[str, Shape] = {}
     image = os.path.join(tmp, "image.png")
@@ -709,7 +709,7 @@ def _stand_in_data(net, phase: str, stages: Sequence[str], tmp: str) -> Dict[str
     return given
 
 
-def _load(schema, path: str):  # type: ignore[no-untyped-def]
+def _load(schema, path: str):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as handle:
         net = prototext.to_message(prototext.parse(handle.read(), path), schema.new("NetParameter"))
@@ -730,7 +730,7 @@ def _doc_nets() -> List[str]:
     return sorted(path for path in found if "solver" not in os.path.basename(path))
 
 
-def _compare_doc_net(schema, path: str, phase: str, tmp) -> int:  # type: ignore[no-untyped-def]
+def _compare_doc_net(schema, path: str, phase: str, tmp) -> int:
     net = _load(schema, path)
     stages = TEST_STAGES.get(os.path.basename(path), ()) if phase == "TEST" else ()
     given = _stand_in_data(net, phase, stages, str(tmp))

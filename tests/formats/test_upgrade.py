@@ -236,13 +236,13 @@ SOLVERS["defaults"] = 'train_net: "n.prototxt"\nbase_lr: 0.1\n'
 BAD_SOLVERS = {"both_types": 'base_lr: 0.1\nsolver_type: ADAM\ntype: "Adam"\n'}
 
 
-def upgraded(parse_net, text: str):  # type: ignore[no-untyped-def]
+def upgraded(parse_net, text: str):
     net = parse_net(text)
     notes = upgrade_net(net)
     return net, notes
 
 
-def by_name(net, name: str):  # type: ignore[no-untyped-def]
+def by_name(net, name: str):
     (layer,) = [layer for layer in net.layer if layer.name == name]
     return layer
 
@@ -252,7 +252,7 @@ def by_name(net, name: str):  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------
 
 
-def test_v0_net_becomes_current_format(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_v0_net_becomes_current_format(parse_net) -> None:
     net, notes = upgraded(parse_net, V0_NET)
     assert len(net.layers) == 0
     # The padding layer is gone; the Input layer made from input/input_dim is first.
@@ -288,7 +288,7 @@ def test_v0_net_becomes_current_format(parse_net) -> None:  # type: ignore[no-un
     assert not net_needs_upgrade(net)
 
 
-def test_v0_index_map_skips_padding_and_marks_input_layer(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_v0_index_map_skips_padding_and_marks_input_layer(parse_net) -> None:
     net = parse_net(V0_NET)
     _, index_map = upgrade_net_with_map(net)
     # old: 0 pad1, 1 conv1, 2 relu1, 3 pad2, 4 pool1, 5 norm1, 6 fc, 7 drop, 8 prob, 9 unused_pad
@@ -296,7 +296,7 @@ def test_v0_index_map_skips_padding_and_marks_input_layer(parse_net) -> None:  #
     assert len(index_map) == len(net.layer)
 
 
-def test_v0_data_fields_go_to_their_params(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_v0_data_fields_go_to_their_params(parse_net) -> None:
     net, notes = upgraded(parse_net, V0_DATA_NET)
     data = by_name(net, "data")
     assert data.type == "Data"
@@ -312,7 +312,7 @@ def test_v0_data_fields_go_to_their_params(parse_net) -> None:  # type: ignore[n
     assert any(n.startswith("warning:") and "num_output" in n and "'r'" in n for n in notes)
 
 
-def test_v0_upgrade_keeps_only_what_caffe_keeps(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_v0_upgrade_keeps_only_what_caffe_keeps(parse_net) -> None:
     net = parse_net(V0_MIXED_NET)
     notes, index_map = upgrade_net_with_map(net)
     assert net.name == "mixed_v0"
@@ -335,7 +335,7 @@ def test_v0_upgrade_keeps_only_what_caffe_keeps(parse_net) -> None:  # type: ign
         (BAD_BOTTOM_NET, "relu", "nowhere"),
     ],
 )
-def test_v0_fatal_cases_raise(parse_net, text: str, layer: str, words: str) -> None:  # type: ignore[no-untyped-def]
+def test_v0_fatal_cases_raise(parse_net, text: str, layer: str, words: str) -> None:
     with pytest.raises(CaffeFtError) as info:
         upgrade_net(parse_net(text))
     assert info.value.layer == layer
@@ -347,7 +347,7 @@ def test_v0_fatal_cases_raise(parse_net, text: str, layer: str, words: str) -> N
 # --------------------------------------------------------------------------
 
 
-def test_v1_net_becomes_current_format(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_v1_net_becomes_current_format(parse_net) -> None:
     net, notes = upgraded(parse_net, V1_NET)
     assert len(net.layers) == 0
     assert [layer.type for layer in net.layer] == [
@@ -368,7 +368,7 @@ def test_v1_net_becomes_current_format(parse_net) -> None:  # type: ignore[no-un
     assert not net_needs_upgrade(net)
 
 
-def test_v1_data_transformation_moves_to_transform_param(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_v1_data_transformation_moves_to_transform_param(parse_net) -> None:
     net, notes = upgraded(parse_net, V1_NET)
     train = by_name(net, "data")
     tp = train.transform_param
@@ -382,7 +382,7 @@ def test_v1_data_transformation_moves_to_transform_param(parse_net) -> None:  # 
     assert any("'data'" in n and "transform_param" in n for n in notes)
 
 
-def test_v1_window_and_image_data_layers(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_v1_window_and_image_data_layers(parse_net) -> None:
     net, _ = upgraded(parse_net, V1_WINDOW_NET)
     # window_data_param.mirror is a legacy transformation field: it moves...
     win = by_name(net, "win")
@@ -395,12 +395,12 @@ def test_v1_window_and_image_data_layers(parse_net) -> None:  # type: ignore[no-
     assert mem.type == "MemoryData" and not mem.HasField("transform_param")
 
 
-def test_v1_without_transform_fields_gets_no_empty_messages(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_v1_without_transform_fields_gets_no_empty_messages(parse_net) -> None:
     net, _ = upgraded(parse_net, 'layers { name: "d" type: DATA top: "x" data_param { source: "s" } }')
     assert not net.layer[0].HasField("transform_param")
 
 
-def test_both_layer_and_layers_is_refused(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_both_layer_and_layers_is_refused(parse_net) -> None:
     with pytest.raises(CaffeFtError, match="both 'layer' and legacy 'layers'"):
         upgrade_net(parse_net(MIXED_NET))
 
@@ -410,7 +410,7 @@ def test_both_layer_and_layers_is_refused(parse_net) -> None:  # type: ignore[no
 # --------------------------------------------------------------------------
 
 
-def test_input_dim_becomes_first_input_layer(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_input_dim_becomes_first_input_layer(parse_net) -> None:
     net = parse_net(INPUT_DIM_NET)
     notes, index_map = upgrade_net_with_map(net)
     first = net.layer[0]
@@ -422,14 +422,14 @@ def test_input_dim_becomes_first_input_layer(parse_net) -> None:  # type: ignore
     assert any("Input" in n for n in notes)
 
 
-def test_input_shape_becomes_input_layer(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_input_shape_becomes_input_layer(parse_net) -> None:
     net, _ = upgraded(parse_net, INPUT_SHAPE_NET)
     assert [list(s.dim) for s in net.layer[0].input_param.shape] == [[2, 3, 32, 32], [2]]
     assert list(net.layer[0].top) == ["data", "label"]
     assert not net.input_shape
 
 
-def test_input_shape_wins_over_input_dim_and_extras_are_ignored(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_input_shape_wins_over_input_dim_and_extras_are_ignored(parse_net) -> None:
     net, _ = upgraded(parse_net, INPUT_SHAPE_AND_DIM_NET)
     assert [list(s.dim) for s in net.layer[0].input_param.shape] == [[5]]
     net, _ = upgraded(parse_net, INPUT_EXTRA_DIMS_NET)
@@ -437,7 +437,7 @@ def test_input_shape_wins_over_input_dim_and_extras_are_ignored(parse_net) -> No
     assert not net.input_dim
 
 
-def test_input_names_alone_are_just_removed(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_input_names_alone_are_just_removed(parse_net) -> None:
     net = parse_net(INPUT_ONLY_NAMES_NET)
     notes, index_map = upgrade_net_with_map(net)
     assert [layer.name for layer in net.layer] == ["relu"] and not net.input
@@ -445,7 +445,7 @@ def test_input_names_alone_are_just_removed(parse_net) -> None:  # type: ignore[
     assert notes and "data" in notes[0]
 
 
-def test_too_few_input_dims_raise(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_too_few_input_dims_raise(parse_net) -> None:
     with pytest.raises(CaffeFtError, match="8 input_dim"):
         upgrade_net(parse_net('input: "a" input: "b" input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 4'))
 
@@ -455,7 +455,7 @@ def test_too_few_input_dims_raise(parse_net) -> None:  # type: ignore[no-untyped
 # --------------------------------------------------------------------------
 
 
-def test_old_batch_norm_params_get_zero_multipliers(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_old_batch_norm_params_get_zero_multipliers(parse_net) -> None:
     net, notes = upgraded(parse_net, BATCH_NORM_NET)
     old = by_name(net, "bn_old")
     assert [(p.lr_mult, p.decay_mult) for p in old.param] == [(0, 0)] * 3
@@ -469,7 +469,7 @@ def test_old_batch_norm_params_get_zero_multipliers(parse_net) -> None:  # type:
     assert upgrade_net(net) == []
 
 
-def test_current_net_is_left_alone(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_current_net_is_left_alone(parse_net) -> None:
     net = parse_net(CURRENT_NET)
     before = net.SerializeToString()
     assert not net_needs_upgrade(net)
@@ -478,7 +478,7 @@ def test_current_net_is_left_alone(parse_net) -> None:  # type: ignore[no-untype
 
 
 @pytest.mark.parametrize("name", sorted(GOOD_NETS))
-def test_upgrade_is_idempotent(parse_net, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_upgrade_is_idempotent(parse_net, name: str) -> None:
     net, _ = upgraded(parse_net, GOOD_NETS[name])
     once = prototext.print_message(net)
     upgrade_net(net)
@@ -486,7 +486,7 @@ def test_upgrade_is_idempotent(parse_net, name: str) -> None:  # type: ignore[no
 
 
 @pytest.mark.parametrize("name", sorted(GOOD_NETS))
-def test_needs_upgrade_agrees_with_upgrade(parse_net, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_needs_upgrade_agrees_with_upgrade(parse_net, name: str) -> None:
     net = parse_net(GOOD_NETS[name])
     needed = net_needs_upgrade(net)
     before = net.SerializeToString()
@@ -504,7 +504,7 @@ def test_needs_upgrade_agrees_with_upgrade(parse_net, name: str) -> None:  # typ
     [("SGD", "SGD"), ("NESTEROV", "Nesterov"), ("ADAGRAD", "AdaGrad"),
      ("RMSPROP", "RMSProp"), ("ADADELTA", "AdaDelta"), ("ADAM", "Adam")],
 )
-def test_solver_type_enum_becomes_string(parse_net, old: str, new: str) -> None:  # type: ignore[no-untyped-def]
+def test_solver_type_enum_becomes_string(parse_net, old: str, new: str) -> None:
     solver = parse_net(SOLVERS[old], "SolverParameter")
     assert solver_needs_upgrade(solver)
     notes = upgrade_solver(solver)
@@ -514,13 +514,13 @@ def test_solver_type_enum_becomes_string(parse_net, old: str, new: str) -> None:
     assert not solver_needs_upgrade(solver)
 
 
-def test_current_solver_is_left_alone(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_current_solver_is_left_alone(parse_net) -> None:
     solver = parse_net(SOLVERS["current"], "SolverParameter")
     assert not solver_needs_upgrade(solver)
     assert upgrade_solver(solver) == [] and solver.type == "Adam"
 
 
-def test_solver_with_both_types_is_refused(parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_solver_with_both_types_is_refused(parse_net) -> None:
     with pytest.raises(CaffeFtError, match="both"):
         upgrade_solver(parse_net(BAD_SOLVERS["both_types"], "SolverParameter"))
 
@@ -538,7 +538,7 @@ def _tool(name: str) -> str:
     pytest.fail(f"Caffe tool {name} not found")
 
 
-def run_tool(tool: str, text: bytes, tmp_path) -> Tuple[int, Optional[str]]:  # type: ignore[no-untyped-def]
+def run_tool(tool: str, text: bytes, tmp_path) -> Tuple[int, Optional[str]]:
     """Run a Caffe upgrade tool; its exit status and output (None when it wrote none)."""
     src, dst = tmp_path / "in.prototxt", tmp_path / "out.prototxt"
     src.write_bytes(text)
@@ -550,7 +550,7 @@ def run_tool(tool: str, text: bytes, tmp_path) -> Tuple[int, Optional[str]]:  # 
     return proc.returncode, dst.read_text() if dst.exists() else None
 
 
-def ours(schema, text: bytes, message: str) -> str:  # type: ignore[no-untyped-def]
+def ours(schema, text: bytes, message: str) -> str:
     msg = prototext.to_message(prototext.parse(text), schema.new(message))
     if message == "NetParameter":
         upgrade_net(msg)
@@ -561,7 +561,7 @@ def ours(schema, text: bytes, message: str) -> str:  # type: ignore[no-untyped-d
 
 @pytest.mark.caffe
 @pytest.mark.parametrize("name", sorted(GOOD_NETS))
-def test_net_matches_upgrade_net_proto_text(schema, tmp_path, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_net_matches_upgrade_net_proto_text(schema, tmp_path, name: str) -> None:
     text = GOOD_NETS[name].encode()
     rc, expected = run_tool("upgrade_net_proto_text", text, tmp_path)
     assert rc in (0, 1) and expected is not None
@@ -570,7 +570,7 @@ def test_net_matches_upgrade_net_proto_text(schema, tmp_path, name: str) -> None
 
 @pytest.mark.caffe
 @pytest.mark.parametrize("name", sorted(BAD_NETS))
-def test_net_refused_by_both(schema, tmp_path, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_net_refused_by_both(schema, tmp_path, name: str) -> None:
     text = BAD_NETS[name].encode()
     rc, written = run_tool("upgrade_net_proto_text", text, tmp_path)
     assert rc not in (0, 1) and written is None
@@ -580,7 +580,7 @@ def test_net_refused_by_both(schema, tmp_path, name: str) -> None:  # type: igno
 
 @pytest.mark.caffe
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_solver_matches_upgrade_solver_proto_text(schema, tmp_path, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_solver_matches_upgrade_solver_proto_text(schema, tmp_path, name: str) -> None:
     text = SOLVERS[name].encode()
     rc, expected = run_tool("upgrade_solver_proto_text", text, tmp_path)
     assert rc == 0 and expected is not None
@@ -589,7 +589,7 @@ def test_solver_matches_upgrade_solver_proto_text(schema, tmp_path, name: str) -
 
 @pytest.mark.caffe
 @pytest.mark.parametrize("name", sorted(BAD_SOLVERS))
-def test_solver_refused_by_both(schema, tmp_path, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_solver_refused_by_both(schema, tmp_path, name: str) -> None:
     text = BAD_SOLVERS[name].encode()
     rc, written = run_tool("upgrade_solver_proto_text", text, tmp_path)
     assert rc not in (0, 1) and written is None
@@ -597,7 +597,7 @@ def test_solver_refused_by_both(schema, tmp_path, name: str) -> None:  # type: i
         ours(schema, text, "SolverParameter")
 
 
-def _tagged_model(schema, text: str):  # type: ignore[no-untyped-def]
+def _tagged_model(schema, text: str):
     """The net of ``text`` with, per ``layers`` entry, one blob holding its index."""
     net = prototext.to_message(prototext.parse(text.encode()), schema.new("NetParameter"))
     for i, entry in enumerate(net.layers):
@@ -607,7 +607,7 @@ def _tagged_model(schema, text: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("text", [V0_NET, V1_NET], ids=["v0", "v1"])
-def test_index_map_follows_blobs(schema, text: str) -> None:  # type: ignore[no-untyped-def]
+def test_index_map_follows_blobs(schema, text: str) -> None:
     net = _tagged_model(schema, text)
     _, index_map = upgrade_net_with_map(net)
     tags = [int(layer.blobs[0].data[0]) if layer.blobs else None for layer in net.layer]
@@ -616,7 +616,7 @@ def test_index_map_follows_blobs(schema, text: str) -> None:  # type: ignore[no-
 
 @pytest.mark.caffe
 @pytest.mark.parametrize("text", [V0_NET, V1_NET], ids=["v0", "v1"])
-def test_binary_model_matches_upgrade_net_proto_binary(schema, tmp_path, text: str) -> None:  # type: ignore[no-untyped-def]
+def test_binary_model_matches_upgrade_net_proto_binary(schema, tmp_path, text: str) -> None:
     net = _tagged_model(schema, text)
     src, dst = tmp_path / "in.caffemodel", tmp_path / "out.caffemodel"
     src.write_bytes(net.SerializeToString())
@@ -628,7 +628,7 @@ def test_binary_model_matches_upgrade_net_proto_binary(schema, tmp_path, text: s
     assert net == expected
 
 
-def _sample_value(field) -> str:  # type: ignore[no-untyped-def]
+def _sample_value(field) -> str:
     """A text-format value (or ``{}`` block) valid for ``field``, not its default."""
     if field.message_type is not None:
         return "{ }"
@@ -643,7 +643,7 @@ def _sample_value(field) -> str:  # type: ignore[no-untyped-def]
     return "3"
 
 
-def _generated_v0_nets(schema) -> List[Tuple[str, str]]:  # type: ignore[no-untyped-def]
+def _generated_v0_nets(schema) -> List[Tuple[str, str]]:
     """For each V0 field: a net whose layers of every V0 type each set that field."""
     v0 = schema.message_class("V0LayerParameter").DESCRIPTOR
     types = sorted(V0_LAYER_TYPES)
@@ -661,7 +661,7 @@ def _generated_v0_nets(schema) -> List[Tuple[str, str]]:  # type: ignore[no-unty
     return nets
 
 
-def _generated_v1_net(schema) -> str:  # type: ignore[no-untyped-def]
+def _generated_v1_net(schema) -> str:
     """A V1 net: one layer per LayerType, then one layer setting every V1 field."""
     v1 = schema.message_class("V1LayerParameter").DESCRIPTOR
     lines = [
@@ -678,13 +678,13 @@ def _generated_v1_net(schema) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines) + "\n"
 
 
-def test_v1_type_table_covers_the_schema(schema) -> None:  # type: ignore[no-untyped-def]
+def test_v1_type_table_covers_the_schema(schema) -> None:
     enum = schema.message_class("V1LayerParameter").DESCRIPTOR.enum_types_by_name["LayerType"]
     assert sorted(value.name for value in enum.values) == sorted(V1_LAYER_TYPES)
 
 
 @pytest.mark.caffe
-def test_every_v0_field_and_type_matches_the_tool(schema, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_every_v0_field_and_type_matches_the_tool(schema, tmp_path) -> None:
     nets = _generated_v0_nets(schema)
     assert len(nets) > 30
     for field, text in nets:
@@ -698,7 +698,7 @@ def test_every_v0_field_and_type_matches_the_tool(schema, tmp_path) -> None:  # 
 
 
 @pytest.mark.caffe
-def test_every_v1_type_and_field_matches_the_tool(schema, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_every_v1_type_and_field_matches_the_tool(schema, tmp_path) -> None:
     text = _generated_v1_net(schema).encode()
     rc, expected = run_tool("upgrade_net_proto_text", text, tmp_path)
     assert rc == 0 and expected is not None
@@ -717,7 +717,7 @@ def classify(text: bytes) -> str:
 
 
 @pytest.mark.caffe
-def test_caffe_doc_prototxts_match_the_tools(schema, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_caffe_doc_prototxts_match_the_tools(schema, tmp_path) -> None:
     # Debian gzips the bigger ones.
     files = caffe_doc_files("**/*.prototxt") + caffe_doc_files("**/*.prototxt.gz")
     assert len(files) >= 50, "caffe-doc's prototxts are missing"

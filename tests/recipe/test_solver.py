@@ -1,4 +1,4 @@
-"""Fine-tuning solver settings (caffe_ft.finetune.solver)."""
+"""Fine-tuning solver settings (caffe_ft.recipe.solver)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from caffe_ft.formats import prototext
 from caffe_ft.errors import CaffeFtError
 from caffe_ft.formats.numbers import to_float32
-from caffe_ft.finetune.solver import SCALED_FIELDS, rewrite_solver, solver_originals
+from caffe_ft.recipe.solver import SCALED_FIELDS, rewrite_solver, solver_originals
 
 CAFFENET_SOLVER = """
 net: "models/bvlc_reference_caffenet/train_val.prototxt"
@@ -29,11 +29,11 @@ solver_mode: GPU
 PATHS = {"net_path": "ft/train_val.prototxt", "snapshot_prefix": "ft/snapshots/ft"}
 
 
-def solver(parse_net, text: str):  # type: ignore[no-untyped-def]
+def solver(parse_net, text: str):
     return parse_net(text, "SolverParameter")
 
 
-def test_defaults_scale_rate_and_schedule(parse_net):  # type: ignore[no-untyped-def]
+def test_defaults_scale_rate_and_schedule(parse_net):
     original = solver(parse_net, CAFFENET_SOLVER)
     before = original.SerializeToString()
     out, notes = rewrite_solver(original, **PATHS)
@@ -47,7 +47,7 @@ def test_defaults_scale_rate_and_schedule(parse_net):  # type: ignore[no-untyped
     assert "stepsize: 100000 -> 20000 (x0.2)" in notes
 
 
-def test_everything_else_is_kept(parse_net):  # type: ignore[no-untyped-def]
+def test_everything_else_is_kept(parse_net):
     original = solver(parse_net, CAFFENET_SOLVER)
     out, _ = rewrite_solver(original, **PATHS)
     for message in (original, out):
@@ -56,7 +56,7 @@ def test_everything_else_is_kept(parse_net):  # type: ignore[no-untyped-def]
     assert prototext.print_message(out) == prototext.print_message(original)
 
 
-def test_multistep_rounding_and_minimum(parse_net):  # type: ignore[no-untyped-def]
+def test_multistep_rounding_and_minimum(parse_net):
     text = 'net: "n" base_lr: 0.1 lr_policy: "multistep" stepvalue: 3 stepvalue: 12 stepvalue: 100 max_iter: 2'
     out, notes = rewrite_solver(solver(parse_net, text), **PATHS, step_scale=0.25)
     assert list(out.stepvalue) == [1, 3, 25]  # 0.75 -> 1, 3, 25
@@ -64,20 +64,20 @@ def test_multistep_rounding_and_minimum(parse_net):  # type: ignore[no-untyped-d
     assert "stepvalue: 3, 12, 100 -> 1, 3, 25 (x0.25)" in notes
 
 
-def test_given_max_iter_and_scales(parse_net):  # type: ignore[no-untyped-def]
+def test_given_max_iter_and_scales(parse_net):
     out, _ = rewrite_solver(solver(parse_net, CAFFENET_SOLVER), **PATHS, max_iter=500, lr_scale=0.5, step_scale=1)
     assert out.max_iter == 500
     assert out.base_lr == pytest.approx(0.005)
     assert out.stepsize == 100000
 
 
-def test_unset_settings_stay_unset(parse_net):  # type: ignore[no-untyped-def]
+def test_unset_settings_stay_unset(parse_net):
     out, _ = rewrite_solver(solver(parse_net, 'net: "n" lr_policy: "fixed"'), **PATHS)
     assert not out.HasField("base_lr") and not out.HasField("stepsize") and not out.HasField("max_iter")
     assert list(out.stepvalue) == []
 
 
-def test_rerun_from_recorded_originals_changes_nothing(parse_net):  # type: ignore[no-untyped-def]
+def test_rerun_from_recorded_originals_changes_nothing(parse_net):
     original = solver(parse_net, CAFFENET_SOLVER)
     recorded = solver_originals(original)
     assert recorded == {"base_lr": pytest.approx(0.01), "stepsize": 100000, "max_iter": 450000}
@@ -89,7 +89,7 @@ def test_rerun_from_recorded_originals_changes_nothing(parse_net):  # type: igno
     assert third.stepsize == 4000
 
 
-def test_originals_may_be_text_from_comments(parse_net):  # type: ignore[no-untyped-def]
+def test_originals_may_be_text_from_comments(parse_net):
     originals = {"base_lr": "0.01", "stepvalue": ["1000", "2000"], "max_iter": "3000"}
     out, _ = rewrite_solver(solver(parse_net, 'net: "n" stepvalue: 5'), **PATHS, originals=originals)
     assert out.base_lr == pytest.approx(0.001)
@@ -97,7 +97,7 @@ def test_originals_may_be_text_from_comments(parse_net):  # type: ignore[no-unty
     assert out.max_iter == 600
 
 
-def test_originals_may_be_lists_of_floats(parse_net):  # type: ignore[no-untyped-def]
+def test_originals_may_be_lists_of_floats(parse_net):
     originals = {"base_lr": [0.01], "stepsize": [100000.0], "max_iter": [450000.0]}
     out, _ = rewrite_solver(solver(parse_net, 'net: "n"'), **PATHS, originals=originals)
     assert (out.stepsize, out.max_iter) == (20000, 90000)
@@ -105,7 +105,7 @@ def test_originals_may_be_lists_of_floats(parse_net):  # type: ignore[no-untyped
         rewrite_solver(solver(parse_net, 'net: "n"'), **PATHS, originals={"stepsize": [1, 2]})
 
 
-def test_train_net_and_test_nets_become_one_net(parse_net):  # type: ignore[no-untyped-def]
+def test_train_net_and_test_nets_become_one_net(parse_net):
     text = """
     train_net: "train.prototxt"
     test_net: "val.prototxt"
@@ -122,14 +122,14 @@ def test_train_net_and_test_nets_become_one_net(parse_net):  # type: ignore[no-u
     assert any("the 2 test nets" in note for note in notes)
 
 
-def test_inline_nets_are_replaced(parse_net):  # type: ignore[no-untyped-def]
+def test_inline_nets_are_replaced(parse_net):
     text = 'net_param { name: "inline" layer { name: "in" type: "Input" top: "x" } } test_iter: 1'
     out, _ = rewrite_solver(solver(parse_net, text), **PATHS)
     assert not out.HasField("net_param")
     assert out.net == PATHS["net_path"]
 
 
-def test_legacy_solver_type_is_upgraded(parse_net):  # type: ignore[no-untyped-def]
+def test_legacy_solver_type_is_upgraded(parse_net):
     out, notes = rewrite_solver(solver(parse_net, 'net: "n" solver_type: NESTEROV'), **PATHS)
     assert out.type == "Nesterov" and not out.HasField("solver_type")
     assert any("solver_type" in note for note in notes)
@@ -145,14 +145,14 @@ def test_legacy_solver_type_is_upgraded(parse_net):  # type: ignore[no-untyped-d
         ('net: "n"', {"originals": {"gamma": 0.1}}, "unknown original solver setting(s): gamma"),
     ],
 )
-def test_errors(parse_net, text, kwargs, message):  # type: ignore[no-untyped-def]
+def test_errors(parse_net, text, kwargs, message):
     with pytest.raises(CaffeFtError) as caught:
         rewrite_solver(solver(parse_net, text), **PATHS, **kwargs)
     assert message in str(caught.value)
 
 
 def test_a_run_shorter_than_one_test_interval_is_still_tested(parse_net):
-    from caffe_ft.finetune.solver import rewrite_solver
+    from caffe_ft.recipe.solver import rewrite_solver
 
     solver = parse_net('net: "n.prototxt" test_iter: 10 test_interval: 1000 base_lr: 0.01 max_iter: 40000',
                        "SolverParameter")

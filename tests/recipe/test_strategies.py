@@ -1,7 +1,7 @@
-"""Fine-tuning strategies (caffe_ft.finetune.strategies).
+"""Fine-tuning strategies (caffe_ft.recipe.strategies).
 
 Every rewrite goes through :func:`rewrite`, which also checks that the input
-is left alone, that the output passes ``graph.check_net`` and that a second
+is left alone, that the output passes ``check_net`` and that a second
 run on the output changes nothing.
 """
 
@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from netcheck import check_net
 from caffe_ft.net import graph
 from caffe_ft.formats import prototext
 from caffe_ft.errors import CaffeFtError
 from caffe_ft.formats.schema import load_schema
-from caffe_ft.finetune.strategies import (
+from caffe_ft.recipe.strategies import (
     LARGE_DATASET,
     SMALL_DATASET,
     STRATEGIES,
@@ -34,30 +35,30 @@ from ft_nets import CAFFENET, CAFFENET_DEPLOY, GOOGLENET, RESNET, SIAMESE, SQUEE
 Mults = List[Tuple[float, float]]
 
 
-def rewrite(net, strategy: str = "last-fc", **fields) -> Result:  # type: ignore[no-untyped-def]
+def rewrite(net, strategy: str = "last-fc", **fields) -> Result:
     """Apply a strategy; check purity, the output, and idempotence."""
     fields.setdefault("num_classes", 5)
     options = StrategyOptions(**fields)
     before = net.SerializeToString()
     result = apply_strategy(strategy, net, options)
     assert net.SerializeToString() == before, "the input net was changed"
-    assert graph.check_net(result.net) == []
+    assert check_net(result.net) == []
     again = apply_strategy(strategy, result.net, options)
     assert prototext.print_message(again.net) == prototext.print_message(result.net)
     assert again.frozen == result.frozen and again.removed == ()
     return result
 
 
-def layer(net, name: str):  # type: ignore[no-untyped-def]
+def layer(net, name: str):
     return net.layer[graph.layer_index(net, name)]
 
 
-def mults(net, name: str) -> Mults:  # type: ignore[no-untyped-def]
+def mults(net, name: str) -> Mults:
     """Explicit (lr_mult, decay_mult) entries of a layer, float32-rounded away."""
     return [(round(p.lr_mult, 6), round(p.decay_mult, 6)) for p in layer(net, name).param]
 
 
-def names(net) -> List[str]:  # type: ignore[no-untyped-def]
+def names(net) -> List[str]:
     return [each.name for each in net.layer]
 
 
@@ -70,7 +71,7 @@ CAFFE_DEFAULT: Mults = [(1, 1), (2, 0)]
 # last-fc
 
 
-def test_last_fc_on_caffenet(parse_net):  # type: ignore[no-untyped-def]
+def test_last_fc_on_caffenet(parse_net):
     result = rewrite(parse_net(CAFFENET), num_classes=20)
     net = result.net
     assert result.heads == {"fc8": "fc8_ft"}
@@ -92,7 +93,7 @@ def test_last_fc_on_caffenet(parse_net):  # type: ignore[no-untyped-def]
     assert any("'fc8'" in note and "1000 -> 20" in note for note in result.notes)
 
 
-def test_last_fc_leaves_everything_else_alone(parse_net):  # type: ignore[no-untyped-def]
+def test_last_fc_leaves_everything_else_alone(parse_net):
     original = parse_net(CAFFENET)
     net = rewrite(original).net
     for old, new in zip(original.layer, net.layer):
@@ -108,7 +109,7 @@ def test_last_fc_leaves_everything_else_alone(parse_net):  # type: ignore[no-unt
         assert new == expected
 
 
-def test_fresh_fillers_when_the_head_had_none(parse_net):  # type: ignore[no-untyped-def]
+def test_fresh_fillers_when_the_head_had_none(parse_net):
     net = rewrite(parse_net(CAFFENET_DEPLOY), num_classes=3).net
     params = layer(net, "fc8_ft").inner_product_param
     assert params.num_output == 3
@@ -119,13 +120,13 @@ def test_fresh_fillers_when_the_head_had_none(parse_net):  # type: ignore[no-unt
     assert mults(net, "fc7") == FROZEN2 and mults(net, "conv1") == FROZEN2
 
 
-def test_very_low_rate_instead_of_frozen(parse_net):  # type: ignore[no-untyped-def]
+def test_very_low_rate_instead_of_frozen(parse_net):
     net = rewrite(parse_net(CAFFENET), frozen_lr_mult=0.001, head_lr_mult=5).net
     assert mults(net, "conv1") == [(0.001, 0), (0.001, 0)]
     assert mults(net, "fc8_ft") == [(5, 1), (10, 0)]
 
 
-def test_new_name(parse_net):  # type: ignore[no-untyped-def]
+def test_new_name(parse_net):
     result = rewrite(parse_net(CAFFENET), new_name="fc8_flickr")
     assert result.heads == {"fc8": "fc8_flickr"}
     assert list(layer(result.net, "fc8_flickr").top) == ["fc8_flickr"]
@@ -139,7 +140,7 @@ def test_derived_names_are_idempotent() -> None:
     assert derived_name("fc8", StrategyOptions(num_classes=2, new_name="x")) == "x"
 
 
-def test_a_head_already_renamed_keeps_its_name(parse_net):  # type: ignore[no-untyped-def]
+def test_a_head_already_renamed_keeps_its_name(parse_net):
     first = rewrite(parse_net(CAFFENET), new_name="fc8_cars").net
     again = apply_strategy("last-fc", first, StrategyOptions(num_classes=7, new_name="fc8_cars"))
     assert again.heads == {"fc8_cars": "fc8_cars"}
@@ -147,7 +148,7 @@ def test_a_head_already_renamed_keeps_its_name(parse_net):  # type: ignore[no-un
     assert any("name kept" in note for note in again.notes)
 
 
-def test_head_output_not_named_like_the_layer_keeps_its_blob(parse_net):  # type: ignore[no-untyped-def]
+def test_head_output_not_named_like_the_layer_keeps_its_blob(parse_net):
     net = parse_net(
         """
         layer { name: "in" type: "Input" top: "x" }
@@ -160,7 +161,7 @@ def test_head_output_not_named_like_the_layer_keeps_its_blob(parse_net):  # type
     assert list(layer(result.net, "prob").bottom) == ["score"]
 
 
-def test_blob_renaming_stops_where_the_blob_is_redefined(parse_net):  # type: ignore[no-untyped-def]
+def test_blob_renaming_stops_where_the_blob_is_redefined(parse_net):
     net = parse_net(
         """
         layer { name: "in" type: "Input" top: "x" top: "label" }
@@ -179,7 +180,7 @@ def test_blob_renaming_stops_where_the_blob_is_redefined(parse_net):  # type: ig
     assert list(layer(out, "sig").bottom) == ["fc"]
 
 
-def test_squeezenet_convolution_head(parse_net):  # type: ignore[no-untyped-def]
+def test_squeezenet_convolution_head(parse_net):
     result = rewrite(parse_net(SQUEEZENET), num_classes=2)
     net = result.net
     assert result.heads == {"conv10": "conv10_ft"}
@@ -194,7 +195,7 @@ def test_squeezenet_convolution_head(parse_net):  # type: ignore[no-untyped-def]
     assert mults(net, "conv1") == FROZEN2  # a missing param entry would mean lr_mult 1
 
 
-def test_googlenet_last_fc_removes_the_side_heads(parse_net):  # type: ignore[no-untyped-def]
+def test_googlenet_last_fc_removes_the_side_heads(parse_net):
     original = parse_net(GOOGLENET)
     result = rewrite(original, num_classes=4)
     net = result.net
@@ -209,12 +210,12 @@ def test_googlenet_last_fc_removes_the_side_heads(parse_net):  # type: ignore[no
     assert len(removal_notes) == 2
 
 
-def test_googlenet_new_name_applies_to_the_one_kept_head(parse_net):  # type: ignore[no-untyped-def]
+def test_googlenet_new_name_applies_to_the_one_kept_head(parse_net):
     result = rewrite(parse_net(GOOGLENET), new_name="cls")
     assert result.heads == {"loss3/classifier": "cls"}
 
 
-def test_googlenet_full_replaces_every_head(parse_net):  # type: ignore[no-untyped-def]
+def test_googlenet_full_replaces_every_head(parse_net):
     result = rewrite(parse_net(GOOGLENET), "full", num_classes=4)
     net = result.net
     assert result.frozen == () and result.removed == ()
@@ -226,7 +227,7 @@ def test_googlenet_full_replaces_every_head(parse_net):  # type: ignore[no-untyp
     assert mults(net, "inception_4a/1x1") == CAFFE_DEFAULT
 
 
-def test_googlenet_top_keeps_side_heads_that_reach_trained_layers(parse_net):  # type: ignore[no-untyped-def]
+def test_googlenet_top_keeps_side_heads_that_reach_trained_layers(parse_net):
     # loss1 leaves the trunk after inception_4a (frozen): removed; loss2 leaves
     # it after inception_4d (trains): kept, at the new class count
     result = rewrite(parse_net(GOOGLENET), "top", num_classes=4, freeze_until="inception_4a/output")
@@ -239,12 +240,12 @@ def test_googlenet_top_keeps_side_heads_that_reach_trained_layers(parse_net):  #
     assert mults(net, "inception_4d/1x1") == CAFFE_DEFAULT
 
 
-def test_googlenet_new_name_with_several_heads_is_an_error(parse_net):  # type: ignore[no-untyped-def]
+def test_googlenet_new_name_with_several_heads_is_an_error(parse_net):
     with pytest.raises(CaffeFtError, match="--new-name needs a single head, but 3 heads"):
         apply_strategy("full", parse_net(GOOGLENET), StrategyOptions(num_classes=4, new_name="x"))
 
 
-def test_resnet_last_fc_freezes_batch_norm_statistics(parse_net):  # type: ignore[no-untyped-def]
+def test_resnet_last_fc_freezes_batch_norm_statistics(parse_net):
     original = parse_net(RESNET)
     net = rewrite(original).net
     for name in ("bn_conv1", "bn_res2a_branch2a"):
@@ -256,7 +257,7 @@ def test_resnet_last_fc_freezes_batch_norm_statistics(parse_net):  # type: ignor
     assert mults(net, "fc1000_ft") == HEAD
 
 
-def test_top_freeze_until_a_batch_norm_freezes_its_scale(parse_net):  # type: ignore[no-untyped-def]
+def test_top_freeze_until_a_batch_norm_freezes_its_scale(parse_net):
     result = rewrite(parse_net(RESNET), "top", freeze_until="bn_res2a_branch2a")
     net = result.net
     assert result.frozen == ("conv1", "bn_conv1", "scale_conv1", "res2a_branch2a",
@@ -265,7 +266,7 @@ def test_top_freeze_until_a_batch_norm_freezes_its_scale(parse_net):  # type: ig
     assert layer(net, "bn_res2a_branch2a").batch_norm_param.use_global_stats
 
 
-def test_top_leaves_batch_norm_in_the_training_part_alone(parse_net):  # type: ignore[no-untyped-def]
+def test_top_leaves_batch_norm_in_the_training_part_alone(parse_net):
     result = rewrite(parse_net(RESNET), "top", freeze_until="scale_conv1")
     net = result.net
     assert result.frozen == ("conv1", "bn_conv1", "scale_conv1")
@@ -274,7 +275,7 @@ def test_top_leaves_batch_norm_in_the_training_part_alone(parse_net):  # type: i
     assert list(layer(net, "scale_res2a_branch2a").param) == []
 
 
-def test_top_train_last_counts_scale_layers_and_keeps_them_with_their_batch_norm(parse_net):  # type: ignore[no-untyped-def]
+def test_top_train_last_counts_scale_layers_and_keeps_them_with_their_batch_norm(parse_net):
     # learnable layers: conv1, scale_conv1, res2a_branch2a, scale_res2a_branch2a, fc1000
     result = rewrite(parse_net(RESNET), "top", train_last=2)
     assert result.frozen == ("conv1", "bn_conv1", "scale_conv1", "res2a_branch2a")
@@ -283,13 +284,13 @@ def test_top_train_last_counts_scale_layers_and_keeps_them_with_their_batch_norm
     assert rewrite(parse_net(RESNET), "top", train_last=5).frozen == ()
 
 
-def test_top_freeze_fraction(parse_net):  # type: ignore[no-untyped-def]
+def test_top_freeze_fraction(parse_net):
     # CaffeNet: 5 learnable layers; a third of them is floor(5/3) = 1 frozen
     assert rewrite(parse_net(CAFFENET), "top", freeze_fraction=1 / 3).frozen == ("conv1",)
     assert rewrite(parse_net(CAFFENET), "top", freeze_fraction=2 / 3).frozen == ("conv1", "conv2", "fc6")
 
 
-def test_previously_frozen_layers_train_with_caffe_defaults(parse_net):  # type: ignore[no-untyped-def]
+def test_previously_frozen_layers_train_with_caffe_defaults(parse_net):
     frozen = rewrite(parse_net(CAFFENET)).net
     result = rewrite(frozen, "full")
     net = result.net
@@ -300,7 +301,7 @@ def test_previously_frozen_layers_train_with_caffe_defaults(parse_net):  # type:
     assert mults(top, "conv1") == FROZEN2 and mults(top, "fc6") == CAFFE_DEFAULT
 
 
-def test_full_keeps_user_multipliers_and_batch_norm(parse_net):  # type: ignore[no-untyped-def]
+def test_full_keeps_user_multipliers_and_batch_norm(parse_net):
     original = parse_net(RESNET)
     layer(original, "bn_conv1").batch_norm_param.use_global_stats = True
     layer(original, "conv1").param.add(lr_mult=0.5, decay_mult=2)
@@ -311,7 +312,7 @@ def test_full_keeps_user_multipliers_and_batch_norm(parse_net):  # type: ignore[
     assert list(layer(net, "scale_conv1").param) == []
 
 
-def test_siamese_shared_parameters_stay_consistent(parse_net):  # type: ignore[no-untyped-def]
+def test_siamese_shared_parameters_stay_consistent(parse_net):
     result = rewrite(parse_net(SIAMESE), "top", freeze_until="conv1")
     net = result.net
     # conv1 is frozen, so its twin conv1_p (after the cut) is frozen too
@@ -325,13 +326,13 @@ def test_siamese_shared_parameters_stay_consistent(parse_net):  # type: ignore[n
     assert mults(net, "cls_ft") == mults(net, "cls_p_ft") == HEAD
 
 
-def test_siamese_last_fc(parse_net):  # type: ignore[no-untyped-def]
+def test_siamese_last_fc(parse_net):
     result = rewrite(parse_net(SIAMESE))
     assert result.removed == ()
     assert set(result.frozen) == {"conv1", "ip1", "conv1_p", "ip1_p"}
 
 
-def test_explicit_heads_override_detection(parse_net):  # type: ignore[no-untyped-def]
+def test_explicit_heads_override_detection(parse_net):
     result = rewrite(parse_net(CAFFENET), heads=("fc8",))
     assert result.heads == {"fc8": "fc8_ft"}
     net = parse_net(
@@ -351,7 +352,7 @@ def test_explicit_heads_override_detection(parse_net):  # type: ignore[no-untype
 # Errors
 
 
-def _error(parse_net, text: str, strategy: str = "last-fc", **fields) -> str:  # type: ignore[no-untyped-def]
+def _error(parse_net, text: str, strategy: str = "last-fc", **fields) -> str:
     fields.setdefault("num_classes", 5)
     with pytest.raises(CaffeFtError) as caught:
         apply_strategy(strategy, parse_net(text), StrategyOptions(**fields))
@@ -360,7 +361,7 @@ def _error(parse_net, text: str, strategy: str = "last-fc", **fields) -> str:  #
     return message
 
 
-def test_error_no_head(parse_net):  # type: ignore[no-untyped-def]
+def test_error_no_head(parse_net):
     text = """
     layer { name: "in" type: "Input" top: "x" top: "y" }
     layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc" inner_product_param { num_output: 2 } }
@@ -371,7 +372,7 @@ def test_error_no_head(parse_net):  # type: ignore[no-untyped-def]
     assert "fc (InnerProduct)" in message and "--head LAYER" in message
 
 
-def test_error_scale_before_the_loss(parse_net):  # type: ignore[no-untyped-def]
+def test_error_scale_before_the_loss(parse_net):
     text = """
     layer { name: "in" type: "Input" top: "x" top: "label" }
     layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc" inner_product_param { num_output: 2 } }
@@ -405,16 +406,16 @@ def test_error_scale_before_the_loss(parse_net):  # type: ignore[no-untyped-def]
         ("last-fc", {"new_name": " "}, "must not be empty"),
     ],
 )
-def test_option_errors(parse_net, strategy, fields, expected):  # type: ignore[no-untyped-def]
+def test_option_errors(parse_net, strategy, fields, expected):
     assert expected in _error(parse_net, CAFFENET, strategy, **fields)
 
 
-def test_unknown_strategy(parse_net):  # type: ignore[no-untyped-def]
+def test_unknown_strategy(parse_net):
     with pytest.raises(CaffeFtError, match="unknown strategy 'all' .choose from last-fc, top, full"):
         apply_strategy("all", parse_net(CAFFENET), StrategyOptions(num_classes=2))
 
 
-def test_registry_functions_validate_too(parse_net):  # type: ignore[no-untyped-def]
+def test_registry_functions_validate_too(parse_net):
     with pytest.raises(CaffeFtError, match="at least 1"):
         STRATEGIES["full"](parse_net(CAFFENET), StrategyOptions(num_classes=0))
 
@@ -434,7 +435,7 @@ def test_registry_functions_validate_too(parse_net):  # type: ignore[no-untyped-
         (LARGE_DATASET + 1, "low", "full", None),
     ],
 )
-def test_choose_strategy(size, similarity, strategy, fraction):  # type: ignore[no-untyped-def]
+def test_choose_strategy(size, similarity, strategy, fraction):
     base = StrategyOptions(num_classes=2, head_lr_mult=5)
     name, options, reason = choose_strategy(size, similarity, base)
     assert name == strategy
@@ -453,7 +454,7 @@ def test_choose_strategy_rejects_bad_input() -> None:
         choose_strategy(100, "low", StrategyOptions(num_classes=2, train_last=3))
 
 
-def test_chosen_options_apply(parse_net):  # type: ignore[no-untyped-def]
+def test_chosen_options_apply(parse_net):
     name, options, _ = choose_strategy(SMALL_DATASET - 1, "low", StrategyOptions(num_classes=2))
     result = rewrite(parse_net(CAFFENET), name, **dataclasses.asdict(options))
     assert result.frozen == ("conv1",)  # floor(5 / 3) of CaffeNet's 5 learnable layers
@@ -464,7 +465,7 @@ def test_chosen_options_apply(parse_net):  # type: ignore[no-untyped-def]
 
 
 @st.composite
-def chain_nets(draw):  # type: ignore[no-untyped-def]
+def chain_nets(draw):
     """Prototxt of a chain of conv/ip/relu/pool/BN/Scale layers (often a
     BatchNorm followed by a Scale, as in ResNet) ending in an
     InnerProduct head (maybe followed by ReLU/Dropout), a loss and maybe an Accuracy."""
@@ -512,12 +513,12 @@ def chain_nets(draw):  # type: ignore[no-untyped-def]
 PROPERTY = settings(max_examples=60, deadline=None)
 
 
-def parse(text: str):  # type: ignore[no-untyped-def]
+def parse(text: str):
     """Like the ``parse_net`` fixture (hypothesis tests cannot take function-scoped fixtures)."""
     return prototext.to_message(prototext.parse(text.encode()), load_schema().new("NetParameter"))
 
 
-def _masked(net, heads: Dict[str, str]):  # type: ignore[no-untyped-def]
+def _masked(net, heads: Dict[str, str]):
     """``net`` without what a strategy may change: multipliers, BN settings,
     and the heads' names, blobs, class counts and fillers."""
     copy = type(net)()
@@ -534,13 +535,13 @@ def _masked(net, heads: Dict[str, str]):  # type: ignore[no-untyped-def]
     return copy
 
 
-def _learnable(net) -> List[str]:  # type: ignore[no-untyped-def]
+def _learnable(net) -> List[str]:
     return [each.name for each in net.layer if graph.has_parameters(each)]
 
 
 @PROPERTY
 @given(text=chain_nets())
-def test_property_last_fc_changes_only_heads_and_multipliers(text):  # type: ignore[no-untyped-def]
+def test_property_last_fc_changes_only_heads_and_multipliers(text):
     original = parse(text)
     result = rewrite(original, num_classes=4)
     assert list(result.heads) == [n for n in names(original) if n.startswith("head")]
@@ -556,7 +557,7 @@ def test_property_last_fc_changes_only_heads_and_multipliers(text):  # type: ign
 
 @PROPERTY
 @given(text=chain_nets(), data=st.data())
-def test_property_top_train_last_freezes_exactly_the_first_layers(text, data):  # type: ignore[no-untyped-def]
+def test_property_top_train_last_freezes_exactly_the_first_layers(text, data):
     original = parse(text)
     learnable = _learnable(original)
     keep = data.draw(st.integers(1, len(learnable)))
@@ -581,7 +582,7 @@ def test_property_top_train_last_freezes_exactly_the_first_layers(text, data):  
 
 @PROPERTY
 @given(text=chain_nets(), data=st.data())
-def test_property_top_freeze_until(text, data):  # type: ignore[no-untyped-def]
+def test_property_top_freeze_until(text, data):
     original = parse(text)
     head = graph.find_heads(original).heads[0]
     cut = data.draw(st.integers(0, graph.layer_index(original, head) - 1))
@@ -604,7 +605,7 @@ def test_property_top_freeze_until(text, data):  # type: ignore[no-untyped-def]
 @PROPERTY
 @given(text=chain_nets(), strategy=st.sampled_from(["last-fc", "full"]),
        lr=st.sampled_from([0.0, 0.001]))
-def test_property_every_strategy_is_idempotent_and_checked(text, strategy, lr):  # type: ignore[no-untyped-def]
+def test_property_every_strategy_is_idempotent_and_checked(text, strategy, lr):
     rewrite(parse(text), strategy, frozen_lr_mult=lr)  # rewrite() asserts both
 
 
@@ -676,7 +677,7 @@ TRAINABLE_SIAMESE = SIAMESE.replace(
         (TRAINABLE_SIAMESE, "top", {"freeze_until": "conv1"}, {"ip1", "ip1_p", "cls_ft", "cls_p_ft"}),
     ],
 )
-def test_caffe_trains_exactly_the_unfrozen_layers(tmp_path, text, strategy, fields, trained):  # type: ignore[no-untyped-def]
+def test_caffe_trains_exactly_the_unfrozen_layers(tmp_path, text, strategy, fields, trained):
     import json
     import os
     import subprocess

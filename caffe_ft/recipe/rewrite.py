@@ -2,13 +2,13 @@
 
 The steps, each a function over messages (no file access here):
 
-1. apply a strategy (:mod:`caffe_ft.finetune.strategies`) to the net;
+1. apply a strategy (:mod:`caffe_ft.recipe.strategies`) to the net;
 2. give it data layers from ``templates/`` when data was named (a deploy net
    gets data layers and a loss; a train_val net has its data layers' sources
    replaced, keeping their preprocessing);
 3. derive the matching deploy net (same layers minus data, loss and
    accuracy; an Input layer; a Softmax per head);
-4. rewrite the solver (:mod:`caffe_ft.finetune.solver`).
+4. rewrite the solver (:mod:`caffe_ft.recipe.solver`).
 
 :func:`plan` returns every output file's text, written as an edit of its
 input so that reviewers see only the lines that changed; the CLI writes them.

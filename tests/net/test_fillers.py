@@ -18,10 +18,10 @@ from caffe_ft.errors import CaffeFtError
 
 
 @pytest.fixture
-def filler(schema):  # type: ignore[no-untyped-def]
+def filler(schema):
     """``filler(type=..., **fields)`` -> a FillerParameter."""
 
-    def make(**fields):  # type: ignore[no-untyped-def]
+    def make(**fields):
         param = schema.new("FillerParameter")
         for name, value in fields.items():
             setattr(param, name, value)
@@ -34,21 +34,21 @@ def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def test_constant_gives_exact_values_and_defaults_to_zero(filler):  # type: ignore[no-untyped-def]
+def test_constant_gives_exact_values_and_defaults_to_zero(filler):
     values = fillers.fill(filler(type="constant", value=2.5), (3, 4), rng())
     assert values.dtype == np.float32 and values.shape == (3, 4)
     assert np.all(values == 2.5)
     assert np.all(fillers.fill(filler(), (7,), rng()) == 0)  # FillerParameter's default: constant 0
 
 
-def test_gaussian_mean_and_std(filler):  # type: ignore[no-untyped-def]
+def test_gaussian_mean_and_std(filler):
     values = fillers.fill(filler(type="gaussian", mean=0.5, std=2.0), (1000, 1000), rng())
     assert values.dtype == np.float32
     assert abs(values.mean() - 0.5) < 0.01
     assert abs(values.std() - 2.0) < 0.01
 
 
-def test_gaussian_sparse_keeps_sparse_over_outputs_of_the_values(filler):  # type: ignore[no-untyped-def]
+def test_gaussian_sparse_keeps_sparse_over_outputs_of_the_values(filler):
     # 100 outputs, sparse 20: each value non-zero with probability 20 / 100.
     values = fillers.fill(filler(type="gaussian", std=1.0, sparse=20), (100, 10000), rng())
     nonzero = values != 0
@@ -57,7 +57,7 @@ def test_gaussian_sparse_keeps_sparse_over_outputs_of_the_values(filler):  # typ
     assert not np.any(fillers.fill(filler(type="gaussian", sparse=0), (10, 10), rng()))
 
 
-def test_uniform_bounds_and_moments(filler):  # type: ignore[no-untyped-def]
+def test_uniform_bounds_and_moments(filler):
     values = fillers.fill(filler(type="uniform", min=-1.0, max=3.0), (1000, 1000), rng())
     assert values.min() >= -1.0 and values.max() <= 3.0
     assert abs(values.mean() - 1.0) < 0.01
@@ -74,12 +74,12 @@ def test_uniform_bounds_and_moments(filler):  # type: ignore[no-untyped-def]
         ((1, 1, 10, 20), 200, 200),  # a legacy 4-D InnerProduct weight
     ],
 )
-def test_fans_follow_caffes_num_and_channels(shape, fan_in, fan_out):  # type: ignore[no-untyped-def]
+def test_fans_follow_caffes_num_and_channels(shape, fan_in, fan_out):
     assert fillers.fans(shape) == (fan_in, fan_out)
 
 
 @pytest.mark.parametrize("norm, n", [(fillers.FAN_IN, 147), (fillers.FAN_OUT, 4096), (fillers.AVERAGE, (147 + 4096) / 2)])
-def test_xavier_bound_is_sqrt_3_over_n(filler, norm, n):  # type: ignore[no-untyped-def]
+def test_xavier_bound_is_sqrt_3_over_n(filler, norm, n):
     shape = (4096, 147)  # (out, in): fan_in 147, fan_out 4096
     values = fillers.fill(filler(type="xavier", variance_norm=norm), shape, rng())
     bound = math.sqrt(3.0 / n)
@@ -89,13 +89,13 @@ def test_xavier_bound_is_sqrt_3_over_n(filler, norm, n):  # type: ignore[no-unty
 
 
 @pytest.mark.parametrize("norm, n", [(fillers.FAN_IN, 1000), (fillers.FAN_OUT, 500), (fillers.AVERAGE, 750)])
-def test_msra_std_is_sqrt_2_over_n(filler, norm, n):  # type: ignore[no-untyped-def]
+def test_msra_std_is_sqrt_2_over_n(filler, norm, n):
     values = fillers.fill(filler(type="msra", variance_norm=norm), (500, 1000), rng())
     assert abs(values.mean()) < 0.001
     assert abs(values.std() / math.sqrt(2.0 / n) - 1) < 0.01
 
 
-def test_bilinear_kernel_exact(filler):  # type: ignore[no-untyped-def]
+def test_bilinear_kernel_exact(filler):
     # K = 4 (upsampling by 2): f = 2, c = 3/4, so the ramp is 1 - |x/2 - 3/4| = .25 .75 .75 .25.
     ramp = np.array([0.25, 0.75, 0.75, 0.25], dtype=np.float32)
     values = fillers.fill(filler(type="bilinear"), (3, 1, 4, 4), rng())
@@ -106,14 +106,14 @@ def test_bilinear_kernel_exact(filler):  # type: ignore[no-untyped-def]
     assert np.array_equal(odd[1], np.float32(0.75) * np.array([0.25, 0.75, 0.75], dtype=np.float32))
 
 
-def test_positive_unitball_rows_sum_to_one(filler):  # type: ignore[no-untyped-def]
+def test_positive_unitball_rows_sum_to_one(filler):
     values = fillers.fill(filler(type="positive_unitball"), (20, 3, 5, 5), rng())
     assert values.min() >= 0
     assert np.allclose(values.reshape(20, -1).sum(axis=1), 1, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "uniform", "xavier", "msra", "positive_unitball"])
-def test_same_seed_same_values(filler, kind):  # type: ignore[no-untyped-def]
+def test_same_seed_same_values(filler, kind):
     param = filler(type=kind)
     first = fillers.fill(param, (50, 20), rng(42))
     assert np.array_equal(first, fillers.fill(param, (50, 20), rng(42)))
@@ -136,14 +136,14 @@ def test_same_seed_same_values(filler, kind):  # type: ignore[no-untyped-def]
         ({"type": "constant"}, (0, 4), "empty"),
     ],
 )
-def test_what_caffe_rejects_is_an_error(filler, fields, shape, words):  # type: ignore[no-untyped-def]
+def test_what_caffe_rejects_is_an_error(filler, fields, shape, words):
     param = filler(**fields)
     assert words in fillers.filler_problem(param, shape)
     with pytest.raises(CaffeFtError, match=words.replace("(", r"\(")):
         fillers.fill(param, shape, rng())
 
 
-def test_unknown_filler_error_names_the_layer(parse_net):  # type: ignore[no-untyped-def]
+def test_unknown_filler_error_names_the_layer(parse_net):
     layer = parse_net(
         'layer { name: "fc9" type: "InnerProduct" inner_product_param { num_output: 2 weight_filler { type: "Xavier" } } }'
     ).layer[0]
@@ -152,15 +152,15 @@ def test_unknown_filler_error_names_the_layer(parse_net):  # type: ignore[no-unt
     assert "fc9" in str(caught.value) and "'Xavier'" in str(caught.value)
 
 
-def _layer(parse_net, text):  # type: ignore[no-untyped-def]
+def _layer(parse_net, text):
     return parse_net(f"layer {{ {text} }}").layer[0]
 
 
-def _described(parse_net, text):  # type: ignore[no-untyped-def]
+def _described(parse_net, text):
     return [fillers.describe(param) for param in fillers.layer_fillers(_layer(parse_net, text))]
 
 
-def test_default_fillers_per_layer_type(parse_net):  # type: ignore[no-untyped-def]
+def test_default_fillers_per_layer_type(parse_net):
     # No fillers given: FillerParameter's default, constant 0, for weights and bias.
     assert _described(parse_net, 'name: "c" type: "Convolution" convolution_param { num_output: 4 }') == ["constant 0"] * 2
     assert _described(parse_net, 'name: "c" type: "Convolution" convolution_param { bias_term: false }') == ["constant 0"]
@@ -188,13 +188,13 @@ def test_default_fillers_per_layer_type(parse_net):  # type: ignore[no-untyped-d
     assert _described(parse_net, 'name: "r" type: "ReLU"') == []
 
 
-def test_fill_layer_prelu_shared_is_a_scalar(parse_net):  # type: ignore[no-untyped-def]
+def test_fill_layer_prelu_shared_is_a_scalar(parse_net):
     layer = _layer(parse_net, 'name: "p" type: "PReLU" prelu_param { channel_shared: true }')
     (slope,) = fillers.fill_layer(layer, [()], rng())
     assert slope.shape == () and slope == np.float32(0.25)
 
 
-def test_fill_layer_needs_one_shape_per_blob(parse_net):  # type: ignore[no-untyped-def]
+def test_fill_layer_needs_one_shape_per_blob(parse_net):
     layer = _layer(parse_net, 'name: "f" type: "InnerProduct" inner_product_param { num_output: 2 }')
     with pytest.raises(CaffeFtError, match="layer 'f'"):
         fillers.fill_layer(layer, [(2, 3)], rng())

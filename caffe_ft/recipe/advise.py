@@ -25,7 +25,7 @@ are off (either average beyond its threshold) or the early probe wins by more
 than the margin and more than twice the standard error of the difference;
 ``high`` otherwise.  A net without BatchNorm layers is judged
 by the probes alone.  The size and the similarity then pick the strategy with
-:func:`caffe_ft.finetune.strategies.choose_strategy`.
+:func:`caffe_ft.recipe.strategies.choose_strategy`.
 """
 
 from __future__ import annotations

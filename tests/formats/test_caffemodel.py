@@ -25,7 +25,7 @@ from conftest import NSFW_DIR
 RNG = np.random.default_rng(7)
 
 
-def _fill(proto, array, legacy=False, diff=None):  # type: ignore[no-untyped-def]
+def _fill(proto, array, legacy=False, diff=None):
     """Fill a BlobProto message the way Caffe's ToProto (or an old Caffe) would."""
     array = np.asarray(array)
     if legacy:
@@ -39,11 +39,11 @@ def _fill(proto, array, legacy=False, diff=None):  # type: ignore[no-untyped-def
     return proto
 
 
-def _weights(*shape, dtype=np.float32):  # type: ignore[no-untyped-def]
+def _weights(*shape, dtype=np.float32):
     return RNG.standard_normal(shape).astype(dtype)
 
 
-def _current_net(schema):  # type: ignore[no-untyped-def]
+def _current_net(schema):
     """A small current-format net with weights, and the arrays it holds by layer."""
     net = schema.new("NetParameter")
     net.name = "small"
@@ -61,13 +61,13 @@ def _current_net(schema):  # type: ignore[no-untyped-def]
     return net, arrays
 
 
-def _write(tmp_path, name, data):  # type: ignore[no-untyped-def]
+def _write(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data)
     return str(path)
 
 
-def _round_trip(tmp_path, schema, data, name="in.caffemodel"):  # type: ignore[no-untyped-def]
+def _round_trip(tmp_path, schema, data, name="in.caffemodel"):
     """Load ``data`` from a file, save it, and return (model, bytes written)."""
     model = load_model(_write(tmp_path, name, data), schema)
     out = tmp_path / ("out-" + name)
@@ -186,15 +186,15 @@ def test_scalar_and_empty_blobs(tmp_path, schema):
     assert empty.shape == (0,) and empty.data.size == 0
 
 
-def _key(field, wire):  # type: ignore[no-untyped-def]
+def _key(field, wire):
     return caffemodel._varint_bytes(field << 3 | wire)
 
 
-def _bytes_field(field, payload):  # type: ignore[no-untyped-def]
+def _bytes_field(field, payload):
     return _key(field, 2) + caffemodel._varint_bytes(len(payload)) + payload
 
 
-def _unpacked(field, values, fmt="<f"):  # type: ignore[no-untyped-def]
+def _unpacked(field, values, fmt="<f"):
     wire = 5 if fmt == "<f" else 1
     return b"".join(_key(field, wire) + struct.pack(fmt, v) for v in values)
 
@@ -251,7 +251,7 @@ def test_strided_and_converted_arrays_are_written_in_chunks(tmp_path, schema, mo
         np.testing.assert_array_equal(np.array(proto.data, np.float32).reshape(array.shape), array.astype(np.float32))
 
 
-def _v1_net(schema):  # type: ignore[no-untyped-def]
+def _v1_net(schema):
     net = schema.new("NetParameter")
     net.name = "old"
     net.input.append("data")
@@ -349,7 +349,7 @@ def test_schema_with_moved_blob_fields_is_refused(tmp_path, schema):
         load_model(_write(tmp_path, "m.caffemodel", net.SerializeToString()), load_schema(str(moved)))
 
 
-def _top_level_ends(net):  # type: ignore[no-untyped-def]
+def _top_level_ends(net):
     """Byte offsets where a NetParameter prefix of whole fields ends."""
     partial = type(net)()
     partial.name = net.name
@@ -443,7 +443,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, schema, monkeypatch):
     path = _write(tmp_path, "m.caffemodel", data)
     model = load_model(path, schema)
 
-    def disk_full(*args):  # type: ignore[no-untyped-def]
+    def disk_full(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(caffemodel, "_write_array", disk_full)
@@ -471,7 +471,7 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 
 
 @pytest.fixture(scope="module")
-def caffe():  # type: ignore[no-untyped-def]
+def caffe():
     os.environ.setdefault("GLOG_minloglevel", "2")
     import caffe as pycaffe
 
@@ -479,7 +479,7 @@ def caffe():  # type: ignore[no-untyped-def]
     return pycaffe
 
 
-def _assert_same_params(model, net):  # type: ignore[no-untyped-def]
+def _assert_same_params(model, net):
     ours = {name: blobs for name, blobs in model.layer_blobs().items() if blobs}
     assert list(ours) == list(net.params)
     for name, params in net.params.items():
@@ -524,7 +524,7 @@ def test_pycaffe_loads_what_we_modified(tmp_path, schema, caffe):
     np.testing.assert_array_equal(reloaded.params["conv1"][0].data, net.params["conv1"][0].data)
 
 
-def _nsfw_files():  # type: ignore[no-untyped-def]
+def _nsfw_files():
     weights = glob.glob(os.path.join(NSFW_DIR, "*.caffemodel"))
     assert weights, f"no caffemodel in {NSFW_DIR}"
     return os.path.join(NSFW_DIR, "deploy.prototxt"), weights[0]

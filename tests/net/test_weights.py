@@ -55,11 +55,11 @@ def source_arrays() -> dict:
 
 
 @pytest.fixture
-def write_model(schema, tmp_path):  # type: ignore[no-untyped-def]
+def write_model(schema, tmp_path):
     """``write_model([(name, type, [Blob | ndarray...]), ...])`` -> (path, Model read back from it)."""
     counter = iter(range(1000))
 
-    def write(layers, name="weights"):  # type: ignore[no-untyped-def]
+    def write(layers, name="weights"):
         net = schema.new("NetParameter")
         net.name = "pretrained"
         blobs = []
@@ -74,18 +74,18 @@ def write_model(schema, tmp_path):  # type: ignore[no-untyped-def]
     return write
 
 
-def pretrained(arrays=None):  # type: ignore[no-untyped-def]
+def pretrained(arrays=None):
     """The layers of a caffemodel trained with NET (param-free layers have no blobs)."""
     arrays = arrays or source_arrays()
     return [("data", "Input", []), ("conv1", "Convolution", arrays["conv1"]), ("relu1", "ReLU", []),
             ("fc", "InnerProduct", arrays["fc"]), ("prob", "Softmax", [])]
 
 
-def rows(report):  # type: ignore[no-untyped-def]
+def rows(report):
     return {layer.name: layer for layer in report.layers}
 
 
-def test_same_net_copies_every_learnable_layer(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_same_net_copies_every_learnable_layer(parse_net, write_model):
     arrays = source_arrays()
     _, model = write_model(pretrained(arrays))
     report = weights.check(parse_net(NET), model)
@@ -101,7 +101,7 @@ def test_same_net_copies_every_learnable_layer(parse_net, write_model):  # type:
             assert np.array_equal(blob.data, values)
 
 
-def test_copied_blobs_stay_views_on_the_weights_file(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_copied_blobs_stay_views_on_the_weights_file(parse_net, write_model):
     _, model = write_model(pretrained())
     out = weights.init(parse_net(NET), model)
     source = model.layer_blobs()["fc"][0].data
@@ -109,7 +109,7 @@ def test_copied_blobs_stay_views_on_the_weights_file(parse_net, write_model):  #
     assert np.shares_memory(copied, source) and not copied.flags.writeable
 
 
-def test_legacy_4d_source_blobs_fit_right_aligned(parse_net, write_model, tmp_path, schema):  # type: ignore[no-untyped-def]
+def test_legacy_4d_source_blobs_fit_right_aligned(parse_net, write_model, tmp_path, schema):
     arrays = source_arrays()
     legacy = {
         "conv1": [legacy_blob(arrays["conv1"][0]), legacy_blob(arrays["conv1"][1].reshape(1, 1, 1, 4))],
@@ -140,14 +140,14 @@ def test_legacy_4d_source_blobs_fit_right_aligned(parse_net, write_model, tmp_pa
         ((1, 1, 1, 4), (1, 1, 1, 1, 4), False),  # legacy blobs never fit more than 4 axes
     ],
 )
-def test_shape_equals_legacy(stored, target, fits):  # type: ignore[no-untyped-def]
+def test_shape_equals_legacy(stored, target, fits):
     blob = legacy_blob(np.zeros(stored, np.float32))
     assert weights.shape_equals(target, blob) is fits
     assert weights.shape_equals(stored, Blob.of(np.zeros(stored, np.float32)))
     assert not weights.shape_equals(target, Blob.of(np.zeros(stored, np.float32))) or stored == target
 
 
-def test_renamed_head_is_fresh_and_filled_by_its_fillers(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_renamed_head_is_fresh_and_filled_by_its_fillers(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET.replace('"fc"', '"fc_new"').replace("num_output: 10", "num_output: 3"))
     report = weights.check(net, model)
@@ -163,7 +163,7 @@ def test_renamed_head_is_fresh_and_filled_by_its_fillers(parse_net, write_model)
     assert "FRESH" in text and "fc_new" in text and "OK: Caffe would load" in text
 
 
-def test_typo_is_flagged_when_the_ignored_blobs_would_fit(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_typo_is_flagged_when_the_ignored_blobs_would_fit(parse_net, write_model):
     _, model = write_model(pretrained())
     report = weights.check(parse_net(NET.replace('name: "conv1"', 'name: "conv_1"')), model)
     row = rows(report)["conv_1"]
@@ -173,7 +173,7 @@ def test_typo_is_flagged_when_the_ignored_blobs_would_fit(parse_net, write_model
     assert report.to_dict()["layers"][0]["likely_typo"] == "conv1"
 
 
-def test_num_output_mismatch_predicts_caffes_abort(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_num_output_mismatch_predicts_caffes_abort(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET.replace("num_output: 10", "num_output: 3"))
     report = weights.check(net, model)
@@ -190,7 +190,7 @@ def test_num_output_mismatch_predicts_caffes_abort(parse_net, write_model):  # t
         weights.init(net, model)
 
 
-def test_input_change_mismatch_suggests_no_num_output(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_input_change_mismatch_suggests_no_num_output(parse_net, write_model):
     _, model = write_model(pretrained())
     report = weights.check(parse_net(NET.replace("dim: 8 dim: 8", "dim: 9 dim: 9")), model)  # fc now has 196 inputs
     row = rows(report)["fc"]
@@ -198,7 +198,7 @@ def test_input_change_mismatch_suggests_no_num_output(parse_net, write_model):  
     assert "target param shape is 10 196 (1960)" in report.abort
 
 
-def test_blob_count_mismatch(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_blob_count_mismatch(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET.replace("num_output: 10", "num_output: 10 bias_term: false"))
     report = weights.check(net, model)
@@ -207,7 +207,7 @@ def test_blob_count_mismatch(parse_net, write_model):  # type: ignore[no-untyped
     assert "bias_term" in rows(report)["fc"].fix
 
 
-def test_param_free_layer_named_like_a_learnable_source_layer(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_param_free_layer_named_like_a_learnable_source_layer(parse_net, write_model):
     arrays = source_arrays()
     _, model = write_model(pretrained(arrays) + [("relu9", "PReLU", [array(4)])])
     net = parse_net(NET + 'layer { name: "relu9" type: "ReLU" bottom: "fc" top: "fc" }')
@@ -215,7 +215,7 @@ def test_param_free_layer_named_like_a_learnable_source_layer(parse_net, write_m
     assert rows(report)["relu9"].status == MISMATCH and "(0 vs. 1)" in report.abort
 
 
-def test_first_failure_in_file_order_is_the_abort(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_first_failure_in_file_order_is_the_abort(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET.replace("num_output: 4", "num_output: 5").replace("num_output: 10", "num_output: 3"))
     report = weights.check(net, model)
@@ -223,21 +223,21 @@ def test_first_failure_in_file_order_is_the_abort(parse_net, write_model):  # ty
     assert "from layer 'conv1'" in report.abort
 
 
-def test_later_source_layer_of_a_name_wins(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_later_source_layer_of_a_name_wins(parse_net, write_model):
     arrays, later = source_arrays(), source_arrays()
     _, model = write_model(pretrained(arrays) + [("fc", "InnerProduct", later["fc"])])
     out = weights.init(parse_net(NET), model)
     assert np.array_equal(out.blobs[3][0].data, later["fc"][0])
 
 
-def test_rejected_filler_aborts_even_for_a_copied_layer(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_rejected_filler_aborts_even_for_a_copied_layer(parse_net, write_model):
     _, model = write_model(pretrained())
     report = weights.check(parse_net(NET.replace("std: 0.01", "std: 0")), model)
     assert rows(report)["fc"].status == COPIED
     assert not report.ok and "layer 'fc'" in report.abort and "std > 0" in report.abort
 
 
-def test_phase_picks_the_layers(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_phase_picks_the_layers(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET + textwrap.dedent("""
         layer { name: "aux" type: "InnerProduct" bottom: "fc" top: "aux" include { phase: TEST }
@@ -247,7 +247,7 @@ def test_phase_picks_the_layers(parse_net, write_model):  # type: ignore[no-unty
     assert rows(weights.check(net, model, phase="TEST"))["aux"].status == FRESH
 
 
-def test_legacy_v1_weights_are_upgraded_first(schema, parse_net, tmp_path):  # type: ignore[no-untyped-def]
+def test_legacy_v1_weights_are_upgraded_first(schema, parse_net, tmp_path):
     arrays = source_arrays()
     net = schema.new("NetParameter")
     blobs = []
@@ -262,7 +262,7 @@ def test_legacy_v1_weights_are_upgraded_first(schema, parse_net, tmp_path):  # t
     assert report.ok and [r.status for r in report.layers] == [COPIED, COPIED]
 
 
-def test_data_layer_shape_comes_from_input_shapes(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_data_layer_shape_comes_from_input_shapes(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET.replace(
         'type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } }',
@@ -273,7 +273,7 @@ def test_data_layer_shape_comes_from_input_shapes(parse_net, write_model):  # ty
     assert weights.check(net, model, input_shapes={"data": (2, 3, 8, 8)}).ok
 
 
-def test_init_is_reproducible_by_seed(parse_net, write_model):  # type: ignore[no-untyped-def]
+def test_init_is_reproducible_by_seed(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET.replace('"fc"', '"fc_new"'))
     first = weights.init(net, model, seed=1).blobs[3][0].data
@@ -284,12 +284,12 @@ def test_init_is_reproducible_by_seed(parse_net, write_model):  # type: ignore[n
 # ------------------------------------------------------------------- CLI --
 
 
-def run(*args: str):  # type: ignore[no-untyped-def]
+def run(*args: str):
     return cli_runner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture
-def files(tmp_path, write_model):  # type: ignore[no-untyped-def]
+def files(tmp_path, write_model):
     """(write a net text -> path, path of the pretrained weights)."""
 
     def net_file(text: str, name: str = "net.prototxt") -> str:
@@ -300,7 +300,7 @@ def files(tmp_path, write_model):  # type: ignore[no-untyped-def]
     return net_file, write_model(pretrained())[0]
 
 
-def test_cli_check_exit_codes_and_json(files):  # type: ignore[no-untyped-def]
+def test_cli_check_exit_codes_and_json(files):
     net_file, model = files
     ok = run("check", net_file(NET), "--weights", model)
     assert ok.exit_code == 0 and "COPIED" in ok.output
@@ -314,7 +314,7 @@ def test_cli_check_exit_codes_and_json(files):  # type: ignore[no-untyped-def]
     assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
 
 
-def test_cli_check_input_shape_option(files):  # type: ignore[no-untyped-def]
+def test_cli_check_input_shape_option(files):
     net_file, model = files
     path = net_file(NET.replace('type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } }',
                                 'type: "Data" top: "data" data_param { batch_size: 2 }'))
@@ -323,7 +323,7 @@ def test_cli_check_input_shape_option(files):  # type: ignore[no-untyped-def]
     assert run("check", path, "--weights", model, "--input-shape", "data").exit_code == 2
 
 
-def test_cli_init_writes_a_loadable_model_and_never_the_input(files, schema, tmp_path):  # type: ignore[no-untyped-def]
+def test_cli_init_writes_a_loadable_model_and_never_the_input(files, schema, tmp_path):
     net_file, model = files
     net = net_file(NET.replace('"fc"', '"fc_new"'))
     out = str(tmp_path / "out.caffemodel")
@@ -342,14 +342,14 @@ def test_cli_init_writes_a_loadable_model_and_never_the_input(files, schema, tmp
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-def test_cli_init_refuses_a_mismatch(files, tmp_path):  # type: ignore[no-untyped-def]
+def test_cli_init_refuses_a_mismatch(files, tmp_path):
     net_file, model = files
     out = tmp_path / "out.caffemodel"
     result = run("init", net_file(NET.replace("num_output: 10", "num_output: 3")), "--weights", model, "-o", out)
     assert result.exit_code == 2 and "mismatched: fc" in result.stderr and not out.exists()
 
 
-def test_cli_typo_warning_on_init(files, tmp_path):  # type: ignore[no-untyped-def]
+def test_cli_typo_warning_on_init(files, tmp_path):
     net_file, model = files
     result = run("init", net_file(NET.replace('name: "conv1"', 'name: "Conv1"')), "--weights", model,
                  "-o", tmp_path / "o.caffemodel")
@@ -411,7 +411,7 @@ def _write(tmp_path, name: str, text: str) -> str:
 
 
 @pytest.mark.caffe
-def test_check_agrees_with_pycaffe_copy_from(tmp_path, schema, parse_net):  # type: ignore[no-untyped-def]
+def test_check_agrees_with_pycaffe_copy_from(tmp_path, schema, parse_net):
     source_proto = _write(tmp_path, "source.prototxt", CAFFE_NET)
     target_proto = _write(tmp_path, "target.prototxt", CAFFE_TARGET)
     weights_path = str(tmp_path / "source.caffemodel")
@@ -464,7 +464,7 @@ def _legacy_copy(model: Model) -> Model:
     ],
     ids=["shape", "legacy-shape", "blob-count", "filler"],
 )
-def test_predicted_abort_is_pycaffes(tmp_path, schema, parse_net, edit, legacy):  # type: ignore[no-untyped-def]
+def test_predicted_abort_is_pycaffes(tmp_path, schema, parse_net, edit, legacy):
     weights_path = str(tmp_path / "source.caffemodel")
     _pycaffe_weights(_write(tmp_path, "source.prototxt", CAFFE_NET), weights_path)
     if legacy:
@@ -487,7 +487,7 @@ def test_predicted_abort_is_pycaffes(tmp_path, schema, parse_net, edit, legacy):
 
 
 @pytest.mark.caffe
-def test_random_fillers_match_caffes_distributions(tmp_path, schema, parse_net):  # type: ignore[no-untyped-def]
+def test_random_fillers_match_caffes_distributions(tmp_path, schema, parse_net):
     """Fresh values have the spread, bounds and sparsity Caffe's own fillers give the same layer."""
     import caffe
 
@@ -522,7 +522,7 @@ def test_random_fillers_match_caffes_distributions(tmp_path, schema, parse_net):
 
 
 @pytest.mark.caffe
-def test_legacy_blobs_load_in_pycaffe_as_check_says(tmp_path, schema, parse_net):  # type: ignore[no-untyped-def]
+def test_legacy_blobs_load_in_pycaffe_as_check_says(tmp_path, schema, parse_net):
     proto = _write(tmp_path, "net.prototxt", CAFFE_NET)
     weights_path = str(tmp_path / "source.caffemodel")
     source = _pycaffe_weights(proto, weights_path)
@@ -536,7 +536,7 @@ def test_legacy_blobs_load_in_pycaffe_as_check_says(tmp_path, schema, parse_net)
 
 
 @pytest.mark.caffe
-def test_init_for_a_new_nsfw_head_loads_in_pycaffe_and_opencv(tmp_path, schema):  # type: ignore[no-untyped-def]
+def test_init_for_a_new_nsfw_head_loads_in_pycaffe_and_opencv(tmp_path, schema):
     import re
 
     import caffe
@@ -562,7 +562,7 @@ def test_init_for_a_new_nsfw_head_loads_in_pycaffe_and_opencv(tmp_path, schema):
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
 
-    def run_caffe(prototxt, caffemodel):  # type: ignore[no-untyped-def]
+    def run_caffe(prototxt, caffemodel):
         net = caffe.Net(prototxt, caffemodel, caffe.TEST)
         net.blobs["data"].data[...] = x
         net.forward()

@@ -22,14 +22,13 @@ import pytest
 from caffe_ft import __version__
 from caffe_ft.cli import main
 
-from conftest import cli_runner
+from conftest import REPO, cli_runner
 from export_nets import LAYERS_NET, POOLING_CASES, pooling_net, random_weights
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DIGITS = os.path.join(HERE, "..", "examples", "digits")
+DIGITS = os.path.join(REPO, "examples", "digits")
 
 
 def _run(*args: str):  # type: ignore[no-untyped-def]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from netcheck import check_net
 from caffe_ft.net import graph
 from caffe_ft.errors import CaffeFtError
 
 from ft_nets import CAFFENET, CAFFENET_DEPLOY, GOOGLENET, RESNET, SIAMESE, SQUEEZENET
 
 
-def _index(net, name):  # type: ignore[no-untyped-def]
+def _index(net, name):
     return graph.layer_index(net, name)
 
 
@@ -29,13 +30,13 @@ def _index(net, name):  # type: ignore[no-untyped-def]
         (SIAMESE, ("cls", "cls_p")),
     ],
 )
-def test_find_heads(parse_net, text, heads):  # type: ignore[no-untyped-def]
+def test_find_heads(parse_net, text, heads):
     search = graph.find_heads(parse_net(text))
     assert search.heads == heads
     assert search.blocked == ()
 
 
-def test_find_heads_reports_a_scale_before_the_loss(parse_net):  # type: ignore[no-untyped-def]
+def test_find_heads_reports_a_scale_before_the_loss(parse_net):
     net = parse_net(
         """
         layer { name: "in" type: "Input" top: "x" top: "label" }
@@ -49,7 +50,7 @@ def test_find_heads_reports_a_scale_before_the_loss(parse_net):  # type: ignore[
     assert search.blocked == ("temp",)
 
 
-def test_head_candidates_are_the_last_layers_with_parameters(parse_net):  # type: ignore[no-untyped-def]
+def test_head_candidates_are_the_last_layers_with_parameters(parse_net):
     net = parse_net(RESNET)
     assert graph.head_candidates(net, 3) == (
         "res2a_branch2a (Convolution)", "scale_res2a_branch2a (Scale)", "fc1000 (InnerProduct)",
@@ -76,14 +77,14 @@ def test_head_candidates_are_the_last_layers_with_parameters(parse_net):  # type
         ('type: "ReLU"', 0, set()),
     ],
 )
-def test_param_blobs(parse_net, layer, count, biases):  # type: ignore[no-untyped-def]
+def test_param_blobs(parse_net, layer, count, biases):
     spec = parse_net(f'name: "l" {layer}', "LayerParameter")
     assert graph.param_blob_count(spec) == count
     assert graph.bias_blobs(spec) == biases
     assert graph.has_parameters(spec) == (count > 0 and spec.type != "BatchNorm")
 
 
-def test_lr_mults_default_to_one_and_batch_norm_to_zero(parse_net):  # type: ignore[no-untyped-def]
+def test_lr_mults_default_to_one_and_batch_norm_to_zero(parse_net):
     conv = parse_net('name: "c" type: "Convolution" param { lr_mult: 0 }', "LayerParameter")
     bn = parse_net('name: "b" type: "BatchNorm"', "LayerParameter")
     assert graph.lr_mults(conv) == [0.0, 1.0]
@@ -91,7 +92,7 @@ def test_lr_mults_default_to_one_and_batch_norm_to_zero(parse_net):  # type: ign
     assert graph.is_learnable(conv) and not graph.is_learnable(bn)
 
 
-def test_loss_weight(parse_net):  # type: ignore[no-untyped-def]
+def test_loss_weight(parse_net):
     def weight(text: str) -> float:
         return graph.loss_weight(parse_net(f'name: "l" {text}', "LayerParameter"))
 
@@ -105,7 +106,7 @@ def test_loss_weight(parse_net):  # type: ignore[no-untyped-def]
 # Walks
 
 
-def test_producers_and_consumers_follow_in_place_layers(parse_net):  # type: ignore[no-untyped-def]
+def test_producers_and_consumers_follow_in_place_layers(parse_net):
     net = parse_net(SQUEEZENET)
     layers = list(net.layer)
     conv10, relu, pool = (_index(net, n) for n in ("conv10", "relu_conv10", "pool10"))
@@ -114,7 +115,7 @@ def test_producers_and_consumers_follow_in_place_layers(parse_net):  # type: ign
     assert graph.consumers(layers)[relu] == [pool]
 
 
-def test_downstream_and_upstream(parse_net):  # type: ignore[no-untyped-def]
+def test_downstream_and_upstream(parse_net):
     net = parse_net(GOOGLENET)
     layers = list(net.layer)
     classifier = _index(net, "loss1/classifier")
@@ -125,7 +126,7 @@ def test_downstream_and_upstream(parse_net):  # type: ignore[no-untyped-def]
                      "inception_4a/3x3", "pool1/3x3_s2", "conv1/7x7_s2", "data"}
 
 
-def test_exclusive_branch_stops_at_the_trunk(parse_net):  # type: ignore[no-untyped-def]
+def test_exclusive_branch_stops_at_the_trunk(parse_net):
     net = parse_net(GOOGLENET)
     layers = list(net.layer)
     seed = graph.downstream(layers, [_index(net, "loss2/classifier")])
@@ -134,14 +135,14 @@ def test_exclusive_branch_stops_at_the_trunk(parse_net):  # type: ignore[no-unty
         "ave_pool", "conv", "relu_conv", "fc", "relu_fc", "drop_fc", "classifier", "loss", "top-1")}
 
 
-def test_sharing_groups(parse_net):  # type: ignore[no-untyped-def]
+def test_sharing_groups(parse_net):
     net = parse_net(SIAMESE)
     groups = [{net.layer[i].name for i in group} for group in graph.sharing_groups(list(net.layer))]
     assert sorted(groups, key=sorted) == [{"cls", "cls_p"}, {"conv1", "conv1_p"}, {"ip1", "ip1_p"}]
     assert graph.sharing_groups(list(parse_net(CAFFENET).layer)) == []
 
 
-def test_layer_index_suggests_close_names(parse_net):  # type: ignore[no-untyped-def]
+def test_layer_index_suggests_close_names(parse_net):
     net = parse_net(CAFFENET)
     assert net.layer[graph.layer_index(net, "fc7")].name == "fc7"
     assert graph.layer_index(net, "data") == 0  # the first of the per-phase pair
@@ -154,13 +155,13 @@ def test_layer_index_suggests_close_names(parse_net):  # type: ignore[no-untyped
 
 
 @pytest.mark.parametrize("text", [CAFFENET, CAFFENET_DEPLOY, GOOGLENET, SQUEEZENET, RESNET, SIAMESE])
-def test_check_net_accepts_the_sample_nets(parse_net, text):  # type: ignore[no-untyped-def]
-    assert graph.check_net(parse_net(text)) == []
+def test_check_net_accepts_the_sample_nets(parse_net, text):
+    assert check_net(parse_net(text)) == []
 
 
-def test_check_net_accepts_net_inputs(parse_net):  # type: ignore[no-untyped-def]
+def test_check_net_accepts_net_inputs(parse_net):
     net = parse_net('input: "data" layer { name: "r" type: "ReLU" bottom: "data" top: "r" }')
-    assert graph.check_net(net) == []
+    assert check_net(net) == []
 
 
 @pytest.mark.parametrize(
@@ -192,12 +193,12 @@ def test_check_net_accepts_net_inputs(parse_net):  # type: ignore[no-untyped-def
          "specify either include rules or exclude rules"),
     ],
 )
-def test_check_net_finds_problems(parse_net, text, problem):  # type: ignore[no-untyped-def]
-    problems = graph.check_net(parse_net(text))
+def test_check_net_finds_problems(parse_net, text, problem):
+    problems = check_net(parse_net(text))
     assert any(problem in p for p in problems), problems
 
 
-def test_check_net_allows_the_same_name_in_different_phases(parse_net):  # type: ignore[no-untyped-def]
+def test_check_net_allows_the_same_name_in_different_phases(parse_net):
     # CAFFENET has a "data" layer per phase; a TEST-only duplicate of "loss" is fine too
     net = parse_net(CAFFENET)
     loss = net.layer[-1]
@@ -205,9 +206,9 @@ def test_check_net_allows_the_same_name_in_different_phases(parse_net):  # type:
     net.layer[-1].include.add().phase = 1  # TEST
     net.layer[-2].include.add().phase = 0  # TRAIN
     assert [layer.name for layer in net.layer[-2:]] == ["loss", "loss"]
-    assert graph.check_net(net) == []
+    assert check_net(net) == []
 
 
-def test_check_net_ignores_param_counts_of_python_layers(parse_net):  # type: ignore[no-untyped-def]
+def test_check_net_ignores_param_counts_of_python_layers(parse_net):
     net = parse_net('layer { name: "p" type: "Python" top: "x" param { lr_mult: 1 } }')
-    assert graph.check_net(net) == []
+    assert check_net(net) == []

@@ -156,7 +156,7 @@ def _image_list(directory: str, name: str, size: int, grey: bool, count: int, se
 
 
 @pytest.fixture(scope="module")
-def image_lists(tmp_path_factory):  # type: ignore[no-untyped-def]
+def image_lists(tmp_path_factory):
     """``image_lists(size, grey)`` -> (train list, val list), made once per kind."""
     made: Dict[Tuple[int, bool], Tuple[str, str]] = {}
 
@@ -172,7 +172,7 @@ def image_lists(tmp_path_factory):  # type: ignore[no-untyped-def]
     return lists
 
 
-def _rewrite(net_path: str, outdir: str, strategy_args: List[str], *args: str):  # type: ignore[no-untyped-def]
+def _rewrite(net_path: str, outdir: str, strategy_args: List[str], *args: str):
     command = ["rewrite", net_path, "-o", outdir, "--num-classes", str(NUM_CLASSES), *strategy_args, *args]
     return cli_runner().invoke(main, command, catch_exceptions=False)
 
@@ -320,7 +320,7 @@ def _train_layers(path: str) -> Dict[str, object]:
 
 def _lr_mults(layer: object, blobs: int) -> List[float]:
     """Each blob's lr_mult as Caffe applies it (1 where no param spec says otherwise)."""
-    specs = list(layer.param)  # type: ignore[attr-defined]
+    specs = list(layer.param)
     return [specs[i].lr_mult if i < len(specs) else 1.0 for i in range(blobs)]
 
 
@@ -328,10 +328,10 @@ def _heads(layers: Dict[str, object]) -> List[str]:
     """Layers whose output a SoftmaxWithLoss scores: the classifier heads."""
     producers = {}
     for layer in layers.values():
-        for top in layer.top:  # type: ignore[attr-defined]
-            producers[top] = layer.name  # type: ignore[attr-defined]
-    return [producers[layer.bottom[0]] for layer in layers.values()  # type: ignore[attr-defined]
-            if layer.type == "SoftmaxWithLoss"]  # type: ignore[attr-defined]
+        for top in layer.top:
+            producers[top] = layer.name
+    return [producers[layer.bottom[0]] for layer in layers.values()
+            if layer.type == "SoftmaxWithLoss"]
 
 
 def _check_training(outdir: str, report: dict) -> None:
@@ -342,7 +342,7 @@ def _check_training(outdir: str, report: dict) -> None:
         layer = layers[name]
         if report["types"][name] == "BatchNorm":
             # Caffe never lets the solver touch the statistics; only use_global_stats keeps them still.
-            still = layer.batch_norm_param.use_global_stats  # type: ignore[attr-defined]
+            still = layer.batch_norm_param.use_global_stats
             (frozen if still else trained).extend((name, i, flag) for i, flag in enumerate(moved))
             continue
         for i, (mult, flag) in enumerate(zip(_lr_mults(layer, len(moved)), moved)):
@@ -373,7 +373,7 @@ def _check_deploy(report: dict) -> None:
 @pytest.mark.caffe
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("net", NETS, ids=[net.id for net in NETS])
-def test_rewrite_trains_in_caffe(net, strategy, image_lists, tmp_path):  # type: ignore[no-untyped-def]
+def test_rewrite_trains_in_caffe(net, strategy, image_lists, tmp_path):
     train, val = image_lists(net.size, net.grey)
     outdir = str(tmp_path / "out")
     result = _rewrite(_plain_file(net.path, str(tmp_path)), outdir, _strategy_args(strategy, net),
@@ -386,7 +386,7 @@ def test_rewrite_trains_in_caffe(net, strategy, image_lists, tmp_path):  # type:
 
 @pytest.mark.caffe
 @pytest.mark.parametrize("net", [net for net in NETS if net.path in (LENET, CIFAR_QUICK)], ids=["lenet", "cifar_quick"])
-def test_default_preprocessing_trains_in_caffe(net, image_lists, tmp_path):  # type: ignore[no-untyped-def]
+def test_default_preprocessing_trains_in_caffe(net, image_lists, tmp_path):
     """No --mean-value: the defaults must suit the input (no BGR mean on a grey net)."""
     train, val = image_lists(net.size, net.grey)
     outdir = str(tmp_path / "out")
@@ -412,7 +412,7 @@ def test_default_preprocessing_trains_in_caffe(net, image_lists, tmp_path):  # t
     # At 451x451 the head scores 8x8 positions, and an image list has one label per image.
     (Net(FULL_CONV, 451), "64 scores per image", "--crop-size"),
 ], ids=["siamese-train_test", "siamese-deploy", "rcnn-no-head", "full_conv-no-crop"])
-def test_rewrite_refuses_clearly(net, message, remedy, strategy, image_lists, tmp_path):  # type: ignore[no-untyped-def]
+def test_rewrite_refuses_clearly(net, message, remedy, strategy, image_lists, tmp_path):
     train, val = image_lists(net.size, net.grey)
     outdir = tmp_path / "out"
     result = _rewrite(_plain_file(net.path, str(tmp_path)), str(outdir), _strategy_args(strategy, net),
@@ -472,8 +472,8 @@ SOLVERS = [
 @pytest.mark.caffe
 @pytest.mark.parametrize("solver_path, net_path", SOLVERS,
                          ids=[f"{path.split('/')[1]}-{os.path.basename(path)[:-9]}" for path, _ in SOLVERS])
-def test_rewritten_caffe_doc_solvers_load_in_caffe(solver_path, net_path, image_lists, tmp_path):  # type: ignore[no-untyped-def]
-    from caffe_ft.finetune.solver import solver_originals
+def test_rewritten_caffe_doc_solvers_load_in_caffe(solver_path, net_path, image_lists, tmp_path):
+    from caffe_ft.recipe.solver import solver_originals
 
     net = next(net for net in NETS if net.path == net_path)
     train, val = image_lists(net.size, net.grey)
@@ -520,7 +520,7 @@ layer { name: "prob" type: "Softmax" bottom: "conv" top: "prob" }
 """
 
 
-def _written_data_layers(tmp_path, text: str, *args: str):  # type: ignore[no-untyped-def]
+def _written_data_layers(tmp_path, text: str, *args: str):
     """Rewrite ``text`` (last-fc, an image list as data); the new train net's data layers."""
     net = tmp_path / "net.prototxt"
     net.write_text(text)
@@ -534,7 +534,7 @@ def _written_data_layers(tmp_path, text: str, *args: str):  # type: ignore[no-un
 
 
 @pytest.mark.parametrize("channels, colour, means", [(1, False, []), (3, True, [104, 117, 123])])
-def test_deploy_input_decides_colour_and_default_mean(tmp_path, channels, colour, means):  # type: ignore[no-untyped-def]
+def test_deploy_input_decides_colour_and_default_mean(tmp_path, channels, colour, means):
     layers = _written_data_layers(tmp_path, GREY_DEPLOY.replace("CHANNELS", str(channels)))
     assert len(layers) == 2
     for layer in layers:
@@ -543,14 +543,14 @@ def test_deploy_input_decides_colour_and_default_mean(tmp_path, channels, colour
 
 
 @pytest.mark.parametrize("means, colour", [(["0"], False), (["1", "2", "3"], True), ([], True)])
-def test_lmdb_net_is_grey_when_given_one_mean_value(tmp_path, means, colour):  # type: ignore[no-untyped-def]
+def test_lmdb_net_is_grey_when_given_one_mean_value(tmp_path, means, colour):
     args = ["--crop-size", "28"] + [arg for value in means for arg in ("--mean-value", value)]
     layers = _written_data_layers(tmp_path, LMDB_TRAIN_VAL, *args)
     assert [layer.image_data_param.is_color for layer in layers] == [colour, colour]
     assert all(layer.transform_param.scale == pytest.approx(0.00390625) for layer in layers)
 
 
-def test_fully_convolutional_head_needs_a_crop(tmp_path):  # type: ignore[no-untyped-def]
+def test_fully_convolutional_head_needs_a_crop(tmp_path):
     net = tmp_path / "fcn.prototxt"
     net.write_text(FULLY_CONVOLUTIONAL)
     images = tmp_path / "list.txt"
@@ -566,8 +566,8 @@ def test_fully_convolutional_head_needs_a_crop(tmp_path):  # type: ignore[no-unt
 
 
 @pytest.mark.parametrize("top_k, num_classes, kept", [(5, 3, False), (5, 5, False), (5, 6, True), (1, 1, True)])
-def test_top_k_accuracy_that_cannot_tell_anything_is_removed(parse_net, top_k, num_classes, kept):  # type: ignore[no-untyped-def]
-    from caffe_ft.finetune.strategies import StrategyOptions, apply_strategy
+def test_top_k_accuracy_that_cannot_tell_anything_is_removed(parse_net, top_k, num_classes, kept):
+    from caffe_ft.recipe.strategies import StrategyOptions, apply_strategy
 
     net = parse_net(LMDB_TRAIN_VAL + (
         'layer { name: "top-k" type: "Accuracy" bottom: "ip" bottom: "label" top: "top-k" '

@@ -196,7 +196,7 @@ def test_logits_and_train_val_derived_deploy(caffe, tmp_path, parse_net) -> None
     derived deploy net; --logits leaves out the Softmax; the scores match Caffe's."""
     from google.protobuf import text_format
 
-    from caffe_ft.finetune.rewrite import to_deploy
+    from caffe_ft.recipe.rewrite import to_deploy
     from caffe_ft.net.graph import find_heads
 
     schema = load_schema()
@@ -242,25 +242,46 @@ def test_pooling_edges(caffe, tmp_path, pool: str, size, kernel, stride, pad) ->
     _compare(caffe, prototxt, None, model, (1, 3))
 
 
+SOLVER = """net: "train_val.prototxt"
+test_iter: 2
+test_interval: 10
+base_lr: 0.01
+momentum: 0.9
+lr_policy: "fixed"
+display: 0
+max_iter: 10
+snapshot_prefix: "small"
+solver_mode: CPU
+random_seed: 1
+"""
+
+
 def test_finetune_export_onnx(tmp_path) -> None:
     """``finetune --export-onnx`` writes final.onnx beside final.caffemodel, and
     its summary says how it was checked; the check holds."""
-    from synth_images import write_dataset
-    from test_features_strategy import CLASSES, SOLVER, pretrained, run_cli, small_net, write
+    import subprocess
+    import sys
 
-    train = write_dataset(str(tmp_path / "train"), "photo", 4, classes=CLASSES, size=20, seed=5)
-    val = write_dataset(str(tmp_path / "val"), "photo", 2, classes=CLASSES, size=20, seed=6)
-    net = write(tmp_path / "train_val.prototxt", small_net(train, val))
-    solver = write(tmp_path / "solver.prototxt", SOLVER.replace("max_iter: 40", "max_iter: 10"))
-    done = run_cli("finetune", net, "--weights", pretrained(tmp_path), "--strategy", "last-fc", "--num-classes",
-                   str(CLASSES), "--solver", solver, "--cpu", "--export-onnx", "-o", str(tmp_path / "out"))
+    import feature_nets
+    from synth_images import write_dataset
+
+    from caffe_ft.export.verify import compare_with_pycaffe
+
+    train = write_dataset(str(tmp_path / "train"), "photo", 4, classes=3, size=20, seed=5)
+    val = write_dataset(str(tmp_path / "val"), "photo", 2, classes=3, size=20, seed=6)
+    net, solver = tmp_path / "train_val.prototxt", tmp_path / "solver.prototxt"
+    net.write_text(feature_nets.train_val(train, val, batch_size=4, test_batch_size=3))
+    solver.write_text(SOLVER)
     out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "caffe_ft.cli", "finetune", str(net), "--weights", feature_nets.make_weights(str(tmp_path)),
+         "--strategy", "last-fc", "--num-classes", "3", "--solver", str(solver), "--cpu", "--export-onnx",
+         "-o", str(out)], capture_output=True, text=True, env={**os.environ, "GLOG_minloglevel": "2"})
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     assert "ONNX model: final.onnx (opset 13, batch axis N); onnx.checker passed; ONNX Runtime" in summary
     assert "pycaffe outputs equal within 0.0001 relative" in summary, summary
     assert "wrote " + str(out / "final.onnx") in done.stderr
-    deploy = str(out / "deploy.prototxt")
-    from caffe_ft.export.verify import compare_with_pycaffe
-
-    agreement = compare_with_pycaffe(deploy, str(out / "final.caffemodel"), str(out / "final.onnx"), (2,), seed=7)
+    agreement = compare_with_pycaffe(str(out / "deploy.prototxt"), str(out / "final.caffemodel"),
+                                     str(out / "final.onnx"), (2,), seed=7)
     assert agreement.ok and agreement.difference > 0  # two implementations, not one file read twice

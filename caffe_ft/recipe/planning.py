@@ -1,4 +1,4 @@
-"""From a net file and :class:`~caffe_ft.finetune.options.RewriteOptions` to a rewrite plan.
+"""From a net file and :class:`~caffe_ft.recipe.options.RewriteOptions` to a rewrite plan.
 
 Reads the inputs (upgrading legacy nets first, comments kept), settles
 ``--strategy auto`` (measuring the data's similarity when it is not given)

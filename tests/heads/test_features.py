@@ -40,7 +40,6 @@ from caffe_ft.heads.trunk import cut_net
 from caffe_ft.training.pycaffe import quiet_caffe
 from caffe_ft.errors import CaffeFtError
 
-sys.path.insert(0, os.path.dirname(__file__))
 import feature_nets  # noqa: E402
 from conftest import NSFW_DIR, cli_runner  # noqa: E402
 from ft_nets import CAFFENET  # noqa: E402
@@ -515,7 +514,7 @@ def test_heavy_modules_load_only_when_used():
     """`caffe-ft --help` and the other commands stay fast: no numpy, scikit-learn, OpenCV or pycaffe on import."""
     import subprocess
 
-    code = ("import sys, caffe_ft.cli, caffe_ft.heads.cache, caffe_ft.heads.linear, caffe_ft.finetune.advise; "
+    code = ("import sys, caffe_ft.cli, caffe_ft.heads.cache, caffe_ft.heads.linear, caffe_ft.recipe.advise; "
             "print(sorted(m for m in ('numpy', 'sklearn', 'cv2', 'caffe') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
