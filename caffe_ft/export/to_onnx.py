@@ -139,7 +139,8 @@ def layer_blobs(net: Message, model: Optional[Model], input_shapes: Mapping[str,
     learnable = [entry.name for entry in shapes.infer(net, "TEST", input_shapes).layers if entry.params]
     if model is None:
         if learnable:
-            raise CaffeFtError(f"the net has learnable layers ({', '.join(learnable[:4])}...): give their weights")
+            more = ", ..." if len(learnable) > 3 else ""
+            raise CaffeFtError(f"the net has learnable layers ({', '.join(learnable[:3])}{more}): give their weights")
         return {}
     report = weights.check(net, model, "TEST", input_shapes)
     if not report.ok:
@@ -160,12 +161,8 @@ def layer_blobs(net: Message, model: Optional[Model], input_shapes: Mapping[str,
 # Building the graph
 
 
-class _Unsupported(CaffeFtError):
-    pass
-
-
 def _unsupported(layer: Message, why: str) -> CaffeFtError:
-    return _Unsupported(f"{layer.type} {why}: no faithful ONNX equivalent; nothing written", layer=layer.name)
+    return CaffeFtError(f"{layer.type} {why}: no faithful ONNX equivalent; nothing written", layer=layer.name)
 
 
 @dataclass

@@ -31,11 +31,11 @@ onnxruntime = pytest.importorskip("onnxruntime")
 DIGITS = os.path.join(REPO, "examples", "digits")
 
 
-def _run(*args: str):  # type: ignore[no-untyped-def]
+def _run(*args: str):
     return cli_runner().invoke(main, list(args))
 
 
-def _export(tmp_path, net: str, weights, *args: str, name: str = "model.onnx") -> str:  # type: ignore[no-untyped-def]
+def _export(tmp_path, net: str, weights, *args: str, name: str = "model.onnx") -> str:
     out = str(tmp_path / name)
     result = _run("export", net, "-o", out, *args, *(["--weights", weights] if weights else []))
     assert result.exit_code == 0, result.output + result.stderr
@@ -43,7 +43,7 @@ def _export(tmp_path, net: str, weights, *args: str, name: str = "model.onnx") -
     return out
 
 
-def _write(tmp_path, name: str, text: str) -> str:  # type: ignore[no-untyped-def]
+def _write(tmp_path, name: str, text: str) -> str:
     path = str(tmp_path / name)
     with open(path, "w") as handle:
         handle.write(text)
@@ -57,13 +57,13 @@ def _ort(path: str, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def digits(tmp_path):  # type: ignore[no-untyped-def]
+def digits(tmp_path):
     """The demo's DigitsNet deploy net and random weights for it."""
     net = os.path.join(DIGITS, "deploy.prototxt")
     return net, random_weights(net, str(tmp_path / "digits.caffemodel"))
 
 
-def test_export_digits_checker_names_metadata(tmp_path, digits) -> None:  # type: ignore[no-untyped-def]
+def test_export_digits_checker_names_metadata(tmp_path, digits) -> None:
     net, weights = digits
     path = _export(tmp_path, net, weights)
     model = onnx.load(path)
@@ -89,7 +89,7 @@ def test_export_digits_checker_names_metadata(tmp_path, digits) -> None:  # type
         assert one.read() == two.read()
 
 
-def test_batch_axis_static_and_dynamic(tmp_path, digits) -> None:  # type: ignore[no-untyped-def]
+def test_batch_axis_static_and_dynamic(tmp_path, digits) -> None:
     net, weights = digits
     dynamic = _export(tmp_path, net, weights, name="dynamic.onnx")
     static = _export(tmp_path, net, weights, "--static-batch", "--input-shape", "data=3,1,16,16", name="static.onnx")
@@ -106,7 +106,7 @@ def test_batch_axis_static_and_dynamic(tmp_path, digits) -> None:  # type: ignor
         _ort(static, {"data": data[:1]})
 
 
-def test_softmax_and_logits(tmp_path, digits) -> None:  # type: ignore[no-untyped-def]
+def test_softmax_and_logits(tmp_path, digits) -> None:
     net, weights = digits
     logits = _export(tmp_path, net, weights, "--logits", name="logits.onnx")
     assert [value.name for value in onnx.load(logits).graph.output] == ["fc2"]
@@ -122,7 +122,7 @@ def test_softmax_and_logits(tmp_path, digits) -> None:  # type: ignore[no-untype
     np.testing.assert_allclose(_ort(added, {"data": data})["prob"], probabilities, rtol=1e-5, atol=1e-7)
 
 
-def test_newer_opsets_compute_the_same(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_newer_opsets_compute_the_same(tmp_path) -> None:
     net = _write(tmp_path, "layers.prototxt", LAYERS_NET)
     weights = random_weights(net, str(tmp_path / "layers.caffemodel"))
     base = _export(tmp_path, net, weights, name="13.onnx")
@@ -165,7 +165,7 @@ def test_unsupported_is_one_line_and_writes_nothing(tmp_path, text: str, message
     assert not out.exists() and os.listdir(tmp_path) == ["net.prototxt"]
 
 
-def test_weights_that_miss_a_layer(tmp_path, digits) -> None:  # type: ignore[no-untyped-def]
+def test_weights_that_miss_a_layer(tmp_path, digits) -> None:
     net, weights = digits
     with open(net) as handle:
         renamed = _write(tmp_path, "renamed.prototxt", handle.read().replace('"fc2"', '"fc2_new"'))
@@ -175,7 +175,7 @@ def test_weights_that_miss_a_layer(tmp_path, digits) -> None:  # type: ignore[no
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_inspect_onnx(tmp_path, digits) -> None:  # type: ignore[no-untyped-def]
+def test_inspect_onnx(tmp_path, digits) -> None:
     net, weights = digits
     path = _export(tmp_path, net, weights)
     text = _run("inspect", path).output
@@ -228,7 +228,7 @@ def opencv5() -> str:
     return python
 
 
-def _opencv(python: str, tmp_path, model: str, feed: Dict[str, np.ndarray], names: List[str]):  # type: ignore[no-untyped-def]
+def _opencv(python: str, tmp_path, model: str, feed: Dict[str, np.ndarray], names: List[str]):
     np.savez(tmp_path / "in.npz", **feed)
     done = subprocess.run([python, "-c", _OPENCV_SCRIPT, model, str(tmp_path / "in.npz"), str(tmp_path / "out.npz"),
                            *names], capture_output=True, text=True)

@@ -33,7 +33,7 @@ RELATIVE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def caffe():  # type: ignore[no-untyped-def]
+def caffe():
     os.environ.setdefault("GLOG_minloglevel", "2")
     import caffe as pycaffe
 
@@ -52,7 +52,7 @@ def _plain(path: str, directory: str) -> str:
     return target
 
 
-def _randomize(net, rng: np.random.Generator) -> None:  # type: ignore[no-untyped-def]
+def _randomize(net, rng: np.random.Generator) -> None:
     """Weights of a trained net's magnitudes: N(0, 1/fan_in), BatchNorm statistics
     stored times a scale factor of 2 (as Caffe's moving averages are), Scale near 1."""
     types = {name: layer.type for name, layer in zip(net._layer_names, net.layers)}
@@ -73,7 +73,7 @@ def _randomize(net, rng: np.random.Generator) -> None:  # type: ignore[no-untype
                 blob.data[...] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
 
-def _export(tmp_path, net: str, weights: Optional[str], *args: str) -> str:  # type: ignore[no-untyped-def]
+def _export(tmp_path, net: str, weights: Optional[str], *args: str) -> str:
     out = str(tmp_path / (os.path.basename(net).split(".")[0] + ".onnx"))
     command = ["export", net, "-o", out, *args] + (["--weights", weights] if weights else [])
     result = cli_runner().invoke(main, command)
@@ -81,7 +81,7 @@ def _export(tmp_path, net: str, weights: Optional[str], *args: str) -> str:  # t
     return out
 
 
-def _session(path: str, blobs: Sequence[str] = ()):  # type: ignore[no-untyped-def]
+def _session(path: str, blobs: Sequence[str] = ()):
     """An ONNX Runtime session on the model at ``path``, which must pass the
     checker; ``blobs`` that the graph computes become extra outputs."""
     import onnx
@@ -99,9 +99,9 @@ def _session(path: str, blobs: Sequence[str] = ()):  # type: ignore[no-untyped-d
     return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _compare(caffe, prototxt: str, weights: Optional[str], model: str, batches: Sequence[int],  # type: ignore[no-untyped-def]
-             scale: float = 1.0, seed: int = 0) -> Dict[str, float]:
-    """Run pycaffe and ONNX Runtime on the same random inputs; assert that the
+def _compare(caffe, prototxt: str, weights: Optional[str], model: str, batches: Sequence[int],
+             scale: float = 1.0, seed: int = 0, feeds: Sequence[Dict[str, np.ndarray]] = ()) -> Dict[str, float]:
+    """Run pycaffe and ONNX Runtime on the same random inputs (and ``feeds``); assert that the
     outputs agree, and so does every blob the ONNX model has a value of that
     name for (the value the blob holds after the forward pass; a Softmax's
     scores are checked before they saturate).  Returns each output's largest
@@ -112,14 +112,14 @@ def _compare(caffe, prototxt: str, weights: Optional[str], model: str, batches: 
     worst: Dict[str, float] = {}
     onnx_inputs = {value.name: value for value in session.get_inputs()}
     assert sorted(onnx_inputs) == sorted(net.inputs)
-    for batch in batches:
-        feed = {}
-        for name in net.inputs:
-            shape = (batch, *net.blobs[name].data.shape[1:])
+    random = [{name: (scale * rng.standard_normal((batch, *net.blobs[name].data.shape[1:]))).astype(np.float32)
+               for name in net.inputs} for batch in batches]
+    for feed in [*random, *feeds]:
+        for name, value in feed.items():
             assert onnx_inputs[name].shape[0] == "N"
-            feed[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
-            net.blobs[name].reshape(*shape)
+            net.blobs[name].reshape(*value.shape)
         net.reshape()
+        batch = len(next(iter(feed.values())))
         outputs = net.forward(**feed)
         got = dict(zip([value.name for value in session.get_outputs()], session.run(None, feed)))
         assert set(outputs) <= set(got)
@@ -134,7 +134,7 @@ def _compare(caffe, prototxt: str, weights: Optional[str], model: str, batches: 
     return worst
 
 
-def _random_weights(caffe, prototxt: str, path: str, seed: int = 0) -> str:  # type: ignore[no-untyped-def]
+def _random_weights(caffe, prototxt: str, path: str, seed: int = 0) -> str:
     net = caffe.Net(prototxt, caffe.TEST)
     _randomize(net, np.random.default_rng(seed))
     net.save(path)
@@ -187,11 +187,17 @@ def test_nsfw_resnet50_real_weights(caffe, tmp_path) -> None:
     prototxt = os.path.join(NSFW_DIR, "deploy.prototxt")
     weights = os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel")
     model = _export(tmp_path, prototxt, weights)
-    worst = _compare(caffe, prototxt, weights, model, (1, 8), scale=50.0)
+    # Photo-like images as open_nsfw feeds them (BGR, mean subtracted), and noise.
+    from synth_images import photo_image
+
+    rng = np.random.default_rng(4)
+    photos = np.stack([photo_image(rng, label % 3, 224).astype(np.float32) - np.float32([104, 117, 123])
+                       for label in range(4)]).transpose(0, 3, 1, 2)
+    worst = _compare(caffe, prototxt, weights, model, (1, 8), scale=50.0, feeds=[{"data": photos}])
     assert set(worst) == {"prob"}
 
 
-def test_logits_and_train_val_derived_deploy(caffe, tmp_path, parse_net) -> None:  # type: ignore[no-untyped-def]
+def test_logits_and_train_val_derived_deploy(caffe, tmp_path, parse_net) -> None:
     """A train_val net (BatchNorm, no deploy twin in caffe-doc) is exported as its
     derived deploy net; --logits leaves out the Softmax; the scores match Caffe's."""
     from google.protobuf import text_format
@@ -234,7 +240,7 @@ def test_every_layer_type(caffe, tmp_path) -> None:
 
 @pytest.mark.parametrize("pool", ["MAX", "AVE"])
 @pytest.mark.parametrize("size,kernel,stride,pad", POOLING_CASES)
-def test_pooling_edges(caffe, tmp_path, pool: str, size, kernel, stride, pad) -> None:  # type: ignore[no-untyped-def]
+def test_pooling_edges(caffe, tmp_path, pool: str, size, kernel, stride, pad) -> None:
     prototxt = str(tmp_path / "pool.prototxt")
     with open(prototxt, "w") as handle:
         handle.write(pooling_net(size, pool, kernel, stride, pad))
