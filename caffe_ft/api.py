@@ -16,7 +16,7 @@ go to ``out`` (stderr by default), as on the command line::
 from __future__ import annotations
 
 import sys
-from typing import IO, TYPE_CHECKING, Any, Optional, Tuple
+from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 from .errors import CaffeFtError
 from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import onnx
 
     from .export.to_onnx import ExportOptions
+    from .evaluation.metrics import Evaluation
     from .recipe.job import FinetuneResult
     from .recipe.rewrite import RewritePlan
     from .net.weights import CheckReport
@@ -78,16 +79,21 @@ def check(net_path: str, weights: str, *, phase: str = "TRAIN", input_shapes: Op
 
 
 def init(net_path: str, weights: str, output: str, *, seed: int = 0, phase: str = "TRAIN",
-         input_shapes: Optional[InputShapes] = None, schema: Optional[Schema] = None) -> "CheckReport":
+         input_shapes: Optional[InputShapes] = None, schema: Optional[Schema] = None,
+         force: bool = False) -> "CheckReport":
     """Write the caffemodel the net starts from (``weights``' blobs where they fit,
-    Caffe's fillers elsewhere) to ``output``; returns the check it rests on."""
+    Caffe's fillers elsewhere) to ``output``; returns the check it rests on.
+    ``output`` is never one of the inputs; an existing one is replaced only with ``force``."""
     import os
 
     from .formats.caffemodel import save_model
     from .net import weights as wt
 
-    if os.path.exists(output) and os.path.exists(weights) and os.path.samefile(output, weights):
+    from .formats.files import check_output, same_file
+
+    if os.path.exists(output) and same_file(output, weights):
         raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
+    check_output(output, [net_path, weights], force)  # never an input; an existing file only with force
     schema = schema or load_schema()
     net, model = load_net_and_model(net_path, weights, schema)
     try:
@@ -108,7 +114,7 @@ def check_rewrite(plan: "RewritePlan", weights: str, schema: Schema, input_shape
 
     name = "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt"
     text = plan.files[name][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), name), schema.new(files.NET), name)
     report = check_net(net, load_model(weights, schema), input_shapes=input_shapes or None)
     _printer(out)(format_check(report))
     if not report.ok:
@@ -128,7 +134,7 @@ def rewrite(net_path: str, options: RewriteOptions, *, weights: Optional[str] = 
     if weights:
         check_rewrite(plan, weights, schema, options.input_shapes, out)
     if write:
-        write_plan(plan, force=force)
+        write_plan(plan, force=force, inputs=[weights, options.data.train, options.data.val, options.data.mean_file])
     return plan
 
 
@@ -147,16 +153,18 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
 
 
 def export_onnx(net_path: str, weights: Optional[str], output: str, options: "ExportOptions", *,
-                schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "onnx.ModelProto":
+                force: bool = False, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "onnx.ModelProto":
     """Write the net (a deploy net, or the deploy net derived from a train_val)
     and ``weights`` to ``output`` as an ONNX model; nothing is written when a
-    layer has no faithful ONNX equivalent."""
+    layer has no faithful ONNX equivalent.  ``output`` is never one of the
+    inputs; an existing one is replaced only with ``force``."""
     from .export import to_onnx
     from .recipe.rewrite import is_deploy, to_deploy
     from .formats import files
     from .formats.caffemodel import load_model
     from .net.graph import find_heads
 
+    files.check_output(output, [net_path, weights], force)
     schema = schema or load_schema()
     net = current_net(files.load_text(net_path, schema, files.NET).message, net_path)
     model = load_model(weights, schema) if weights else None
@@ -172,10 +180,68 @@ def export_onnx(net_path: str, weights: Optional[str], output: str, options: "Ex
 
 
 def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "TrainResult":
-    """Run a Caffe solver (pycaffe): checked start, metrics, safe snapshots, resume."""
-    from .training.pycaffe import train as run_training
+    """Run a Caffe solver (pycaffe, or torch when ``options.engine`` says so):
+    checked start, metrics, safe snapshots, resume.
 
-    return run_training(options, schema or load_schema(options.proto), out)
+    With ``options.report`` (which needs ``options.metrics``), the run's
+    report.html and report.json go there at the end, however it ended; with
+    ``options.tensorboard``, TensorBoard event files of the whole run."""
+    import os
+    import time
+
+    if options.engine == "torch":
+        from .training.torch import require_torch
+
+        require_torch()
+        from .training.torch.engine import train as run_training
+    else:
+        from .training.pycaffe import train as run_training
+
+    if options.report and not options.metrics:
+        raise CaffeFtError("a training report needs a metrics file (give --metrics)")
+    if options.tensorboard:
+        from .training.tensorboard import require_writer, write_events
+
+        if not options.metrics:
+            raise CaffeFtError("--tensorboard needs a metrics file (give --metrics)")
+        require_writer()
+    schema = schema or load_schema(options.proto)
+    started = time.monotonic()
+    result = run_training(options, schema, out)
+    if options.tensorboard and options.metrics and os.path.exists(options.metrics):
+        count = write_events(options.metrics, options.tensorboard)
+        out.write(f"tensorboard: {count} scalars in {options.tensorboard}\n")
+    if options.report:
+        from .evaluation.runs import write_train_report
+
+        try:
+            html, _ = write_train_report(options.report, options, result, schema, time.monotonic() - started, out)
+        except CaffeFtError as exc:  # the run and its snapshots stand: a report problem does not fail it
+            out.write(f"note: no report: {exc}\n")
+        else:
+            out.write(f"report: {html}\n")
+    return result
 
 
-__all__ = ["check", "export_onnx", "finetune", "init", "rewrite", "train"]
+def evaluate(net_path: str, weights: str, data: str, *, top_k: Sequence[int] = (1, 5), blob: Optional[str] = None,
+             batch_size: int = 32, root_folder: Optional[str] = None, transform: Optional[Dict[str, Any]] = None,
+             class_names: Optional[Sequence[str]] = None, mistakes: int = 10, save_predictions: Optional[str] = None,
+             schema: Optional[Schema] = None) -> "Evaluation":
+    """Run ``weights`` in ``net_path`` (deploy or train_val) over the image list
+    (or LMDB) ``data`` with the net's TEST transform and compute accuracy,
+    top-k, per-class precision/recall/F1, the confusion matrix, the expected
+    calibration error and the most confident mistakes.  ``save_predictions``: also
+    save the class probabilities, labels and sources there (``.npz``)."""
+    from .evaluation.metrics import evaluate as compute
+    from .evaluation.predict import PredictRequest, predict
+
+    schema = schema or load_schema()
+    request = PredictRequest(net_path, weights, data, blob, batch_size, root_folder, dict(transform or {}))
+    predicted = predict(request, schema)
+    result = compute(predicted, top_k, class_names, mistakes)
+    if save_predictions:
+        predicted.save(save_predictions)
+    return result
+
+
+__all__ = ["check", "evaluate", "export_onnx", "finetune", "init", "rewrite", "train"]

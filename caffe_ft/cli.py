@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
@@ -32,6 +33,34 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+class _Number(click.ParamType):
+    """A finite float, optionally above a bound: inf, nan and out-of-range values
+    are refused at the edge with a one-line error (Caffe would read them, and
+    train on garbage)."""
+
+    name = "number"
+
+    def __init__(self, above: Optional[float] = None, at_least: Optional[float] = None) -> None:
+        self.above, self.at_least = above, at_least
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        option = param.opts[0] if param is not None and param.opts else "value"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise CaffeFtError(f"{option}: {value!r} is not a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise CaffeFtError(f"{option}: {value!r} is not a finite number")
+        if self.above is not None and not number > self.above:
+            raise CaffeFtError(f"{option}: {value!r} must be greater than {self.above:g}")
+        if self.at_least is not None and not number >= self.at_least:
+            raise CaffeFtError(f"{option}: {value!r} must be at least {self.at_least:g}")
+        return number
+
+
+_FINITE, _POSITIVE, _NON_NEGATIVE = _Number(), _Number(above=0), _Number(at_least=0)
+
+
 def _schema(ctx: click.Context) -> Schema:
     return load_schema(ctx.obj.get("proto"))
 
@@ -51,8 +80,22 @@ def main(ctx: click.Context, proto: Optional[str]) -> None:
     ctx.obj["proto"] = proto
 
 
+def _json(value: Any) -> str:
+    """``value`` as JSON (indented, one trailing newline); non-finite numbers,
+    which JSON cannot hold, become the strings "nan", "inf" and "-inf"."""
+    from .net.report import json_safe
+
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
 def _emit(text: str) -> None:
-    sys.stdout.write(text)
+    """Print ``text``; bytes of the input that are not UTF-8 (in comments and
+    strings, kept as surrogates) go out as they came in."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
     sys.stdout.flush()
 
 
@@ -76,7 +119,7 @@ def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> No
     for path in files:
         parsed = load_text(path, schema)
         results.append((path, parsed.data, format_text(parsed)))
-    changed = [path for path, data, text in results if text.encode("utf-8") != data]
+    changed = [path for path, data, text in results if text.encode("utf-8", "surrogateescape") != data]
     if check:
         for path in changed:
             click.echo(f"would reformat {path}")
@@ -93,8 +136,9 @@ def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> No
 @click.argument("file", metavar="FILE")
 @click.option("-o", "--output", metavar="OUT", help="Where to write (default: print text to stdout).")
 @click.option("--in-place", "in_place", is_flag=True, help="Overwrite FILE with the upgraded version.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @click.pass_context
-def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool) -> None:
+def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool, force: bool) -> None:
     """Upgrade a legacy net, solver or caffemodel to the current format.
 
     Does what Caffe's upgrade_net_proto_text / upgrade_solver_proto_text do
@@ -107,6 +151,8 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
     target = file if in_place else output
     if target is not None and not in_place and _same_file(target, file):
         raise CaffeFtError("-o names the input file; use --in-place to overwrite it", file)
+    if target is not None and not in_place:
+        files.check_output(target, [file, ctx.obj.get("proto")], force)
     schema = _schema(ctx)
     data = files.read_bytes(file)
     if files.is_binary(data):
@@ -131,9 +177,18 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
 
 
 def _same_file(a: str, b: str) -> bool:
-    import os
+    from .formats.files import same_file
 
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    return same_file(a, b)
+
+
+def _check_output(ctx: click.Context, target: Optional[str], inputs: List[Optional[str]], force: bool = False,
+                  option: str = "-o") -> None:
+    """The output policy for one file: never an input (nor --proto), existing only with --force."""
+    from .formats.files import check_output
+
+    if target is not None:
+        check_output(target, [*inputs, ctx.obj.get("proto")], force, option)
 
 
 def _input_shapes(values: Any) -> Dict[str, Tuple[int, ...]]:
@@ -198,7 +253,7 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
             net = current_net(parsed.message, file)
             info, format_info = report.describe_net(net, _input_shapes(input_shapes)), report.format_net
     if as_json:
-        _emit(json.dumps(info, indent=2, sort_keys=False) + "\n")
+        _emit(_json(info))
     else:
         _emit(format_info(info))
 
@@ -220,9 +275,9 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--head", "heads", multiple=True, metavar="LAYER",
                      help="Classifier head layer (repeatable; default: detected)."),
         click.option("--new-name", metavar="NAME", help="New name of the (single) head (default: OLD_ft)."),
-        click.option("--head-lr-mult", type=float, default=10.0, show_default=True,
+        click.option("--head-lr-mult", type=_NON_NEGATIVE, default=10.0, show_default=True,
                      help="lr_mult of the new head's weights; its bias gets twice this."),
-        click.option("--frozen-lr-mult", type=float, default=0.0, show_default=True,
+        click.option("--frozen-lr-mult", type=_NON_NEGATIVE, default=0.0, show_default=True,
                      help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen)."),
         click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it."),
         click.option("--train-last", type=click.IntRange(min=1), metavar="K", help="top: train the last K learnable layers."),
@@ -238,14 +293,14 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--crop-size", type=click.IntRange(min=1), help="Crop size (default: the net's input size)."),
         click.option("--resize", type=click.IntRange(min=1),
                      help="ImageData: resize images to this square size before cropping."),
-        click.option("--mean-value", "mean_values", type=float, multiple=True,
+        click.option("--mean-value", "mean_values", type=_FINITE, multiple=True,
                      help="Per-channel mean (repeat per channel)."),
         click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
-        click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction."),
+        click.option("--scale", type=_POSITIVE, help="Multiply pixels by this after mean subtraction."),
         click.option("--mirror/--no-mirror", default=None, help="Random horizontal flips while training."),
         click.option("--root-folder", metavar="DIR", help="ImageData: directory the image list's paths are relative to."),
-        click.option("--lr-scale", type=float, default=0.1, show_default=True, help="base_lr is multiplied by this."),
-        click.option("--step-scale", type=float, default=0.2, show_default=True,
+        click.option("--lr-scale", type=_POSITIVE, default=0.1, show_default=True, help="base_lr is multiplied by this."),
+        click.option("--step-scale", type=_POSITIVE, default=0.2, show_default=True,
                      help="stepsize/stepvalue/max_iter are multiplied by this."),
         click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
@@ -302,7 +357,7 @@ def _usage_errors(call: Callable[[], Any]) -> Any:
               help="Pretrained caffemodel: check which weights the new net copies, and refuse a net Caffe would reject.")
 @click.option("--diff", "show_diff", is_flag=True, help="Print the changes as a unified diff.")
 @click.option("--dry-run", is_flag=True, help="Write nothing.")
-@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (inputs included).")
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (never an input).")
 @click.pass_context
 def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff: bool, dry_run: bool, force: bool,
             **params: Any) -> None:
@@ -321,7 +376,7 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
         _emit(unified_diff(result))
     if dry_run:
         return
-    write_plan(result, force=force)
+    write_plan(result, force=force, inputs=_plan_inputs(ctx, weights, params))
     _emit(summary_text(result))
 
 
@@ -364,6 +419,11 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     ctx.exit(outcome.exit_code)
 
 
+def _plan_inputs(ctx: click.Context, weights: Optional[str], params: Dict[str, Any]) -> List[Optional[str]]:
+    """Files a rewrite reads besides the nets: none of them may be overwritten."""
+    return [weights, params.get("train_data"), params.get("val_data"), params.get("mean_file"), ctx.obj.get("proto")]
+
+
 @main.command()
 @click.argument("file_a", metavar="A")
 @click.argument("file_b", metavar="B")
@@ -382,7 +442,7 @@ def diff(ctx: click.Context, file_a: str, file_b: str, as_json: bool) -> None:
     schema = _schema(ctx)
     changes = diff.diff_files(files.load_text(file_a, schema), files.load_text(file_b, schema))
     if as_json:
-        _emit(json.dumps(diff.to_json(changes), indent=2) + "\n")
+        _emit(_json(diff.to_json(changes)))
     else:
         _emit(diff.format_changes(changes))
     ctx.exit(1 if changes else 0)
@@ -411,8 +471,8 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
 
     report = api.check(net_path, weights, phase=phase, input_shapes=_input_shapes(input_shapes),
                        schema=_schema(ctx))
-    _emit(json.dumps(report.to_dict(), indent=2) + "\n" if as_json else format_check(report))
-    ctx.exit(0 if report.ok else 1)
+    _emit(_json(report.to_dict()) if as_json else format_check(report))
+    ctx.exit(0 if report.usable else 1)
 
 
 @main.command()
@@ -420,10 +480,12 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
 @click.option("--weights", required=True, metavar="MODEL", help="The pretrained caffemodel.")
 @click.option("-o", "--output", required=True, metavar="OUT", help="The caffemodel to write (never MODEL).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh layers' random values.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @_PHASE
 @_INPUT_SHAPE
 @click.pass_context
-def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int, phase: str, input_shapes: Any) -> None:
+def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int, force: bool, phase: str,
+         input_shapes: Any) -> None:
     """Write the caffemodel NET starts from: MODEL's blobs where they fit, fillers elsewhere.
 
     Refuses when Caffe would abort (run `caffe-ft check` to see why).
@@ -431,8 +493,9 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
     from . import api
     from .net import weights as wt
 
+    _check_output(ctx, output, [net_path, weights], force)  # --proto too
     report = api.init(net_path, weights, output, seed=seed, phase=phase, input_shapes=_input_shapes(input_shapes),
-                      schema=_schema(ctx))
+                      schema=_schema(ctx), force=force)
     for layer in report.by_status(wt.FRESH):
         if layer.likely_typo:
             click.echo(f"warning: layer '{layer.name}' starts fresh: {layer.reason}", err=True)
@@ -450,9 +513,10 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
               help="Leave the batch axis symbolic (N), or fix it at the net's batch size.")
 @click.option("--softmax/--logits", default=None,
               help="Add a Softmax to each score output, or strip the output Softmax (default: as the net says).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
 @click.pass_context
 def export(ctx: click.Context, net_path: str, weights: Optional[str], output: str, opset: int, input_shapes: Any,
-           dynamic_batch: bool, softmax: Optional[bool]) -> None:
+           dynamic_batch: bool, softmax: Optional[bool], force: bool) -> None:
     """Write NET and its weights as an ONNX model that computes what Caffe computes.
 
     A train_val net is exported as its deploy net (data, loss and accuracy
@@ -462,8 +526,9 @@ def export(ctx: click.Context, net_path: str, weights: Optional[str], output: st
     from . import api
     from .export import to_onnx
 
+    _check_output(ctx, output, [net_path, weights], force)  # --proto too
     options = to_onnx.ExportOptions(opset, _input_shapes(input_shapes), dynamic_batch, softmax)
-    result = api.export_onnx(net_path, weights, output, options, schema=_schema(ctx), out=sys.stderr)
+    result = api.export_onnx(net_path, weights, output, options, force=force, schema=_schema(ctx), out=sys.stderr)
     _emit(to_onnx.summary(result, output))
 
 
@@ -476,10 +541,10 @@ def _transform_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--resize", type=click.IntRange(min=1), metavar="SIZE",
                      help="Resize images to SIZE x SIZE first (default: ImageData's new_height/new_width; "
                           "a deploy net: its input size)."),
-        click.option("--mean-value", "mean_values", type=float, multiple=True,
+        click.option("--mean-value", "mean_values", type=_FINITE, multiple=True,
                      help="Per-channel mean, BGR (repeat per channel)."),
         click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
-        click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction."),
+        click.option("--scale", type=_POSITIVE, help="Multiply pixels by this after mean subtraction."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -515,6 +580,7 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
     """
     from .heads.cache import Request, compute_or_reuse
 
+    _check_output(ctx, output, [net_path, weights, data, mean_file], force=True)
     request = Request(net_path, weights, data, layer, root_folder,
                          _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
     outcome = compute_or_reuse(request, output, _schema(ctx), force=force)
@@ -539,10 +605,11 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
 @click.option("--net", "net_path", metavar="NET", help="Net the features came from (default: as recorded).")
 @click.option("--weights", metavar="MODEL", help="Its caffemodel (default: as recorded).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR.")
 @click.pass_context
 def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str, classifier: str,
            c_values: Optional[str], val_path: Optional[str], val_fraction: float, folds: int,
-           net_path: Optional[str], weights: Optional[str], seed: int) -> None:
+           net_path: Optional[str], weights: Optional[str], seed: int, force: bool) -> None:
     """Train a linear classifier on cached FEATURES and write it as a Caffe head.
 
     C is picked by stratified cross-validation; the validation accuracy is
@@ -564,7 +631,8 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
                          val, val_fraction, folds, seed)
     except CaffeFtError as exc:
         raise exc.located(features_path) from None
-    head = lin.write_head(_schema(ctx), result, train.meta, outdir, num_classes, net_path, weights)
+    head = lin.write_head(_schema(ctx), result, train.meta, outdir, num_classes, net_path, weights, force,
+                          [features_path, val_path, ctx.obj.get("proto")])
     _emit(result.report())
     _emit(f"wrote {head.deploy}, {head.weights} (head '{head.layer}', output '{head.output}'), {head.summary}\n")
 
@@ -596,9 +664,9 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
                         sample=sample, batch_size=batch_size)
     if as_json:
-        _emit(json.dumps({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
-                          "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
-                          "reason": advice.reason, "numbers": advice.numbers}, indent=2) + "\n")
+        _emit(_json({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
+                     "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
+                     "reason": advice.reason, "numbers": advice.numbers}))
     else:
         _emit(advice.report())
 
@@ -614,13 +682,24 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 @click.option("--snapshot-on-exit/--no-snapshot-on-exit", default=True, show_default=True,
               help="Snapshot when stopped by SIGINT/SIGTERM.")
 @click.option("--caffe-log", is_flag=True, help="Show Caffe's own INFO log.")
+@click.option("--report", metavar="DIR", help="Write report.html and report.json here at the end "
+              "(the last snapshot evaluated on the first test net's images; needs --metrics).")
+@click.option("--tensorboard", metavar="DIR", help="Also write the run's loss, learning rate and test outputs "
+              "as TensorBoard event files here (tensorboardX; needs --metrics).")
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
+@click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
+              help="Who trains: pycaffe, PyTorch with Caffe's semantics, or auto (pycaffe where it can run "
+                   "on the device, else torch).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
+              help="Torch engine on a GPU: tf32 or bf16 trade exactness for speed.")
+@click.option("--channels-last", is_flag=True, help="Torch engine: channels-last memory format.")
 @click.pass_context
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
-          caffe_log: bool, stop_after: Optional[int]) -> None:
-    """Train with SOLVER through pycaffe: progress, metrics, safe snapshots.
+          caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int],
+          engine: str, precision: str, channels_last: bool) -> None:
+    """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
     Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
     command that resumes; a resumed run reads on from where the data layers
@@ -628,15 +707,28 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
     """
     from . import api
-    from .training.run import TrainOptions
+    from .training.run import TrainOptions, choose_engine
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
+    if metrics or plot:
+        inputs = [solver, weights, resume, *_solver_nets(ctx, solver)]
+        _check_output(ctx, metrics, inputs, force=True, option="--metrics")
+        _check_output(ctx, plot, inputs + [metrics], force=True, option="--plot")
+    device = "cpu" if cpu else (gpu if gpu is not None else "solver")
+    chosen, why = choose_engine(engine, device)
+    if engine == "auto":
+        click.echo(f"engine: {chosen} ({why})", err=True)
+    if chosen == "pycaffe" and (precision != "fp32" or channels_last):
+        raise click.UsageError("--precision and --channels-last need --engine torch")
     options = TrainOptions(
-        solver=solver, weights=weights, device="cpu" if cpu else (gpu if gpu is not None else "solver"),
+        solver=solver, weights=weights, device=device,
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
-        caffe_log=caffe_log, proto=ctx.obj.get("proto"),
+        caffe_log=caffe_log, proto=ctx.obj.get("proto"), report=report, tensorboard=tensorboard,
+        engine=engine if engine != "auto" else "pycaffe", precision=precision, channels_last=channels_last,
     )
+    if chosen == "torch":
+        options = replace(options, engine="torch")
     result = api.train(options, schema=_schema(ctx), out=sys.stderr)
     if result.status == "diverged":
         click.echo(f"caffe-ft: error: {result.message}", err=True)
@@ -647,15 +739,91 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     ctx.exit(result.exit_code)
 
 
+def _solver_nets(ctx: click.Context, solver: str) -> List[Optional[str]]:
+    """The net files a solver names (none when it cannot be read: training says why)."""
+    from .formats import files
+
+    try:
+        message = files.load_text(solver, _schema(ctx), files.SOLVER).message
+    except CaffeFtError:
+        return []
+    return [message.net or None, message.train_net or None, *message.test_net]
+
+
 @main.command()
 @click.argument("metrics", metavar="METRICS")
 @click.option("-o", "--output", metavar="PNG", required=True, help="Where to write the plot.")
 @click.option("--title", help="Title over the plot (default: the metrics file's name).")
-def plot(metrics: str, output: str, title: Optional[str]) -> None:
+@click.option("--force", is_flag=True, help="Overwrite an existing PNG.")
+@click.pass_context
+def plot(ctx: click.Context, metrics: str, output: str, title: Optional[str], force: bool) -> None:
     """Draw the loss and test outputs of a `caffe-ft train --metrics` file to a PNG."""
     from .training.plot import plot_file
 
+    _check_output(ctx, output, [metrics], force)
+
     plot_file(metrics, output, title or "")
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", required=True, metavar="MODEL", help="The trained caffemodel.")
+@click.option("--data", required=True, metavar="SRC", help="An image list ('path label' lines) or an LMDB directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), multiple=True, metavar="K",
+              help="Also report top-K accuracy (repeatable; default: 5).")
+@click.option("--blob", metavar="BLOB", help="The blob of class scores (default: what the Accuracy or loss layer "
+              "reads; a deploy net: its output).")
+@click.option("--class-names", metavar="FILE", help="One class name per line, in label order.")
+@click.option("--mistakes", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many of the most confident mistakes to list.")
+@click.option("--predictions", metavar="OUT.npz", help="Also save the probabilities, labels and sources here.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@_transform_options
+@click.pass_context
+def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json: bool, top_k: Any,
+             blob: Optional[str], class_names: Optional[str], mistakes: int, predictions: Optional[str],
+             batch_size: int, root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
+             mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+    """Run NET (deploy or train_val) with MODEL over the images of SRC and report how it does.
+
+    Images are transformed as the net's TEST data layer does.  Reported:
+    accuracy, top-k accuracy, precision/recall/F1 and support per class, the
+    confusion matrix, the expected calibration error (on softmax
+    probabilities) and the most confident mistakes.
+    """
+    from . import api
+    from .formats.files import read_bytes
+
+    names = ([line.strip() for line in read_bytes(class_names).decode("utf-8", "replace").splitlines() if line.strip()]
+             if class_names else None)
+    result = api.evaluate(net_path, weights, data, top_k=tuple(top_k) or (5,), blob=blob, batch_size=batch_size,
+                          root_folder=root_folder, class_names=names, mistakes=mistakes, save_predictions=predictions,
+                          transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
+                          schema=_schema(ctx))
+    _emit(json.dumps(result.as_json(), indent=2) + "\n" if as_json else result.report())
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option("-o", "--output", metavar="HTML", help="Write the page here (one RUN: its report.html again; "
+              "two: the side-by-side page).")
+def report(runs: Tuple[str, ...], output: Optional[str]) -> None:
+    """Show a run's report.json, or put two runs side by side.
+
+    RUN is a report.json or the directory holding it (a finetune OUTDIR, a
+    train --report DIR).  Prints the summary as text; -o writes HTML.
+    """
+    from .evaluation import report as rep
+    from .formats.files import write_atomic
+
+    if len(runs) > 2:
+        raise click.UsageError("give one run, or two to compare")
+    loaded = [rep.load(path) for path in runs]
+    first, second = loaded[0], loaded[-1]
+    _emit(rep.compare_text(loaded))
+    if output:
+        write_atomic(output, rep.render_html(first) if len(loaded) == 1 else rep.render_compare(first, second))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -75,8 +75,8 @@ def test_one_bad_file_means_nothing_is_written(net, tmp_path):
 @pytest.mark.parametrize(
     "content, words",
     [
-        (b"layer {\n  name: 'x'\n  nmae: 'y'\n}\n", ":3:3: unknown field 'nmae' in LayerParameter"),
-        (b"layer {\n  name: 'x'\n", ":3:1: missing '}'"),
+        (b"layer {\n  name: 'x'\n  nmae: 'y'\n}\n", ':3:3: Message type "caffe.LayerParameter" has no field named "nmae"'),
+        (b"layer {\n  name: 'x'\n", ':3:1: Expected "}", found end of file.'),
         (b"", ": file is empty"),
         (b"\n\x08CaffeNet\xa2\x06\x00", ": this is a binary file"),
     ],

@@ -46,6 +46,7 @@ from .wire import (
     read_varint as _varint,
     varint_bytes as _varint_bytes,
 )
+from .limits import shape_problem
 from .schema import Schema
 
 T = TypeVar("T")
@@ -107,12 +108,24 @@ class Blob:
         return math.prod(self.shape)
 
 
+def text(value: Union[str, bytes]) -> str:
+    """A string field as caffe-ft shows and compares it.
+
+    Protobuf hands back ``bytes`` for a string that is not UTF-8 (Caffe and
+    pycaffe keep such bytes and load the file); they are shown escaped
+    (``fc\\xff``), so they print, go into JSON, and equal only the same bytes.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value
+
+
 def _layer_name(layer: Message) -> str:
     """A layer's name; an ancient (V0) layer keeps it in its nested ``layer``."""
     if layer.name:
-        return str(layer.name)
+        return text(layer.name)
     if "layer" in layer.DESCRIPTOR.fields_by_name and layer.HasField("layer"):
-        return str(layer.layer.name)
+        return text(layer.layer.name)
     return ""
 
 
@@ -285,8 +298,9 @@ def _shaped_blob(
             raise _Corrupt(offset, f"the blob's 4-D shape {shape} and its BlobShape {tuple(dims)} differ")
     else:
         shape = tuple(dims or ())
-    if any(dim < 0 for dim in shape):
-        raise _Corrupt(offset, f"the blob's shape {shape} has a negative dimension")
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise _Corrupt(offset, f"the blob's {problem[4:]}")
     count = math.prod(shape)
     if data.size != count:
         raise _Corrupt(offset, f"the blob's shape {shape} holds {count} values but its data has {data.size}")
@@ -668,3 +682,13 @@ def upgrade_model(model: Model) -> List[str]:
         model.blobs = [model.blobs[i] if i is not None else [] for i in index_map]
         model.v0 = False
     return notes
+
+
+def save_solverstate(state: SolverState, path: str) -> None:
+    """Write a binary ``.solverstate`` as Caffe's ``SGDSolver`` does (fields in
+    number order, history blobs spliced in at field 3), atomically."""
+    if len(state.state.history):
+        raise CaffeFtError("the SolverState message holds history blobs; keep them in SolverState.history")
+    body = _serialize(state.state)
+    pieces = [_blob_pieces(blob, f"history blob {k}") for k, blob in enumerate(state.history)]
+    _write_pieces(path, _splice(body, _HISTORY, state.state.DESCRIPTOR.fields_by_number, pieces))

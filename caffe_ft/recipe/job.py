@@ -2,7 +2,9 @@
 
 OUTDIR ends up holding the rewritten prototxts, ``init.caffemodel`` (the
 pretrained trunk plus a freshly filled head), Caffe's snapshots,
-``final.caffemodel``, ``metrics.jsonl``, ``plot.png`` and ``summary.md``.
+``final.caffemodel``, ``metrics.jsonl``, ``plot.png``, ``summary.md`` and
+the run's report (``report.html``, ``report.json``: :mod:`caffe_ft.evaluation.report`),
+with the final model evaluated on the validation images.
 
 Two strategies train the head on cached features instead (:mod:`caffe_ft.heads.fit`):
 ``features`` always (scikit-learn; no solver run, no metrics), and
@@ -71,7 +73,7 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
     from ..net.weights import check, format_check, init
 
     text = plan.files["train_val.prototxt"][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8"), "train_val.prototxt"),
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), "train_val.prototxt"),
                                 schema.new(files.NET), "train_val.prototxt")
     model = load_model(weights, schema)
     report = check(net, model, input_shapes=input_shapes)
@@ -96,7 +98,7 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     if "solver.prototxt" not in plan.files or "train_val.prototxt" not in plan.files:
         raise CaffeFtError("finetune needs training data (--train-data and --val-data) or a train_val net with a --solver")
     started = time.time()
-    write_plan(plan, force=force)
+    write_plan(plan, force=force, inputs=[weights])
     start = _write_init(schema, plan, weights, seed, out, input_shapes)
     metrics = os.path.join(plan.outdir, METRICS)
     if os.path.exists(metrics):
@@ -112,6 +114,13 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
                              time.time() - started, trained.message, tuple(trained.notes))
     _append_summary(plan, outcome)
+    try:
+        html = _write_report(schema, plan, outcome, weights,
+                             {"device": device, "seed": seed, "cached features": cached}, out)
+    except CaffeFtError as exc:  # the model is trained and saved: a report problem does not fail the job
+        out.write(f"note: no report: {exc}\n")
+    else:
+        out.write(f"report: {html}\n")
     return outcome
 
 
@@ -134,6 +143,30 @@ def _export_onnx(schema: Schema, plan: RewritePlan, final: str, out: IO[str]) ->
     agreement = verify.compare_with_pycaffe(deploy, final, path)
     out.write(f"wrote {path}: {agreement}\n")
     return f"ONNX model: {ONNX} (opset {options.opset}, batch axis N); onnx.checker passed; {agreement}"
+
+
+def _write_report(schema: Schema, plan: RewritePlan, outcome: FinetuneResult, weights: str,
+                  options: Dict[str, Any], out: IO[str]) -> str:
+    """report.html/report.json in OUTDIR: the job's settings, curves and the final model on the validation images."""
+    from ..evaluation import report
+    from ..evaluation.runs import solver_settings, try_evaluation
+
+    train_val = os.path.join(plan.outdir, "train_val.prototxt")
+    evaluation, predictions, notes = try_evaluation(train_val, outcome.final_model, schema, out)
+    settings: Dict[str, Any] = {"pretrained weights": weights, "strategy": plan.strategy,
+                                "heads": ", ".join(f"{old} -> {new}" for old, new in plan.heads.items()), **options}
+    solver = files.load_text(os.path.join(plan.outdir, "solver.prototxt"), schema, files.SOLVER).message
+    settings.update(solver_settings(solver))
+    metrics = os.path.join(plan.outdir, METRICS)
+    status = "done" if outcome.exit_code == 0 else "interrupted" if outcome.exit_code > 128 else "failed"
+    listed = [os.path.join(plan.outdir, name) for name in sorted(os.listdir(plan.outdir))]
+    run = report.RunInfo(
+        title=os.path.basename(os.path.abspath(plan.outdir)), kind="finetune", status=status, settings=settings,
+        strategy=plan.strategy, notes=[*plan.summary, *outcome.notes, outcome.message, *notes],
+        metrics=metrics if os.path.exists(metrics) else None, timings={"rewrite, init and training": outcome.seconds},
+        files=[path for path in listed if os.path.isfile(path)],
+    )
+    return report.write(plan.outdir, report.build(run, evaluation, predictions))[0]
 
 
 def _single_head(plan: RewritePlan) -> str:
@@ -190,4 +223,5 @@ def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:
     lines.append(f"- final weights: {outcome.final_model or '(none: ' + outcome.message + ')'}")
     if os.path.exists(os.path.join(plan.outdir, METRICS)):
         lines.append(f"- metrics: {METRICS}, plot: {PLOT}")
+    lines.append("- report: report.html (report.json)")
     files.write_atomic(os.path.join(plan.outdir, "summary.md"), "\n".join(lines) + "\n")

@@ -35,7 +35,7 @@ def current_file(parsed: files.TextFile, schema: Schema, say: Say) -> files.Text
     if not notes:  # Caffe's check flags 3-param BatchNorm nets that need nothing
         return parsed
     say(f"{parsed.path}: legacy format upgraded first ({'; '.join(notes)})")
-    return files.parse_text(text.encode("utf-8"), parsed.path, schema, files.NET)
+    return files.parse_text(text.encode("utf-8", "surrogateescape"), parsed.path, schema, files.NET)
 
 
 def choose(schema: Schema, net_path: str, weights: Optional[str], options: RewriteOptions,

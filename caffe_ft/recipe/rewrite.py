@@ -461,7 +461,7 @@ def plan(
             deploy = to_deploy(schema, train_val, heads)
             deploy_source = net_file
     if train_val is not None and data.train:
-        check_one_label_per_score(train_val)
+        check_one_label_per_score(train_val, crop_given=data.crop_size is not None)
     if train_val is not None:
         files["train_val.prototxt"] = (_edit_text(train_val_source, train_val),
                                        train_val_source.path if train_val_source else None,
@@ -490,7 +490,7 @@ def plan(
     return RewritePlan(outdir, files, summary, strategy, dict(result.heads))
 
 
-def check_one_label_per_score(net: Message) -> None:
+def check_one_label_per_score(net: Message, crop_given: bool = False) -> None:
     """Refuse a train net whose SoftmaxWithLoss gets more predictions than
     labels (Caffe aborts on it): an image list gives one label per image,
     but a fully convolutional head scores a grid of positions unless the
@@ -509,10 +509,12 @@ def check_one_label_per_score(net: Message) -> None:
         axis = layer.softmax_param.axis % len(scores)
         per_image = math.prod(scores[axis + 1:])
         if math.prod(scores[:axis]) * per_image != math.prod(labels):
+            fix = ("--crop-size does not give one score per image; use the input size at which it scores each "
+                   "image once" if crop_given else
+                   "give --crop-size with the input size at which it scores each image once")
             raise CaffeFtError(
                 f"'{layer.bottom[0]}' has shape {' x '.join(map(str, scores))}: {per_image} scores per image "
-                f"for one label; give --crop-size with the input size at which it scores each image once "
-                f"(a fully convolutional net: the size it was trained at)", layer=layer.name,
+                f"for one label; {fix} (a fully convolutional net: the size it was trained at)", layer=layer.name,
             )
 
 
@@ -589,21 +591,17 @@ def unified_diff(result: RewritePlan) -> str:
     return "".join(chunks)
 
 
-def write_plan(result: RewritePlan, force: bool = False) -> None:
-    """Write every file of the plan; refuses to overwrite unless ``force``."""
-    from ..formats.files import write_atomic
+def write_plan(result: RewritePlan, force: bool = False, inputs: Sequence[Optional[str]] = ()) -> None:
+    """Write every file of the plan, all or nothing (see ``files.staged_outputs``).
 
-    targets = dict(result.paths())
-    targets[SUMMARY_FILE] = os.path.join(result.outdir, SUMMARY_FILE)
-    if not force:
-        existing = [path for path in targets.values() if os.path.exists(path)]
-        if existing:
-            raise CaffeFtError(
-                f"{existing[0]} exists; choose another --outdir or pass --force to overwrite"
-            )
-    if os.path.exists(result.outdir) and not os.path.isdir(result.outdir):
-        raise CaffeFtError("is not a directory", result.outdir)
-    os.makedirs(result.outdir, exist_ok=True)
-    for name, (text, _, _) in sorted(result.files.items()):
-        write_atomic(targets[name], text)
-    write_atomic(targets[SUMMARY_FILE], summary_text(result))
+    Existing files are overwritten only with ``force``; a target that is one
+    of the plan's inputs (or of ``inputs``: weights, lists) is refused.
+    """
+    from ..formats.files import staged_outputs
+
+    names = sorted(result.files) + [SUMMARY_FILE]
+    sources = [source for _, source, _ in result.files.values()] + list(inputs)
+    with staged_outputs(result.outdir, names, sources, force, option="--outdir") as staging:
+        for name, (text, _, _) in sorted(result.files.items()):
+            staging.write(name, text)
+        staging.write(SUMMARY_FILE, summary_text(result))

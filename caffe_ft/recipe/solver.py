@@ -13,6 +13,7 @@ the same solver instead of shrinking it again.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 from google.protobuf.message import Message
@@ -121,10 +122,10 @@ def rewrite_solver(
     never be tested.  ``net`` becomes ``net_path`` (see :func:`_retarget`),
     ``snapshot_prefix`` is set, every other setting is kept.
     """
-    if not lr_scale > 0:
-        raise CaffeFtError(f"the learning-rate scale must be positive, not {lr_scale:g}")
-    if not step_scale > 0:
-        raise CaffeFtError(f"the step scale must be positive, not {step_scale:g}")
+    if not 0 < lr_scale < math.inf:
+        raise CaffeFtError(f"the learning-rate scale must be positive and finite, not {lr_scale:g}")
+    if not 0 < step_scale < math.inf:
+        raise CaffeFtError(f"the step scale must be positive and finite, not {step_scale:g}")
     if max_iter is not None and max_iter < 1:
         raise CaffeFtError(f"max_iter must be at least 1, not {max_iter}")
     if not _has_net(solver):
@@ -140,6 +141,9 @@ def rewrite_solver(
         # that 0.01 x 0.1 gives the float32 nearest 0.001
         printed = format_float(float(cast(float, source["base_lr"])))
         out.base_lr = float(printed) * lr_scale
+        if float(printed) and not 0 < abs(out.base_lr) < math.inf:  # float32 underflow or overflow
+            raise CaffeFtError(f"base_lr {printed} x {lr_scale:g} is {format_float(out.base_lr)} in Caffe's "
+                               "float; choose a --lr-scale that keeps it a usable learning rate")
         notes.append(f"base_lr: {printed} -> {format_float(out.base_lr)} "
                      f"(x{lr_scale:g}: the pretrained weights need small steps)")
     if "stepsize" in source:

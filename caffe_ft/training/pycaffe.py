@@ -60,7 +60,7 @@ from google.protobuf.message import Message
 from ..errors import CaffeFtError
 from ..formats.schema import Schema
 from . import snapshots as snap
-from .nets import NetSpec, check_weights, nondeterminism, solver_nets
+from .nets import NetSpec, check_data, check_weights, nondeterminism, solver_nets
 from .plot import plot_quietly
 from .progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
 from .run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, resume_command
@@ -154,6 +154,7 @@ def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) ->
     except CaffeFtError as exc:
         raise exc.located(options.solver) from None
     train, tests = solver_nets(solver, schema)
+    check_data([train, *tests])  # the data Caffe would abort on (or train on garbage from), before it starts
     gpus = _choose_gpus(options, solver)
     unchecked = check_weights(options.weights, schema, [train, *tests], err) if options.weights else None
     workdir = tempfile.mkdtemp(prefix="caffe-ft-train-")
@@ -434,7 +435,10 @@ class _Run:
         solver = self.build()
         start = solver.iter
         if root:
-            self.snapshots = snap.Snapshotter(solver.snapshot, plan.prefix, plan.staging)
+            # weights plus up to two history blobs each (Adam), float32
+            params = getattr(solver.net, "params", {})
+            size = 12 * sum(blob.data.size for blobs in params.values() for blob in blobs)
+            self.snapshots = snap.Snapshotter(solver.snapshot, plan.prefix, plan.staging, estimate=size)
             if plan.resume is not None:
                 self.snapshots.known(start, (plan.resume.model, plan.options.resume or plan.resume.state))
             else:

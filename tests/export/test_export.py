@@ -165,6 +165,16 @@ def test_unsupported_is_one_line_and_writes_nothing(tmp_path, text: str, message
     assert not out.exists() and os.listdir(tmp_path) == ["net.prototxt"]
 
 
+def test_an_existing_output_needs_force(tmp_path, digits):
+    net, weights = digits
+    path = _export(tmp_path, net, weights)
+    result = _run("export", net, "--weights", weights, "-o", path)
+    assert result.exit_code == 2 and "pass --force to overwrite" in result.stderr
+    result = _run("export", net, "--weights", weights, "-o", weights, "--force")
+    assert result.exit_code == 2 and "names an input of this command" in result.stderr
+    assert _run("export", net, "--weights", weights, "-o", path, "--force").exit_code == 0
+
+
 def test_weights_that_miss_a_layer(tmp_path, digits) -> None:
     net, weights = digits
     with open(net) as handle:

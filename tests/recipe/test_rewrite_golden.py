@@ -87,9 +87,14 @@ def test_golden_rewrite(case, tmp_path):
     assert kept_lines == edited.read_text()
     assert len(removed) <= len(before) // 2
 
-    # A second run on its own output, with the same options, changes nothing.
+    # A second run on its own output (a copy: an input is never overwritten),
+    # with the same options, changes nothing.
     snapshot = {name: (out / name).read_bytes() for name in written}
-    result = _rewrite(str(work), f"out/{net}", "out/solver.prototxt" if solver else "", args, "out", "--force")
+    refused = _rewrite(str(work), f"out/{net}", "", args, "out", "--force")
+    assert refused.exit_code == 2 and "names an input" in refused.stderr
+    assert {name: (out / name).read_bytes() for name in written} == snapshot
+    shutil.copytree(out, work / "prev")
+    result = _rewrite(str(work), f"prev/{net}", "prev/solver.prototxt" if solver else "", args, "out", "--force")
     assert result.exit_code == 0, result.stderr
     for name in written:
         if name != "summary.md":  # the account of the second run says nothing changed
