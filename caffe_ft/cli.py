@@ -21,7 +21,27 @@ from .formats.schema import PROTO_ENV, Schema, load_schema
 
 
 class _Group(click.Group):
-    """Turns caffe-ft errors into a one-line message and exit status 2."""
+    """Turns caffe-ft errors, and click's own usage errors, into one line
+    (``caffe-ft: error: ...``) and exit status 2."""
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = " ".join(["caffe-ft", *(exc.ctx.command_path.split()[1:] if exc.ctx is not None else [])])
+            message = " ".join(exc.format_message().split())  # one line, whatever click's layout
+            click.echo(f"caffe-ft: error: {message} (see '{where} --help')", err=True)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            click.echo(f"caffe-ft: error: {exc.format_message()}", err=True)
+            code = exc.exit_code
+        except click.Abort:
+            click.echo("caffe-ft: aborted", err=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -199,16 +219,16 @@ def _input_shapes(values: Any) -> Dict[str, Tuple[int, ...]]:
         try:
             shapes[name] = tuple(int(dim) for dim in dims.split(","))
         except ValueError:
-            raise click.BadParameter(f"expected NAME=N,C,H,W, got {value!r}", param_hint="--input-shape") from None
+            raise click.BadParameter(f"expected TOP=N,C,H,W, got {value!r}", param_hint="--input-shape") from None
         if not name or not shapes[name]:
-            raise click.BadParameter(f"expected NAME=N,C,H,W, got {value!r}", param_hint="--input-shape")
+            raise click.BadParameter(f"expected TOP=N,C,H,W, got {value!r}", param_hint="--input-shape")
     return shapes
 
 
 @main.command()
 @click.argument("file", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="TOP=N,C,H,W",
               help="Shape of a data layer's top when its parameters do not tell (repeatable).")
 @click.pass_context
 def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> None:
@@ -264,10 +284,13 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
                      "features: last-fc's net, whose head finetune fits with scikit-learn on cached features; "
                      "auto picks by data set size and similarity.")
     options = [
-        click.option("--strategy", required=strategy_default is None, default=strategy_default,
-                     show_default=strategy_default is not None,
-                     type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help),
-        click.option("--num-classes", type=click.IntRange(min=1), required=True, help="Classes of the new task."),
+        click.option("--strategy", type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help,
+                     # click 8.3+ takes an explicit default=None as a default that satisfies required
+                     **({"required": True} if strategy_default is None
+                        else {"default": strategy_default, "show_default": True})),
+        click.option("--num-classes", type=click.IntRange(min=2),
+                     help="Classes of the new task (default: the labels of --train-data, 0..K-1; "
+                          "without data the heads keep their num_output)."),
         click.option("--solver", "solver_path", metavar="SOLVER", help="Solver to rewrite (learning rate, steps, paths)."),
         click.option("--deploy", "deploy_path", metavar="DEPLOY",
                      help="The matching deploy net, rewritten alongside (default: derived from NET)."),
@@ -301,10 +324,15 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--root-folder", metavar="DIR", help="ImageData: directory the image list's paths are relative to."),
         click.option("--lr-scale", type=_POSITIVE, default=0.1, show_default=True, help="base_lr is multiplied by this."),
         click.option("--step-scale", type=_POSITIVE, default=0.2, show_default=True,
-                     help="stepsize/stepvalue/max_iter are multiplied by this."),
-        click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling)."),
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
-                     help="With --weights: shape of a data layer's top when its parameters do not tell."),
+                     help="Without --train-data (run length unknown): stepsize/stepvalue/max_iter are multiplied by this."),
+        click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of epochs)."),
+        click.option("--epochs", type=click.IntRange(min=1), metavar="N",
+                     help="Passes over --train-data the run makes (default: by strategy and data set size)."),
+        click.option("--gray/--color", "gray", default=None,
+                     help="Grey (1-channel) or colour (3-channel) input (default: the net's, else the data's)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="TOP=N,C,H,W",
+                     help="Shape of a data layer's top when neither its parameters nor its data tell "
+                          "(the deploy net's input; with --weights, the check's); repeatable."),
     ]
 
     def decorate(command: Any) -> Any:
@@ -331,8 +359,10 @@ def _options_of(params: Dict[str, Any]) -> Any:
         val_batch_size=params["val_batch_size"], crop_size=params["crop_size"], resize=params["resize"],
         mean_values=tuple(params["mean_values"]), mean_file=params["mean_file"], scale=params["scale"],
         mirror=params["mirror"], root_folder=params["root_folder"],
+        channels=None if params["gray"] is None else (1 if params["gray"] else 3),
     )
-    solver = SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"])
+    solver = SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"],
+                           epochs=params["epochs"])
     return RewriteOptions(
         head, strategy=params["strategy"], data=data, solver=solver, solver_path=params["solver_path"],
         deploy_path=params["deploy_path"], outdir=params["outdir"], dataset_size=params["dataset_size"],
@@ -391,11 +421,13 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
 @click.option("--cached-features/--no-cached-features", "cached", default=True, show_default=True,
               help="last-fc: train the head on cached features when that gives what pycaffe would "
                    "(deterministic input, SGD); off: always train with pycaffe.")
+@click.option("--resume", metavar="STATE", help="Continue a stopped job from its .solverstate (the command it "
+              "printed when stopped).")
 @click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
               "checked against pycaffe.")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
-             force: bool, cached: bool, export_onnx: bool, **params: Any) -> None:
+             force: bool, cached: bool, resume: Optional[str], export_onnx: bool, **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
@@ -412,16 +444,35 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
-                              export_onnx=export_onnx)
+                              resume=resume, export_onnx=export_onnx)
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
-    _emit(f"{outcome.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
+    tested = "the final weights' test" if outcome.final_model else "the last test"
+    _emit(f"{outcome.outdir}: {outcome.message}; {tested}: {results or 'no test outputs'}; "
+          f"{outcome.seconds:.1f} s\n")
+    if outcome.resume_state:
+        click.echo(f"resume with: {_resume_command(outcome.resume_state)}", err=True)
     ctx.exit(outcome.exit_code)
 
 
 def _plan_inputs(ctx: click.Context, weights: Optional[str], params: Dict[str, Any]) -> List[Optional[str]]:
     """Files a rewrite reads besides the nets: none of them may be overwritten."""
     return [weights, params.get("train_data"), params.get("val_data"), params.get("mean_file"), ctx.obj.get("proto")]
+
+
+def _resume_command(state: str) -> str:
+    """This very command line, continuing from ``state`` (an earlier --resume replaced)."""
+    import shlex
+
+    words, skip = [], False
+    for word in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = True
+        elif not word.startswith("--resume="):
+            words.append(word)
+    return " ".join(shlex.quote(word) for word in ["caffe-ft", *words, "--resume", state])
 
 
 @main.command()

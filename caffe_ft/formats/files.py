@@ -108,8 +108,16 @@ def parse_text(data: bytes, path: str, schema: Schema, kind: Optional[str] = Non
     """Parse prototxt ``data``; ``kind`` is a message name, or None to guess."""
     require_text(data, path)
     tree = prototext.parse(data, path)
-    kind = kind or guess_kind(tree, schema)
-    message = prototext.to_message(tree, schema.new(kind), path)
+    guessed = guess_kind(tree, schema)
+    if kind is not None and kind != guessed:
+        try:
+            message = prototext.to_message(tree, schema.new(kind), path)
+        except CaffeFtError:
+            wanted, found = ("net", "solver") if kind == NET else ("solver", "net")
+            raise CaffeFtError(f"this is a {found}, not a {wanted} (give it where a {found} goes"
+                               f"{', e.g. --solver' if found == 'solver' else ''})", path) from None
+        return TextFile(path, data, tree, message)
+    message = prototext.to_message(tree, schema.new(kind or guessed), path)
     return TextFile(path, data, tree, message)
 
 

@@ -843,7 +843,32 @@ def render_minimal(old: Node, source: bytes, new: Message, path: str = "<text>")
     inserted in canonical form next to the field before them.  So the textual
     diff between ``source`` and the result holds only lines that carry a change.
     """
-    return _MinimalPrinter(source, path).block(old, new, indent="")
+    printer = _MinimalPrinter(source, path)
+    # The top level has no closing brace: what follows its last field (trailing comments) is kept too.
+    return printer.block(old, new, indent="") + printer.text(printer.tail_start(old), len(source))
+
+
+def comment_lines(text: str) -> List[Tuple[int, str]]:
+    """The comments of a prototext, as (line number, comment text from ``#``),
+    a ``#`` inside a quoted string not counting."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        quote = ""
+        escaped = False
+        for index, char in enumerate(line):
+            if quote:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == quote:
+                    quote = ""
+            elif char in "\"'":
+                quote = char
+            elif char == "#":
+                found.append((number, line[index:].rstrip()))
+                break
+    return found
 
 
 def _line_boundary(source: bytes, pos: int) -> int:

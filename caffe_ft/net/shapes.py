@@ -826,7 +826,7 @@ def _check_loss_weights(layer: Message) -> None:
 def _missing_shape(layer_name: str, layer_type: str, top: str) -> CaffeFtError:
     return CaffeFtError(
         f"the shape of top '{top}' comes from outside the net ({layer_type}); "
-        f"pass the input shape, e.g. input_shapes={{'{top}': (N, C, H, W)}}",
+        f"pass the input shape: --input-shape {top}=N,C,H,W (from Python: input_shapes={{'{top}': (N, C, H, W)}})",
         layer=layer_name or None,
     )
 

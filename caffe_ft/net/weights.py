@@ -350,6 +350,22 @@ def _fresh(target: _Target, ignored: Mapping[str, _Source], duplicate: bool) -> 
     return "not in the weights (a new layer): starts from its fillers", None
 
 
+def with_new_heads(report: "CheckReport", renamed: Mapping[str, str]) -> "CheckReport":
+    """``report`` with the heads a rewrite renamed on purpose (new name -> old) shown
+    as such, not as LIKELY TYPO when their blobs happen to fit the old head's
+    (the same class count)."""
+    import dataclasses
+
+    layers = []
+    for layer in report.layers:
+        old = renamed.get(layer.name)
+        if old is not None and old != layer.name and layer.status == FRESH:
+            layer = dataclasses.replace(layer, likely_typo=None,
+                                        reason=f"the new head, renamed from '{old}' so that it starts from its fillers")
+        layers.append(layer)
+    return dataclasses.replace(report, layers=tuple(layers))
+
+
 def _filler_problems(targets: Sequence[_Target]) -> List[str]:
     """Fillers Caffe rejects while building the net, before any copying."""
     problems = []

@@ -17,6 +17,7 @@ written beside ``final.caffemodel`` and compared with pycaffe.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from ..formats import files, prototext
 from ..errors import CaffeFtError
+from ..training.run import working_directory
 from .rewrite import RewritePlan, summary_text, write_plan
 from ..formats.schema import Schema
 
@@ -50,6 +52,7 @@ class FinetuneResult:
     seconds: float
     message: str
     notes: Tuple[str, ...] = ()  # how it was trained (summary.md)
+    resume_state: Optional[str] = None  # stopped: the snapshot ``resume`` continues from
 
 
 def last_test_outputs(metrics_path: str) -> Dict[str, float]:
@@ -70,13 +73,13 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
                 input_shapes: Optional[Dict[str, Any]]) -> str:
     """Check the pretrained weights against the new net and write its starting caffemodel."""
     from ..formats.caffemodel import load_model, save_model
-    from ..net.weights import check, format_check, init
+    from ..net.weights import check, format_check, init, with_new_heads
 
     text = plan.files["train_val.prototxt"][0]
     net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), "train_val.prototxt"),
                                 schema.new(files.NET), "train_val.prototxt")
     model = load_model(weights, schema)
-    report = check(net, model, input_shapes=input_shapes)
+    report = with_new_heads(check(net, model, input_shapes=input_shapes), {new: old for old, new in plan.heads.items()})
     out.write(format_check(report) + "\n")
     if not report.ok:
         raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
@@ -87,40 +90,62 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
 
 def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
         force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
-        export_onnx: bool = False, out: IO[str]) -> FinetuneResult:
+        resume: Optional[str] = None, export_onnx: bool = False, out: IO[str]) -> FinetuneResult:
     """Write ``plan``, start from ``weights`` and train; returns the outcome.
 
     ``cached``: let ``last-fc`` train the head on cached features where that
-    gives what pycaffe would (``features`` always does).  ``export_onnx``:
+    gives what pycaffe would (``features`` always does).  ``resume``: continue
+    a stopped job from its snapshot (the same plan is written again; pycaffe
+    trains on from the snapshot, its metrics appended).  ``export_onnx``:
     also write ``final.onnx`` and say in the summary how it was checked."""
     from ..heads import fit
 
     if "solver.prototxt" not in plan.files or "train_val.prototxt" not in plan.files:
         raise CaffeFtError("finetune needs training data (--train-data and --val-data) or a train_val net with a --solver")
     started = time.time()
-    write_plan(plan, force=force, inputs=[weights])
-    start = _write_init(schema, plan, weights, seed, out, input_shapes)
+    if resume is not None:
+        if plan.strategy == "features":
+            raise CaffeFtError("--strategy features trains no solver: there is nothing to resume")
+        if not os.path.exists(resume):
+            raise CaffeFtError("no such snapshot", resume)
+        resume = os.path.abspath(resume)
+    write_plan(plan, force=force or resume is not None, inputs=[weights])
     metrics = os.path.join(plan.outdir, METRICS)
-    if os.path.exists(metrics):
-        os.unlink(metrics)  # a fresh run: no stale records from an earlier one
-    final = os.path.join(plan.outdir, FINAL)
-    if plan.strategy == "features":
-        trained = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan),
-                                   start, plan.outdir, final, seed, out)
+    if resume is not None:
+        start = resume
     else:
-        trained = _train(schema, plan, start, final, device, seed, cached, out)
+        start = _write_init(schema, plan, weights, seed, out, input_shapes)
+        if os.path.exists(metrics):
+            os.unlink(metrics)  # a fresh run: no stale records from an earlier one
+    # Training runs in OUTDIR: its files name each other and their data from there.
+    here = dataclasses.replace(plan, outdir=os.path.abspath(plan.outdir))
+    start, final = os.path.abspath(start), os.path.join(here.outdir, FINAL)
+    with working_directory(here.outdir):
+        if plan.strategy == "features":
+            trained = fit.fit_features(os.path.join(here.outdir, "train_val.prototxt"), schema, _single_head(plan),
+                                       start, here.outdir, final, seed, out)
+        elif resume is not None:
+            solver = os.path.join(here.outdir, "solver.prototxt")
+            trained = _train_pycaffe(schema, solver, start, device, os.path.join(here.outdir, METRICS),
+                                     os.path.join(here.outdir, PLOT), final, out, resume=True)
+        else:
+            trained = _train(schema, here, start, final, device, seed, cached, out)
     if export_onnx and trained.final_model:
-        trained.notes.append(_export_onnx(schema, plan, trained.final_model, out))
+        trained.notes.append(_export_onnx(schema, here, trained.final_model, out))
+    # Snapshot paths are the solver's, relative to OUTDIR where it ran; the user's are relative to here.
+    state = os.path.relpath(os.path.join(here.outdir, trained.resume_state)) if trained.resume_state else None
     outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
-                             time.time() - started, trained.message, tuple(trained.notes))
+                             time.time() - started, trained.message, tuple(trained.notes), state)
     _append_summary(plan, outcome)
     try:
-        html = _write_report(schema, plan, outcome, weights,
-                             {"device": device, "seed": seed, "cached features": cached}, out)
+        # In OUTDIR, as training: the test net names its data from there (and the report its files).
+        with working_directory(here.outdir):
+            html = _write_report(schema, dataclasses.replace(plan, outdir="."), outcome, weights,
+                                 {"device": device, "seed": seed, "cached features": cached}, out)
     except CaffeFtError as exc:  # the model is trained and saved: a report problem does not fail the job
         out.write(f"note: no report: {exc}\n")
     else:
-        out.write(f"report: {html}\n")
+        out.write(f"report: {os.path.join(plan.outdir, os.path.basename(html))}\n")
     return outcome
 
 
@@ -198,20 +223,23 @@ def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: st
 
 
 def _train_pycaffe(schema: Schema, solver: str, start: str, device: str, metrics: str, plot: str, final: str,
-                   out: IO[str]) -> "Trained":
-    """Caffe's own training through pycaffe (:mod:`caffe_ft.training.pycaffe`); copies the last snapshot to ``final``."""
+                   out: IO[str], resume: bool = False) -> "Trained":
+    """Caffe's own training through pycaffe (:mod:`caffe_ft.training.pycaffe`) from the weights ``start``
+    (with ``resume``: from the snapshot ``start``); copies the last snapshot to ``final``."""
     from ..heads.fit import Trained
     from ..training.pycaffe import train
     from ..training.run import TrainOptions
 
-    options = TrainOptions(solver=solver, weights=start, device=device, metrics=metrics, plot=plot)
+    options = TrainOptions(solver=solver, weights=None if resume else start, resume=start if resume else None,
+                           device=device, metrics=metrics, plot=plot)
     result = train(options, schema, out)
     copied = None
     if result.status == "done" and result.snapshot:
         shutil.copyfile(result.snapshot[0], final + ".tmp")
         os.replace(final + ".tmp", final)
         copied = final
-    return Trained(result.exit_code, copied, last_test_outputs(metrics), result.message)
+    state = result.snapshot[1] if result.status != "done" and result.snapshot else None
+    return Trained(result.exit_code, copied, last_test_outputs(metrics), result.message, resume_state=state)
 
 
 def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:
@@ -220,7 +248,8 @@ def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:
     for name, value in sorted(outcome.test_outputs.items()):
         lines.append(f"- final {name}: {value:.4f}")
     lines.extend(f"- {note}" for note in outcome.notes)
-    lines.append(f"- final weights: {outcome.final_model or '(none: ' + outcome.message + ')'}")
+    final = os.path.relpath(outcome.final_model, os.path.abspath(plan.outdir)) if outcome.final_model else None
+    lines.append(f"- final weights: {final or '(none: ' + outcome.message + ')'}")
     if os.path.exists(os.path.join(plan.outdir, METRICS)):
         lines.append(f"- metrics: {METRICS}, plot: {PLOT}")
     lines.append("- report: report.html (report.json)")

@@ -45,7 +45,8 @@ class FinetuneOptions:
 
     ``device``: ``"cpu"``, ``"solver"`` (the solver's own ``solver_mode``) or
     GPU ids (``"0"``, ``"0,1"``, ``"all"``).  ``cached``: let ``last-fc`` train
-    the head on cached features where that gives what pycaffe would.
+    the head on cached features where that gives what pycaffe would.  ``resume``:
+    the snapshot a stopped job left (its message names it); the job continues from it.
     ``export_onnx``: also write ``final.onnx``, checked against pycaffe.
     """
 
@@ -54,4 +55,5 @@ class FinetuneOptions:
     seed: int = 0
     force: bool = False
     cached: bool = True
+    resume: Optional[str] = None  # a .solverstate of a stopped run: continue it instead of starting afresh
     export_onnx: bool = False

@@ -208,7 +208,7 @@ def test_logits_and_train_val_derived_deploy(caffe, tmp_path, parse_net) -> None
     schema = load_schema()
     train_val = os.path.join(DOC, "examples/cifar10/cifar10_full_sigmoid_train_test_bn.prototxt")
     net = load_net(train_val, schema)
-    deploy = to_deploy(schema, net, find_heads(net).heads, {"data": (1, 3, 32, 32)})
+    deploy = to_deploy(schema, net, find_heads(net).heads, input_shapes={"data": (1, 3, 32, 32)})
     prototxt = str(tmp_path / "deploy.prototxt")
     with open(prototxt, "w") as handle:
         handle.write(text_format.MessageToString(deploy))

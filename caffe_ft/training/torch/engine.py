@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
