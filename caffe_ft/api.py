@@ -151,7 +151,8 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out))
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
                    input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
-                   resume=options.resume, export_onnx=options.export_onnx,
+                   resume=options.resume, keep_best=options.keep_best, patience=options.patience,
+                   export_onnx=options.export_onnx,
                    out=out)
 
 def export_onnx(net_path: str, weights: Optional[str], output: str, options: "ExportOptions", *,

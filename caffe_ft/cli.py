@@ -282,9 +282,11 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
     """The options ``rewrite`` and ``finetune`` share: strategy, head, data, solver."""
     strategy_help = ("What trains: only the classifier head(s), the top of the net, or all of it; "
                      "features: last-fc's net, whose head finetune fits with scikit-learn on cached features; "
+                     "lp-ft: fit the head on cached features (a linear probe), then fine-tune (--then) from it; "
                      "auto picks by data set size and similarity.")
     options = [
-        click.option("--strategy", type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help,
+        click.option("--strategy", type=click.Choice(["last-fc", "top", "full", "features", "lp-ft", "auto"]),
+                     help=strategy_help,
                      # click 8.3+ takes an explicit default=None as a default that satisfies required
                      **({"required": True} if strategy_default is None
                         else {"default": strategy_default, "show_default": True})),
@@ -303,6 +305,15 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--frozen-lr-mult", type=_NON_NEGATIVE, default=0.0, show_default=True,
                      help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen)."),
         click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it."),
+        click.option("--then", type=click.Choice(["full", "top"]), default="full", show_default=True,
+                     help="lp-ft: how the net is fine-tuned after the probe (top needs --train-last or "
+                          "--freeze-until)."),
+        click.option("--class-weights", metavar="auto|FILE",
+                     help="Weight each class's loss: auto (N / (K n_k) from --train-data's labels) or a file with "
+                          "one weight per line; an InfogainLoss with a diagonal H (class_weights.binaryproto)."),
+        click.option("--layer-decay", type=_POSITIVE, metavar="F",
+                     help="Layer-wise lr decay: each training layer (a residual/inception block) below the heads "
+                          "learns F times as fast as the one above; frozen layers stay frozen."),
         click.option("--train-last", type=click.IntRange(min=1), metavar="K", help="top: train the last K learnable layers."),
         click.option("--dataset-size", type=click.IntRange(min=1), metavar="N",
                      help="auto: training examples (default: lines of --train-data)."),
@@ -352,7 +363,7 @@ def _options_of(params: Dict[str, Any]) -> Any:
     head = StrategyOptions(
         num_classes=params["num_classes"], heads=tuple(params["heads"]), new_name=params["new_name"],
         head_lr_mult=params["head_lr_mult"], frozen_lr_mult=params["frozen_lr_mult"],
-        freeze_until=params["freeze_until"], train_last=params["train_last"],
+        freeze_until=params["freeze_until"], train_last=params["train_last"], layer_decay=params["layer_decay"],
     )
     data = DataOptions(
         train=params["train_data"], val=params["val_data"], batch_size=params["batch_size"],
@@ -367,6 +378,7 @@ def _options_of(params: Dict[str, Any]) -> Any:
         head, strategy=params["strategy"], data=data, solver=solver, solver_path=params["solver_path"],
         deploy_path=params["deploy_path"], outdir=params["outdir"], dataset_size=params["dataset_size"],
         similarity=params["similarity"], input_shapes=_input_shapes(params["input_shapes"]),
+        class_weights=params["class_weights"], then=params["then"],
     )
 
 
@@ -423,11 +435,17 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
                    "(deterministic input, SGD); off: always train with pycaffe.")
 @click.option("--resume", metavar="STATE", help="Continue a stopped job from its .solverstate (the command it "
               "printed when stopped).")
+@click.option("--keep-best", "keep_best", metavar="OUTPUT",
+              help="Write best.caffemodel at each test where this output of the first test net is the best yet "
+                   "(accuracy is maximised, an output named *loss* minimised).")
+@click.option("--patience", type=click.IntRange(min=1), metavar="N",
+              help="With --keep-best: stop after N tests in a row without a better value.")
 @click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
               "checked against pycaffe.")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
-             force: bool, cached: bool, resume: Optional[str], export_onnx: bool, **params: Any) -> None:
+             force: bool, cached: bool, resume: Optional[str], keep_best: Optional[str], patience: Optional[int],
+             export_onnx: bool, **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
@@ -444,7 +462,7 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
-                              resume=resume, export_onnx=export_onnx)
+                              resume=resume, keep_best=keep_best, patience=patience, export_onnx=export_onnx)
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     tested = "the final weights' test" if outcome.final_model else "the last test"
@@ -737,6 +755,11 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
               "(the last snapshot evaluated on the first test net's images; needs --metrics).")
 @click.option("--tensorboard", metavar="DIR", help="Also write the run's loss, learning rate and test outputs "
               "as TensorBoard event files here (tensorboardX; needs --metrics).")
+@click.option("--keep-best", "keep_best", metavar="OUTPUT",
+              help="Write best.caffemodel at each test where this output of the first test net is the best yet "
+                   "(accuracy is maximised, an output named *loss* minimised).")
+@click.option("--patience", type=click.IntRange(min=1), metavar="N",
+              help="With --keep-best: stop after N tests in a row without a better value.")
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
 @click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
@@ -749,7 +772,8 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
           caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int],
-          engine: str, precision: str, channels_last: bool) -> None:
+          engine: str, precision: str, channels_last: bool, keep_best: Optional[str],
+          patience: Optional[int]) -> None:
     """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
     Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
@@ -777,6 +801,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
         caffe_log=caffe_log, proto=ctx.obj.get("proto"), report=report, tensorboard=tensorboard,
         engine=engine if engine != "auto" else "pycaffe", precision=precision, channels_last=channels_last,
+        keep_best=keep_best, patience=patience,
     )
     if chosen == "torch":
         options = replace(options, engine="torch")
@@ -785,6 +810,8 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         click.echo(f"caffe-ft: error: {result.message}", err=True)
     else:
         click.echo(result.message, err=True)
+    for note in result.best_notes:
+        click.echo(note, err=True)
     if result.resume_command:
         click.echo(f"resume with: {result.resume_command}", err=True)
     ctx.exit(result.exit_code)

@@ -39,6 +39,8 @@ PLOT = "plot.png"
 INIT = "init.caffemodel"
 FINAL = "final.caffemodel"
 ONNX = "final.onnx"
+BEST = "best.caffemodel"
+PROBE = "probe.caffemodel"
 
 
 @dataclass(frozen=True)
@@ -90,16 +92,25 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
 
 def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
         force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
-        resume: Optional[str] = None, export_onnx: bool = False, out: IO[str]) -> FinetuneResult:
+        resume: Optional[str] = None, keep_best: Optional[str] = None, patience: Optional[int] = None,
+        export_onnx: bool = False, out: IO[str]) -> FinetuneResult:
     """Write ``plan``, start from ``weights`` and train; returns the outcome.
 
     ``cached``: let ``last-fc`` train the head on cached features where that
     gives what pycaffe would (``features`` always does).  ``resume``: continue
     a stopped job from its snapshot (the same plan is written again; pycaffe
-    trains on from the snapshot, its metrics appended).  ``export_onnx``:
-    also write ``final.onnx`` and say in the summary how it was checked."""
+    trains on from the snapshot, its metrics appended).  ``keep_best``/``patience``:
+    OUTDIR/best.caffemodel keeps the weights of the best test of that output,
+    and the run stops after ``patience`` tests without a better one
+    (:mod:`caffe_ft.training.best`); training then goes through pycaffe.
+    ``export_onnx``: also write ``final.onnx`` and say in the summary how it was checked."""
     from ..heads import fit
+    from ..training.best import tracker
 
+    tracker(keep_best, patience)  # the options make sense, before anything is written
+    if keep_best and plan.strategy == "features":
+        raise CaffeFtError("--keep-best: --strategy features fits the head in one go; there are no tests to keep")
+    best = Best(keep_best, patience)
     if "solver.prototxt" not in plan.files or "train_val.prototxt" not in plan.files:
         raise CaffeFtError("finetune needs training data (--train-data and --val-data) or a train_val net with a --solver")
     started = time.time()
@@ -124,12 +135,14 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
         if plan.strategy == "features":
             trained = fit.fit_features(os.path.join(here.outdir, "train_val.prototxt"), schema, _single_head(plan),
                                        start, here.outdir, final, seed, out)
+        elif plan.strategy == "lp-ft" and resume is None:
+            trained = _linear_probe_then_finetune(schema, here, start, final, device, seed, out, best)
         elif resume is not None:
             solver = os.path.join(here.outdir, "solver.prototxt")
             trained = _train_pycaffe(schema, solver, start, device, os.path.join(here.outdir, METRICS),
-                                     os.path.join(here.outdir, PLOT), final, out, resume=True)
+                                     os.path.join(here.outdir, PLOT), final, out, resume=True, best=best)
         else:
-            trained = _train(schema, here, start, final, device, seed, cached, out)
+            trained = _train(schema, here, start, final, device, seed, cached, out, best)
     if export_onnx and trained.final_model:
         trained.notes.append(_export_onnx(schema, here, trained.final_model, out))
     # Snapshot paths are the solver's, relative to OUTDIR where it ran; the user's are relative to here.
@@ -202,14 +215,45 @@ def _single_head(plan: RewritePlan) -> str:
     return next(iter(plan.heads.values()))
 
 
+def _linear_probe_then_finetune(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int,
+                                out: IO[str], best: "Best") -> "Trained":
+    """lp-ft: the head fitted on cached features (the ``features`` path) into PROBE, then
+    Caffe fine-tunes from PROBE; the notes give the probe's accuracy and the fine-tuned one."""
+    from ..heads import fit
+
+    probe_path = os.path.join(plan.outdir, PROBE)
+    probe = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan), start,
+                             plan.outdir, probe_path, seed, out)
+    out.write(f"lp-ft: linear probe validation accuracy {probe.test_outputs['accuracy']:.4f}; fine-tuning from "
+              f"{PROBE}\n")
+    trained = _train(schema, plan, probe_path, final, device, seed, False, out, best)
+    tuned = trained.test_outputs.get("accuracy")
+    trained.notes[:0] = [f"linear probe (the head on cached features, {PROBE}): validation accuracy "
+                         f"{probe.test_outputs['accuracy']:.4f}",
+                         *probe.notes[:1],
+                         "fine-tuned from the probe: " + (f"accuracy {tuned:.4f} at the last test" if tuned is not None
+                                                          else "no accuracy tested")]
+    return trained
+
+
+@dataclass(frozen=True)
+class Best:
+    """``--keep-best`` and ``--patience`` of a job (both None: neither)."""
+
+    output: Optional[str] = None
+    patience: Optional[int] = None
+
+
 def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int, cached: bool,
-           out: IO[str]) -> "Trained":
+           out: IO[str], best: Best = Best()) -> "Trained":
     """last-fc on cached features where that gives what pycaffe gives, else pycaffe (saying why)."""
     from ..heads import fit
 
     solver = os.path.join(plan.outdir, "solver.prototxt")
     metrics, plot = os.path.join(plan.outdir, METRICS), os.path.join(plan.outdir, PLOT)
     job, reasons = fit.analyse(solver, schema, device) if plan.strategy == "last-fc" and cached else (None, [])
+    if job is not None and best.output is not None:
+        job, reasons = None, ["--keep-best writes the weights at each best test, which pycaffe's loop does"]
     if job is not None:
         out.write("last-fc: the trunk gives the same features at every iteration; training the head on cached "
                   "features with Caffe's SGD\n")
@@ -217,13 +261,13 @@ def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: st
     notes = [f"trained with pycaffe, not on cached features: {'; '.join(reasons)}"] if reasons else []
     for note in notes:
         out.write(f"note: {note}\n")
-    trained = _train_pycaffe(schema, solver, start, device, metrics, plot, final, out)
-    trained.notes.extend(notes)
+    trained = _train_pycaffe(schema, solver, start, device, metrics, plot, final, out, best=best)
+    trained.notes[:0] = notes
     return trained
 
 
 def _train_pycaffe(schema: Schema, solver: str, start: str, device: str, metrics: str, plot: str, final: str,
-                   out: IO[str], resume: bool = False) -> "Trained":
+                   out: IO[str], resume: bool = False, best: Best = Best()) -> "Trained":
     """Caffe's own training through pycaffe (:mod:`caffe_ft.training.pycaffe`) from the weights ``start``
     (with ``resume``: from the snapshot ``start``); copies the last snapshot to ``final``."""
     from ..heads.fit import Trained
@@ -231,7 +275,9 @@ def _train_pycaffe(schema: Schema, solver: str, start: str, device: str, metrics
     from ..training.run import TrainOptions
 
     options = TrainOptions(solver=solver, weights=None if resume else start, resume=start if resume else None,
-                           device=device, metrics=metrics, plot=plot)
+                           device=device, metrics=metrics, plot=plot, keep_best=best.output,
+                           patience=best.patience,
+                           best_model=os.path.join(os.path.dirname(final), BEST) if best.output else None)
     result = train(options, schema, out)
     copied = None
     if result.status == "done" and result.snapshot:
@@ -239,7 +285,8 @@ def _train_pycaffe(schema: Schema, solver: str, start: str, device: str, metrics
         os.replace(final + ".tmp", final)
         copied = final
     state = result.snapshot[1] if result.status != "done" and result.snapshot else None
-    return Trained(result.exit_code, copied, last_test_outputs(metrics), result.message, resume_state=state)
+    return Trained(result.exit_code, copied, last_test_outputs(metrics), result.message, list(result.best_notes),
+                   resume_state=state)
 
 
 def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:

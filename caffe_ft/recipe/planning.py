@@ -13,7 +13,7 @@ import os
 from typing import Callable, Optional, Tuple
 
 from ..errors import CaffeFtError
-from ..formats import files
+from ..formats import files, prototext
 from ..formats.schema import Schema
 from . import rewrite, strategies
 from .options import RewriteOptions
@@ -151,8 +151,57 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
     if strategy == "auto":
         strategy, head = choose(schema, net_path, weights, options, say)
     outdir = options.outdir or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
+    solver_options, net_strategy = options.solver, strategy
+    if strategy == "lp-ft":
+        # The probe fits the head first: it then learns at the body's rate, and all of it more gently.
+        net_strategy, head = options.then, dataclasses.replace(head, head_lr_mult=1.0)
+        solver_options = dataclasses.replace(solver_options, lr_scale=solver_options.lr_scale * LP_FT_LR)
     try:
-        return rewrite.plan(schema, net_file, strategy, head, outdir, options.data, solver_file, deploy_file,
-                            options.solver, options.input_shapes)
+        planned = rewrite.plan(schema, net_file, net_strategy, head, outdir, options.data, solver_file, deploy_file,
+                               solver_options, options.input_shapes)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
+    if strategy == "lp-ft":
+        planned.strategy = "lp-ft"
+        planned.summary.insert(0, f"lp-ft: finetune fits the head on cached features (a linear probe), writes it "
+                                  f"into the starting weights, then fine-tunes as '{options.then}' with the head at "
+                                  f"lr_mult 1 and base_lr x{LP_FT_LR:g} more (Kumar et al., ICLR 2022)")
+    if options.class_weights is not None:
+        weigh_classes(schema, planned, options, head.num_classes, say)
+    return planned
+
+
+#: lp-ft's fine-tuning rate, relative to a plain fine-tuning's: the probed head needs no large steps.
+LP_FT_LR = 0.1
+
+
+def weigh_classes(schema: Schema, planned: rewrite.RewritePlan, options: RewriteOptions,
+                  num_classes: Optional[int], say: Say) -> None:
+    """``--class-weights``: the new heads' losses become InfogainLoss with a diagonal H beside the nets."""
+    from ..data.sources import labels_of
+    from . import class_weights as cw
+
+    name = "train_val.prototxt"
+    if name not in planned.files:
+        raise CaffeFtError("--class-weights needs a train_val net (a net with its loss layers)")
+    train = options.data.train
+    if num_classes is None:
+        raise CaffeFtError("--class-weights needs the class count: give --train-data or --num-classes")
+    counts = cw.label_counts(labels_of(train, schema), num_classes) if train else None
+    if options.class_weights == "auto":
+        if counts is None:
+            raise CaffeFtError("--class-weights auto counts the labels of --train-data: give it, or a file of weights")
+        weights, how = cw.balanced(counts), "auto: N / (K n_k)"
+    else:
+        weights, how = cw.read_weights(options.class_weights or "", num_classes), options.class_weights or ""
+    text, source_path, source_text = planned.files[name]
+    data = text.encode("utf-8", "surrogateescape")
+    tree = prototext.parse(data, name)
+    net = prototext.to_message(tree, schema.new(files.NET), name)
+    changed = cw.use_infogain(net, set(planned.heads.values()))
+    planned.files[name] = (prototext.render_minimal(tree, data, net, name), source_path, source_text)
+    planned.blobs[cw.H_FILE] = cw.h_matrix(weights)
+    line = cw.describe(counts or [0] * num_classes, weights, how)
+    planned.summary.append(f"{line}; {', '.join(changed)}: SoftmaxWithLoss -> InfogainLoss with H = diag(weights) "
+                           f"in {cw.H_FILE} (Caffe's InfogainLoss takes the softmax itself; deploy unchanged)")
+    say(line)

@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 from google.protobuf.message import Message
 
@@ -98,6 +98,8 @@ class RewritePlan:
     heads: Dict[str, str]
     # The train net's input shapes where its data layers do not tell (no crop or resize): the data's.
     input_shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # Binary files beside the nets: name -> BlobProto (--class-weights' InfogainLoss H matrix).
+    blobs: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def paths(self) -> Dict[str, str]:
         return {name: os.path.join(self.outdir, name) for name in self.files}
@@ -791,9 +793,13 @@ def write_plan(result: RewritePlan, force: bool = False, inputs: Sequence[Option
     """
     from ..formats.files import staged_outputs
 
-    names = sorted(result.files) + [SUMMARY_FILE]
+    from ..formats.caffemodel import save_blob
+
+    names = sorted(result.files) + sorted(result.blobs) + [SUMMARY_FILE]
     sources = [source for _, source, _ in result.files.values()] + list(inputs)
     with staged_outputs(result.outdir, names, sources, force, option="--outdir") as staging:
         for name, (text, _, _) in sorted(result.files.items()):
             staging.write(name, text)
+        for name, blob in sorted(result.blobs.items()):
+            save_blob(blob, staging.path(name))
         staging.write(SUMMARY_FILE, summary_text(result))

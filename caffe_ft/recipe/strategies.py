@@ -89,6 +89,7 @@ class StrategyOptions:
     freeze_until: Optional[str] = None
     train_last: Optional[int] = None
     freeze_fraction: Optional[float] = None
+    layer_decay: Optional[float] = None  # --layer-decay F: lr_mult x F per step down from the heads
 
 
 @dataclass(frozen=True)
@@ -458,6 +459,9 @@ def _validate(strategy: str, options: StrategyOptions) -> None:
     fraction = options.freeze_fraction
     if fraction is not None and not 0 <= fraction < 1:
         raise CaffeFtError(f"freeze_fraction must be in [0, 1), not {fraction:g}")
+    decay = options.layer_decay
+    if decay is not None and not 0 < decay <= 1:
+        raise CaffeFtError(f"--layer-decay must be in (0, 1], not {decay:g}")
 
 
 def _aux_is_useful(layers: Sequence[Message], branch: FrozenSet[int], frozen: Set[int]) -> bool:
@@ -554,6 +558,89 @@ def _replace_heads(
     return renames, notes
 
 
+#: Layers where branches join: a residual or inception block ends at one.
+_JOINS = frozenset({"Eltwise", "Concat"})
+
+
+def _block_ends(layers: Sequence[Message]) -> Set[int]:
+    """Layers after which a block ends: joins, and the last writers of a blob
+    that several layers read (where a residual or inception block forks)."""
+    writer: Dict[str, int] = {}
+    readers: Dict[Tuple[str, int], int] = {}
+    for index, layer in enumerate(layers):
+        in_place = set(layer.top) & set(layer.bottom)
+        for bottom in layer.bottom:
+            if bottom in writer and bottom not in in_place:
+                key = (bottom, writer[bottom])
+                readers[key] = readers.get(key, 0) + 1
+        for top in layer.top:
+            writer[top] = index
+    ends = {index for index, layer in enumerate(layers) if layer.type in _JOINS}
+    return ends | {index for (_, index), count in readers.items() if count > 1}
+
+
+def decay_steps(layers: Sequence[Message], heads: Set[int], fixed: Set[int]) -> Dict[int, int]:
+    """How many steps below the heads each training layer is (heads: 0).
+
+    Walking down from the last layer, each learnable layer that trains (not a
+    head, not in ``fixed``, some ``lr_mult`` above 0) is one step further; in
+    a net with joins (Eltwise, Concat) a whole block, the learnable layers
+    between a fork and its join (:func:`_block_ends`), is one step, so ResNet's and GoogLeNet's branches of a
+    block learn at one rate.  A parameter-sharing group takes its highest
+    layer's step (Caffe aborts on shared blobs with different multipliers).
+    """
+    blocks = any(layer.type in _JOINS for layer in layers)
+    ends = _block_ends(layers) if blocks else set()
+    steps: Dict[int, int] = {}
+    step, in_block = 0, False
+    for index in range(len(layers) - 1, -1, -1):
+        layer = layers[index]
+        if index in ends:
+            in_block = False
+        if layer.type in _JOINS:
+            continue
+        if index in heads or index in fixed or not graph.has_parameters(layer) or not graph.is_learnable(layer):
+            continue
+        if not (blocks and in_block):
+            step += 1
+            in_block = True
+        steps[index] = step
+    shared: Dict[str, int] = {}
+    for index, step in steps.items():
+        for spec in layers[index].param:
+            if spec.name:
+                shared[spec.name] = min(shared.get(spec.name, step), step)
+    for index in steps:
+        for spec in layers[index].param:
+            if spec.name:
+                steps[index] = min(steps[index], shared[spec.name])
+    return steps
+
+
+def layer_decay(layers: Sequence[Message], heads: Set[int], fixed: Set[int], factor: float) -> List[str]:
+    """Layer-wise learning-rate decay: every training layer's multipliers times
+    ``factor ** step`` (:func:`decay_steps`), written explicitly on every blob.
+
+    The heads keep theirs, ``fixed`` layers (frozen, removed) are left alone,
+    decay_mult is kept.  Applied to the strategy's multipliers, so running it
+    on its own output decays again.
+    """
+    steps = decay_steps(layers, heads, fixed)
+    for index, step in steps.items():
+        layer = layers[index]
+        current = [(layer.param[b].lr_mult if b < len(layer.param) and layer.param[b].HasField("lr_mult") else 1.0,
+                    layer.param[b].decay_mult if b < len(layer.param) and layer.param[b].HasField("decay_mult")
+                    else 1.0) for b in range(graph.param_blob_count(layer))]
+        _set_multipliers(layer, lambda blob, bias: (float(f"{current[blob][0] * factor ** step:.6g}"),
+                                                    current[blob][1]))
+    if not steps:
+        return [f"--layer-decay {factor:g}: no training layer below the heads"]
+    deepest = max(steps.values())
+    unit = "block" if any(layer.type in _JOINS for layer in layers) else "layer"
+    return [f"layer decay {factor:g}: lr_mult x {factor:g} per {unit} down from the heads, "
+            f"{deepest} step(s), the lowest x {factor ** deepest:.3g} ({layers[min(steps)].name})"]
+
+
 def _pointless_accuracies(layers: Sequence[Message], heads: Sequence[int], num_classes: Optional[int]) -> Set[int]:
     """Accuracy layers scoring the new heads with a ``top_k`` (above 1) of at
     least the new class count: GoogLeNet's top-5 with fewer than 6 classes."""
@@ -581,6 +668,8 @@ def _run(strategy: str, planner: Planner, net: Message, options: StrategyOptions
     notes += _set_body_multipliers(layers, frozen, removed | set(replaced), options)
     renames, head_notes = _replace_heads(layers, replaced, options)
     notes += head_notes
+    if options.layer_decay is not None:
+        notes += layer_decay(layers, set(replaced), frozen | removed, options.layer_decay)
     pointless = _pointless_accuracies(layers, replaced, options.num_classes) - removed
     if pointless:
         notes.append(

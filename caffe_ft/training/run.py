@@ -46,6 +46,9 @@ class TrainOptions:
     engine: str = "pycaffe"
     precision: str = "fp32"
     channels_last: bool = False
+    keep_best: Optional[str] = None  # the test output whose best value keeps best.caffemodel (training.best)
+    patience: Optional[int] = None  # stop after this many tests without a better keep_best value
+    best_model: Optional[str] = None  # where best.caffemodel goes (default: beside the snapshots)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class TrainResult:
     resume_command: Optional[str] = None
     message: str = ""
     tests: List[Dict[str, Output]] = field(default_factory=list)
+    best_model: Optional[str] = None  # best.caffemodel, when --keep-best wrote one
+    best_notes: List[str] = field(default_factory=list)  # the best and last results, an early stop
 
 
 def resume_command(options: TrainOptions, state: str) -> str:
@@ -85,6 +90,10 @@ def resume_command(options: TrainOptions, state: str) -> str:
         words += ["--report", options.report]
     if options.tensorboard:
         words += ["--tensorboard", options.tensorboard]
+    if options.keep_best:
+        words += ["--keep-best", options.keep_best]
+    if options.patience is not None:
+        words += ["--patience", str(options.patience)]
     if not options.snapshot_on_exit:
         words.append("--no-snapshot-on-exit")
     if options.caffe_log:
@@ -138,7 +147,7 @@ def run_folder(solver_path: str, schema: Any) -> Optional[str]:
 
 def absolute_options(options: TrainOptions) -> TrainOptions:
     """``options`` with every path absolute, to be used from another folder."""
-    names = ("solver", "weights", "resume", "metrics", "plot", "proto", "report", "tensorboard")
+    names = ("solver", "weights", "resume", "metrics", "plot", "proto", "report", "tensorboard", "best_model")
     absolute: Dict[str, Any] = {name: os.path.abspath(value) for name in names
                                 if isinstance((value := getattr(options, name, None)), str) and value}
     return dataclasses.replace(options, **absolute)

@@ -837,3 +837,36 @@ def test_finetune_stopped_prints_how_to_resume_and_resumes(tmp_path):
     tests = [json.loads(line) for line in metrics.read_text().splitlines() if json.loads(line).get("phase") == "test"]
     assert tests[-1]["iteration"] == 400
     assert (tmp_path / "ft" / "final.caffemodel").exists()
+
+
+@pytest.mark.caffe
+def test_finetune_keeps_the_best_test(tmp_path):
+    """`finetune --keep-best accuracy`: OUTDIR/best.caffemodel is the snapshot of the best test the
+    metrics record, and summary.md gives the best and the last result with their iterations."""
+    train = _image_list(str(tmp_path / "data"), "train", 16, True, 8, seed=3)
+    val = _image_list(str(tmp_path / "data"), "val", 16, True, 4, seed=4)
+    env = {**os.environ, "GLOG_minloglevel": "2"}
+    weights = str(tmp_path / "pretrained.caffemodel")
+    made = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST).save(sys.argv[2])",
+                           os.path.join(DIGITS, "deploy.prototxt"), weights], capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "finetune", os.path.join(DIGITS, "train_val.prototxt"),
+                           "--weights", weights, "--strategy", "full", "--train-data", train, "--val-data", val,
+                           "--batch-size", "2", "--epochs", "6", "--cpu", "--keep-best", "accuracy", "-o", "ft"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    tests = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    tests = [t for t in tests if t["phase"] == "test"]
+    accuracies = [t["outputs"]["accuracy"] for t in tests]
+    at = tests[accuracies.index(max(accuracies))]["iteration"]
+    summary = (tmp_path / "ft" / "summary.md").read_text()
+    assert f"best accuracy: {max(accuracies):.4f} at iteration {at}" in summary
+    assert f"last accuracy: {accuracies[-1]:.4f} at iteration {tests[-1]['iteration']}" in summary
+    # The best weights score, on the same test batches, what the best test recorded.
+    count = int(re.search(r"test_iter: (\d+)", (tmp_path / "ft" / "solver.prototxt").read_text()).group(1))
+    script = ("import caffe, sys; caffe.set_mode_cpu(); net = caffe.Net('train_val.prototxt', 'best.caffemodel', "
+              f"caffe.TEST); print(sum(float(net.forward()['accuracy']) for _ in range({count})) / {count})")
+    scored = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path / "ft"), capture_output=True, text=True,
+                            env=env)
+    assert scored.returncode == 0, scored.stderr
+    assert float(scored.stdout) == pytest.approx(max(accuracies), abs=1e-6)
