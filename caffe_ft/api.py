@@ -23,6 +23,9 @@ from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
 from .formats.schema import Schema, load_schema
 
 if TYPE_CHECKING:
+    import onnx
+
+    from .export.to_onnx import ExportOptions
     from .evaluation.metrics import Evaluation
     from .recipe.job import FinetuneResult
     from .recipe.rewrite import RewritePlan
@@ -141,7 +144,35 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
                    input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
                    resume=options.resume, keep_best=options.keep_best, patience=options.patience,
+                   export_onnx=options.export_onnx,
                    out=out)
+
+def export_onnx(net_path: str, weights: Optional[str], output: str, options: "ExportOptions", *,
+                force: bool = False, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "onnx.ModelProto":
+    """Write the net (a deploy net, or the deploy net derived from a train_val)
+    and ``weights`` to ``output`` as an ONNX model; nothing is written when a
+    layer has no faithful ONNX equivalent.  ``output`` is never one of the
+    inputs; an existing one is replaced only with ``force``."""
+    from .export import to_onnx
+    from .recipe.rewrite import is_deploy, to_deploy
+    from .formats import files
+    from .formats.caffemodel import load_model
+    from .net.graph import find_heads
+
+    files.check_output(output, [net_path, weights], force)
+    schema = schema or load_schema()
+    net = current_net(files.load_text(net_path, schema, files.NET).message, net_path)
+    model = load_model(weights, schema) if weights else None
+    try:
+        if not is_deploy(net):
+            shapes = {name: tuple(shape) for name, shape in options.input_shapes.items()}
+            net = to_deploy(schema, net, find_heads(net).heads, input_shapes=shapes)
+            out.write(f"{net_path}: not a deploy net: exporting the deploy net derived from it\n")
+        result = to_onnx.export(net, model, options, to_onnx.source_metadata(net_path, weights, options))
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+    files.write_atomic(output, to_onnx.serialize(result))
+    return result
 
 
 def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "TrainResult":
@@ -232,4 +263,4 @@ def evaluate(net_path: str, weights: str, data: str, *, top_k: Sequence[int] = (
     return result
 
 
-__all__ = ["check", "evaluate", "finetune", "init", "rewrite", "train"]
+__all__ = ["check", "evaluate", "export_onnx", "finetune", "init", "rewrite", "train"]

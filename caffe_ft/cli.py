@@ -247,7 +247,7 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     and classifier head(s).  A solver: every setting, defaults shown.  A
     caffemodel: layers, blob shapes, parameter counts and size.  A mean file
     (.binaryproto): its shape and per-channel means.  A .solverstate: the
-    iteration and the history blobs.
+    iteration and the history blobs.  An .onnx model: inputs, outputs, opset, size.
     """
     from .formats import files
     from .net import report
@@ -255,7 +255,11 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     schema = _schema(ctx)
     head = files.read_head(file)  # never the whole file: a caffemodel is mapped, not read
     format_info: Callable[[Any], str]
-    if file.endswith(".binaryproto"):
+    if file.endswith(".onnx"):
+        from .export import onnx_info
+
+        info, format_info = onnx_info.describe_onnx(file), onnx_info.format_onnx
+    elif file.endswith(".binaryproto"):
         from .formats.caffemodel import load_blob
 
         info, format_info = report.describe_blob(load_blob(file, schema)), report.format_blob
@@ -444,15 +448,17 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
                    "(accuracy is maximised, an output named *loss* minimised).")
 @click.option("--patience", type=click.IntRange(min=1), metavar="N",
               help="With --keep-best: stop after N tests in a row without a better value.")
+@click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
+              "checked against pycaffe.")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
              force: bool, cached: bool, resume: Optional[str], keep_best: Optional[str], patience: Optional[int],
-             **params: Any) -> None:
+             export_onnx: bool, **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
     final.caffemodel, metrics.jsonl, plot.png and report.md (final accuracy,
-    time).  --strategy features fits the head with scikit-learn on features
+    time); with --export-onnx also final.onnx.  --strategy features fits the head with scikit-learn on features
     the trunk computes once (features-train.npz, features-val.npz, reused
     while up to date); last-fc does the solver's SGD on such features when
     the input is deterministic, and says so.
@@ -464,7 +470,7 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
-                              resume=resume, keep_best=keep_best, patience=patience)
+                              resume=resume, keep_best=keep_best, patience=patience, export_onnx=export_onnx)
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     tested = "the final weights' test" if outcome.final_model else "the last test"
@@ -572,6 +578,35 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
             click.echo(f"warning: layer '{layer.name}' starts fresh: {layer.reason}", err=True)
     copied, fresh = (len(report.by_status(status)) for status in (wt.COPIED, wt.FRESH))
     _emit(f"wrote {output}: {copied} layers copied, {fresh} filled fresh (seed {seed})\n")
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", metavar="MODEL", help="The net's caffemodel (needed when it has learnable layers).")
+@click.option("-o", "--output", required=True, metavar="OUT.onnx", help="The ONNX model to write.")
+@click.option("--opset", type=click.IntRange(min=13), default=13, show_default=True, help="ONNX opset to target.")
+@_INPUT_SHAPE
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
+              help="Leave the batch axis symbolic (N), or fix it at the net's batch size.")
+@click.option("--softmax/--logits", default=None,
+              help="Add a Softmax to each score output, or strip the output Softmax (default: as the net says).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
+@click.pass_context
+def export(ctx: click.Context, net_path: str, weights: Optional[str], output: str, opset: int, input_shapes: Any,
+           dynamic_batch: bool, softmax: Optional[bool], force: bool) -> None:
+    """Write NET and its weights as an ONNX model that computes what Caffe computes.
+
+    A train_val net is exported as its deploy net (data, loss and accuracy
+    layers replaced by an Input layer).  Nothing is written when a layer has
+    no faithful ONNX equivalent.
+    """
+    from . import api
+    from .export import to_onnx
+
+    _check_output(ctx, output, [net_path, weights], force)  # --proto too
+    options = to_onnx.ExportOptions(opset, _input_shapes(input_shapes), dynamic_batch, softmax)
+    result = api.export_onnx(net_path, weights, output, options, force=force, schema=_schema(ctx), out=sys.stderr)
+    _emit(to_onnx.summary(result, output))
 
 
 def _transform_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,7 +10,9 @@ Two strategies train the head on cached features instead (:mod:`caffe_ft.heads.f
 ``features`` always (scikit-learn; no solver run, no metrics), and
 ``last-fc`` when Caffe's SGD can be replayed on them exactly (same metrics
 and plot; no snapshots but ``final.caffemodel``); otherwise, or with
-``cached=False``, pycaffe trains and the summary says why.
+``cached=False``, pycaffe trains and the summary says why.  With
+``export_onnx``, ``final.onnx`` (the deploy net with the final weights) is
+written beside ``final.caffemodel`` and compared with pycaffe.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ METRICS = "metrics.jsonl"
 PLOT = "plot.png"
 INIT = "init.caffemodel"
 FINAL = "final.caffemodel"
+ONNX = "final.onnx"
 BEST = "best.caffemodel"
 PROBE = "probe.caffemodel"
 
@@ -90,7 +93,7 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
 def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
         force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
         resume: Optional[str] = None, keep_best: Optional[str] = None, patience: Optional[int] = None,
-        out: IO[str]) -> FinetuneResult:
+        export_onnx: bool = False, out: IO[str]) -> FinetuneResult:
     """Write ``plan``, start from ``weights`` and train; returns the outcome.
 
     ``cached``: let ``last-fc`` train the head on cached features where that
@@ -99,7 +102,8 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     trains on from the snapshot, its metrics appended).  ``keep_best``/``patience``:
     OUTDIR/best.caffemodel keeps the weights of the best test of that output,
     and the run stops after ``patience`` tests without a better one
-    (:mod:`caffe_ft.training.best`); training then goes through pycaffe."""
+    (:mod:`caffe_ft.training.best`); training then goes through pycaffe.
+    ``export_onnx``: also write ``final.onnx`` and say in the summary how it was checked."""
     from ..heads import fit
     from ..training.best import tracker
 
@@ -139,6 +143,8 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
                                      os.path.join(here.outdir, PLOT), final, out, resume=True, best=best)
         else:
             trained = _train(schema, here, start, final, device, seed, cached, out, best)
+    if export_onnx and trained.final_model:
+        trained.notes.append(_export_onnx(schema, here, trained.final_model, out))
     # Snapshot paths are the solver's, relative to OUTDIR where it ran; the user's are relative to here.
     state = os.path.relpath(os.path.join(here.outdir, trained.resume_state)) if trained.resume_state else None
     outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
@@ -154,6 +160,27 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     else:
         out.write(f"report: {os.path.join(plan.outdir, os.path.basename(html))}\n")
     return outcome
+
+
+def _export_onnx(schema: Schema, plan: RewritePlan, final: str, out: IO[str]) -> str:
+    """Write ``final.onnx`` from ``deploy.prototxt`` and the final weights, compare
+    it with pycaffe; the summary line saying what was written and checked."""
+    from ..export import to_onnx, verify
+    from ..formats.caffemodel import load_model
+
+    deploy = os.path.join(plan.outdir, "deploy.prototxt")
+    path = os.path.join(plan.outdir, ONNX)
+    options = to_onnx.ExportOptions()
+    try:
+        model = to_onnx.export(files.load_net(deploy, schema), load_model(final, schema), options,
+                               to_onnx.source_metadata(deploy, final, options))
+        files.write_atomic(path, to_onnx.serialize(model))
+    except CaffeFtError as exc:
+        out.write(f"warning: {ONNX} not written: {exc.located(deploy)}\n")
+        return f"{ONNX} not written: {exc}"
+    agreement = verify.compare_with_pycaffe(deploy, final, path)
+    out.write(f"wrote {path}: {agreement}\n")
+    return f"ONNX model: {ONNX} (opset {options.opset}, batch axis N); onnx.checker passed; {agreement}"
 
 
 def _write_report(schema: Schema, plan: RewritePlan, outcome: FinetuneResult, weights: str,

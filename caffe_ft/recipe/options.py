@@ -49,6 +49,7 @@ class FinetuneOptions:
     GPU ids (``"0"``, ``"0,1"``, ``"all"``).  ``cached``: let ``last-fc`` train
     the head on cached features where that gives what pycaffe would.  ``resume``:
     the snapshot a stopped job left (its message names it); the job continues from it.
+    ``export_onnx``: also write ``final.onnx``, checked against pycaffe.
     """
 
     rewrite: RewriteOptions
@@ -59,3 +60,4 @@ class FinetuneOptions:
     resume: Optional[str] = None  # a .solverstate of a stopped run: continue it instead of starting afresh
     keep_best: Optional[str] = None  # a test output: OUTDIR/best.caffemodel keeps the weights of its best test
     patience: Optional[int] = None  # stop after this many tests without a better keep_best value
+    export_onnx: bool = False
