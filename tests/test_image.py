@@ -83,8 +83,8 @@ def test_finetune_in_the_cpu_image_on_a_mounted_folder(cpu_image, tmp_path):
     for strategy in ("last-fc", "top", "full"):
         job = os.path.join(out, f"finetune-{strategy}")
         names = set(os.listdir(job))
-        assert {"train_val.prototxt", "solver.prototxt", "metrics.jsonl", "summary.md"} <= names, names
-        assert any(name.endswith("_iter_40.caffemodel") for name in names), names
+        assert {"train_val.prototxt", "solver.prototxt", "metrics.jsonl", "summary.md", "deploy.prototxt"} <= names, names
+        assert "final.caffemodel" in names, names
         # The job's files name the host's paths: the folder is mounted at its own path.
         with open(os.path.join(job, "train_val.prototxt")) as handle:
             net = handle.read()
