@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import pytest
 
 from caffe_ft.formats import prototext
 from caffe_ft.formats.schema import load_schema
+
+#: The checkout, and this folder (its helper modules: ft_nets, feature_nets...)
+#: importable from the tests in the subfolders.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 # Where Debian's caffe-doc puts the BVLC example and model-zoo prototxts.
 CAFFE_DOC_DIRS = ("/usr/share/doc/caffe-doc",)

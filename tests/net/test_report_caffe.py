@@ -9,7 +9,7 @@ import os
 import pytest
 
 from caffe_ft.cli import main
-from conftest import NSFW_DIR, cli_runner
+from conftest import NSFW_DIR, REPO, cli_runner
 
 pytestmark = pytest.mark.caffe
 
@@ -39,7 +39,7 @@ def test_inspect_nsfw_caffemodel_matches_pycaffe():
 def test_inspect_of_a_caffemodel_pycaffe_saved(tmp_path):
     import caffe
 
-    deploy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits",
+    deploy = os.path.join(REPO, "examples", "digits",
                           "deploy.prototxt")
     net = caffe.Net(deploy, caffe.TEST)
     net.save(str(tmp_path / "digits.caffemodel"))

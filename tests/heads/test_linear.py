@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from caffe_ft.heads.cache import Request, compute_or_reuse, load_features
 from caffe_ft.training.pycaffe import quiet_caffe
 from caffe_ft.errors import CaffeFtError
 
-sys.path.insert(0, os.path.dirname(__file__))
 import feature_nets  # noqa: E402
 from conftest import NSFW_DIR, cli_runner  # noqa: E402
 from ft_nets import CAFFENET_DEPLOY  # noqa: E402

@@ -29,10 +29,9 @@ from caffe_ft.training import devices, nets, progress, schedule, snapshots as sn
 from caffe_ft.formats.caffemodel import load_model, load_solverstate
 from caffe_ft.cli import main
 from caffe_ft.errors import CaffeFtError
-from conftest import cli_runner
+from conftest import REPO, cli_runner
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "digits")
+EXAMPLE = os.path.join(REPO, "examples", "digits")
 
 
 def solver_msg(parse_net, text: str):

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 from caffe_ft.recipe import advise as adv
 
-sys.path.insert(0, os.path.dirname(__file__))
 import feature_nets  # noqa: E402
 from conftest import NSFW_DIR, cli_runner  # noqa: E402
 from ft_nets import CAFFENET  # noqa: E402

@@ -40,7 +40,6 @@ from caffe_ft.heads.trunk import cut_net
 from caffe_ft.training.pycaffe import quiet_caffe
 from caffe_ft.errors import CaffeFtError
 
-sys.path.insert(0, os.path.dirname(__file__))
 import feature_nets  # noqa: E402
 from conftest import NSFW_DIR, cli_runner  # noqa: E402
 from ft_nets import CAFFENET  # noqa: E402
