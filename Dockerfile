@@ -23,6 +23,12 @@
 
 FROM debian:bullseye AS cpu
 
+# Settings first: every step after the big Caffe layer costs a copy of the
+# whole image with buildah's vfs driver, so only caffe-ft's install follows it.
+# Quieten Caffe's glog INFO/WARNING output, as scripts/caffe-env does.
+ENV GLOG_minloglevel=2
+ENTRYPOINT ["caffe-ft"]
+
 ARG PIP_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_DEFAULT_TIMEOUT
@@ -35,19 +41,16 @@ RUN --mount=type=secret,id=host-ca,target=/run/host-ca.crt \
     && bash /usr/local/share/caffe-ft/apt-archive-fallback.sh \
     && bash /usr/local/share/caffe-ft/install-caffe-debian.sh
 
-# Quieten Caffe's glog INFO/WARNING output, as scripts/caffe-env does.
-ENV GLOG_minloglevel=2
-
+# caffe-ft itself (COPY, not a bind mount: buildah's layer cache sees a
+# COPY's content, not a mount's). Bullseye's pip 20.3 needs a setup.py or
+# pyproject.toml to build from; a setup.cfg-only tree gets a shim, as in
+# scripts/caffe-env.
 COPY . /opt/caffe-ft-src
-# Bullseye's pip 20.3 needs a setup.py or pyproject.toml to build from;
-# a setup.cfg-only tree gets a shim, as in scripts/caffe-env.
 RUN cd /opt/caffe-ft-src \
     && { [ -e setup.py ] || [ -e pyproject.toml ] \
          || printf 'from setuptools import setup\n\nsetup()\n' > setup.py; } \
     && python3 -m pip install --no-cache-dir --no-deps --no-build-isolation . \
     && cd / && rm -rf /opt/caffe-ft-src
-
-ENTRYPOINT ["caffe-ft"]
 
 
 # ---------------------------------------------------------------------------
@@ -106,6 +109,11 @@ ENTRYPOINT ["caffe-ft-start"]
 # picks the wheel (e.g. torch==2.13.0+cpu from a PIP_FIND_LINKS folder).
 FROM debian:bookworm AS torch-gpu
 
+# Settings before the big layers (see the cpu target).
+ENV PATH=/opt/caffe-ft/bin:$PATH \
+    CAFFE_FT_ENGINE=torch
+ENTRYPOINT ["caffe-ft-start"]
+
 ARG PIP_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_DEFAULT_TIMEOUT
@@ -123,8 +131,3 @@ RUN --mount=type=secret,id=host-ca,target=/run/host-ca.crt \
     && bash /usr/local/share/caffe-ft/install-torch-debian.sh --torch "$TORCH_SPEC" /opt/caffe-ft-src \
     && install -m 755 /opt/caffe-ft-src/docker/entrypoint.sh /usr/local/bin/caffe-ft-start \
     && rm -rf /opt/caffe-ft-src
-
-ENV PATH=/opt/caffe-ft/bin:$PATH \
-    CAFFE_FT_ENGINE=torch
-
-ENTRYPOINT ["caffe-ft-start"]
