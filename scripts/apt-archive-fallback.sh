@@ -21,13 +21,23 @@ die() { log "error: $*"; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 SOURCES=/etc/apt/sources.list
 
-if apt-get update -qq 2>/tmp/apt-update.err; then
-  rm -f /tmp/apt-update.err
+# apt-get update exits 0 when it cannot fetch (only warnings): look at what it says.
+apt_update() {
+  local err
+  err=$(mktemp)
+  if apt-get update -qq 2>"$err" && ! grep -qE '^(E:|W: Failed to fetch|W: Some index files failed)' "$err"; then
+    rm -f "$err"
+    return 0
+  fi
+  sed 's/^/  /' "$err" >&2
+  rm -f "$err"
+  return 1
+}
+
+if apt_update; then
   exit 0
 fi
-log "apt-get update failed with the regular sources:"
-sed 's/^/  /' /tmp/apt-update.err >&2
-rm -f /tmp/apt-update.err
+log "apt-get update failed with the regular sources (above)"
 [ -f "$SOURCES" ] || die "no $SOURCES to rewrite"
 
 # scheme://host/path -> the archive's URL for that path: DEBIAN_ARCHIVE_URL,
@@ -46,11 +56,11 @@ archive_uri() {
     debian.org|*.debian.org) domain=debian.org ;;
     *) die "the mirror $host is not Debian's own: set DEBIAN_ARCHIVE_URL to the Debian archive's URL" ;;
   esac
-  printf 'http://archive.%s%s\n' "$domain" "$path"
+  printf '%s://archive.%s%s\n' "$scheme" "$domain" "$path"
 }
 
 cp "$SOURCES" "$SOURCES.regular"
-while read -r kind uri rest; do
+while read -r kind uri rest || [ -n "${kind:-}" ]; do
   case "$kind" in
     deb|deb-src) printf '%s %s %s\n' "$kind" "$(archive_uri "$uri")" "$rest" ;;
     *) printf '%s %s %s\n' "$kind" "$uri" "$rest" ;;
@@ -60,9 +70,9 @@ done <"$SOURCES.regular" >"$SOURCES"
 echo 'Acquire::Check-Valid-Until "false";' >/etc/apt/apt.conf.d/90archive-no-valid-until
 log "trying the archive:"
 sed 's/^/  /' "$SOURCES" >&2
-if ! apt-get update -qq; then
+if ! apt_update; then
   log "again without the -updates suite"
   sed -i '/-updates /d' "$SOURCES"
-  apt-get update -qq || die "apt-get update fails on the archive too"
+  apt_update || die "apt-get update fails on the archive too"
 fi
 log "apt sources now point at the archive"

@@ -57,7 +57,7 @@ case "$source" in
   *) target="$(cd "$source" && pwd -P)" ;;
 esac
 log "pip install caffe-ft[torch] from $source"
-"${pip[@]}" "$target[torch]"
+"${pip[@]}" "${target}[torch]"
 "$venv/bin/caffe-ft" --version >&2
 "$venv/bin/python" -c 'import torch, cv2, caffe_ft; print("install-torch-debian: torch", torch.__version__, "CUDA", torch.version.cuda)' >&2
 log "done: $venv/bin/caffe-ft"

@@ -28,8 +28,9 @@ select_engine() {
     docker) ;;
     buildah)
       if ! command -v buildah >/dev/null; then
-        [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null \
-          || die "no Docker daemon answers and buildah is missing: install buildah"
+        if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+          die "no Docker daemon answers and buildah is missing: install buildah"
+        fi
         log "installing buildah"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah >/dev/null
       fi ;;
