@@ -6,7 +6,9 @@ pretraining and three real fine-tuning jobs in Caffe -- on a mounted folder,
 as a non-root user. The outputs are checked from the host: where they are, who
 owns them, and that the paths in them are the host's paths.
 
-Marker ``image`` (also ``host``): deselect with ``-m "not image"`` for a quick run.
+Marker ``image`` (also ``host``): deselect with ``-m "not caffe and not image"``
+for a quick host run. Needs root (the buildah image store is under /var/cache)
+or a Docker daemon.
 """
 
 from __future__ import annotations
