@@ -268,7 +268,8 @@ def _check_pycaffe(gpus: Optional[List[Gpu]], python: str, run: Runner,
     if importlib.util.find_spec("caffe") is None:
         checks.append(Check("pycaffe", False, "not installed ('import caffe' finds nothing)", fix_install))
         return EngineStatus("pycaffe", False, "", "pycaffe is not installed")
-    libraries = pycaffe_libraries(pycaffe_extensions())
+    extensions = pycaffe_extensions()
+    libraries = pycaffe_libraries(extensions) if extensions else None
     cuda = [name for name in (libraries or []) if name.startswith(("libcudart", "libcublas", "libcurand"))]
     cudnn = any(name.startswith("libcudnn") for name in libraries or [])
     gpu_build = bool(cuda) or cudnn
