@@ -16,13 +16,14 @@ go to ``out`` (stderr by default), as on the command line::
 from __future__ import annotations
 
 import sys
-from typing import IO, TYPE_CHECKING, Any, Optional, Tuple
+from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 from .errors import CaffeFtError
 from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
 from .formats.schema import Schema, load_schema
 
 if TYPE_CHECKING:
+    from .evaluation.metrics import Evaluation
     from .recipe.job import FinetuneResult
     from .recipe.rewrite import RewritePlan
     from .net.weights import CheckReport
@@ -143,10 +144,68 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
 
 
 def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "TrainResult":
-    """Run a Caffe solver (pycaffe): checked start, metrics, safe snapshots, resume."""
-    from .training.pycaffe import train as run_training
+    """Run a Caffe solver (pycaffe, or torch when ``options.engine`` says so):
+    checked start, metrics, safe snapshots, resume.
 
-    return run_training(options, schema or load_schema(options.proto), out)
+    With ``options.report`` (which needs ``options.metrics``), the run's
+    report.html and report.json go there at the end, however it ended; with
+    ``options.tensorboard``, TensorBoard event files of the whole run."""
+    import os
+    import time
+
+    if options.engine == "torch":
+        from .training.torch import require_torch
+
+        require_torch()
+        from .training.torch.engine import train as run_training
+    else:
+        from .training.pycaffe import train as run_training
+
+    if options.report and not options.metrics:
+        raise CaffeFtError("a training report needs a metrics file (give --metrics)")
+    if options.tensorboard:
+        from .training.tensorboard import require_writer, write_events
+
+        if not options.metrics:
+            raise CaffeFtError("--tensorboard needs a metrics file (give --metrics)")
+        require_writer()
+    schema = schema or load_schema(options.proto)
+    started = time.monotonic()
+    result = run_training(options, schema, out)
+    if options.tensorboard and options.metrics and os.path.exists(options.metrics):
+        count = write_events(options.metrics, options.tensorboard)
+        out.write(f"tensorboard: {count} scalars in {options.tensorboard}\n")
+    if options.report:
+        from .evaluation.runs import write_train_report
+
+        try:
+            html, _ = write_train_report(options.report, options, result, schema, time.monotonic() - started, out)
+        except CaffeFtError as exc:  # the run and its snapshots stand: a report problem does not fail it
+            out.write(f"note: no report: {exc}\n")
+        else:
+            out.write(f"report: {html}\n")
+    return result
 
 
-__all__ = ["check", "finetune", "init", "rewrite", "train"]
+def evaluate(net_path: str, weights: str, data: str, *, top_k: Sequence[int] = (1, 5), blob: Optional[str] = None,
+             batch_size: int = 32, root_folder: Optional[str] = None, transform: Optional[Dict[str, Any]] = None,
+             class_names: Optional[Sequence[str]] = None, mistakes: int = 10, save_predictions: Optional[str] = None,
+             schema: Optional[Schema] = None) -> "Evaluation":
+    """Run ``weights`` in ``net_path`` (deploy or train_val) over the image list
+    (or LMDB) ``data`` with the net's TEST transform and compute accuracy,
+    top-k, per-class precision/recall/F1, the confusion matrix, the expected
+    calibration error and the most confident mistakes.  ``save_predictions``: also
+    save the class probabilities, labels and sources there (``.npz``)."""
+    from .evaluation.metrics import evaluate as compute
+    from .evaluation.predict import PredictRequest, predict
+
+    schema = schema or load_schema()
+    request = PredictRequest(net_path, weights, data, blob, batch_size, root_folder, dict(transform or {}))
+    predicted = predict(request, schema)
+    result = compute(predicted, top_k, class_names, mistakes)
+    if save_predictions:
+        predicted.save(save_predictions)
+    return result
+
+
+__all__ = ["check", "evaluate", "finetune", "init", "rewrite", "train"]

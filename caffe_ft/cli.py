@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
@@ -580,13 +581,24 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 @click.option("--snapshot-on-exit/--no-snapshot-on-exit", default=True, show_default=True,
               help="Snapshot when stopped by SIGINT/SIGTERM.")
 @click.option("--caffe-log", is_flag=True, help="Show Caffe's own INFO log.")
+@click.option("--report", metavar="DIR", help="Write report.html and report.json here at the end "
+              "(the last snapshot evaluated on the first test net's images; needs --metrics).")
+@click.option("--tensorboard", metavar="DIR", help="Also write the run's loss, learning rate and test outputs "
+              "as TensorBoard event files here (tensorboardX; needs --metrics).")
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
+@click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
+              help="Who trains: pycaffe, PyTorch with Caffe's semantics, or auto (pycaffe where it can run "
+                   "on the device, else torch).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
+              help="Torch engine on a GPU: tf32 or bf16 trade exactness for speed.")
+@click.option("--channels-last", is_flag=True, help="Torch engine: channels-last memory format.")
 @click.pass_context
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
-          caffe_log: bool, stop_after: Optional[int]) -> None:
-    """Train with SOLVER through pycaffe: progress, metrics, safe snapshots.
+          caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int],
+          engine: str, precision: str, channels_last: bool) -> None:
+    """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
     Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
     command that resumes; a resumed run reads on from where the data layers
@@ -594,15 +606,24 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
     """
     from . import api
-    from .training.run import TrainOptions
+    from .training.run import TrainOptions, choose_engine
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
+    device = "cpu" if cpu else (gpu if gpu is not None else "solver")
+    chosen, why = choose_engine(engine, device)
+    if engine == "auto":
+        click.echo(f"engine: {chosen} ({why})", err=True)
+    if chosen == "pycaffe" and (precision != "fp32" or channels_last):
+        raise click.UsageError("--precision and --channels-last need --engine torch")
     options = TrainOptions(
-        solver=solver, weights=weights, device="cpu" if cpu else (gpu if gpu is not None else "solver"),
+        solver=solver, weights=weights, device=device,
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
-        caffe_log=caffe_log, proto=ctx.obj.get("proto"),
+        caffe_log=caffe_log, proto=ctx.obj.get("proto"), report=report, tensorboard=tensorboard,
+        engine=engine if engine != "auto" else "pycaffe", precision=precision, channels_last=channels_last,
     )
+    if chosen == "torch":
+        options = replace(options, engine="torch")
     result = api.train(options, schema=_schema(ctx), out=sys.stderr)
     if result.status == "diverged":
         click.echo(f"caffe-ft: error: {result.message}", err=True)
@@ -622,6 +643,67 @@ def plot(metrics: str, output: str, title: Optional[str]) -> None:
     from .training.plot import plot_file
 
     plot_file(metrics, output, title or "")
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", required=True, metavar="MODEL", help="The trained caffemodel.")
+@click.option("--data", required=True, metavar="SRC", help="An image list ('path label' lines) or an LMDB directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), multiple=True, metavar="K",
+              help="Also report top-K accuracy (repeatable; default: 5).")
+@click.option("--blob", metavar="BLOB", help="The blob of class scores (default: what the Accuracy or loss layer "
+              "reads; a deploy net: its output).")
+@click.option("--class-names", metavar="FILE", help="One class name per line, in label order.")
+@click.option("--mistakes", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many of the most confident mistakes to list.")
+@click.option("--predictions", metavar="OUT.npz", help="Also save the probabilities, labels and sources here.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@_transform_options
+@click.pass_context
+def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json: bool, top_k: Any,
+             blob: Optional[str], class_names: Optional[str], mistakes: int, predictions: Optional[str],
+             batch_size: int, root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
+             mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+    """Run NET (deploy or train_val) with MODEL over the images of SRC and report how it does.
+
+    Images are transformed as the net's TEST data layer does.  Reported:
+    accuracy, top-k accuracy, precision/recall/F1 and support per class, the
+    confusion matrix, the expected calibration error (on softmax
+    probabilities) and the most confident mistakes.
+    """
+    from . import api
+    from .formats.files import read_bytes
+
+    names = ([line.strip() for line in read_bytes(class_names).decode("utf-8", "replace").splitlines() if line.strip()]
+             if class_names else None)
+    result = api.evaluate(net_path, weights, data, top_k=tuple(top_k) or (5,), blob=blob, batch_size=batch_size,
+                          root_folder=root_folder, class_names=names, mistakes=mistakes, save_predictions=predictions,
+                          transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
+                          schema=_schema(ctx))
+    _emit(json.dumps(result.as_json(), indent=2) + "\n" if as_json else result.report())
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option("-o", "--output", metavar="HTML", help="Write the page here (one RUN: its report.html again; "
+              "two: the side-by-side page).")
+def report(runs: Tuple[str, ...], output: Optional[str]) -> None:
+    """Show a run's report.json, or put two runs side by side.
+
+    RUN is a report.json or the directory holding it (a finetune OUTDIR, a
+    train --report DIR).  Prints the summary as text; -o writes HTML.
+    """
+    from .evaluation import report as rep
+    from .formats.files import write_atomic
+
+    if len(runs) > 2:
+        raise click.UsageError("give one run, or two to compare")
+    loaded = [rep.load(path) for path in runs]
+    first, second = loaded[0], loaded[-1]
+    _emit(rep.compare_text(loaded))
+    if output:
+        write_atomic(output, rep.render_html(first) if len(loaded) == 1 else rep.render_compare(first, second))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,8 @@ def test_demo_pretrains_finetunes_and_compares(tmp_path, monkeypatch):
     for strategy in ("last-fc", "top", "full"):
         folder = demo_dir / f"finetune-{strategy}"
         for name in ("train_val.prototxt", "deploy.prototxt", "solver.prototxt", "init.caffemodel",
-                     "final.caffemodel", "metrics.jsonl", "plot.png", "summary.md"):
+                     "final.caffemodel", "metrics.jsonl", "plot.png", "summary.md", "report.html",
+                     "report.json"):
             assert (folder / name).exists(), (strategy, name)
         assert "final accuracy" in (folder / "summary.md").read_text()
 

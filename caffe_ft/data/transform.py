@@ -96,25 +96,27 @@ def net_data_layer(net: Message, phase: Optional[str] = None) -> Optional[Messag
     return None
 
 
-def _input_hw(net: Message) -> Optional[Tuple[int, int]]:
-    """Height and width of a deploy net's 4-D Input, if it has one."""
+def _input_chw(net: Message) -> Optional[Tuple[int, int, int]]:
+    """Channels, height and width of a deploy net's 4-D Input, if it has one."""
     for layer in net.layer:
         if layer.type == "Input" and len(layer.input_param.shape):
             dims = list(layer.input_param.shape[0].dim)
             if len(dims) == 4:
-                return int(dims[2]), int(dims[3])
+                return int(dims[1]), int(dims[2]), int(dims[3])
     return None
 
 
 def default_transform(net: Message, phase: Optional[str] = None) -> Transform:
     """What the net's data layer (of ``phase``, see :func:`net_data_layer`)
     does; for a deploy net (Input only), a plain resize to the input's height
-    and width, which is all it tells."""
+    and width, in grey for a one-channel input, which is all it tells."""
     layer = net_data_layer(net, phase)
     if layer is not None:
         return _transform_of(layer)
-    size = _input_hw(net)
-    return Transform(new_height=size[0], new_width=size[1]) if size else Transform()
+    shape = _input_chw(net)
+    if shape is None:
+        return Transform()
+    return Transform(new_height=shape[1], new_width=shape[2], is_color=shape[0] != 1)
 
 
 def net_root_folder(net: Message, phase: Optional[str] = None) -> str:

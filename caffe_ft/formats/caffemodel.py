@@ -668,3 +668,13 @@ def upgrade_model(model: Model) -> List[str]:
         model.blobs = [model.blobs[i] if i is not None else [] for i in index_map]
         model.v0 = False
     return notes
+
+
+def save_solverstate(state: SolverState, path: str) -> None:
+    """Write a binary ``.solverstate`` as Caffe's ``SGDSolver`` does (fields in
+    number order, history blobs spliced in at field 3), atomically."""
+    if len(state.state.history):
+        raise CaffeFtError("the SolverState message holds history blobs; keep them in SolverState.history")
+    body = _serialize(state.state)
+    pieces = [_blob_pieces(blob, f"history blob {k}") for k, blob in enumerate(state.history)]
+    _write_pieces(path, _splice(body, _HISTORY, state.state.DESCRIPTOR.fields_by_number, pieces))

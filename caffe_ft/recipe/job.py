@@ -2,7 +2,9 @@
 
 OUTDIR ends up holding the rewritten prototxts, ``init.caffemodel`` (the
 pretrained trunk plus a freshly filled head), Caffe's snapshots,
-``final.caffemodel``, ``metrics.jsonl``, ``plot.png`` and ``summary.md``.
+``final.caffemodel``, ``metrics.jsonl``, ``plot.png``, ``summary.md`` and
+the run's report (``report.html``, ``report.json``: :mod:`caffe_ft.evaluation.report`),
+with the final model evaluated on the validation images.
 
 Two strategies train the head on cached features instead (:mod:`caffe_ft.heads.fit`):
 ``features`` always (scikit-learn; no solver run, no metrics), and
@@ -106,7 +108,38 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
                              time.time() - started, trained.message, tuple(trained.notes))
     _append_summary(plan, outcome)
+    try:
+        html = _write_report(schema, plan, outcome, weights,
+                             {"device": device, "seed": seed, "cached features": cached}, out)
+    except CaffeFtError as exc:  # the model is trained and saved: a report problem does not fail the job
+        out.write(f"note: no report: {exc}\n")
+    else:
+        out.write(f"report: {html}\n")
     return outcome
+
+
+def _write_report(schema: Schema, plan: RewritePlan, outcome: FinetuneResult, weights: str,
+                  options: Dict[str, Any], out: IO[str]) -> str:
+    """report.html/report.json in OUTDIR: the job's settings, curves and the final model on the validation images."""
+    from ..evaluation import report
+    from ..evaluation.runs import solver_settings, try_evaluation
+
+    train_val = os.path.join(plan.outdir, "train_val.prototxt")
+    evaluation, predictions, notes = try_evaluation(train_val, outcome.final_model, schema, out)
+    settings: Dict[str, Any] = {"pretrained weights": weights, "strategy": plan.strategy,
+                                "heads": ", ".join(f"{old} -> {new}" for old, new in plan.heads.items()), **options}
+    solver = files.load_text(os.path.join(plan.outdir, "solver.prototxt"), schema, files.SOLVER).message
+    settings.update(solver_settings(solver))
+    metrics = os.path.join(plan.outdir, METRICS)
+    status = "done" if outcome.exit_code == 0 else "interrupted" if outcome.exit_code > 128 else "failed"
+    listed = [os.path.join(plan.outdir, name) for name in sorted(os.listdir(plan.outdir))]
+    run = report.RunInfo(
+        title=os.path.basename(os.path.abspath(plan.outdir)), kind="finetune", status=status, settings=settings,
+        strategy=plan.strategy, notes=[*plan.summary, *outcome.notes, outcome.message, *notes],
+        metrics=metrics if os.path.exists(metrics) else None, timings={"rewrite, init and training": outcome.seconds},
+        files=[path for path in listed if os.path.isfile(path)],
+    )
+    return report.write(plan.outdir, report.build(run, evaluation, predictions))[0]
 
 
 def _single_head(plan: RewritePlan) -> str:
@@ -163,4 +196,5 @@ def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:
     lines.append(f"- final weights: {outcome.final_model or '(none: ' + outcome.message + ')'}")
     if os.path.exists(os.path.join(plan.outdir, METRICS)):
         lines.append(f"- metrics: {METRICS}, plot: {PLOT}")
+    lines.append("- report: report.html (report.json)")
     files.write_atomic(os.path.join(plan.outdir, "summary.md"), "\n".join(lines) + "\n")

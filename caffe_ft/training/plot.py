@@ -77,6 +77,20 @@ def is_loss(name: str) -> bool:
 
 def render(data: Curves, path: str, title: str = "") -> None:
     """Draw ``data`` to a PNG at ``path``."""
+    _save(figure(data, title), path)
+
+
+def png_bytes(data: Curves, title: str = "") -> bytes:
+    """``data`` drawn as PNG bytes (for pages that inline their images)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure(data, title).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def figure(data: Curves, title: str = "") -> Any:
+    """A matplotlib Figure (on an Agg canvas) of ``data``."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -86,9 +100,9 @@ def render(data: Curves, path: str, title: str = "") -> None:
     if not data.train[0] and not data.tests:
         raise CaffeFtError("the metrics hold no finite values to plot")
     others = [label for label in data.tests if not is_loss(label)]
-    figure = Figure(figsize=(9, 6.5 if others else 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    top = figure.add_subplot(2 if others else 1, 1, 1)
+    drawing = Figure(figsize=(9, 6.5 if others else 4.5), dpi=100)
+    FigureCanvasAgg(drawing)
+    top = drawing.add_subplot(2 if others else 1, 1, 1)
     xs, ys = data.train
     if xs:
         top.plot(xs, ys, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
@@ -105,7 +119,7 @@ def render(data: Curves, path: str, title: str = "") -> None:
     if title:
         top.set_title(title)
     if others:
-        bottom = figure.add_subplot(2, 1, 2, sharex=top)
+        bottom = drawing.add_subplot(2, 1, 2, sharex=top)
         for label in others:
             txs, tys = data.tests[label]
             bottom.plot(txs, tys, marker="o", markersize=3, linewidth=1.2, label=f"test {label}")
@@ -115,15 +129,15 @@ def render(data: Curves, path: str, title: str = "") -> None:
         bottom.set_xlabel("iteration")
     else:
         top.set_xlabel("iteration")
-    figure.tight_layout()
-    _save(figure, path)
+    drawing.tight_layout()
+    return drawing
 
 
-def _save(figure: Any, path: str) -> None:
+def _save(drawing: Any, path: str) -> None:
     from ..formats.files import atomic_output
 
     with atomic_output(path) as handle:
-        figure.savefig(handle, format="png")
+        drawing.savefig(handle, format="png")
 
 
 def plot_file(metrics: str, png: str, title: str = "") -> Curves:

@@ -38,6 +38,11 @@ class TrainOptions:
     caffe_log: bool = False
     bar: Optional[bool] = None
     proto: Optional[str] = None
+    report: Optional[str] = None  # a directory for report.html/report.json (written by the API, not the engine)
+    tensorboard: Optional[str] = None  # a directory for TensorBoard event files (idem)
+    engine: str = "pycaffe"
+    precision: str = "fp32"
+    channels_last: bool = False
 
 
 @dataclass
@@ -59,6 +64,12 @@ def resume_command(options: TrainOptions, state: str) -> str:
     if options.proto:
         words += ["--proto", options.proto]
     words += ["train", options.solver, "--resume", state]
+    if options.engine != "pycaffe":
+        words += ["--engine", options.engine]
+    if options.precision != "fp32":
+        words += ["--precision", options.precision]
+    if options.channels_last:
+        words.append("--channels-last")
     if options.device == "cpu":
         words.append("--cpu")
     elif options.device != "solver":
@@ -67,8 +78,35 @@ def resume_command(options: TrainOptions, state: str) -> str:
         words += ["--metrics", options.metrics]
     if options.plot:
         words += ["--plot", options.plot]
+    if options.report:
+        words += ["--report", options.report]
+    if options.tensorboard:
+        words += ["--tensorboard", options.tensorboard]
     if not options.snapshot_on_exit:
         words.append("--no-snapshot-on-exit")
     if options.caffe_log:
         words.append("--caffe-log")
     return " ".join(shlex.quote(word) for word in words)
+
+
+ENGINES = ("pycaffe", "torch", "auto")
+
+
+def choose_engine(engine: str, device: str) -> Tuple[str, str]:
+    """The engine that runs a ``--engine`` request on ``device``, and why.
+
+    ``auto`` takes pycaffe when it imports and, for ``--gpu``, was built with
+    CUDA; otherwise torch.  Neither import happens for an explicit choice.
+    """
+    if engine != "auto":
+        return engine, f"--engine {engine}"
+    import importlib.util
+
+    if importlib.util.find_spec("caffe") is None:
+        return "torch", "auto: pycaffe is not installed"
+    if device not in ("cpu", "solver"):
+        from .devices import gpu_support
+
+        if not gpu_support():
+            return "torch", "auto: this pycaffe was built without GPU support"
+    return "pycaffe", "auto: pycaffe runs on this device"

@@ -114,6 +114,12 @@ def test_a_deploy_net_resizes_to_its_input(parse_net):
     assert transform == Transform(new_height=feature_nets.CROP, new_width=feature_nets.CROP)
 
 
+def test_a_one_channel_deploy_net_reads_grey_images(parse_net):
+    net = parse_net('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 16 '
+                    'dim: 12 } } }')
+    assert default_transform(net) == Transform(new_height=16, new_width=12, is_color=False)
+
+
 def test_override_replaces_the_mean_kind():
     base = Transform(mean_file="mean.binaryproto", crop_size=3)
     changed = override(base, mean_values=(1.0, 2.0, 3.0), crop_size=None, scale=0.5)

@@ -1,0 +1,250 @@
+"""Batches for the torch engine's source layers, as Caffe's data layers make them.
+
+``ImageData`` reads its image list in order (shuffled per epoch with
+``shuffle: true``), wraps around at the end, decodes with OpenCV (BGR,
+``new_height``/``new_width`` resize, ``is_color``) and applies
+``transform_param`` in Caffe's order: crop (random in TRAIN, centre in TEST),
+mirror (random, TRAIN), mean (file, indexed at the uncropped position, or
+values), scale.  Random choices come from a seeded numpy generator, not
+Caffe's, so runs with them are reproducible but not Caffe's own draws.
+
+``Data`` reads an LMDB of ``Datum`` records in key order (as Caffe's
+DataReader does, wrapping around at the end), raw or encoded (OpenCV,
+``force_color``/``force_gray``), with the same transform.
+
+``Input`` tops come from the caller (:class:`Feed`); other source layers are
+refused before any work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from google.protobuf.message import Message
+
+from ...errors import CaffeFtError
+from ...formats.schema import Schema
+
+#: ``feed(pass_index)`` -> arrays for the Input tops of a net, by top name.
+Feed = Callable[[int], Mapping[str, np.ndarray]]
+
+SOURCES_WITH_DATA = ("ImageData", "Data")
+
+
+class _Transformer:
+    """Caffe's DataTransformer for one layer: crop, mirror, mean, scale, in that order."""
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, rng: np.random.Generator) -> None:
+        from ...data.transform import Transform, mean_array
+
+        t = layer.transform_param
+        self.layer, self.phase, self.rng = layer, phase, rng
+        self.crop, self.mirror, self.scale = t.crop_size, t.mirror, t.scale
+        self.mean = mean_array(Transform(mean_values=tuple(t.mean_value), mean_file=t.mean_file or None), schema)
+
+    def __call__(self, image: np.ndarray, where: str) -> np.ndarray:
+        image = image.astype(np.float32)
+        channels, height, width = image.shape
+        mean = self.mean
+        if self.crop:
+            if height < self.crop or width < self.crop:
+                raise CaffeFtError(f"an image of {height}x{width} is smaller than crop_size {self.crop}", where)
+            if self.phase == "TRAIN":
+                top = int(self.rng.integers(0, height - self.crop + 1))
+                left = int(self.rng.integers(0, width - self.crop + 1))
+            else:
+                top, left = (height - self.crop) // 2, (width - self.crop) // 2
+            image = image[:, top:top + self.crop, left:left + self.crop]
+            if mean is not None and mean.shape[1:] != (1, 1):
+                mean = mean[:, top:top + self.crop, left:left + self.crop]
+        if self.mirror and self.phase == "TRAIN" and self.rng.integers(0, 2):
+            image = image[:, :, ::-1]
+            if mean is not None and mean.shape[1:] != (1, 1):
+                mean = mean[:, :, ::-1]
+        out = image - mean if mean is not None else image
+        return np.ascontiguousarray(out * np.float32(self.scale) if self.scale != 1 else out, np.float32)
+
+
+def _batch(layer: Message, images: List[np.ndarray], labels: List[int]) -> Dict[str, np.ndarray]:
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise CaffeFtError(f"items of different sizes in one batch ({sorted(shapes)}); resize them or set "
+                           "crop_size", layer=layer.name)
+    tops = list(layer.top)
+    out = {tops[0]: np.stack(images)}
+    if len(tops) > 1:
+        out[tops[1]] = np.asarray(labels, np.float32)
+    return out
+
+
+_ENVIRONMENTS: Dict[str, Any] = {}
+
+
+class LmdbDataSource:
+    """One Data layer (LMDB backend): ``next()`` -> {data top, label top}."""
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        from ...data.transform import Transform
+
+        p = layer.data_param
+        self.rank, self.world = rank, world
+        if p.backend != p.LMDB:
+            raise CaffeFtError("the torch engine reads LMDB data only (backend: LMDB)", layer=layer.name)
+        if not p.source:
+            raise CaffeFtError("Data needs data_param.source", layer=layer.name)
+        self.layer, self.schema, self.batch = layer, schema, p.batch_size
+        self.rng = np.random.default_rng(seed)
+        self.transform = _Transformer(layer, schema, phase, np.random.default_rng(seed + rank))
+        t = layer.transform_param
+        self.decode = Transform(force_color=t.force_color, force_gray=t.force_gray)
+        try:
+            import lmdb
+        except ImportError:
+            raise CaffeFtError("reading an LMDB needs the Python 'lmdb' module: pip install lmdb",
+                               layer=layer.name) from None
+        import os
+
+        if not os.path.isdir(p.source):
+            raise CaffeFtError("no such LMDB directory", p.source)
+        where = os.path.realpath(p.source)
+        # py-lmdb opens an environment once per process; the nets' readers share it.
+        if where not in _ENVIRONMENTS:
+            _ENVIRONMENTS[where] = lmdb.open(where, readonly=True, lock=False, readahead=False)
+        self.txn = _ENVIRONMENTS[where].begin()
+        self.cursor = self.txn.cursor()
+        if not self.cursor.first():
+            raise CaffeFtError("the LMDB is empty", p.source)
+        for _ in range(int(self.rng.integers(0, p.rand_skip + 1)) if p.rand_skip else 0):
+            self._advance()
+
+    def _advance(self) -> None:
+        if not self.cursor.next():
+            self.cursor.first()
+
+    def next(self) -> Dict[str, np.ndarray]:
+        from ...data.transform import decode_datum
+
+        images, labels = [], []
+        for _ in range(self.batch):
+            # With several processes, process r takes records r, r + W, r + 2W... (Caffe's DataLayer::Skip).
+            for _ in range(self.rank):
+                self._advance()
+            key, value = self.cursor.item()
+            where = f"{self.layer.data_param.source} record '{bytes(key).decode(errors='replace')}'"
+            image, label = decode_datum(bytes(value), self.schema, self.decode)
+            images.append(self.transform(image, where))
+            labels.append(label)
+            for _ in range(self.world - self.rank):
+                self._advance()
+        return _batch(self.layer, images, labels)
+
+
+class ImageDataSource:
+    """One ImageData layer's batches: ``next()`` -> {data top: (N,C,H,W), label top: (N,)}."""
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        from ...data.sources import image_path, read_image_list
+        from ...data.transform import Transform
+
+        p = layer.image_data_param
+        self.layer, self.phase = layer, phase
+        if not p.source:
+            raise CaffeFtError("ImageData needs image_data_param.source", layer=layer.name)
+        self.entries = read_image_list(p.source)
+        self.paths = [image_path(p.root_folder, name) for name, _ in self.entries]
+        self.batch = p.batch_size
+        self.shuffle = p.shuffle
+        self.rank, self.world = rank, world
+        # The list order is the same in every process; crops and mirrors differ.
+        self.rng = np.random.default_rng(seed)
+        self.order = list(range(len(self.entries)))
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+        self.cursor = p.rand_skip and int(self.rng.integers(0, p.rand_skip + 1)) % len(self.order)
+        self.read = Transform(new_height=p.new_height, new_width=p.new_width, is_color=p.is_color)
+        self.transform = _Transformer(layer, schema, phase, np.random.default_rng(seed + 1 + rank))
+
+    def _one(self, index: int) -> np.ndarray:
+        from ...data.transform import read_image
+
+        return self.transform(read_image(self.paths[index], self.read), self.paths[index])
+
+    def next(self) -> Dict[str, np.ndarray]:
+        images, labels = [], []
+        for _ in range(self.batch):
+            for _ in range(self.rank):  # several processes: process r takes items r, r + W, ...
+                self._step()
+            index = self.order[self.cursor]
+            images.append(self._one(index))
+            labels.append(self.entries[index][1])
+            for _ in range(self.world - self.rank):
+                self._step()
+        return _batch(self.layer, images, labels)
+
+    def _step(self) -> None:
+        self.cursor += 1
+        if self.cursor == len(self.order):
+            self.cursor = 0
+            if self.shuffle:
+                self.rng.shuffle(self.order)
+
+
+class NetFeeder:
+    """Every source layer of one net, read together: ``next()`` gives one pass's inputs."""
+
+    def __init__(self, sources: Sequence[Message], schema: Schema, phase: str, feed: Optional[Feed] = None,
+                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        self.readers: List[Any] = []
+        self.inputs: List[str] = []
+        self.feed = feed
+        self.passes = 0
+        for layer in sources:
+            if layer.type == "ImageData":
+                self.readers.append(ImageDataSource(layer, schema, phase, seed, rank, world))
+            elif layer.type == "Data":
+                self.readers.append(LmdbDataSource(layer, schema, phase, seed, rank, world))
+            elif layer.type == "Input":
+                self.inputs.extend(layer.top)
+            else:
+                raise CaffeFtError(f"the torch engine cannot read '{layer.type}' data yet (ImageData, Data "
+                                   "(LMDB) and Input only)", layer=layer.name)
+        if self.inputs and feed is None:
+            raise CaffeFtError(f"the net reads its data from Input layers ({', '.join(self.inputs)}), "
+                               "which only a caller can feed; train with a data layer (ImageData)")
+
+    def next(self) -> Dict[str, np.ndarray]:
+        out: Dict[str, np.ndarray] = {}
+        for reader in self.readers:
+            out.update(reader.next())
+        if self.feed is not None:
+            out.update(self.feed(self.passes))
+        self.passes += 1
+        return out
+
+    def skip(self, passes: int) -> None:
+        """Read and drop ``passes`` batches (a resumed run reads on where the first one was)."""
+        for _ in range(passes):
+            for reader in self.readers:
+                reader.next()
+        self.passes += passes
+
+
+def input_shapes(sources: Sequence[Message], schema: Schema, phase: str) -> Dict[str, Tuple[int, ...]]:
+    """Top shapes of ImageData and Data layers whose size only the data tell (first item's)."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for layer in sources:
+        if layer.type == "Data":
+            reader = LmdbDataSource(layer, schema, phase)
+            reader.batch = 1
+            item = reader.next()[layer.top[0]]
+            shapes[layer.top[0]] = (layer.data_param.batch_size, *item.shape[1:])
+            continue
+        if layer.type == "ImageData" and not layer.transform_param.crop_size and not layer.image_data_param.new_height:
+            first = ImageDataSource(layer, schema, phase)
+            first.batch = 1
+            image = first.next()[layer.top[0]]
+            shapes[layer.top[0]] = (layer.image_data_param.batch_size, *image.shape[1:])
+    return shapes
