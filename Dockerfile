@@ -21,10 +21,17 @@
 #   `caffe train`); the base image, its apt step, pycaffe on Python 3.12 and
 #   the architectures other than sm_90 are unverified.
 
-FROM debian:bullseye AS cpu
+# Each image is a *-base stage (Caffe or torch: slow, changes rarely) and a
+# last stage that installs caffe-ft on it. The last stage starts from the
+# base stage by default; scripts/build-image (buildah) builds and tags the base
+# once per content of the Dockerfile and scripts/, and passes it here, so a
+# change of caffe-ft's sources rebuilds the last stage alone.
+ARG CPU_BASE=cpu-base
+ARG GPU_BASE=gpu-base
+ARG TORCH_GPU_BASE=torch-gpu-base
 
-# Settings first: every step after the big Caffe layer costs a copy of the
-# whole image with buildah's vfs driver, so only caffe-ft's install follows it.
+FROM debian:bullseye AS cpu-base
+
 # Quieten Caffe's glog INFO/WARNING output, as scripts/caffe-env does.
 ENV GLOG_minloglevel=2
 ENTRYPOINT ["caffe-ft"]
@@ -41,10 +48,10 @@ RUN --mount=type=secret,id=host-ca,target=/run/host-ca.crt \
     && bash /usr/local/share/caffe-ft/apt-archive-fallback.sh \
     && bash /usr/local/share/caffe-ft/install-caffe-debian.sh
 
-# caffe-ft itself (COPY, not a bind mount: buildah's layer cache sees a
-# COPY's content, not a mount's). Bullseye's pip 20.3 needs a setup.py or
-# pyproject.toml to build from; a setup.cfg-only tree gets a shim, as in
-# scripts/caffe-env.
+
+FROM ${CPU_BASE} AS cpu
+# caffe-ft itself. Bullseye's pip 20.3 needs a setup.py or pyproject.toml to
+# build from; a setup.cfg-only tree gets a shim, as in scripts/caffe-env.
 COPY . /opt/caffe-ft-src
 RUN cd /opt/caffe-ft-src \
     && { [ -e setup.py ] || [ -e pyproject.toml ] \
@@ -58,7 +65,7 @@ RUN cd /opt/caffe-ft-src \
 # what was and was not checked). Compiling for all the architectures below
 # takes long (roughly half an hour to an hour on 8 cores); build for your GPUs
 # only with e.g. --build-arg CUDA_ARCH_BIN="86" --build-arg CUDA_ARCH_PTX="86".
-FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS gpu
+FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS gpu-base
 
 # Machine code for Pascal (60, 61), Volta (70), Turing (75), Ampere (80, 86),
 # Ada (89), Hopper (90) and Blackwell (100, 120); PTX of 120 lets the driver
@@ -87,6 +94,8 @@ ENV PATH=/opt/caffe/bin:$PATH \
     CAFFE_FT_CAFFE_CUDA_ARCHS="$CUDA_ARCH_BIN;$CUDA_ARCH_PTX" \
     CAFFE_FT_ENGINE=pycaffe
 
+
+FROM ${GPU_BASE} AS gpu
 COPY . /opt/caffe-ft-src
 # Ubuntu 24.04's Python is "externally managed": pip needs to be told that
 # installing caffe-ft beside the apt packages is intended. Build-only checks
@@ -107,7 +116,7 @@ ENTRYPOINT ["caffe-ft-start"]
 # for Linux x86-64 carry CUDA, cuDNN and NCCL, so a plain Debian base does: the
 # host needs the NVIDIA driver and the NVIDIA Container Toolkit. TORCH_SPEC
 # picks the wheel (e.g. torch==2.13.0+cpu from a PIP_FIND_LINKS folder).
-FROM debian:bookworm AS torch-gpu
+FROM debian:bookworm AS torch-gpu-base
 
 # Settings before the big layers (see the cpu target).
 ENV PATH=/opt/caffe-ft/bin:$PATH \
@@ -119,12 +128,18 @@ ARG PIP_FIND_LINKS
 ARG PIP_DEFAULT_TIMEOUT
 ARG TORCH_SPEC=torch
 
-# Python and torch first: this layer stays when only caffe-ft's sources change.
+# Python and torch in the base stage.
 COPY scripts/install-torch-debian.sh /usr/local/share/caffe-ft/
 RUN --mount=type=secret,id=host-ca,target=/run/host-ca.crt \
     if [ -s /run/host-ca.crt ]; then export PIP_CERT=/run/host-ca.crt; fi \
     && bash /usr/local/share/caffe-ft/install-torch-debian.sh --torch "$TORCH_SPEC"
 
+
+FROM ${TORCH_GPU_BASE} AS torch-gpu
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_DEFAULT_TIMEOUT
+ARG TORCH_SPEC=torch
 COPY . /opt/caffe-ft-src
 RUN --mount=type=secret,id=host-ca,target=/run/host-ca.crt \
     if [ -s /run/host-ca.crt ]; then export PIP_CERT=/run/host-ca.crt; fi \
