@@ -1,7 +1,7 @@
 """The CPU image, built and run: scripts/build-image makes it (buildah here, no
-Docker daemon needed; the debootstrapped base and the layers are cached under
-/var/cache/caffe-ft/images, so only a change of the sources rebuilds, and only
-caffe-ft's layer), then scripts/run-image runs the bundled digits demo in it --
+Docker daemon needed; the debootstrapped Debian base and the Caffe stage are
+cached under /var/cache/caffe-ft/images, so a change of caffe-ft's sources
+rebuilds only the stage that installs caffe-ft), then scripts/run-image runs the bundled digits demo in it --
 pretraining and three real fine-tuning jobs in Caffe -- on a mounted folder,
 as a non-root user. The outputs are checked from the host: where they are, who
 owns them, and that the paths in them are the host's paths.
