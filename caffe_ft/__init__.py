@@ -1,7 +1,7 @@
 """caffe-ft: fine-tune Caffe models with deterministic, reviewable rewrites.
 
 The library API is :mod:`caffe_ft.api` (``caffe_ft.rewrite``, ``caffe_ft.finetune``,
-``caffe_ft.check``, ``caffe_ft.init``, ``caffe_ft.train``, ``caffe_ft.evaluate``), loaded on first use so
+``caffe_ft.check``, ``caffe_ft.init``, ``caffe_ft.train``, ``caffe_ft.evaluate``, ``caffe_ft.export_onnx``), loaded on first use so
 that ``import caffe_ft`` stays cheap.  The packages follow the pipeline:
 ``formats`` (Caffe files) < ``net`` (questions about a net) < ``data`` (inputs)
 < ``training`` (engines) < ``heads`` / ``export`` < ``evaluation`` (metrics, reports)
@@ -45,7 +45,7 @@ def _import_protobuf_without_pkg_resources() -> None:
 
 _import_protobuf_without_pkg_resources()
 
-_API = ("check", "evaluate", "finetune", "init", "rewrite", "train")
+_API = ("check", "evaluate", "export_onnx", "finetune", "init", "rewrite", "train")
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,9 @@ from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
 from .formats.schema import Schema, load_schema
 
 if TYPE_CHECKING:
+    import onnx
+
+    from .export.to_onnx import ExportOptions
     from .evaluation.metrics import Evaluation
     from .recipe.job import FinetuneResult
     from .recipe.rewrite import RewritePlan
@@ -76,16 +79,21 @@ def check(net_path: str, weights: str, *, phase: str = "TRAIN", input_shapes: Op
 
 
 def init(net_path: str, weights: str, output: str, *, seed: int = 0, phase: str = "TRAIN",
-         input_shapes: Optional[InputShapes] = None, schema: Optional[Schema] = None) -> "CheckReport":
+         input_shapes: Optional[InputShapes] = None, schema: Optional[Schema] = None,
+         force: bool = False) -> "CheckReport":
     """Write the caffemodel the net starts from (``weights``' blobs where they fit,
-    Caffe's fillers elsewhere) to ``output``; returns the check it rests on."""
+    Caffe's fillers elsewhere) to ``output``; returns the check it rests on.
+    ``output`` is never one of the inputs; an existing one is replaced only with ``force``."""
     import os
 
     from .formats.caffemodel import save_model
     from .net import weights as wt
 
-    if os.path.exists(output) and os.path.exists(weights) and os.path.samefile(output, weights):
+    from .formats.files import check_output, same_file
+
+    if os.path.exists(output) and same_file(output, weights):
         raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
+    check_output(output, [net_path, weights], force)  # never an input; an existing file only with force
     schema = schema or load_schema()
     net, model = load_net_and_model(net_path, weights, schema)
     try:
@@ -102,12 +110,14 @@ def check_rewrite(plan: "RewritePlan", weights: str, schema: Schema, input_shape
     """Print what Caffe will copy from ``weights`` into the rewritten net; raise if it would abort."""
     from .formats import files, prototext
     from .formats.caffemodel import load_model
-    from .net.weights import check as check_net, format_check
+    from .net.weights import check as check_net, format_check, with_new_heads
 
     name = "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt"
     text = plan.files[name][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8"), name), schema.new(files.NET), name)
-    report = check_net(net, load_model(weights, schema), input_shapes=input_shapes or None)
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), name),
+                               schema.new(files.NET), name)
+    report = with_new_heads(check_net(net, load_model(weights, schema), input_shapes=input_shapes or None),
+                            {new: old for old, new in plan.heads.items()})
     _printer(out)(format_check(report))
     if not report.ok:
         raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
@@ -124,9 +134,9 @@ def rewrite(net_path: str, options: RewriteOptions, *, weights: Optional[str] = 
     schema = schema or load_schema()
     plan = plan_rewrite(schema, net_path, options, weights, _printer(out))
     if weights:
-        check_rewrite(plan, weights, schema, options.input_shapes, out)
+        check_rewrite(plan, weights, schema, options.input_shapes or plan.input_shapes, out)
     if write:
-        write_plan(plan, force=force)
+        write_plan(plan, force=force, inputs=[weights, options.data.train, options.data.val, options.data.mean_file])
     return plan
 
 
@@ -140,7 +150,37 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     schema = schema or load_schema()
     plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out))
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
-                   input_shapes=options.rewrite.input_shapes or None, cached=options.cached, out=out)
+                   input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
+                   resume=options.resume, keep_best=options.keep_best, patience=options.patience,
+                   export_onnx=options.export_onnx,
+                   out=out)
+
+def export_onnx(net_path: str, weights: Optional[str], output: str, options: "ExportOptions", *,
+                force: bool = False, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "onnx.ModelProto":
+    """Write the net (a deploy net, or the deploy net derived from a train_val)
+    and ``weights`` to ``output`` as an ONNX model; nothing is written when a
+    layer has no faithful ONNX equivalent.  ``output`` is never one of the
+    inputs; an existing one is replaced only with ``force``."""
+    from .export import to_onnx
+    from .recipe.rewrite import is_deploy, to_deploy
+    from .formats import files
+    from .formats.caffemodel import load_model
+    from .net.graph import find_heads
+
+    files.check_output(output, [net_path, weights], force)
+    schema = schema or load_schema()
+    net = current_net(files.load_text(net_path, schema, files.NET).message, net_path)
+    model = load_model(weights, schema) if weights else None
+    try:
+        if not is_deploy(net):
+            shapes = {name: tuple(shape) for name, shape in options.input_shapes.items()}
+            net = to_deploy(schema, net, find_heads(net).heads, input_shapes=shapes)
+            out.write(f"{net_path}: not a deploy net: exporting the deploy net derived from it\n")
+        result = to_onnx.export(net, model, options, to_onnx.source_metadata(net_path, weights, options))
+    except CaffeFtError as exc:
+        raise exc.located(net_path) from None
+    files.write_atomic(output, to_onnx.serialize(result))
+    return result
 
 
 def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "TrainResult":
@@ -153,6 +193,8 @@ def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[s
     import os
     import time
 
+    from .training.run import absolute_options, resume_command, run_folder, working_directory
+
     if options.engine == "torch":
         from .training.torch import require_torch
 
@@ -164,15 +206,36 @@ def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[s
     if options.report and not options.metrics:
         raise CaffeFtError("a training report needs a metrics file (give --metrics)")
     if options.tensorboard:
-        from .training.tensorboard import require_writer, write_events
+        from .training.tensorboard import require_writer
 
         if not options.metrics:
             raise CaffeFtError("--tensorboard needs a metrics file (give --metrics)")
         require_writer()
     schema = schema or load_schema(options.proto)
     started = time.monotonic()
+    # A caffe-ft output folder names its nets and data from itself: the run works there (see run_folder).
+    folder = run_folder(options.solver, schema)
+    if folder is None:
+        return _train_and_report(run_training, options, schema, out, started)
+    _printer(out)(f"working in {os.path.dirname(options.solver) or '.'} (the solver names its nets from there)")
+    moved = absolute_options(options)  # before moving: the paths are the caller's
+    with working_directory(folder):
+        result = _train_and_report(run_training, moved, schema, out, started)
+    if result.resume_command and result.snapshot:
+        result.resume_command = resume_command(options, os.path.relpath(result.snapshot[1]))
+    return result
+
+
+def _train_and_report(run_training: Any, options: "TrainOptions", schema: Schema, out: IO[str],
+                      started: float) -> "TrainResult":
+    import os
+    import time
+
+    """The engine's run, then the TensorBoard events and the report ``options`` ask for."""
     result = run_training(options, schema, out)
     if options.tensorboard and options.metrics and os.path.exists(options.metrics):
+        from .training.tensorboard import write_events
+
         count = write_events(options.metrics, options.tensorboard)
         out.write(f"tensorboard: {count} scalars in {options.tensorboard}\n")
     if options.report:
@@ -208,4 +271,4 @@ def evaluate(net_path: str, weights: str, data: str, *, top_k: Sequence[int] = (
     return result
 
 
-__all__ = ["check", "evaluate", "finetune", "init", "rewrite", "train"]
+__all__ = ["check", "evaluate", "export_onnx", "finetune", "init", "rewrite", "train"]

@@ -21,7 +21,27 @@ from .formats.schema import PROTO_ENV, Schema, load_schema
 
 
 class _Group(click.Group):
-    """Turns caffe-ft errors into a one-line message and exit status 2."""
+    """Turns caffe-ft errors, and click's own usage errors, into one line
+    (``caffe-ft: error: ...``) and exit status 2."""
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = " ".join(["caffe-ft", *(exc.ctx.command_path.split()[1:] if exc.ctx is not None else [])])
+            message = " ".join(exc.format_message().split())  # one line, whatever click's layout
+            click.echo(f"caffe-ft: error: {message} (see '{where} --help')", err=True)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            click.echo(f"caffe-ft: error: {exc.format_message()}", err=True)
+            code = exc.exit_code
+        except click.Abort:
+            click.echo("caffe-ft: aborted", err=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -31,6 +51,34 @@ class _Group(click.Group):
             ctx.exit(2)
         except BrokenPipeError:
             ctx.exit(1)
+
+
+class _Number(click.ParamType):
+    """A finite float, optionally above a bound: inf, nan and out-of-range values
+    are refused at the edge with a one-line error (Caffe would read them, and
+    train on garbage)."""
+
+    name = "number"
+
+    def __init__(self, above: Optional[float] = None, at_least: Optional[float] = None) -> None:
+        self.above, self.at_least = above, at_least
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        option = param.opts[0] if param is not None and param.opts else "value"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise CaffeFtError(f"{option}: {value!r} is not a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise CaffeFtError(f"{option}: {value!r} is not a finite number")
+        if self.above is not None and not number > self.above:
+            raise CaffeFtError(f"{option}: {value!r} must be greater than {self.above:g}")
+        if self.at_least is not None and not number >= self.at_least:
+            raise CaffeFtError(f"{option}: {value!r} must be at least {self.at_least:g}")
+        return number
+
+
+_FINITE, _POSITIVE, _NON_NEGATIVE = _Number(), _Number(above=0), _Number(at_least=0)
 
 
 def _schema(ctx: click.Context) -> Schema:
@@ -52,8 +100,22 @@ def main(ctx: click.Context, proto: Optional[str]) -> None:
     ctx.obj["proto"] = proto
 
 
+def _json(value: Any) -> str:
+    """``value`` as JSON (indented, one trailing newline); non-finite numbers,
+    which JSON cannot hold, become the strings "nan", "inf" and "-inf"."""
+    from .net.report import json_safe
+
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
 def _emit(text: str) -> None:
-    sys.stdout.write(text)
+    """Print ``text``; bytes of the input that are not UTF-8 (in comments and
+    strings, kept as surrogates) go out as they came in."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
     sys.stdout.flush()
 
 
@@ -77,7 +139,7 @@ def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> No
     for path in files:
         parsed = load_text(path, schema)
         results.append((path, parsed.data, format_text(parsed)))
-    changed = [path for path, data, text in results if text.encode("utf-8") != data]
+    changed = [path for path, data, text in results if text.encode("utf-8", "surrogateescape") != data]
     if check:
         for path in changed:
             click.echo(f"would reformat {path}")
@@ -94,8 +156,9 @@ def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> No
 @click.argument("file", metavar="FILE")
 @click.option("-o", "--output", metavar="OUT", help="Where to write (default: print text to stdout).")
 @click.option("--in-place", "in_place", is_flag=True, help="Overwrite FILE with the upgraded version.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @click.pass_context
-def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool) -> None:
+def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool, force: bool) -> None:
     """Upgrade a legacy net, solver or caffemodel to the current format.
 
     Does what Caffe's upgrade_net_proto_text / upgrade_solver_proto_text do
@@ -108,6 +171,8 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
     target = file if in_place else output
     if target is not None and not in_place and _same_file(target, file):
         raise CaffeFtError("-o names the input file; use --in-place to overwrite it", file)
+    if target is not None and not in_place:
+        files.check_output(target, [file, ctx.obj.get("proto")], force)
     schema = _schema(ctx)
     data = files.read_bytes(file)
     if files.is_binary(data):
@@ -132,9 +197,18 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
 
 
 def _same_file(a: str, b: str) -> bool:
-    import os
+    from .formats.files import same_file
 
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    return same_file(a, b)
+
+
+def _check_output(ctx: click.Context, target: Optional[str], inputs: List[Optional[str]], force: bool = False,
+                  option: str = "-o") -> None:
+    """The output policy for one file: never an input (nor --proto), existing only with --force."""
+    from .formats.files import check_output
+
+    if target is not None:
+        check_output(target, [*inputs, ctx.obj.get("proto")], force, option)
 
 
 def _input_shapes(values: Any) -> Dict[str, Tuple[int, ...]]:
@@ -145,16 +219,16 @@ def _input_shapes(values: Any) -> Dict[str, Tuple[int, ...]]:
         try:
             shapes[name] = tuple(int(dim) for dim in dims.split(","))
         except ValueError:
-            raise click.BadParameter(f"expected NAME=N,C,H,W, got {value!r}", param_hint="--input-shape") from None
+            raise click.BadParameter(f"expected TOP=N,C,H,W, got {value!r}", param_hint="--input-shape") from None
         if not name or not shapes[name]:
-            raise click.BadParameter(f"expected NAME=N,C,H,W, got {value!r}", param_hint="--input-shape")
+            raise click.BadParameter(f"expected TOP=N,C,H,W, got {value!r}", param_hint="--input-shape")
     return shapes
 
 
 @main.command()
 @click.argument("file", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="TOP=N,C,H,W",
               help="Shape of a data layer's top when its parameters do not tell (repeatable).")
 @click.pass_context
 def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> None:
@@ -165,7 +239,7 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     and classifier head(s).  A solver: every setting, defaults shown.  A
     caffemodel: layers, blob shapes, parameter counts and size.  A mean file
     (.binaryproto): its shape and per-channel means.  A .solverstate: the
-    iteration and the history blobs.
+    iteration and the history blobs.  An .onnx model: inputs, outputs, opset, size.
     """
     from .formats import files
     from .net import report
@@ -173,7 +247,11 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     schema = _schema(ctx)
     data = files.read_bytes(file)
     format_info: Callable[[Any], str]
-    if file.endswith(".binaryproto"):
+    if file.endswith(".onnx"):
+        from .export import onnx_info
+
+        info, format_info = onnx_info.describe_onnx(file), onnx_info.format_onnx
+    elif file.endswith(".binaryproto"):
         from .formats.caffemodel import load_blob
 
         info, format_info = report.describe_blob(load_blob(file, schema)), report.format_blob
@@ -195,7 +273,7 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
             net = current_net(parsed.message, file)
             info, format_info = report.describe_net(net, _input_shapes(input_shapes)), report.format_net
     if as_json:
-        _emit(json.dumps(info, indent=2, sort_keys=False) + "\n")
+        _emit(_json(info))
     else:
         _emit(format_info(info))
 
@@ -204,12 +282,17 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
     """The options ``rewrite`` and ``finetune`` share: strategy, head, data, solver."""
     strategy_help = ("What trains: only the classifier head(s), the top of the net, or all of it; "
                      "features: last-fc's net, whose head finetune fits with scikit-learn on cached features; "
+                     "lp-ft: fit the head on cached features (a linear probe), then fine-tune (--then) from it; "
                      "auto picks by data set size and similarity.")
     options = [
-        click.option("--strategy", required=strategy_default is None, default=strategy_default,
-                     show_default=strategy_default is not None,
-                     type=click.Choice(["last-fc", "top", "full", "features", "auto"]), help=strategy_help),
-        click.option("--num-classes", type=click.IntRange(min=1), required=True, help="Classes of the new task."),
+        click.option("--strategy", type=click.Choice(["last-fc", "top", "full", "features", "lp-ft", "auto"]),
+                     help=strategy_help,
+                     # click 8.3+ takes an explicit default=None as a default that satisfies required
+                     **({"required": True} if strategy_default is None
+                        else {"default": strategy_default, "show_default": True})),
+        click.option("--num-classes", type=click.IntRange(min=2),
+                     help="Classes of the new task (default: the labels of --train-data, 0..K-1; "
+                          "without data the heads keep their num_output)."),
         click.option("--solver", "solver_path", metavar="SOLVER", help="Solver to rewrite (learning rate, steps, paths)."),
         click.option("--deploy", "deploy_path", metavar="DEPLOY",
                      help="The matching deploy net, rewritten alongside (default: derived from NET)."),
@@ -217,11 +300,20 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--head", "heads", multiple=True, metavar="LAYER",
                      help="Classifier head layer (repeatable; default: detected)."),
         click.option("--new-name", metavar="NAME", help="New name of the (single) head (default: OLD_ft)."),
-        click.option("--head-lr-mult", type=float, default=10.0, show_default=True,
+        click.option("--head-lr-mult", type=_NON_NEGATIVE, default=10.0, show_default=True,
                      help="lr_mult of the new head's weights; its bias gets twice this."),
-        click.option("--frozen-lr-mult", type=float, default=0.0, show_default=True,
+        click.option("--frozen-lr-mult", type=_NON_NEGATIVE, default=0.0, show_default=True,
                      help="lr_mult of frozen layers (e.g. 0.001 for 'very low' instead of frozen)."),
         click.option("--freeze-until", metavar="LAYER", help="top: freeze this layer and all before it."),
+        click.option("--then", type=click.Choice(["full", "top"]), default="full", show_default=True,
+                     help="lp-ft: how the net is fine-tuned after the probe (top needs --train-last or "
+                          "--freeze-until)."),
+        click.option("--class-weights", metavar="auto|FILE",
+                     help="Weight each class's loss: auto (N / (K n_k) from --train-data's labels) or a file with "
+                          "one weight per line; an InfogainLoss with a diagonal H (class_weights.binaryproto)."),
+        click.option("--layer-decay", type=_POSITIVE, metavar="F",
+                     help="Layer-wise lr decay: each training layer (a residual/inception block) below the heads "
+                          "learns F times as fast as the one above; frozen layers stay frozen."),
         click.option("--train-last", type=click.IntRange(min=1), metavar="K", help="top: train the last K learnable layers."),
         click.option("--dataset-size", type=click.IntRange(min=1), metavar="N",
                      help="auto: training examples (default: lines of --train-data)."),
@@ -235,18 +327,23 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--crop-size", type=click.IntRange(min=1), help="Crop size (default: the net's input size)."),
         click.option("--resize", type=click.IntRange(min=1),
                      help="ImageData: resize images to this square size before cropping."),
-        click.option("--mean-value", "mean_values", type=float, multiple=True,
+        click.option("--mean-value", "mean_values", type=_FINITE, multiple=True,
                      help="Per-channel mean (repeat per channel)."),
         click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
-        click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction."),
+        click.option("--scale", type=_POSITIVE, help="Multiply pixels by this after mean subtraction."),
         click.option("--mirror/--no-mirror", default=None, help="Random horizontal flips while training."),
         click.option("--root-folder", metavar="DIR", help="ImageData: directory the image list's paths are relative to."),
-        click.option("--lr-scale", type=float, default=0.1, show_default=True, help="base_lr is multiplied by this."),
-        click.option("--step-scale", type=float, default=0.2, show_default=True,
-                     help="stepsize/stepvalue/max_iter are multiplied by this."),
-        click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of scaling)."),
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W",
-                     help="With --weights: shape of a data layer's top when its parameters do not tell."),
+        click.option("--lr-scale", type=_POSITIVE, default=0.1, show_default=True, help="base_lr is multiplied by this."),
+        click.option("--step-scale", type=_POSITIVE, default=0.2, show_default=True,
+                     help="Without --train-data (run length unknown): stepsize/stepvalue/max_iter are multiplied by this."),
+        click.option("--max-iter", type=click.IntRange(min=1), help="max_iter of the new solver (instead of epochs)."),
+        click.option("--epochs", type=click.IntRange(min=1), metavar="N",
+                     help="Passes over --train-data the run makes (default: by strategy and data set size)."),
+        click.option("--gray/--color", "gray", default=None,
+                     help="Grey (1-channel) or colour (3-channel) input (default: the net's, else the data's)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="TOP=N,C,H,W",
+                     help="Shape of a data layer's top when neither its parameters nor its data tell "
+                          "(the deploy net's input; with --weights, the check's); repeatable."),
     ]
 
     def decorate(command: Any) -> Any:
@@ -266,19 +363,22 @@ def _options_of(params: Dict[str, Any]) -> Any:
     head = StrategyOptions(
         num_classes=params["num_classes"], heads=tuple(params["heads"]), new_name=params["new_name"],
         head_lr_mult=params["head_lr_mult"], frozen_lr_mult=params["frozen_lr_mult"],
-        freeze_until=params["freeze_until"], train_last=params["train_last"],
+        freeze_until=params["freeze_until"], train_last=params["train_last"], layer_decay=params["layer_decay"],
     )
     data = DataOptions(
         train=params["train_data"], val=params["val_data"], batch_size=params["batch_size"],
         val_batch_size=params["val_batch_size"], crop_size=params["crop_size"], resize=params["resize"],
         mean_values=tuple(params["mean_values"]), mean_file=params["mean_file"], scale=params["scale"],
         mirror=params["mirror"], root_folder=params["root_folder"],
+        channels=None if params["gray"] is None else (1 if params["gray"] else 3),
     )
-    solver = SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"])
+    solver = SolverOptions(lr_scale=params["lr_scale"], step_scale=params["step_scale"], max_iter=params["max_iter"],
+                           epochs=params["epochs"])
     return RewriteOptions(
         head, strategy=params["strategy"], data=data, solver=solver, solver_path=params["solver_path"],
         deploy_path=params["deploy_path"], outdir=params["outdir"], dataset_size=params["dataset_size"],
         similarity=params["similarity"], input_shapes=_input_shapes(params["input_shapes"]),
+        class_weights=params["class_weights"], then=params["then"],
     )
 
 
@@ -299,7 +399,7 @@ def _usage_errors(call: Callable[[], Any]) -> Any:
               help="Pretrained caffemodel: check which weights the new net copies, and refuse a net Caffe would reject.")
 @click.option("--diff", "show_diff", is_flag=True, help="Print the changes as a unified diff.")
 @click.option("--dry-run", is_flag=True, help="Write nothing.")
-@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (inputs included).")
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR (never an input).")
 @click.pass_context
 def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff: bool, dry_run: bool, force: bool,
             **params: Any) -> None:
@@ -318,7 +418,7 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
         _emit(unified_diff(result))
     if dry_run:
         return
-    write_plan(result, force=force)
+    write_plan(result, force=force, inputs=_plan_inputs(ctx, weights, params))
     _emit(summary_text(result))
 
 
@@ -333,14 +433,24 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
 @click.option("--cached-features/--no-cached-features", "cached", default=True, show_default=True,
               help="last-fc: train the head on cached features when that gives what pycaffe would "
                    "(deterministic input, SGD); off: always train with pycaffe.")
+@click.option("--resume", metavar="STATE", help="Continue a stopped job from its .solverstate (the command it "
+              "printed when stopped).")
+@click.option("--keep-best", "keep_best", metavar="OUTPUT",
+              help="Write best.caffemodel at each test where this output of the first test net is the best yet "
+                   "(accuracy is maximised, an output named *loss* minimised).")
+@click.option("--patience", type=click.IntRange(min=1), metavar="N",
+              help="With --keep-best: stop after N tests in a row without a better value.")
+@click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
+              "checked against pycaffe.")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
-             force: bool, cached: bool, **params: Any) -> None:
+             force: bool, cached: bool, resume: Optional[str], keep_best: Optional[str], patience: Optional[int],
+             export_onnx: bool, **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
     final.caffemodel, metrics.jsonl, plot.png and report.md (final accuracy,
-    time).  --strategy features fits the head with scikit-learn on features
+    time); with --export-onnx also final.onnx.  --strategy features fits the head with scikit-learn on features
     the trunk computes once (features-train.npz, features-val.npz, reused
     while up to date); last-fc does the solver's SGD on such features when
     the input is deterministic, and says so.
@@ -351,11 +461,36 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
-    options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached)
+    options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
+                              resume=resume, keep_best=keep_best, patience=patience, export_onnx=export_onnx)
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
-    _emit(f"{outcome.outdir}: {outcome.message}; {results or 'no test outputs'}; {outcome.seconds:.1f} s\n")
+    tested = "the final weights' test" if outcome.final_model else "the last test"
+    _emit(f"{outcome.outdir}: {outcome.message}; {tested}: {results or 'no test outputs'}; "
+          f"{outcome.seconds:.1f} s\n")
+    if outcome.resume_state:
+        click.echo(f"resume with: {_resume_command(outcome.resume_state)}", err=True)
     ctx.exit(outcome.exit_code)
+
+
+def _plan_inputs(ctx: click.Context, weights: Optional[str], params: Dict[str, Any]) -> List[Optional[str]]:
+    """Files a rewrite reads besides the nets: none of them may be overwritten."""
+    return [weights, params.get("train_data"), params.get("val_data"), params.get("mean_file"), ctx.obj.get("proto")]
+
+
+def _resume_command(state: str) -> str:
+    """This very command line, continuing from ``state`` (an earlier --resume replaced)."""
+    import shlex
+
+    words, skip = [], False
+    for word in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = True
+        elif not word.startswith("--resume="):
+            words.append(word)
+    return " ".join(shlex.quote(word) for word in ["caffe-ft", *words, "--resume", state])
 
 
 @main.command()
@@ -376,7 +511,7 @@ def diff(ctx: click.Context, file_a: str, file_b: str, as_json: bool) -> None:
     schema = _schema(ctx)
     changes = diff.diff_files(files.load_text(file_a, schema), files.load_text(file_b, schema))
     if as_json:
-        _emit(json.dumps(diff.to_json(changes), indent=2) + "\n")
+        _emit(_json(diff.to_json(changes)))
     else:
         _emit(diff.format_changes(changes))
     ctx.exit(1 if changes else 0)
@@ -405,8 +540,8 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
 
     report = api.check(net_path, weights, phase=phase, input_shapes=_input_shapes(input_shapes),
                        schema=_schema(ctx))
-    _emit(json.dumps(report.to_dict(), indent=2) + "\n" if as_json else format_check(report))
-    ctx.exit(0 if report.ok else 1)
+    _emit(_json(report.to_dict()) if as_json else format_check(report))
+    ctx.exit(0 if report.usable else 1)
 
 
 @main.command()
@@ -414,10 +549,12 @@ def check(ctx: click.Context, net_path: str, weights: str, as_json: bool, phase:
 @click.option("--weights", required=True, metavar="MODEL", help="The pretrained caffemodel.")
 @click.option("-o", "--output", required=True, metavar="OUT", help="The caffemodel to write (never MODEL).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh layers' random values.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @_PHASE
 @_INPUT_SHAPE
 @click.pass_context
-def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int, phase: str, input_shapes: Any) -> None:
+def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int, force: bool, phase: str,
+         input_shapes: Any) -> None:
     """Write the caffemodel NET starts from: MODEL's blobs where they fit, fillers elsewhere.
 
     Refuses when Caffe would abort (run `caffe-ft check` to see why).
@@ -425,13 +562,43 @@ def init(ctx: click.Context, net_path: str, weights: str, output: str, seed: int
     from . import api
     from .net import weights as wt
 
+    _check_output(ctx, output, [net_path, weights], force)  # --proto too
     report = api.init(net_path, weights, output, seed=seed, phase=phase, input_shapes=_input_shapes(input_shapes),
-                      schema=_schema(ctx))
+                      schema=_schema(ctx), force=force)
     for layer in report.by_status(wt.FRESH):
         if layer.likely_typo:
             click.echo(f"warning: layer '{layer.name}' starts fresh: {layer.reason}", err=True)
     copied, fresh = (len(report.by_status(status)) for status in (wt.COPIED, wt.FRESH))
     _emit(f"wrote {output}: {copied} layers copied, {fresh} filled fresh (seed {seed})\n")
+
+
+@main.command()
+@click.argument("net_path", metavar="NET")
+@click.option("--weights", metavar="MODEL", help="The net's caffemodel (needed when it has learnable layers).")
+@click.option("-o", "--output", required=True, metavar="OUT.onnx", help="The ONNX model to write.")
+@click.option("--opset", type=click.IntRange(min=13), default=13, show_default=True, help="ONNX opset to target.")
+@_INPUT_SHAPE
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
+              help="Leave the batch axis symbolic (N), or fix it at the net's batch size.")
+@click.option("--softmax/--logits", default=None,
+              help="Add a Softmax to each score output, or strip the output Softmax (default: as the net says).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.onnx if it exists.")
+@click.pass_context
+def export(ctx: click.Context, net_path: str, weights: Optional[str], output: str, opset: int, input_shapes: Any,
+           dynamic_batch: bool, softmax: Optional[bool], force: bool) -> None:
+    """Write NET and its weights as an ONNX model that computes what Caffe computes.
+
+    A train_val net is exported as its deploy net (data, loss and accuracy
+    layers replaced by an Input layer).  Nothing is written when a layer has
+    no faithful ONNX equivalent.
+    """
+    from . import api
+    from .export import to_onnx
+
+    _check_output(ctx, output, [net_path, weights], force)  # --proto too
+    options = to_onnx.ExportOptions(opset, _input_shapes(input_shapes), dynamic_batch, softmax)
+    result = api.export_onnx(net_path, weights, output, options, force=force, schema=_schema(ctx), out=sys.stderr)
+    _emit(to_onnx.summary(result, output))
 
 
 def _transform_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -443,10 +610,10 @@ def _transform_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--resize", type=click.IntRange(min=1), metavar="SIZE",
                      help="Resize images to SIZE x SIZE first (default: ImageData's new_height/new_width; "
                           "a deploy net: its input size)."),
-        click.option("--mean-value", "mean_values", type=float, multiple=True,
+        click.option("--mean-value", "mean_values", type=_FINITE, multiple=True,
                      help="Per-channel mean, BGR (repeat per channel)."),
         click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
-        click.option("--scale", type=float, help="Multiply pixels by this after mean subtraction."),
+        click.option("--scale", type=_POSITIVE, help="Multiply pixels by this after mean subtraction."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -482,6 +649,7 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
     """
     from .heads.cache import Request, compute_or_reuse
 
+    _check_output(ctx, output, [net_path, weights, data, mean_file], force=True)
     request = Request(net_path, weights, data, layer, root_folder,
                          _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
     outcome = compute_or_reuse(request, output, _schema(ctx), force=force)
@@ -506,10 +674,11 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
 @click.option("--net", "net_path", metavar="NET", help="Net the features came from (default: as recorded).")
 @click.option("--weights", metavar="MODEL", help="Its caffemodel (default: as recorded).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUTDIR.")
 @click.pass_context
 def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str, classifier: str,
            c_values: Optional[str], val_path: Optional[str], val_fraction: float, folds: int,
-           net_path: Optional[str], weights: Optional[str], seed: int) -> None:
+           net_path: Optional[str], weights: Optional[str], seed: int, force: bool) -> None:
     """Train a linear classifier on cached FEATURES and write it as a Caffe head.
 
     C is picked by stratified cross-validation; the validation accuracy is
@@ -531,7 +700,8 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
                          val, val_fraction, folds, seed)
     except CaffeFtError as exc:
         raise exc.located(features_path) from None
-    head = lin.write_head(_schema(ctx), result, train.meta, outdir, num_classes, net_path, weights)
+    head = lin.write_head(_schema(ctx), result, train.meta, outdir, num_classes, net_path, weights, force,
+                          [features_path, val_path, ctx.obj.get("proto")])
     _emit(result.report())
     _emit(f"wrote {head.deploy}, {head.weights} (head '{head.layer}', output '{head.output}'), {head.summary}\n")
 
@@ -563,9 +733,9 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
                         sample=sample, batch_size=batch_size)
     if as_json:
-        _emit(json.dumps({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
-                          "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
-                          "reason": advice.reason, "numbers": advice.numbers}, indent=2) + "\n")
+        _emit(_json({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
+                     "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
+                     "reason": advice.reason, "numbers": advice.numbers}))
     else:
         _emit(advice.report())
 
@@ -585,6 +755,11 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
               "(the last snapshot evaluated on the first test net's images; needs --metrics).")
 @click.option("--tensorboard", metavar="DIR", help="Also write the run's loss, learning rate and test outputs "
               "as TensorBoard event files here (tensorboardX; needs --metrics).")
+@click.option("--keep-best", "keep_best", metavar="OUTPUT",
+              help="Write best.caffemodel at each test where this output of the first test net is the best yet "
+                   "(accuracy is maximised, an output named *loss* minimised).")
+@click.option("--patience", type=click.IntRange(min=1), metavar="N",
+              help="With --keep-best: stop after N tests in a row without a better value.")
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
 @click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
@@ -597,7 +772,8 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
           caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int],
-          engine: str, precision: str, channels_last: bool) -> None:
+          engine: str, precision: str, channels_last: bool, keep_best: Optional[str],
+          patience: Optional[int]) -> None:
     """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
     Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
@@ -610,6 +786,10 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
+    if metrics or plot:
+        inputs = [solver, weights, resume, *_solver_nets(ctx, solver)]
+        _check_output(ctx, metrics, inputs, force=True, option="--metrics")
+        _check_output(ctx, plot, inputs + [metrics], force=True, option="--plot")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     chosen, why = choose_engine(engine, device)
     if engine == "auto":
@@ -621,6 +801,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
         caffe_log=caffe_log, proto=ctx.obj.get("proto"), report=report, tensorboard=tensorboard,
         engine=engine if engine != "auto" else "pycaffe", precision=precision, channels_last=channels_last,
+        keep_best=keep_best, patience=patience,
     )
     if chosen == "torch":
         options = replace(options, engine="torch")
@@ -629,18 +810,35 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         click.echo(f"caffe-ft: error: {result.message}", err=True)
     else:
         click.echo(result.message, err=True)
+    for note in result.best_notes:
+        click.echo(note, err=True)
     if result.resume_command:
         click.echo(f"resume with: {result.resume_command}", err=True)
     ctx.exit(result.exit_code)
+
+
+def _solver_nets(ctx: click.Context, solver: str) -> List[Optional[str]]:
+    """The net files a solver names (none when it cannot be read: training says why)."""
+    from .formats import files
+
+    try:
+        message = files.load_text(solver, _schema(ctx), files.SOLVER).message
+    except CaffeFtError:
+        return []
+    return [message.net or None, message.train_net or None, *message.test_net]
 
 
 @main.command()
 @click.argument("metrics", metavar="METRICS")
 @click.option("-o", "--output", metavar="PNG", required=True, help="Where to write the plot.")
 @click.option("--title", help="Title over the plot (default: the metrics file's name).")
-def plot(metrics: str, output: str, title: Optional[str]) -> None:
+@click.option("--force", is_flag=True, help="Overwrite an existing PNG.")
+@click.pass_context
+def plot(ctx: click.Context, metrics: str, output: str, title: Optional[str], force: bool) -> None:
     """Draw the loss and test outputs of a `caffe-ft train --metrics` file to a PNG."""
     from .training.plot import plot_file
+
+    _check_output(ctx, output, [metrics], force)
 
     plot_file(metrics, output, title or "")
 

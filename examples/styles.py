@@ -32,7 +32,9 @@ def style_image(rng, label: int, size: int):  # type: ignore[no-untyped-def]
 
 
 def write_images(folder: str, train_per_class: int, val_per_class: int) -> tuple:
-    """Synthetic images and their train/val image lists (absolute paths); returns the two list paths."""
+    """Synthetic images and their train/val image lists; returns the two list paths.  The lists name the
+    images relative to the working directory, as Caffe reads them (``caffe-ft rewrite`` adds the
+    root_folder its output folder needs), so no file names the folder the example runs in."""
     import cv2
     import numpy as np
 
@@ -43,7 +45,7 @@ def write_images(folder: str, train_per_class: int, val_per_class: int) -> tuple
         for index in range(train_per_class + val_per_class):
             path = os.path.join(folder, "images", f"{style}_{index:03d}.png")
             cv2.imwrite(path, style_image(rng, label, SIZE))
-            lists["train" if index < train_per_class else "val"].append(f"{os.path.abspath(path)} {label}")
+            lists["train" if index < train_per_class else "val"].append(f"{path} {label}")
     paths = []
     for split, lines in lists.items():
         paths.append(os.path.join(folder, f"{split}.txt"))

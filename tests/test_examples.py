@@ -68,10 +68,15 @@ def test_caffenet_last_fc(tmp_path):
         "- head 'fc8': num_output 1000 -> 3, renamed 'fc8_ft' (Caffe copies pretrained weights by layer name,"
         " so it starts afresh), lr_mult 10 (bias 20)",
         "- base_lr: 0.01 -> 0.001 (x0.1: the pretrained weights need small steps)",
-        "- stepsize: 100000 -> 20000 (x0.2)",
+        "- max_iter: 450000 -> 20 (10 epochs (last-fc on a small data set) of 60 examples in batches of 32: "
+        "2 iterations each)",
+        "- stepsize: 100000 -> 4 (0.222 of the run, as before)",
+        "- test_interval: 1000 -> 2 (1 epoch(s); the last test at max_iter scores the final weights)",
         "~ fc8 -> fc8_ft (renamed)",
         "    inner_product_param.num_output: 1000 -> 3",
-        "    image_data_param.source: (unset) -> \"caffenet-last-fc/styles/train.txt\"",
+        "    image_data_param.source: (unset) -> \"../styles/train.txt\"",
+        "    image_data_param.root_folder: (unset) -> \"../../\"",
+        "net: \"models/bvlc_reference_caffenet/train_val.prototxt\" -> \"train_val.prototxt\"",
         "base_lr: 0.01 -> 0.001",
         "classifier head(s): fc8_ft",
         f"7 copied ({trunk:,} params), 1 fresh ({head:,} params), 0 mismatch (0 params)",

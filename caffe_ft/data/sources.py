@@ -164,3 +164,128 @@ def input_shape(source: DataSource, schema: Schema, transform: Transform, mean: 
     for image, _, _ in source.items(schema, transform):
         return tuple(transform_image(image, transform, mean).shape)
     raise CaffeFtError("the data source holds no images", source.path)
+
+
+# ---------------------------------------------------------------------------
+# What a data source says without decoding it: labels, count, item shape
+# ---------------------------------------------------------------------------
+
+
+def _lmdb_env(path: str) -> Any:
+    return DataSource(path)._lmdb()
+
+
+def labels_of(path: str, schema: Schema) -> List[int]:
+    """Every label of an image list or LMDB (a Datum's label field; its pixels are not decoded)."""
+    if not os.path.isdir(path):
+        return [label for _, label in read_image_list(path)]
+    datum = schema.new("Datum")
+    labels = []
+    with _lmdb_env(path) as env, env.begin() as txn:
+        for _, value in txn.cursor():
+            datum.ParseFromString(bytes(value))
+            labels.append(int(datum.label))
+    return labels
+
+
+def count_items(path: str) -> int:
+    """Examples in an image list (its entries) or an LMDB (its record count, when the
+    ``lmdb`` module is there); 0 when that cannot be told."""
+    if os.path.isdir(path):
+        try:
+            return len(DataSource.open(path))
+        except CaffeFtError:
+            return 0
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return sum(1 for line in handle if line.strip())
+    except OSError:
+        return 0
+
+
+def image_header(path: str) -> Optional[Tuple[int, int, int]]:
+    """(channels, height, width) of an image as Caffe's ImageData would load it
+    in colour mode, read from the file's header (PNG, JPEG, BMP, PNM) without
+    decoding the pixels; channels is 1 for grey-scale files, else 3.  Other
+    formats are decoded with OpenCV when it is there; None if nothing can tell."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64 * 1024)
+    except OSError:
+        return None
+    found = _header_shape(head)
+    if found is not None:
+        return found
+    try:
+        import cv2
+    except ImportError:
+        return None
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        return None
+    return (1 if image.ndim == 2 else 3, int(image.shape[0]), int(image.shape[1]))
+
+
+def _header_shape(head: bytes) -> Optional[Tuple[int, int, int]]:
+    import struct
+
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        colour_type = head[25]
+        return (1 if colour_type in (0, 4) else 3, height, width)
+    if head[:2] == b"\xff\xd8":
+        index = 2
+        while index + 9 < len(head):
+            if head[index] != 0xFF:
+                index += 1
+                continue
+            marker = head[index + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                index += 1 if marker == 0xFF else 2
+                continue
+            length = struct.unpack(">H", head[index + 2:index + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", head[index + 5:index + 9])
+                components = head[index + 9] if index + 9 < len(head) else 3
+                return (1 if components == 1 else 3, height, width)
+            index += 2 + length
+        return None
+    if head[:2] == b"BM" and len(head) >= 30:
+        width, height = struct.unpack("<ii", head[18:26])
+        return (3, abs(height), width)
+    if head[:1] == b"P" and head[1:2] in (b"2", b"3", b"5", b"6"):
+        tokens: List[bytes] = []
+        for line in head[2:].split(b"\n"):
+            tokens.extend(line.split(b"#")[0].split())
+            if len(tokens) >= 2:
+                break
+        if len(tokens) >= 2:
+            return (1 if head[1:2] in (b"2", b"5") else 3, int(tokens[1]), int(tokens[0]))
+    return None
+
+
+def first_item_shape(path: str, schema: Schema, root: str = "") -> Optional[Tuple[int, int, int]]:
+    """(C, H, W) of the first example of an image list (its image's header) or of
+    an LMDB (its first Datum); None when it cannot be told."""
+    if os.path.isdir(path):
+        try:
+            env = _lmdb_env(path)
+        except CaffeFtError:
+            return None
+        datum = schema.new("Datum")
+        with env, env.begin() as txn:
+            for _, value in txn.cursor():
+                datum.ParseFromString(bytes(value))
+                if datum.encoded:
+                    return _header_shape(bytes(datum.data[:64 * 1024]))
+                return (int(datum.channels), int(datum.height), int(datum.width))
+        return None
+    try:
+        entries = read_image_list(path)
+    except CaffeFtError:
+        return None
+    name = entries[0][0]
+    for candidate in (image_path(root, name), os.path.join(os.path.dirname(path), name)):
+        if os.path.exists(candidate):
+            return image_header(candidate)
+    return None

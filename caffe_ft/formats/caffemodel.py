@@ -46,6 +46,7 @@ from .wire import (
     read_varint as _varint,
     varint_bytes as _varint_bytes,
 )
+from .limits import shape_problem
 from .schema import Schema
 
 T = TypeVar("T")
@@ -107,12 +108,24 @@ class Blob:
         return math.prod(self.shape)
 
 
+def text(value: Union[str, bytes]) -> str:
+    """A string field as caffe-ft shows and compares it.
+
+    Protobuf hands back ``bytes`` for a string that is not UTF-8 (Caffe and
+    pycaffe keep such bytes and load the file); they are shown escaped
+    (``fc\\xff``), so they print, go into JSON, and equal only the same bytes.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value
+
+
 def _layer_name(layer: Message) -> str:
     """A layer's name; an ancient (V0) layer keeps it in its nested ``layer``."""
     if layer.name:
-        return str(layer.name)
+        return text(layer.name)
     if "layer" in layer.DESCRIPTOR.fields_by_name and layer.HasField("layer"):
-        return str(layer.layer.name)
+        return text(layer.layer.name)
     return ""
 
 
@@ -285,8 +298,9 @@ def _shaped_blob(
             raise _Corrupt(offset, f"the blob's 4-D shape {shape} and its BlobShape {tuple(dims)} differ")
     else:
         shape = tuple(dims or ())
-    if any(dim < 0 for dim in shape):
-        raise _Corrupt(offset, f"the blob's shape {shape} has a negative dimension")
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise _Corrupt(offset, f"the blob's {problem[4:]}")
     count = math.prod(shape)
     if data.size != count:
         raise _Corrupt(offset, f"the blob's shape {shape} holds {count} values but its data has {data.size}")

@@ -12,11 +12,14 @@ a temporary file that is renamed over the target, so nothing is half-written.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Optional, Union
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from google.protobuf.message import Message
 
@@ -49,16 +52,23 @@ def read_bytes(path: str) -> bytes:
 
 
 def is_binary(data: bytes) -> bool:
-    """Whether ``data`` looks like protobuf wire format rather than text."""
+    """Whether ``data`` looks like protobuf wire format rather than text.
+
+    Text starts (after white space) with a field name or a comment and holds
+    no NUL; a few stray control or non-UTF-8 bytes do not make it binary
+    (Caffe's parser accepts control bytes in strings and reports the others
+    at their line and column, and so does caffe-ft).  Wire format starts with
+    a field key, a control byte for every field Caffe's files begin with.
+    """
     head = data[:_SNIFF]
-    if any(byte in _CONTROL for byte in head):
+    if b"\x00" in head:
         return True
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # A multi-byte character cut off at the sniff boundary is still text.
-        return exc.start < len(head) - 4
-    return False
+    start = head.lstrip(b" \t\r\n\f\v")[:1]
+    if start and not (start.isalpha() or start in b"_#"):
+        return True
+    bad = sum(1 for byte in head if byte in _CONTROL)
+    bad += head.decode("utf-8", "replace").count("\ufffd")
+    return bad * 4 > len(head)
 
 
 def require_text(data: bytes, path: str) -> None:
@@ -98,8 +108,16 @@ def parse_text(data: bytes, path: str, schema: Schema, kind: Optional[str] = Non
     """Parse prototxt ``data``; ``kind`` is a message name, or None to guess."""
     require_text(data, path)
     tree = prototext.parse(data, path)
-    kind = kind or guess_kind(tree, schema)
-    message = prototext.to_message(tree, schema.new(kind), path)
+    guessed = guess_kind(tree, schema)
+    if kind is not None and kind != guessed:
+        try:
+            message = prototext.to_message(tree, schema.new(kind), path)
+        except CaffeFtError:
+            wanted, found = ("net", "solver") if kind == NET else ("solver", "net")
+            raise CaffeFtError(f"this is a {found}, not a {wanted} (give it where a {found} goes"
+                               f"{', e.g. --solver' if found == 'solver' else ''})", path) from None
+        return TextFile(path, data, tree, message)
+    message = prototext.to_message(tree, schema.new(kind or guessed), path)
     return TextFile(path, data, tree, message)
 
 
@@ -108,30 +126,189 @@ def load_text(path: str, schema: Schema, kind: Optional[str] = None) -> TextFile
     return parse_text(read_bytes(path), path, schema, kind)
 
 
+# ------------------------------------------------------------------ outputs --
+#
+# The output policy every writing command follows:
+#
+# * a target that is one of the command's inputs (same real path, or same
+#   inode through a hard link) is refused, ``--force`` or not;
+# * an existing target needs ``force``;
+# * a write through a symlink goes to the link's target (the link stays);
+# * a single file is written to a temporary file beside it and renamed over
+#   it; several files are written into a staging folder beside them and moved
+#   in only when all are written, under an exclusive lock on the folder, so a
+#   failure leaves the previous state and a concurrent run fails clearly;
+# * temporary files and staging folders of a killed run are removed by the
+#   next one (each is locked while its writer lives, so a live one is left);
+# * every ``OSError`` becomes one :class:`CaffeFtError` line naming the path.
+
+STAGE_PREFIX = ".caffe-ft-stage-"
+_PENDING = ".caffe-ft-pending-"  # a temporary file or folder not locked yet
+
+
+def real_target(path: str) -> str:
+    """Where a write to ``path`` lands: through symlinks, to the link's target."""
+    return os.path.realpath(path)
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same real path, or the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    target: str, inputs: Iterable[Optional[str]] = (), force: bool = False, option: str = "-o"
+) -> str:
+    """Refuse writing ``target`` when it is an input, or exists without ``force``.
+
+    ``inputs`` are the command's input paths (None entries are skipped);
+    ``option`` names the option that gave the target, for the message.
+    Returns the real path the write will go to.
+    """
+    for source in inputs:
+        if source and same_file(target, source):
+            raise CaffeFtError(f"{option} names an input of this command ({source}); write elsewhere", target)
+    if os.path.isdir(target):
+        raise CaffeFtError("is a directory, not a file", target)
+    if not force and os.path.lexists(target):
+        raise CaffeFtError(f"exists; choose another {option} or pass --force to overwrite", target)
+    return real_target(target)
+
+
+def _os_error(exc: OSError, path: str, verb: str = "cannot write") -> CaffeFtError:
+    """One line for an ``OSError`` on an output, naming the path it happened to."""
+    where = exc.filename if isinstance(exc.filename, str) else path
+    return CaffeFtError(f"{verb}: {exc.strerror or exc}", where)
+
+
+def make_dirs(directory: str) -> None:
+    """Create ``directory`` and its parents, or say in one line why not."""
+    if os.path.isdir(directory):
+        return
+    if os.path.lexists(directory):
+        raise CaffeFtError("exists and is not a directory", directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise _os_error(exc, directory, "cannot create the directory") from None
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting; whether it was free."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def locked_temp(directory: str, prefix: str, suffix: str = "", folder: bool = False) -> Tuple[str, int]:
+    """A new temporary file (or folder) ``prefix*suffix`` in ``directory``, and an
+    open descriptor holding an exclusive ``flock`` on it.
+
+    It is created under a pending name and renamed once locked, so a run
+    cleaning up (:func:`remove_stale`) never sees it unlocked.
+    """
+    if folder:
+        pending = tempfile.mkdtemp(prefix=_PENDING, dir=directory)
+        fd = os.open(pending, os.O_RDONLY)
+    else:
+        fd, pending = tempfile.mkstemp(prefix=_PENDING, dir=directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        final = os.path.join(directory, prefix + os.path.basename(pending)[len(_PENDING):] + suffix)
+        os.rename(pending, final)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(pending, ignore_errors=True) if folder else _unlink(pending)
+        raise
+    return final, fd
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_stale(directory: str, prefix: str, suffix: str = "") -> List[str]:
+    """Remove the temporary files and folders ``prefix*suffix`` in ``directory``
+    left by killed runs: those nobody holds a lock on (and pending ones over a
+    minute old).  Returns what went."""
+    removed: List[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.startswith(_PENDING):
+            try:
+                if time.time() - os.lstat(path).st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        elif not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd):
+                continue  # a live run is writing it
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a synced temporary file in the
     same directory, renamed over ``path`` (keeping its mode) only when the
-    block ends without an error, and removed otherwise."""
-    directory = os.path.dirname(os.path.abspath(path))
+    block ends without an error, and removed otherwise.
+
+    A symlink ``path`` keeps being a link: its target is written.  The
+    temporary file is locked while it is written, so the leftovers of a
+    killed run (``.NAME.*.tmp``) are told from a live writer's and removed.
+    """
+    target = real_target(path)
+    directory = os.path.dirname(target)
+    prefix = f".{os.path.basename(target)}."
+    if not os.path.isdir(directory):
+        raise CaffeFtError("cannot write: the directory does not exist", path)
+    remove_stale(directory, prefix, ".tmp")
     try:
-        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        temp, fd = locked_temp(directory, prefix, ".tmp")
     except OSError as exc:
-        raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
+        raise _os_error(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, _file_mode(path))
-        os.replace(temp, path)
+            os.chmod(temp, _file_mode(target))
+            os.replace(temp, target)
     except BaseException as exc:
         try:
             os.unlink(temp)
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise CaffeFtError(f"cannot write: {exc.strerror}", path) from None
+            raise _os_error(exc, path) from None
         raise
 
 
@@ -148,7 +325,104 @@ def _file_mode(path: str) -> int:
 def write_atomic(path: str, content: Union[str, bytes]) -> None:
     """Write ``content`` to ``path`` atomically (see :func:`atomic_output`)."""
     with atomic_output(path) as handle:
-        handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+        handle.write(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
+
+
+class Staging:
+    """Files being written into a staging folder, to be moved in together."""
+
+    def __init__(self, directory: str, stage: str, targets: Dict[str, str]) -> None:
+        self.directory = directory
+        self.stage = stage
+        self.targets = targets  # name -> real final path
+
+    def path(self, name: str) -> str:
+        """Where to write the file that will become ``name`` in the output folder."""
+        if name not in self.targets:
+            raise KeyError(name)
+        return os.path.join(self.stage, name)
+
+    def write(self, name: str, content: Union[str, bytes]) -> None:
+        """Write ``name`` into the staging folder (synced)."""
+        path = self.path(name)
+        try:
+            with open(path, "wb") as handle:
+                handle.write(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise _os_error(exc, self.targets[name]) from None
+
+
+@contextlib.contextmanager
+def staged_outputs(
+    directory: str, names: Sequence[str], inputs: Iterable[Optional[str]] = (), force: bool = False,
+    option: str = "-o",
+) -> Iterator[Staging]:
+    """Write the files ``names`` into ``directory`` all or nothing.
+
+    The folder is created if needed and locked (``flock``) for the whole
+    write, so a second run into it fails at once with a clear message.  Each
+    target is checked as :func:`check_output` does (inputs refused, existing
+    files only with ``force``) before anything is written; the files are
+    written into a staging folder beside them and moved in only when the
+    block ends without an error.  Staging folders of killed runs are removed.
+    """
+    make_dirs(directory)
+    inputs = [source for source in inputs if source]
+    try:
+        lock = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise _os_error(exc, directory, "cannot open the directory") from None
+    try:
+        if not _try_lock(lock):
+            raise CaffeFtError("another caffe-ft run is writing to this directory; wait for it to finish", directory)
+        real_dir = os.path.realpath(directory)
+        remove_stale(real_dir, STAGE_PREFIX)
+        for name in names:  # single-file writes of killed runs
+            remove_stale(real_dir, f".{name}.", ".tmp")
+        targets: Dict[str, str] = {}
+        for name in names:
+            shown = os.path.join(directory, name)
+            check_output(shown, inputs, force, option)
+            targets[name] = real_target(shown)
+        try:
+            stage, stage_fd = locked_temp(real_dir, STAGE_PREFIX, folder=True)
+        except OSError as exc:
+            raise _os_error(exc, directory) from None
+        try:
+            staging = Staging(directory, stage, targets)
+            yield staging
+            for name in names:
+                if not os.path.exists(staging.path(name)):
+                    raise CaffeFtError(f"internal error: {name} was not written", directory)
+            for name in names:
+                temp = staging.path(name)
+                target = targets[name]
+                try:
+                    os.chmod(temp, _file_mode(target))
+                    os.replace(temp, target)
+                except OSError as exc:
+                    raise _os_error(exc, os.path.join(directory, name)) from None
+            _fsync_dir(real_dir)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            os.close(stage_fd)
+    finally:
+        os.close(lock)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_net(path: str, schema: Schema) -> Message:

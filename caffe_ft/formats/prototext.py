@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -30,30 +31,121 @@ from .schema import is_repeated
 
 FD = FieldDescriptor
 
-# One token per match, the white space before it included.
+# Protobuf 3.12's C++ ``io::Tokenizer`` as ``TextFormat`` (and so Caffe's
+# ReadProtoFromTextFile) sets it up: ``#`` comments, floats may end in ``f``.
+# One token per match, the white space before it included; what this does
+# not match is looked at by ``_bad_token`` to say what Caffe would say.
 _TOKEN = re.compile(
     rb"""[ \t\r\n\f\v]*(?:
-      (\#[^\n]*)
-    | ((?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?[fF]?)(?![A-Za-z_]))
+      (\#[^\n\x00]*)
+    | ((?:0[xX][0-9a-fA-F]+|0[0-7]*(?![0-9.xX])|(?:(?:[1-9][0-9]*|0)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[fF]?)(?![A-Za-z0-9_.]))
     | ([A-Za-z_][A-Za-z0-9_]*)
-    | ("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
-    | ([{}\[\]<>:;,\-/.])
+    | ("(?:[^"\\\n\x00]|\\(?:[abfnrtv\\?'"0-7]|x[0-9a-fA-F]|u[0-9a-fA-F]{4}|U00[01][0-9a-fA-F]{5}))*"
+      |'(?:[^'\\\n\x00]|\\(?:[abfnrtv\\?'"0-7]|x[0-9a-fA-F]|u[0-9a-fA-F]{4}|U00[01][0-9a-fA-F]{5}))*')
+    | ([!$-&(-/:-@\[-^`{-\x7f])
     )""",
     re.VERBOSE,
 )
 _KINDS = ("", "comment", "number", "ident", "string", "symbol")
+_SPACE = b" \t\r\n\f\v"
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b"abfnrtv\\?'\"01234567")
+# Nesting deeper than this is refused ("Message is too deep").  Caffe's schema nests only a few
+# levels, so Caffe refuses such text anyway, at the first field the schema lacks; the limit
+# keeps a hostile file from exhausting the stack (100 is protobuf's limit for binary input).
+MAX_DEPTH = 100
+
+
+def _bad_string(data: bytes, start: int) -> Tuple[int, str]:
+    """Where and why the string literal at ``start`` is not one Caffe reads."""
+    quote = data[start]
+    pos = start + 1
+    while pos < len(data):
+        byte = data[pos]
+        if byte == 0:
+            return pos, "Unexpected end of string."
+        if byte == 0x0A:
+            return pos, "String literals cannot cross line boundaries."
+        if byte == quote:
+            break
+        if byte == 0x5C:  # backslash
+            pos += 1
+            escape = data[pos:pos + 1]
+            if escape and escape[0] in _ESCAPES:
+                pass
+            elif escape == b"x":
+                if not (pos + 1 < len(data) and data[pos + 1] in _HEX):
+                    return pos + 1, "Expected hex digits for escape sequence."
+            elif escape == b"u":
+                if not all(pos + k < len(data) and data[pos + k] in _HEX for k in range(1, 5)):
+                    return pos + 1, "Expected four hex digits for \\u escape sequence."
+            elif escape == b"U":
+                digits = data[pos + 1:pos + 9]
+                if not re.fullmatch(rb"00[01][0-9a-fA-F]{5}", digits):
+                    return pos + 1, "Expected eight hex digits up to 10ffff for \\U escape sequence"
+            else:
+                return pos, "Invalid escape sequence in string literal."
+        pos += 1
+    return len(data), "Unexpected end of string."
+
+
+def _bad_number(data: bytes, start: int) -> Tuple[int, str]:
+    """Where and why the number at ``start`` is not one Caffe reads."""
+    match = re.compile(rb"0[xX][0-9a-fA-F]*|0[0-9]+|(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]*)?[fF]?")
+    found = match.match(data, start)
+    assert found is not None
+    text, end = found.group(), found.end()
+    if text[:2] in (b"0x", b"0X"):
+        if len(text) == 2:
+            return end, '"0x" must be followed by hex digits.'
+        floating = False
+    elif text[:1] == b"0" and text[1:2].isdigit():
+        bad = re.search(rb"[89]", text)
+        if bad:
+            return start + bad.start(), "Numbers starting with leading zero must be in octal."
+        floating = False
+    else:
+        exponent = re.search(rb"[eE][+-]?(?=[fF]?$)", text)
+        if exponent and not text[exponent.end() - 1:exponent.end()].isdigit():
+            return start + exponent.end(), '"e" must be followed by exponent.'
+        floating = True
+    following = data[end:end + 1]
+    if following.isalpha() or following == b"_":
+        return end, "Need space between number and identifier."
+    if following == b"." and floating:
+        return end, "Already saw decimal point or exponent; can't have another one."
+    return end, "Hex and octal numbers must be integers."
+
+
+def _bad_token(data: bytes, pos: int) -> Tuple[int, str]:
+    """Where and why Caffe's tokenizer refuses the text at ``pos``."""
+    while pos < len(data) and data[pos] in _SPACE:
+        pos += 1
+    byte = data[pos]
+    if byte in (0x22, 0x27):
+        return _bad_string(data, pos)
+    if 0x30 <= byte <= 0x39 or (byte == 0x2E and data[pos + 1:pos + 2].isdigit()):
+        return _bad_number(data, pos)
+    if byte >= 0x80:
+        return pos, f"Interpreting non ascii codepoint {byte}."
+    return pos, "Invalid control characters encountered in text."
 
 
 class _Lines:
-    """Turns byte offsets into 1-based line and column numbers."""
+    """Turns byte offsets into 1-based line and column numbers (tabs to
+    multiples of 8, as protobuf's tokenizer counts them)."""
 
     def __init__(self, data: bytes) -> None:
+        self.data = data
         self.starts = [0]
         self.starts.extend(match.end() for match in re.finditer(b"\n", data))
 
     def locate(self, pos: int) -> Tuple[int, int]:
         index = bisect.bisect_right(self.starts, pos) - 1
-        return index + 1, pos - self.starts[index] + 1
+        column = 0
+        for byte in self.data[self.starts[index]:pos]:
+            column = column + 8 - column % 8 if byte == 0x09 else column + 1
+        return index + 1, column + 1
 
 
 class Token:
@@ -87,7 +179,7 @@ class Node:
 
     __slots__ = (
         "name", "values", "value_tokens", "children", "before", "after", "closing",
-        "closing_after", "token", "end", "header_end", "number", "canonical",
+        "closing_after", "token", "end", "header_end", "number", "canonical", "colon", "listed",
     )
 
     def __init__(self, name: str, children: Optional[List["Node"]] = None) -> None:
@@ -105,6 +197,8 @@ class Node:
         self.canonical: Optional[List[str]] = None
         self.end = 0  # byte offset just past the value or the closing brace
         self.header_end = 0  # for a message: just past its opening brace
+        self.colon = True  # written with ':' after the name
+        self.listed = False  # a scalar written in the ``name: [a, b]`` list form
 
     @property
     def start(self) -> int:
@@ -150,18 +244,23 @@ def _tokenize(data: bytes, path: str) -> List[Token]:
     tokens: List[Token] = []
     append = tokens.append
     pos = 0
+    previous = ""
     for match in _TOKEN.finditer(data):
         if match.start() != pos:
             break
         group = match.lastindex or 0
         start, pos = match.start(group), match.end()
-        append(Token(_KINDS[group], data[start:pos].decode("utf-8", "surrogateescape"), start, pos, lines))
-    tail = data[pos:]
-    if tail.strip():
-        bad = pos + len(tail) - len(tail.lstrip())
+        kind = _KINDS[group]
+        if kind == "number" and previous == "ident" and data[start:start + 1] == b"." and tokens[-1].end == start:
+            line, column = lines.locate(start)
+            raise CaffeFtError("Need space between identifier and decimal point.", path, line, column)
+        append(Token(kind, data[start:pos].decode("utf-8", "surrogateescape"), start, pos, lines))
+        if kind != "comment":
+            previous = kind
+    if data[pos:].strip(_SPACE):
+        bad, message = _bad_token(data, pos)
         line, column = lines.locate(bad)
-        char = data[bad:bad + 1].decode("latin-1")
-        raise CaffeFtError(f"unexpected character {char!r}", path, line, column)
+        raise CaffeFtError(message, path, line, column)
     tokens.append(Token("eof", "", len(data), len(data), lines))
     return tokens
 
@@ -209,7 +308,7 @@ class _Parser:
         root.closing = pending
         return root
 
-    def fields(self, parent: Node, closer: str) -> List[str]:
+    def fields(self, parent: Node, closer: str, depth: int = 0) -> List[str]:
         """Parse fields into ``parent`` until ``closer``; return dangling comments."""
         assert parent.children is not None
         while True:
@@ -217,56 +316,80 @@ class _Parser:
             token = self.peek()
             if token.kind == "eof" or (closer and token.text == closer):
                 if token.kind == "eof" and closer:
-                    raise self.error(f"missing '{closer}' at end of file", token)
+                    raise self.error(f'Expected "{closer}", found end of file.', token)
                 return pending
-            node = self.field()
-            node.before = pending
-            parent.children.append(node)
+            nodes = self.field(depth)
+            nodes[0].before = pending
+            parent.children.extend(nodes)
 
-    def field(self) -> Node:
+    def field(self, depth: int) -> List[Node]:
+        """One field: a node, or one per message of a ``name: [{...}, {...}]`` list."""
         name_token = self.take()
         if name_token.kind != "ident":
             if name_token.text == "[":
                 raise self.error("extension fields are not supported", name_token)
-            raise self.error(f"expected a field name, found '{name_token.text}'", name_token)
+            found = name_token.text or "end of file"
+            raise self.error(f"Expected identifier, got: {found}", name_token)
         node = Node(name_token.text)
         node.token = name_token
-        colon = self.peek().text == ":"
-        if colon:
+        node.colon = self.peek().text == ":"
+        if node.colon:
             self.take()
         opener = self.peek()
+        nodes = [node]
         if opener.text in ("{", "<"):
-            self.message_body(node)
-        elif opener.text == "[" and colon:
+            self.message_body(node, depth)
+        elif opener.text == "[":
             self.take()
+            node.listed = True
             if self.peek().text in ("{", "<"):
-                raise self.error("lists of messages are not supported; repeat the field", opener)
-            while True:
-                self.scalar(node)
-                if self.peek().text == "]":
-                    break
-                if self.peek().text != ",":
-                    raise self.error(f"expected ',' or ']', found '{self.peek().text}'", self.peek())
-                self.take()
-            node.end = self.take().end
-            self.last_owner = (node, "after")
-        elif colon:
+                nodes = self.message_list(node, depth)
+            elif self.peek().text != "]":
+                while True:
+                    self.scalar(node)
+                    if self.peek().text == "]":
+                        break
+                    if self.peek().text != ",":
+                        raise self.error(f'Expected ",", found "{self.peek().text}".', self.peek())
+                    self.take()
+            close = self.take()
+            nodes[-1].end = close.end
+            self.last_owner = (nodes[-1], "closing_after" if nodes[-1].is_message else "after")
+        elif node.colon:
             self.scalar(node)
             node.end = node.value_tokens[-1][-1].end
             self.last_owner = (node, "after")
         else:
-            raise self.error(f"expected ':' or '{{' after '{node.name}'", opener)
+            raise self.error(f'Expected ":", found "{opener.text}".', opener)
         if self.peek().text in (";", ","):
             self.take()
-        return node
+        return nodes
 
-    def message_body(self, node: Node) -> None:
+    def message_list(self, first: Node, depth: int) -> List[Node]:
+        """``name: [{...}, <...>]``: one message node per element."""
+        nodes: List[Node] = []
+        while True:
+            node = first if not nodes else Node(first.name)
+            node.token, node.colon = first.token, first.colon
+            if self.peek().text not in ("{", "<"):
+                raise self.error(f'Expected "{{", found "{self.peek().text}".', self.peek())
+            self.message_body(node, depth)
+            nodes.append(node)
+            if self.peek().text == "]":
+                return nodes
+            if self.peek().text != ",":
+                raise self.error(f'Expected ",", found "{self.peek().text}".', self.peek())
+            self.take()
+
+    def message_body(self, node: Node, depth: int) -> None:
         opener = self.take()
+        if depth >= MAX_DEPTH:
+            raise self.error(f"Message is too deep: nested more than {MAX_DEPTH} levels", opener)
         node.header_end = opener.end
         node.children = []
         self.last_owner = (node, "after")
         closer = "}" if opener.text == "{" else ">"
-        node.closing = self.fields(node, closer)
+        node.closing = self.fields(node, closer, depth + 1)
         close = self.take()
         node.end = close.end
         self.last_owner = (node, "closing_after")
@@ -275,17 +398,16 @@ class _Parser:
         token = self.take()
         parts = [token]
         if token.text == "-":
-            sign = token
-            token = self.take()
-            if token.kind not in ("number", "ident"):
-                raise self.error(f"expected a number after '-', found '{token.text}'", sign)
-            parts.append(token)
+            if self.peek().kind not in ("number", "ident"):
+                found = self.peek().text or "end of file"
+                raise self.error(f'Expected a number after "-", got: {found}', self.peek())
+            parts.append(self.take())
         elif token.kind == "string":
             while self.peek().kind == "string":
                 parts.append(self.take())
         elif token.kind not in ("number", "ident"):
             found = token.text or "end of file"
-            raise self.error(f"expected a value for '{node.name}', found '{found}'", token)
+            raise self.error(f"Expected a value, got: {found}", token)
         node.value_tokens.append(parts)
         node.values.append("".join(p.text for p in parts))
 
@@ -311,42 +433,94 @@ _INT_RANGES = {
     FD.TYPE_UINT64: (0, 2**64 - 1),
     FD.TYPE_FIXED64: (0, 2**64 - 1),
 }
-_BOOLS = {"true": True, "True": True, "t": True, "1": True, "false": False, "False": False, "f": False, "0": False}
+_TRUE, _FALSE = ("true", "True", "t"), ("false", "False", "f")
 _SPECIAL_FLOATS = {"inf": float("inf"), "infinity": float("inf"), "nan": float("nan")}
-_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
+_FLOAT_MAX = 3.4028234663852886e38
+_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))", re.DOTALL)
+_TRAIL = re.compile(rb"\\u([dD][c-fC-F][0-9a-fA-F]{2})")
 _SIMPLE_ESCAPES = {
     b"n": b"\n", b"t": b"\t", b"r": b"\r", b"a": b"\a", b"b": b"\b", b"f": b"\f", b"v": b"\v",
     b"\\": b"\\", b"'": b"'", b'"': b'"', b"?": b"?",
+}
+_EXPECTED = {  # what protobuf's parser says it wanted, by field type
+    FD.TYPE_STRING: "string", FD.TYPE_BYTES: "string", FD.TYPE_BOOL: "identifier",
+    FD.TYPE_ENUM: "integer or identifier", FD.TYPE_FLOAT: "double", FD.TYPE_DOUBLE: "double",
 }
 
 # Hint appended to errors that a fork's schema would fix.
 FORK_HINT = "if this file comes from a Caffe fork, give its caffe.proto with --proto PATH (or CAFFE_FT_PROTO)"
 
 
+def _utf8(code: int) -> bytes:
+    """``code`` in UTF-8 as protobuf's ``AppendUTF8`` writes it (surrogates too)."""
+    if code <= 0x7F:
+        return bytes([code])
+    if code <= 0x7FF:
+        return bytes([0xC0 | code >> 6, 0x80 | code & 0x3F])
+    if code <= 0xFFFF:
+        return bytes([0xE0 | code >> 12, 0x80 | code >> 6 & 0x3F, 0x80 | code & 0x3F])
+    if code <= 0x1FFFFF:
+        return bytes([0xF0 | code >> 18, 0x80 | code >> 12 & 0x3F, 0x80 | code >> 6 & 0x3F, 0x80 | code & 0x3F])
+    return b"\\U%08x" % code
+
+
 def _unescape(body: bytes) -> bytes:
-    def replace(match: "re.Match[bytes]") -> bytes:
-        octal, hexa, char = match.groups()
+    """The bytes of a string literal's body, as protobuf's ``ParseStringAppend``
+    reads them (the tokenizer has already refused malformed escapes)."""
+    out = []
+    pos = 0
+    for match in _ESCAPE.finditer(body):
+        out.append(body[pos:match.start()])
+        pos = match.end()
+        octal, hexa, short, long, char = match.groups()
         if octal:
-            return bytes([int(octal, 8) & 0xFF])
-        if hexa:
-            return bytes([int(hexa, 16)])
-        if char in _SIMPLE_ESCAPES:
-            return _SIMPLE_ESCAPES[char]
-        raise ValueError(f"invalid escape '\\{char.decode('latin-1')}'")
+            out.append(bytes([int(octal, 8) & 0xFF]))
+        elif hexa:
+            out.append(bytes([int(hexa, 16)]))
+        elif short or long:
+            code = int(short or long, 16)
+            if 0xD800 <= code <= 0xDBFF:  # a head surrogate takes a following \u trail surrogate
+                trail = _TRAIL.match(body, pos)
+                if trail:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (int(trail.group(1), 16) - 0xDC00)
+                    pos = trail.end()
+            out.append(_utf8(code))
+        elif char in _SIMPLE_ESCAPES:
+            out.append(_SIMPLE_ESCAPES[char])
+        else:
+            raise ValueError("Invalid escape sequence in string literal.")
+    out.append(body[pos:])
+    return b"".join(out)
 
-    return _ESCAPE.sub(replace, body)
 
-
-def _parse_int(text: str) -> int:
-    negative = text.startswith("-")
-    digits = text[1:] if negative else text
-    if digits[:2] in ("0x", "0X"):
-        value = int(digits[2:], 16)
-    elif len(digits) > 1 and digits[0] == "0":
-        value = int(digits[1:], 8)
+def _parse_int(text: str, limit: int) -> Optional[int]:
+    """An unsigned integer token's value as ``Tokenizer::ParseInteger`` reads it
+    (``0x`` hex, leading-zero octal), or None past ``limit``."""
+    if text[:2] in ("0x", "0X"):
+        value = int(text[2:], 16)
+    elif len(text) > 1 and text[0] == "0":
+        value = int(text[1:], 8)
     else:
-        value = int(digits, 10)
-    return -value if negative else value
+        value = int(text, 10)
+    return value if value <= limit else None
+
+
+def _is_float(token: Token) -> bool:
+    text = token.text
+    return token.kind == "number" and text[:2] not in ("0x", "0X") and any(c in text for c in ".eEfF")
+
+
+def _string_record(field: FieldDescriptor, raw: bytes) -> bytes:
+    """The wire record of a string field holding ``raw`` (for bytes that are not UTF-8)."""
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+
+    return varint(field.number << 3 | 2) + varint(len(raw)) + raw
 
 
 class _Converter:
@@ -363,83 +537,122 @@ class _Converter:
             field = descriptor.fields_by_name.get(child.name)
             if field is None:
                 raise self.error(
-                    f"unknown field '{child.name}' in {descriptor.name}; {FORK_HINT}", child
+                    f'Message type "{descriptor.full_name}" has no field named "{child.name}"; {FORK_HINT}', child
                 )
             repeated = is_repeated(field)
             if not repeated and child.name in seen:
-                raise self.error(f"field '{child.name}' is set more than once", child)
+                raise self.error(f'Non-repeated field "{child.name}" is specified multiple times.', child)
             seen[child.name] = child
             child.number = field.number
             if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
                 if not child.is_message:
-                    raise self.error(f"'{child.name}' is a message: write {child.name} {{ … }}", child)
+                    if child.listed and not child.values and repeated:
+                        child.canonical = []
+                        continue  # ``name: []``
+                    found = "[" if child.listed else child.values[0]
+                    raise self.error(f'Expected "{{", found "{found}" ({child.name} is a message).', child)
                 sub = getattr(message, child.name).add() if repeated else getattr(message, child.name)
                 sub.SetInParent()
                 self.fill(child, sub)
                 continue
+            if not child.colon:
+                found = "[" if child.listed else "{"
+                raise self.error(f'Expected ":", found "{found}".', child)
+            expected = _EXPECTED.get(field.type, "integer")
             if child.is_message:
-                raise self.error(f"'{child.name}' takes a value, not a {{ … }} block", child)
-            if not repeated and len(child.values) > 1:
-                raise self.error(f"field '{child.name}' takes one value, not a list", child)
+                raise self.error(f"Expected {expected}, got: {{ ({child.name} takes a value)", child)
+            if child.listed and not repeated:
+                raise self.error(f"Expected {expected}, got: [ ({child.name} is not repeated)", child)
             values = [self.scalar(field, tokens) for tokens in child.value_tokens]
             child.canonical = [format_value(field, value) for value in values]
             if repeated:
-                getattr(message, child.name).extend(values)
+                target = getattr(message, child.name)
+                for value in values:
+                    if isinstance(value, bytes) and field.type == FD.TYPE_STRING:
+                        message.MergeFromString(_string_record(field, value))
+                    else:
+                        target.append(value)
+            elif isinstance(values[0], bytes) and field.type == FD.TYPE_STRING:
+                message.MergeFromString(_string_record(field, values[0]))
             else:
                 setattr(message, child.name, values[0])
 
     def scalar(self, field: FieldDescriptor, tokens: List[Token]) -> Any:
-        first = tokens[0]
-        text = "".join(t.text for t in tokens)
+        """One value, read as protobuf's ``TextFormat`` parser reads a field of its type."""
+        first, last = tokens[0], tokens[-1]
+        negative = first.text == "-"
         ftype = field.type
-        try:
-            if ftype in (FD.TYPE_STRING, FD.TYPE_BYTES):
-                if first.kind != "string":
-                    raise ValueError(f"expected a quoted string, found '{text}'")
-                raw = b"".join(_unescape(t.text[1:-1].encode("utf-8", "surrogateescape")) for t in tokens)
-                if ftype == FD.TYPE_BYTES:
-                    return raw
-                try:
-                    return raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise ValueError("string is not valid UTF-8") from None
-            if ftype == FD.TYPE_BOOL:
-                if text not in _BOOLS:
-                    raise ValueError(f"expected true or false, found '{text}'")
-                return _BOOLS[text]
-            if ftype == FD.TYPE_ENUM:
-                enum = field.enum_type
-                if tokens[-1].kind == "ident" and len(tokens) == 1:
-                    value = enum.values_by_name.get(text)
-                    if value is None:
-                        names = ", ".join(v.name for v in enum.values)
-                        raise ValueError(f"unknown value '{text}' for {field.name} (one of: {names})")
-                    return value.number
-                number = _parse_int(text)
-                if number not in enum.values_by_number:
-                    raise ValueError(f"unknown value {number} for {field.name}")
-                return number
-            if ftype in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
-                last = tokens[-1]
-                if last.kind == "ident":
-                    word = last.text.lower()
-                    if word not in _SPECIAL_FLOATS:
-                        raise ValueError(f"expected a number, found '{text}'")
-                    value = _SPECIAL_FLOATS[word]
-                    return -value if len(tokens) == 2 else value
-                body = last.text.rstrip("fF")
-                value = float(_parse_int(body)) if body[:2] in ("0x", "0X") else float(body)
-                return -value if len(tokens) == 2 else value
-            # Integer types.
-            if tokens[-1].kind != "number" or any(c in text for c in ".eEfF") and not text.lower().startswith(("0x", "-0x")):
-                raise ValueError(f"expected an integer, found '{text}'")
-            number = _parse_int(text)
-            low, high = _INT_RANGES[ftype]
-            if not low <= number <= high:
-                raise ValueError(f"integer {number} out of range for {field.name}")
+        if ftype in (FD.TYPE_STRING, FD.TYPE_BYTES):
+            if first.kind != "string":
+                raise self.error(f"Expected string, got: {first.text}", first)
+            if negative:
+                raise self.error("Expected string, got: -", first)
+            raw = b"".join(_unescape(t.text[1:-1].encode("utf-8", "surrogateescape")) for t in tokens)
+            if ftype == FD.TYPE_BYTES:
+                return raw
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw  # Caffe keeps the bytes; so does the message (see fill)
+        if ftype == FD.TYPE_BOOL:
+            if first.kind == "number" and not _is_float(first):
+                value = _parse_int(first.text, 1)
+                if value is None:
+                    raise self.error(f"Integer out of range ({first.text})", first)
+                return bool(value)
+            if first.kind != "ident":
+                raise self.error(f"Expected identifier, got: {first.text}", first)
+            if first.text in _TRUE or first.text in _FALSE:
+                return first.text in _TRUE
+            raise self.error(f'Invalid value for boolean field "{field.name}". Value: "{first.text}".', first)
+        if ftype == FD.TYPE_ENUM:
+            enum = field.enum_type
+            if first.kind == "ident":
+                value = enum.values_by_name.get(first.text)
+                if value is None:
+                    names = ", ".join(v.name for v in enum.values)
+                    raise self.error(f'Unknown enumeration value of "{first.text}" for field "{field.name}" '
+                                     f"(one of: {names}).", first)
+                return value.number
+            if not negative and (first.kind != "number" or _is_float(first)):
+                raise self.error(f"Expected integer or identifier, got: {first.text}", first)
+            number = self.integer(last, 2**31 - 1, negative)
+            if number not in enum.values_by_number:
+                raise self.error(f'Unknown enumeration value of "{number}" for field "{field.name}".', first)
             return number
-        except ValueError as exc:
-            raise self.error(str(exc), first) from None
+        if ftype in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
+            if last.kind == "ident":
+                word = last.text.lower()
+                if word not in _SPECIAL_FLOATS:
+                    raise self.error(f"Expected double, got: {last.text}", last)
+                real = _SPECIAL_FLOATS[word]
+            elif last.kind != "number":
+                raise self.error(f"Expected double, got: {last.text}", last)
+            elif _is_float(last):
+                real = float(last.text.rstrip("fF"))
+            else:
+                text = last.text
+                if len(text) > 1 and text[0] == "0" and (text[1] in "xX" or text[1] in "01234567"):
+                    raise self.error(f"Expect a decimal number, got: {text}", last)
+                real = float(int(text))
+            real = -real if negative else real
+            if ftype == FD.TYPE_FLOAT and abs(real) > _FLOAT_MAX:
+                real = math.copysign(math.inf, real)  # protobuf's SafeDoubleToFloat
+            return real
+        # Integer types.
+        low, high = _INT_RANGES[ftype]
+        if negative and low == 0:
+            raise self.error("Expected integer, got: -", first)
+        return self.integer(last, high, negative)
+
+    def integer(self, token: Token, high: int, negative: bool) -> int:
+        """A (possibly negated) integer token within ``-(high + 1)..high``."""
+        if token.kind != "number" or _is_float(token):
+            raise self.error(f"Expected integer, got: {token.text}", token)
+        value = _parse_int(token.text, high + 1 if negative else high)
+        if value is None:
+            raise self.error(f"Integer out of range ({token.text})", token)
+        return -value if negative else value
 
 
 def to_message(root: Node, message: Message, path: str = "<text>") -> Message:
@@ -472,9 +685,9 @@ def _escape(raw: bytes) -> str:
     return "".join(out)
 
 
-def format_string(value: str) -> str:
-    """A quoted prototxt string literal for ``value``."""
-    return '"' + _escape(value.encode("utf-8")) + '"'
+def format_string(value: Union[str, bytes]) -> str:
+    """A quoted prototxt string literal for ``value`` (bytes: a string that is not UTF-8)."""
+    return '"' + _escape(value if isinstance(value, bytes) else value.encode("utf-8")) + '"'
 
 
 def format_value(field: FieldDescriptor, value: Any) -> str:
@@ -630,7 +843,32 @@ def render_minimal(old: Node, source: bytes, new: Message, path: str = "<text>")
     inserted in canonical form next to the field before them.  So the textual
     diff between ``source`` and the result holds only lines that carry a change.
     """
-    return _MinimalPrinter(source, path).block(old, new, indent="")
+    printer = _MinimalPrinter(source, path)
+    # The top level has no closing brace: what follows its last field (trailing comments) is kept too.
+    return printer.block(old, new, indent="") + printer.text(printer.tail_start(old), len(source))
+
+
+def comment_lines(text: str) -> List[Tuple[int, str]]:
+    """The comments of a prototext, as (line number, comment text from ``#``),
+    a ``#`` inside a quoted string not counting."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        quote = ""
+        escaped = False
+        for index, char in enumerate(line):
+            if quote:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == quote:
+                    quote = ""
+            elif char in "\"'":
+                quote = char
+            elif char == "#":
+                found.append((number, line[index:].rstrip()))
+                break
+    return found
 
 
 def _line_boundary(source: bytes, pos: int) -> int:

@@ -87,6 +87,7 @@ class Trained:
     test_outputs: Dict[str, float]
     message: str
     notes: List[str] = field(default_factory=list)
+    resume_state: Optional[str] = None  # a stopped pycaffe run: the snapshot that continues it
 
 
 # --------------------------------------------------------------------------

@@ -275,10 +275,13 @@ def _check_source(meta: Dict[str, Any], fingerprints: Dict[str, str], net_path: 
 
 
 def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, num_classes: int,
-               net_path: Optional[str] = None, weights: Optional[str] = None) -> WrittenHead:
-    """Write ``deploy.prototxt``, ``linear.caffemodel`` and ``linear.json`` to ``outdir``."""
+               net_path: Optional[str] = None, weights: Optional[str] = None, force: bool = False,
+               inputs: Sequence[Optional[str]] = ()) -> WrittenHead:
+    """Write ``deploy.prototxt``, ``linear.caffemodel`` and ``linear.json`` to ``outdir``,
+    all or nothing; existing files only with ``force``, never over one of
+    ``inputs`` (nor the net and weights read here)."""
     from ..formats.caffemodel import Blob, Model, load_model, save_model
-    from ..formats.files import write_atomic
+    from ..formats.files import staged_outputs
     from ..formats.prototext import print_message
 
     net_path = net_path or meta["net"]
@@ -295,12 +298,13 @@ def write_head(schema: Schema, result: Fit, meta: Dict[str, Any], outdir: str, n
     # float32 like every Caffe blob (a float64 array would be written as double_data, which OpenCV cannot read)
     head_blobs = [Blob.of(result.weights.astype("float32")), Blob.of(result.bias.astype("float32"))]
     blobs[[layer.name for layer in net.layer].index(head_name)] = head_blobs
-    os.makedirs(outdir, exist_ok=True)
-    head = WrittenHead(os.path.join(outdir, "deploy.prototxt"), os.path.join(outdir, "linear.caffemodel"),
-                os.path.join(outdir, "linear.json"), head_name, output)
-    write_atomic(head.deploy, print_message(net))
-    save_model(Model(model_net, blobs), head.weights)
-    write_atomic(head.summary, json.dumps(summary(result, meta, head, num_classes), indent=2) + "\n")
+    names = ("deploy.prototxt", "linear.caffemodel", "linear.json")
+    head = WrittenHead(os.path.join(outdir, names[0]), os.path.join(outdir, names[1]),
+                       os.path.join(outdir, names[2]), head_name, output)
+    with staged_outputs(outdir, names, [net_path, weights, *inputs], force, option="--outdir") as staging:
+        staging.write("deploy.prototxt", print_message(net))
+        save_model(Model(model_net, blobs), staging.path("linear.caffemodel"))
+        staging.write("linear.json", json.dumps(summary(result, meta, head, num_classes), indent=2) + "\n")
     return head
 
 

@@ -190,6 +190,40 @@ def downstream(layers: Sequence[Message], starts: Iterable[int]) -> Set[int]:
     return found
 
 
+def head_outputs(layers: Sequence[Message], head: int) -> Tuple[List[int], str]:
+    """Where a head's scores go: the sink layers (loss, Softmax, Accuracy, ArgMax)
+    reached from layer ``head`` through parameter-free layers only (ReLU, global
+    pooling, Flatten, Dropout: SqueezeNet's conv10 -> ReLU -> AVE pool -> loss),
+    and the blob that carries the scores: the one those sinks read, else the end
+    of the parameter-free chain after the head (its own top when none follows)."""
+    readers = consumers(layers)
+    sinks: List[int] = []
+    seen = {head}
+    stack = [head]
+    while stack:
+        for reader in readers[stack.pop()]:
+            if reader in seen:
+                continue
+            seen.add(reader)
+            layer = layers[reader]
+            if layer.type in SINK_TYPES:
+                sinks.append(reader)
+            elif not param_blob_count(layer) and layer.type not in DATA_TYPES:
+                stack.append(reader)
+    sinks.sort()
+    scored = [layers[i].bottom[0] for i in sinks if layers[i].bottom and layers[i].type != "Accuracy"]
+    if scored or sinks:
+        return sinks, (scored or [layers[sinks[0]].bottom[0]])[0]
+    blob, index = layers[head].top[0], head
+    while True:
+        chain = [reader for reader in readers[index] if not param_blob_count(layers[reader])
+                 and layers[reader].type not in DATA_TYPES and blob in layers[reader].bottom]
+        if len(chain) != 1 or len(readers[index]) != 1 or not layers[chain[0]].top:
+            return [], blob
+        index = chain[0]
+        blob = layers[index].top[0]
+
+
 def upstream(layers: Sequence[Message], starts: Iterable[int]) -> Set[int]:
     """``starts`` and every layer whose output they read, directly or not."""
     sources = producers(layers)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -13,6 +14,7 @@ from google.protobuf.message import Message
 
 from . import graph
 from ..formats import prototext
+from ..formats.caffemodel import text
 from ..errors import CaffeFtError
 from ..formats.schema import is_repeated
 
@@ -175,6 +177,18 @@ def _size(nbytes: int) -> str:
     raise AssertionError  # pragma: no cover
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by "nan", "inf" or "-inf"
+    (JSON has no such numbers; ``json.dumps`` would write invalid ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def describe_model(model: Any) -> Dict[str, Any]:
     """Layers with their blob shapes and parameter counts, and totals."""
     layers = []
@@ -183,7 +197,7 @@ def describe_model(model: Any) -> Dict[str, Any]:
             layer = layer.layer  # V0: the real layer sits inside
         type_field = layer.DESCRIPTOR.fields_by_name["type"]
         kind = prototext.format_value(type_field, layer.type).strip('"')
-        name = layer.name
+        name = text(layer.name)
         layers.append({
             "name": name,
             "type": kind,
@@ -192,7 +206,7 @@ def describe_model(model: Any) -> Dict[str, Any]:
         })
     return {
         "kind": "caffemodel",
-        "name": model.net.name,
+        "name": text(model.net.name),
         "format": "current" if model.layer_field == "layer" else ("V0" if model.v0 else "V1"),
         "layers": layers,
         "params": model.param_count,
@@ -219,10 +233,13 @@ def describe_blob(blob: Any) -> Dict[str, Any]:
     info: Dict[str, Any] = {"kind": "blob", "shape": list(blob.shape), "count": blob.count,
                             "dtype": str(data.dtype)}
     if blob.count:
-        info["min"], info["max"], info["mean"] = float(data.min()), float(data.max()), float(data.mean())
-        if data.ndim >= 3:
-            channels = data.reshape((-1,) + data.shape[-3:]).mean(axis=(0, 2, 3))
-            info["channel_means"] = [float(value) for value in channels]
+        import numpy as np
+
+        with np.errstate(all="ignore"):  # inf and nan values give inf and nan, silently
+            info["min"], info["max"], info["mean"] = float(data.min()), float(data.max()), float(data.mean())
+            if data.ndim >= 3:
+                channels = data.reshape((-1,) + data.shape[-3:]).mean(axis=(0, 2, 3))
+                info["channel_means"] = [float(value) for value in channels]
     return info
 
 
@@ -242,7 +259,7 @@ def describe_solverstate(state: Any) -> Dict[str, Any]:
         "kind": "solverstate",
         "iter": message.iter,
         "current_step": message.current_step,
-        "learned_net": message.learned_net,
+        "learned_net": text(message.learned_net),
         "history": [list(blob.shape) for blob in state.history],
         "history_values": sum(blob.count for blob in state.history),
     }

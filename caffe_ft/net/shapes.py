@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
+from ..formats.limits import shape_problem
 
 Shape = Tuple[int, ...]
 # A top whose shape the layer's parameters do not determine is None.
@@ -825,7 +826,7 @@ def _check_loss_weights(layer: Message) -> None:
 def _missing_shape(layer_name: str, layer_type: str, top: str) -> CaffeFtError:
     return CaffeFtError(
         f"the shape of top '{top}' comes from outside the net ({layer_type}); "
-        f"pass the input shape, e.g. input_shapes={{'{top}': (N, C, H, W)}}",
+        f"pass the input shape: --input-shape {top}=N,C,H,W (from Python: input_shapes={{'{top}': (N, C, H, W)}})",
         layer=layer_name or None,
     )
 
@@ -898,6 +899,11 @@ def infer(
         inferred = rule(layer, bottoms)
         _check_loss_weights(layer)
         tops = _resolve(layer, inferred, given, overridable)
+        for what, shape in [*((f"top '{top}'", s) for top, s in zip(layer.top, tops)),
+                            *((f"parameter blob {i}", s) for i, s in enumerate(inferred.params))]:
+            problem = shape_problem(shape)
+            if problem is not None:
+                raise _fail(layer, f"{what}: {problem}")
         if overridable:
             overridable_tops.update(layer.top)
         blobs.update(zip(layer.top, tops))

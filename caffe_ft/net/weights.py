@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -37,7 +38,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from . import fillers, shapes
-from ..formats.caffemodel import Blob, Model
+from ..formats.caffemodel import Blob, Model, text
 from ..errors import CaffeFtError
 from ..formats.upgrade import net_needs_upgrade, upgrade_net_with_map
 
@@ -108,11 +109,17 @@ class CheckReport:
     ignored: Tuple[IgnoredLayer, ...]
     problems: Tuple[str, ...]
     abort: Optional[str]
+    nonfinite: Tuple[str, ...] = ()  # copied blobs holding NaN or inf: Caffe loads them, training diverges
 
     @property
     def ok(self) -> bool:
         """Whether Caffe would load the weights and start."""
         return self.abort is None
+
+    @property
+    def usable(self) -> bool:
+        """Whether training would start from finite weights."""
+        return self.ok and not self.nonfinite
 
     def by_status(self, status: str) -> List[LayerCheck]:
         return [layer for layer in self.layers if layer.status == status]
@@ -120,9 +127,10 @@ class CheckReport:
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready form (shapes as lists)."""
         return {
-            "ok": self.ok,
+            "ok": self.usable,
             "phase": self.phase,
             "abort": self.abort,
+            "nonfinite": list(self.nonfinite),
             "problems": list(self.problems),
             "layers": [
                 {
@@ -201,7 +209,7 @@ def source_layers(model: Model) -> List[_Source]:
     else:
         index_map = list(range(len(model.blobs)))
     return [
-        _Source(layer.name, layer.type, tuple(model.blobs[old]) if old is not None else ())
+        _Source(text(layer.name), text(layer.type), tuple(model.blobs[old]) if old is not None else ())
         for layer, old in zip(net.layer, index_map)
     ]
 
@@ -342,6 +350,22 @@ def _fresh(target: _Target, ignored: Mapping[str, _Source], duplicate: bool) -> 
     return "not in the weights (a new layer): starts from its fillers", None
 
 
+def with_new_heads(report: "CheckReport", renamed: Mapping[str, str]) -> "CheckReport":
+    """``report`` with the heads a rewrite renamed on purpose (new name -> old) shown
+    as such, not as LIKELY TYPO when their blobs happen to fit the old head's
+    (the same class count)."""
+    import dataclasses
+
+    layers = []
+    for layer in report.layers:
+        old = renamed.get(layer.name)
+        if old is not None and old != layer.name and layer.status == FRESH:
+            layer = dataclasses.replace(layer, likely_typo=None,
+                                        reason=f"the new head, renamed from '{old}' so that it starts from its fillers")
+        layers.append(layer)
+    return dataclasses.replace(report, layers=tuple(layers))
+
+
 def _filler_problems(targets: Sequence[_Target]) -> List[str]:
     """Fillers Caffe rejects while building the net, before any copying."""
     problems = []
@@ -397,13 +421,30 @@ def _check(targets: Sequence[_Target], model: Model, phase: str) -> CheckReport:
         if target.params or index in failures
     ]
     problems = _filler_problems(targets)
+    nonfinite = tuple(
+        f"layer '{row.name}' blob {index}: {note}"
+        for row in rows if row.status == COPIED
+        for index, blob in enumerate(row.source_blobs)
+        for note in [_nonfinite(blob)] if note
+    )
     return CheckReport(
         phase=phase,
         layers=tuple(rows),
         ignored=tuple(IgnoredLayer(s.name, s.type, tuple(b.shape for b in s.blobs)) for s in ignored.values()),
         problems=tuple(problems),
         abort=problems[0] if problems else copy_abort,
+        nonfinite=nonfinite,
     )
+
+
+def _nonfinite(blob: Blob) -> Optional[str]:
+    """How many NaN and inf values ``blob`` holds, or None when all are finite."""
+    data = blob.data
+    if data.size == 0 or bool(np.isfinite(data).all()):
+        return None
+    nans = int(np.isnan(data).sum())
+    infs = int(np.isinf(data).sum())
+    return f"{nans:,} NaN and {infs:,} inf of {data.size:,} values"
 
 
 def _filler_notes(layer: Message) -> Tuple[str, ...]:
@@ -488,8 +529,12 @@ def format_check(report: CheckReport) -> str:
     lines.append(
         ", ".join(f"{entry['layers']} {status} ({entry['params']:,} params)" for status, entry in summary.items())
     )
-    if report.ok:
+    for note in report.nonfinite:
+        lines.append(f"not finite: {note}")
+    if report.usable:
         lines.append("OK: Caffe would load these weights and start training")
+    elif report.ok:
+        lines.append("NOT OK: Caffe would load these weights, but some hold NaN or inf values: training would diverge")
     else:
         lines.append(f"Caffe would abort: {report.abort}")
     return "\n".join(lines) + "\n"
@@ -506,6 +551,29 @@ def _written(blob: Blob, shape: Shape) -> Blob:
     """
     data = blob.data if blob.data.dtype == np.float32 else blob.data.astype(np.float32)
     return Blob(tuple(shape), data.reshape(shape))
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this process can still get (MemAvailable, or free pages), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_memory(needed: int) -> None:
+    """Refuse to fill blobs that cannot fit in memory, before allocating any."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise CaffeFtError(f"the fresh layers' blobs need {needed / 2**30:.1f} GiB, but only "
+                           f"{available / 2**30:.1f} GiB of memory is available")
 
 
 def init(
@@ -533,9 +601,13 @@ def init(
         mismatched = ", ".join(layer.name for layer in report.by_status(MISMATCH))
         where = f" (mismatched: {mismatched}; rename or fix them first)" if mismatched else ""
         raise CaffeFtError(f"Caffe would abort loading these weights: {report.abort}{where}")
+    if report.nonfinite:
+        raise CaffeFtError(f"the weights hold NaN or inf values ({report.nonfinite[0]}); training from them diverges")
     copied: Dict[str, LayerCheck] = {}
     for checked in report.by_status(COPIED):
         copied.setdefault(checked.name, checked)  # rows are in net order: the first layer of a name
+    _check_memory(sum(shapes.count(shape) for target in targets if target.layer.name not in copied
+                      for shape in target.params) * 4)
     rng = np.random.default_rng(seed)
     out = type(current)()
     out.name = current.name

@@ -10,11 +10,14 @@ Two strategies train the head on cached features instead (:mod:`caffe_ft.heads.f
 ``features`` always (scikit-learn; no solver run, no metrics), and
 ``last-fc`` when Caffe's SGD can be replayed on them exactly (same metrics
 and plot; no snapshots but ``final.caffemodel``); otherwise, or with
-``cached=False``, pycaffe trains and the summary says why.
+``cached=False``, pycaffe trains and the summary says why.  With
+``export_onnx``, ``final.onnx`` (the deploy net with the final weights) is
+written beside ``final.caffemodel`` and compared with pycaffe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from ..formats import files, prototext
 from ..errors import CaffeFtError
+from ..training.run import working_directory
 from .rewrite import RewritePlan, summary_text, write_plan
 from ..formats.schema import Schema
 
@@ -34,6 +38,9 @@ METRICS = "metrics.jsonl"
 PLOT = "plot.png"
 INIT = "init.caffemodel"
 FINAL = "final.caffemodel"
+ONNX = "final.onnx"
+BEST = "best.caffemodel"
+PROBE = "probe.caffemodel"
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class FinetuneResult:
     seconds: float
     message: str
     notes: Tuple[str, ...] = ()  # how it was trained (summary.md)
+    resume_state: Optional[str] = None  # stopped: the snapshot ``resume`` continues from
 
 
 def last_test_outputs(metrics_path: str) -> Dict[str, float]:
@@ -67,13 +75,13 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
                 input_shapes: Optional[Dict[str, Any]]) -> str:
     """Check the pretrained weights against the new net and write its starting caffemodel."""
     from ..formats.caffemodel import load_model, save_model
-    from ..net.weights import check, format_check, init
+    from ..net.weights import check, format_check, init, with_new_heads
 
     text = plan.files["train_val.prototxt"][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8"), "train_val.prototxt"),
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), "train_val.prototxt"),
                                 schema.new(files.NET), "train_val.prototxt")
     model = load_model(weights, schema)
-    report = check(net, model, input_shapes=input_shapes)
+    report = with_new_heads(check(net, model, input_shapes=input_shapes), {new: old for old, new in plan.heads.items()})
     out.write(format_check(report) + "\n")
     if not report.ok:
         raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
@@ -84,38 +92,95 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
 
 def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
         force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
-        out: IO[str]) -> FinetuneResult:
+        resume: Optional[str] = None, keep_best: Optional[str] = None, patience: Optional[int] = None,
+        export_onnx: bool = False, out: IO[str]) -> FinetuneResult:
     """Write ``plan``, start from ``weights`` and train; returns the outcome.
 
     ``cached``: let ``last-fc`` train the head on cached features where that
-    gives what pycaffe would (``features`` always does)."""
+    gives what pycaffe would (``features`` always does).  ``resume``: continue
+    a stopped job from its snapshot (the same plan is written again; pycaffe
+    trains on from the snapshot, its metrics appended).  ``keep_best``/``patience``:
+    OUTDIR/best.caffemodel keeps the weights of the best test of that output,
+    and the run stops after ``patience`` tests without a better one
+    (:mod:`caffe_ft.training.best`); training then goes through pycaffe.
+    ``export_onnx``: also write ``final.onnx`` and say in the summary how it was checked."""
     from ..heads import fit
+    from ..training.best import tracker
 
+    tracker(keep_best, patience)  # the options make sense, before anything is written
+    if keep_best and plan.strategy == "features":
+        raise CaffeFtError("--keep-best: --strategy features fits the head in one go; there are no tests to keep")
+    best = Best(keep_best, patience)
     if "solver.prototxt" not in plan.files or "train_val.prototxt" not in plan.files:
         raise CaffeFtError("finetune needs training data (--train-data and --val-data) or a train_val net with a --solver")
     started = time.time()
-    write_plan(plan, force=force)
-    start = _write_init(schema, plan, weights, seed, out, input_shapes)
+    if resume is not None:
+        if plan.strategy == "features":
+            raise CaffeFtError("--strategy features trains no solver: there is nothing to resume")
+        if not os.path.exists(resume):
+            raise CaffeFtError("no such snapshot", resume)
+        resume = os.path.abspath(resume)
+    write_plan(plan, force=force or resume is not None, inputs=[weights])
     metrics = os.path.join(plan.outdir, METRICS)
-    if os.path.exists(metrics):
-        os.unlink(metrics)  # a fresh run: no stale records from an earlier one
-    final = os.path.join(plan.outdir, FINAL)
-    if plan.strategy == "features":
-        trained = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan),
-                                   start, plan.outdir, final, seed, out)
+    if resume is not None:
+        start = resume
     else:
-        trained = _train(schema, plan, start, final, device, seed, cached, out)
+        start = _write_init(schema, plan, weights, seed, out, input_shapes)
+        if os.path.exists(metrics):
+            os.unlink(metrics)  # a fresh run: no stale records from an earlier one
+    # Training runs in OUTDIR: its files name each other and their data from there.
+    here = dataclasses.replace(plan, outdir=os.path.abspath(plan.outdir))
+    start, final = os.path.abspath(start), os.path.join(here.outdir, FINAL)
+    with working_directory(here.outdir):
+        if plan.strategy == "features":
+            trained = fit.fit_features(os.path.join(here.outdir, "train_val.prototxt"), schema, _single_head(plan),
+                                       start, here.outdir, final, seed, out)
+        elif plan.strategy == "lp-ft" and resume is None:
+            trained = _linear_probe_then_finetune(schema, here, start, final, device, seed, out, best)
+        elif resume is not None:
+            solver = os.path.join(here.outdir, "solver.prototxt")
+            trained = _train_pycaffe(schema, solver, start, device, os.path.join(here.outdir, METRICS),
+                                     os.path.join(here.outdir, PLOT), final, out, resume=True, best=best)
+        else:
+            trained = _train(schema, here, start, final, device, seed, cached, out, best)
+    if export_onnx and trained.final_model:
+        trained.notes.append(_export_onnx(schema, here, trained.final_model, out))
+    # Snapshot paths are the solver's, relative to OUTDIR where it ran; the user's are relative to here.
+    state = os.path.relpath(os.path.join(here.outdir, trained.resume_state)) if trained.resume_state else None
     outcome = FinetuneResult(plan.outdir, trained.exit_code, trained.final_model, trained.test_outputs,
-                             time.time() - started, trained.message, tuple(trained.notes))
+                             time.time() - started, trained.message, tuple(trained.notes), state)
     _append_summary(plan, outcome)
     try:
-        html = _write_report(schema, plan, outcome, weights,
-                             {"device": device, "seed": seed, "cached features": cached}, out)
+        # In OUTDIR, as training: the test net names its data from there (and the report its files).
+        with working_directory(here.outdir):
+            html = _write_report(schema, dataclasses.replace(plan, outdir="."), outcome, weights,
+                                 {"device": device, "seed": seed, "cached features": cached}, out)
     except CaffeFtError as exc:  # the model is trained and saved: a report problem does not fail the job
         out.write(f"note: no report: {exc}\n")
     else:
-        out.write(f"report: {html}\n")
+        out.write(f"report: {os.path.join(plan.outdir, os.path.basename(html))}\n")
     return outcome
+
+
+def _export_onnx(schema: Schema, plan: RewritePlan, final: str, out: IO[str]) -> str:
+    """Write ``final.onnx`` from ``deploy.prototxt`` and the final weights, compare
+    it with pycaffe; the summary line saying what was written and checked."""
+    from ..export import to_onnx, verify
+    from ..formats.caffemodel import load_model
+
+    deploy = os.path.join(plan.outdir, "deploy.prototxt")
+    path = os.path.join(plan.outdir, ONNX)
+    options = to_onnx.ExportOptions()
+    try:
+        model = to_onnx.export(files.load_net(deploy, schema), load_model(final, schema), options,
+                               to_onnx.source_metadata(deploy, final, options))
+        files.write_atomic(path, to_onnx.serialize(model))
+    except CaffeFtError as exc:
+        out.write(f"warning: {ONNX} not written: {exc.located(deploy)}\n")
+        return f"{ONNX} not written: {exc}"
+    agreement = verify.compare_with_pycaffe(deploy, final, path)
+    out.write(f"wrote {path}: {agreement}\n")
+    return f"ONNX model: {ONNX} (opset {options.opset}, batch axis N); onnx.checker passed; {agreement}"
 
 
 def _write_report(schema: Schema, plan: RewritePlan, outcome: FinetuneResult, weights: str,
@@ -150,14 +215,45 @@ def _single_head(plan: RewritePlan) -> str:
     return next(iter(plan.heads.values()))
 
 
+def _linear_probe_then_finetune(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int,
+                                out: IO[str], best: "Best") -> "Trained":
+    """lp-ft: the head fitted on cached features (the ``features`` path) into PROBE, then
+    Caffe fine-tunes from PROBE; the notes give the probe's accuracy and the fine-tuned one."""
+    from ..heads import fit
+
+    probe_path = os.path.join(plan.outdir, PROBE)
+    probe = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan), start,
+                             plan.outdir, probe_path, seed, out)
+    out.write(f"lp-ft: linear probe validation accuracy {probe.test_outputs['accuracy']:.4f}; fine-tuning from "
+              f"{PROBE}\n")
+    trained = _train(schema, plan, probe_path, final, device, seed, False, out, best)
+    tuned = trained.test_outputs.get("accuracy")
+    trained.notes[:0] = [f"linear probe (the head on cached features, {PROBE}): validation accuracy "
+                         f"{probe.test_outputs['accuracy']:.4f}",
+                         *probe.notes[:1],
+                         "fine-tuned from the probe: " + (f"accuracy {tuned:.4f} at the last test" if tuned is not None
+                                                          else "no accuracy tested")]
+    return trained
+
+
+@dataclass(frozen=True)
+class Best:
+    """``--keep-best`` and ``--patience`` of a job (both None: neither)."""
+
+    output: Optional[str] = None
+    patience: Optional[int] = None
+
+
 def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int, cached: bool,
-           out: IO[str]) -> "Trained":
+           out: IO[str], best: Best = Best()) -> "Trained":
     """last-fc on cached features where that gives what pycaffe gives, else pycaffe (saying why)."""
     from ..heads import fit
 
     solver = os.path.join(plan.outdir, "solver.prototxt")
     metrics, plot = os.path.join(plan.outdir, METRICS), os.path.join(plan.outdir, PLOT)
     job, reasons = fit.analyse(solver, schema, device) if plan.strategy == "last-fc" and cached else (None, [])
+    if job is not None and best.output is not None:
+        job, reasons = None, ["--keep-best writes the weights at each best test, which pycaffe's loop does"]
     if job is not None:
         out.write("last-fc: the trunk gives the same features at every iteration; training the head on cached "
                   "features with Caffe's SGD\n")
@@ -165,26 +261,32 @@ def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: st
     notes = [f"trained with pycaffe, not on cached features: {'; '.join(reasons)}"] if reasons else []
     for note in notes:
         out.write(f"note: {note}\n")
-    trained = _train_pycaffe(schema, solver, start, device, metrics, plot, final, out)
-    trained.notes.extend(notes)
+    trained = _train_pycaffe(schema, solver, start, device, metrics, plot, final, out, best=best)
+    trained.notes[:0] = notes
     return trained
 
 
 def _train_pycaffe(schema: Schema, solver: str, start: str, device: str, metrics: str, plot: str, final: str,
-                   out: IO[str]) -> "Trained":
-    """Caffe's own training through pycaffe (:mod:`caffe_ft.training.pycaffe`); copies the last snapshot to ``final``."""
+                   out: IO[str], resume: bool = False, best: Best = Best()) -> "Trained":
+    """Caffe's own training through pycaffe (:mod:`caffe_ft.training.pycaffe`) from the weights ``start``
+    (with ``resume``: from the snapshot ``start``); copies the last snapshot to ``final``."""
     from ..heads.fit import Trained
     from ..training.pycaffe import train
     from ..training.run import TrainOptions
 
-    options = TrainOptions(solver=solver, weights=start, device=device, metrics=metrics, plot=plot)
+    options = TrainOptions(solver=solver, weights=None if resume else start, resume=start if resume else None,
+                           device=device, metrics=metrics, plot=plot, keep_best=best.output,
+                           patience=best.patience,
+                           best_model=os.path.join(os.path.dirname(final), BEST) if best.output else None)
     result = train(options, schema, out)
     copied = None
     if result.status == "done" and result.snapshot:
         shutil.copyfile(result.snapshot[0], final + ".tmp")
         os.replace(final + ".tmp", final)
         copied = final
-    return Trained(result.exit_code, copied, last_test_outputs(metrics), result.message)
+    state = result.snapshot[1] if result.status != "done" and result.snapshot else None
+    return Trained(result.exit_code, copied, last_test_outputs(metrics), result.message, list(result.best_notes),
+                   resume_state=state)
 
 
 def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:
@@ -193,7 +295,8 @@ def _append_summary(plan: RewritePlan, outcome: FinetuneResult) -> None:
     for name, value in sorted(outcome.test_outputs.items()):
         lines.append(f"- final {name}: {value:.4f}")
     lines.extend(f"- {note}" for note in outcome.notes)
-    lines.append(f"- final weights: {outcome.final_model or '(none: ' + outcome.message + ')'}")
+    final = os.path.relpath(outcome.final_model, os.path.abspath(plan.outdir)) if outcome.final_model else None
+    lines.append(f"- final weights: {final or '(none: ' + outcome.message + ')'}")
     if os.path.exists(os.path.join(plan.outdir, METRICS)):
         lines.append(f"- metrics: {METRICS}, plot: {PLOT}")
     lines.append("- report: report.html (report.json)")

@@ -37,6 +37,8 @@ class RewriteOptions:
     dataset_size: Optional[int] = None
     similarity: Optional[str] = None
     input_shapes: InputShapes = field(default_factory=dict)
+    then: str = "full"  # lp-ft: the strategy the fine-tuning after the linear probe follows
+    class_weights: Optional[str] = None  # "auto" or a file of one weight per class: InfogainLoss (class_weights.py)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,9 @@ class FinetuneOptions:
 
     ``device``: ``"cpu"``, ``"solver"`` (the solver's own ``solver_mode``) or
     GPU ids (``"0"``, ``"0,1"``, ``"all"``).  ``cached``: let ``last-fc`` train
-    the head on cached features where that gives what pycaffe would.
+    the head on cached features where that gives what pycaffe would.  ``resume``:
+    the snapshot a stopped job left (its message names it); the job continues from it.
+    ``export_onnx``: also write ``final.onnx``, checked against pycaffe.
     """
 
     rewrite: RewriteOptions
@@ -53,3 +57,7 @@ class FinetuneOptions:
     seed: int = 0
     force: bool = False
     cached: bool = True
+    resume: Optional[str] = None  # a .solverstate of a stopped run: continue it instead of starting afresh
+    keep_best: Optional[str] = None  # a test output: OUTDIR/best.caffemodel keeps the weights of its best test
+    patience: Optional[int] = None  # stop after this many tests without a better keep_best value
+    export_onnx: bool = False

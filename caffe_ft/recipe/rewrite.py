@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 from google.protobuf.message import Message
 
@@ -32,6 +32,9 @@ from ..errors import CaffeFtError
 from ..formats.files import NET, SOLVER, TextFile
 from ..formats.numbers import format_float
 from ..formats.schema import Schema
+
+if TYPE_CHECKING:
+    from .solver import Schedule
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
 LOSS_SUFFIX = "Loss"
@@ -54,13 +57,34 @@ class DataOptions:
     scale: Optional[float] = None
     mirror: Optional[bool] = None
     root_folder: Optional[str] = None
+    channels: Optional[int] = None  # --gray (1) / --color (3): what the net's input gets
 
 
 @dataclass(frozen=True)
 class SolverOptions:
+    """How the solver is rewritten: ``base_lr`` times ``lr_scale``; the run in
+    ``epochs`` of the training data (default: by strategy and data size) or
+    ``max_iter`` iterations; ``step_scale`` only where the data's size is unknown."""
+
     lr_scale: float = 0.1
     step_scale: float = 0.2
     max_iter: Optional[int] = None
+    epochs: Optional[int] = None
+
+
+class UnknownInputShape(CaffeFtError):
+    """Nothing tells the size of the net's input (an LMDB net without crop, data or mean file)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """What one example of the data is, as far as the files tell: ``shape``
+    (C, H, W; None when unknown), where that came from, and each phase's data
+    layer type (ImageData or Data) by what its source is."""
+
+    shape: Optional[Tuple[int, int, int]] = None
+    origin: str = ""
+    kinds: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -72,15 +96,13 @@ class RewritePlan:
     summary: List[str]
     strategy: str
     heads: Dict[str, str]
+    # The train net's input shapes where its data layers do not tell (no crop or resize): the data's.
+    input_shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # Binary files beside the nets: name -> BlobProto (--class-weights' InfogainLoss H matrix).
+    blobs: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def paths(self) -> Dict[str, str]:
         return {name: os.path.join(self.outdir, name) for name in self.files}
-
-
-def count_images(list_path: str) -> int:
-    """Number of examples in an image list (non-empty lines)."""
-    with open(list_path, encoding="utf-8", errors="replace") as handle:
-        return sum(1 for line in handle if line.strip())
 
 
 # ---------------------------------------------------------------------------
@@ -109,12 +131,11 @@ def _phase_name(layer: Message) -> Optional[str]:
     return None
 
 
-def _head_tops(net: Message, heads: Sequence[str]) -> List[str]:
-    tops = []
-    for name in heads:
-        layer = net.layer[graph.layer_index(net, name)]
-        tops.append(layer.top[0])
-    return tops
+def _head_scores(net: Message, heads: Sequence[str]) -> List[Tuple[List[int], str]]:
+    """For each head, the sink layers its scores reach (through parameter-free
+    layers) and the blob carrying its scores (:func:`graph.head_outputs`)."""
+    layers = list(net.layer)
+    return [graph.head_outputs(layers, graph.layer_index(net, name)) for name in heads]
 
 
 # ---------------------------------------------------------------------------
@@ -186,11 +207,14 @@ def _new_data_layers(
     tops: Tuple[str, str],
     originals: Sequence[Message],
     input_shape: Optional[Sequence[int]] = None,
+    item: Optional[Item] = None,
 ) -> List[Message]:
-    """TRAIN and TEST data layers reading ``data``.
+    """TRAIN and TEST data layers reading ``data`` (its paths as the written
+    file names them, its ``kinds`` as the sources are).
 
     ``originals`` are the data layers being replaced (their preprocessing is
     kept); a deploy net has none and gives its ``input_shape`` instead.
+    ``item``: what one example of the data is (for grey or colour input).
     """
     assert data.train and data.val
     by_phase = {_phase_name(layer): layer for layer in originals}
@@ -216,7 +240,7 @@ def _new_data_layers(
         transforms.append(transform)
         phases.append({
             "name": phase,
-            "type": _source_kind(source),
+            "type": item.kinds[phase] if item is not None and phase in item.kinds else _source_kind(source),
             "source": source,
             "batch_size": batch,
             "shuffle": phase == "TRAIN",
@@ -224,20 +248,25 @@ def _new_data_layers(
         })
     return _render_layers(
         schema, "data_layers.prototxt.j2", phases=phases, name=name, data_top=tops[0], label_top=tops[1],
-        new_size=resize, is_color=_channels(first, deploy_channels, transforms[0]) != 1,
+        new_size=resize, is_color=_channels(first, deploy_channels, transforms[0], data, item) != 1,
         root_folder=data.root_folder,
     )
 
 
-def _channels(first: Optional[Message], deploy_channels: Optional[int], transform: Message) -> int:
-    """Channels the new data layers must give: the deploy input's, or the
-    replaced ImageData's colour setting; an LMDB's items cannot be looked at,
-    so there a single mean value means grey (as :func:`_shape_from_transform`
-    reads it), lest a grey net (LeNet) get colour images its weights do not fit."""
+def _channels(first: Optional[Message], deploy_channels: Optional[int], transform: Message,
+              data: DataOptions, item: Optional[Item] = None) -> int:
+    """Channels the new data layers must give: ``--gray``/``--color``, the deploy
+    input's, the replaced ImageData's colour setting, what the data's first
+    example is (its image's header, its Datum); else a single mean value means
+    grey, lest a grey net (LeNet) get colour images its weights do not fit."""
+    if data.channels is not None:
+        return data.channels
     if deploy_channels is not None:
         return deploy_channels
     if first is not None and first.HasField("image_data_param"):
         return 3 if first.image_data_param.is_color else 1
+    if item is not None and item.shape is not None:
+        return item.shape[0]
     return 1 if len(transform.mean_value) == 1 else 3
 
 
@@ -258,7 +287,8 @@ def _replace_layers(net: Message, remove: Sequence[int], insert_at: int, new_lay
     net.layer.extend(copies)
 
 
-def to_train_val(schema: Schema, deploy: Message, heads: Sequence[str], data: DataOptions) -> Message:
+def to_train_val(schema: Schema, deploy: Message, heads: Sequence[str], data: DataOptions,
+                 item: Optional[Item] = None) -> Message:
     """A train_val net built from a deploy net: data layers and losses added."""
     net = type(deploy)()
     net.CopyFrom(deploy)
@@ -267,22 +297,25 @@ def to_train_val(schema: Schema, deploy: Message, heads: Sequence[str], data: Da
         raise CaffeFtError(f"a deploy net needs exactly one Input layer to be given data, found {len(inputs)}")
     source = net.layer[inputs[0]]
     shape = list(source.input_param.shape[0].dim) if source.input_param.shape else None
-    layers = _new_data_layers(schema, data, source.name, (source.top[0], "label"), [], shape)
+    layers = _new_data_layers(schema, data, source.name, (source.top[0], "label"), [], shape, item)
     _replace_layers(net, inputs, inputs[0], layers)
-    head_tops = set(_head_tops(net, heads))
-    # Output layers of the deploy net (a Softmax over the scores) give way to the loss.
-    outputs = [i for i, layer in enumerate(net.layer)
-               if layer.type in ("Softmax", "ArgMax") and set(layer.bottom) & head_tops]
+    # Output layers of the deploy net (a Softmax over the scores) give way to the loss,
+    # which reads what they read (after any ReLU, pooling... between the head and them).
+    scores = _head_scores(net, heads)
+    outputs = sorted({i for sinks, _ in scores for i in sinks if net.layer[i].type in ("Softmax", "ArgMax")})
     _replace_layers(net, outputs, len(net.layer), [])
-    for index, top in enumerate(_head_tops(net, heads)):
+    for index, (_, top) in enumerate(scores):
         prefix = "" if len(heads) == 1 else f"{heads[index]}/"
         net.layer.extend(_render_layers(schema, "loss_layers.prototxt.j2", prefix=prefix, scores=top, label="label"))
     return net
 
 
-def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str]) -> Message:
+def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Optional[Item] = None,
+              crop: Optional[int] = None, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Message:
     """The deploy net matching a train_val net: TEST-phase layers, data and
-    loss layers replaced by an Input layer and a Softmax per head."""
+    loss layers replaced by an Input layer and a Softmax per head.  The input
+    shape is what the data layer gives; where its settings do not tell (no
+    crop or resize), ``crop`` (``--crop-size``) or the data's ``item``."""
     from ..net.shapes import filter_layers, infer
 
     net = type(train_val)()
@@ -290,15 +323,17 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str]) -> Messa
     kept = filter_layers(net, "TEST")
     del net.layer[:]
     net.layer.extend(kept)
+    scores = [blob for _, blob in _head_scores(net, heads)]
     sources = data_layers(net)
     data_tops = {top for i in sources for top in net.layer[i].top[1:]}  # labels
     input_message = None
     if sources:
         first = net.layer[sources[0]]
         try:
-            shape = list(infer(train_val, phase="TEST").blobs[first.top[0]])
+            shape = list(infer(train_val, phase="TEST", input_shapes=input_shapes or None).blobs[first.top[0]])
         except CaffeFtError:
-            shape = _shape_from_transform(first)
+            given = (input_shapes or {}).get(first.top[0])
+            shape = list(given) if given else _shape_from_transform(first, item, crop)
         shape[0] = 1
         input_message = {"name": first.name, "top": first.top[0], "shape": shape}
     drop = set(sources)
@@ -313,7 +348,7 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str]) -> Messa
         del layer.exclude[:]
     existing = {layer.name for layer in net.layer}
     softmax = []
-    for index, top in enumerate(_head_tops(net, heads)):
+    for index, top in enumerate(scores):
         consumers = [layer for layer in net.layer if top in layer.bottom and layer.type in ("Softmax", "ArgMax")]
         if consumers:
             continue
@@ -325,24 +360,31 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str]) -> Messa
     return net
 
 
-def _shape_from_transform(layer: Message) -> List[int]:
-    """The input shape a data layer feeds, from its crop or resize settings,
-    for data whose items cannot be looked at (an LMDB)."""
+def _shape_from_transform(layer: Message, item: Optional[Item] = None, crop: Optional[int] = None) -> List[int]:
+    """The input shape a data layer feeds, from its crop or resize settings
+    (or ``crop``), else from what one example of its data is (``item``)."""
     transform = layer.transform_param
-    size = transform.crop_size
-    if not size and layer.HasField("image_data_param"):
-        size = layer.image_data_param.new_height
-    if not size:
-        raise CaffeFtError(
-            f"cannot tell the input shape of the deploy net: data layer '{layer.name}' sets no crop_size; "
-            "give --crop-size"
+    size = crop or transform.crop_size
+    height, width = size, size
+    if not size and layer.HasField("image_data_param") and layer.image_data_param.new_height:
+        height, width = layer.image_data_param.new_height, layer.image_data_param.new_width
+    elif not size and item is not None and item.shape is not None:
+        height, width = item.shape[1], item.shape[2]
+    if not height:
+        raise UnknownInputShape(
+            f"cannot tell the input shape of the deploy net: data layer '{layer.name}' sets no crop_size and "
+            "its data cannot be looked at; give --crop-size, --input-shape or --train-data"
         )
-    grey = layer.HasField("image_data_param") and not layer.image_data_param.is_color
-    channels = 1 if grey or len(transform.mean_value) == 1 else 3
-    return [1, channels, size, size]
+    if layer.HasField("image_data_param"):
+        channels = 3 if layer.image_data_param.is_color else 1
+    elif item is not None and item.shape is not None:
+        channels = item.shape[0]
+    else:
+        channels = 1 if len(transform.mean_value) == 1 else 3
+    return [1, channels, height, width]
 
 
-def _with_data(schema: Schema, net: Message, data: DataOptions) -> Message:
+def _with_data(schema: Schema, net: Message, data: DataOptions, item: Optional[Item] = None) -> Message:
     """A train_val net whose data layers read the new data, keeping their preprocessing."""
     result = type(net)()
     result.CopyFrom(net)
@@ -351,7 +393,7 @@ def _with_data(schema: Schema, net: Message, data: DataOptions) -> Message:
         raise CaffeFtError("the net has no data layers to point at the new data")
     first = result.layer[indices[0]]
     tops = (first.top[0], first.top[1] if len(first.top) > 1 else "label")
-    layers = _new_data_layers(schema, data, first.name, tops, [result.layer[i] for i in indices])
+    layers = _new_data_layers(schema, data, first.name, tops, [result.layer[i] for i in indices], None, item)
     _replace_layers(result, indices, indices[0], layers)
     return result
 
@@ -394,16 +436,107 @@ def _solver_text(file: TextFile, solver: Message, originals: Mapping[str, object
     return "".join(lines)
 
 
-def _default_solver(schema: Schema, net_path: str, prefix: str, train_size: int, val_size: int,
-                    data: DataOptions, options: SolverOptions) -> Message:
-    epoch = max(1, -(-train_size // data.batch_size))
-    max_iter = options.max_iter or max(100, 10 * epoch)
+def _default_solver(schema: Schema, net_path: str, prefix: str, schedule: "Schedule",
+                    options: SolverOptions) -> Tuple[Message, List[str]]:
+    """The fine-tuning template's solver, its run measured in epochs of the data."""
+    from .solver import test_interval_for
+
+    epoch = schedule.epoch_iters
+    epochs, reason = schedule.default_epochs()
+    max_iter = options.max_iter or epochs * epoch
+    interval = test_interval_for(max_iter, epoch)
+    test_iter = max(1, -(-schedule.val_size // schedule.val_batch))
     text = templating.render(
-        "solver.prototxt.j2", net=net_path, test_iter=max(1, -(-val_size // data.val_batch_size)),
-        test_interval=epoch, base_lr=0.001, display=max(1, min(20, epoch)), max_iter=max_iter,
-        stepsize=max(1, max_iter // 3), snapshot=max_iter, snapshot_prefix=prefix, solver_mode="CPU",
+        "solver.prototxt.j2", net=net_path, test_iter=test_iter,
+        test_interval=interval, base_lr=0.001, display=max(1, min(20, interval)), max_iter=max_iter,
+        stepsize=max(1, max_iter // 3), snapshot=0, snapshot_prefix=prefix, solver_mode="CPU",
     )
-    return prototext.to_message(prototext.parse(text.encode()), schema.new(SOLVER), "solver.prototxt.j2")
+    run = ("max_iter given" if options.max_iter else
+           f"{epochs} epochs ({reason}) of {schedule.train_size} examples in batches of {schedule.batch}")
+    notes = [f"max_iter {max_iter} ({run}); a step at a third of the run; "
+             f"test_interval {interval} ({interval / epoch:.3g} epoch(s); the last test at max_iter scores the final "
+             f"weights), test_iter {test_iter} ({schedule.val_size} validation examples once)"]
+    return prototext.to_message(prototext.parse(text.encode()), schema.new(SOLVER), "solver.prototxt.j2"), notes
+
+
+def relative_to(path: Optional[str], folder: str) -> Optional[str]:
+    """``path`` (relative to the working directory) as seen from ``folder``, where the
+    file naming it is written; an absolute path stays as it is."""
+    if not path or os.path.isabs(path):
+        return path
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+    return relative + ("/" if path.endswith("/") and not relative.endswith("/") else "")
+
+
+def _images_root(data: DataOptions, outdir: str) -> Optional[str]:
+    """The root_folder the written ImageData layers need for the list's relative
+    entries to resolve from ``outdir`` (where training runs): the given
+    ``--root-folder``, else the folder the first entry exists under (the working
+    directory, as Caffe reads it, or the list's own folder)."""
+    from ..data.sources import read_image_list
+
+    if data.root_folder:
+        return relative_to(data.root_folder.rstrip("/") + "/", outdir)
+    if not data.train or os.path.isdir(data.train):
+        return None
+    try:
+        name = read_image_list(data.train)[0][0]
+    except CaffeFtError:
+        return None
+    if os.path.isabs(name):
+        return None
+    for base in (".", os.path.dirname(data.train) or "."):
+        if os.path.exists(os.path.join(base, name)):
+            root = os.path.relpath(os.path.abspath(base), os.path.abspath(outdir))
+            return None if root == "." else root + "/"
+    return None
+
+
+def written_data(data: DataOptions, outdir: str) -> DataOptions:
+    """``data`` with its paths as the files written to ``outdir`` must name them."""
+    return dataclasses.replace(
+        data, train=relative_to(data.train, outdir), val=relative_to(data.val, outdir),
+        mean_file=relative_to(data.mean_file, outdir), root_folder=_images_root(data, outdir),
+    )
+
+
+def _data_top(net: Message) -> Optional[str]:
+    layers = data_layers(net) or input_layers(net)
+    return net.layer[layers[0]].top[0] if layers and len(net.layer[layers[0]].top) else None
+
+
+def data_item(schema: Schema, net: Message, data: DataOptions,
+              input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Item:
+    """What one example of the net's input is, from what exists: ``--input-shape``,
+    the first example of ``--train-data`` (an image's header, an LMDB's first
+    Datum), the mean file; ``--gray``/``--color`` decide the channels."""
+    from ..data.sources import first_item_shape
+
+    kinds = {phase: _source_kind(source) for phase, source in (("TRAIN", data.train), ("TEST", data.val)) if source}
+    shape: Optional[Tuple[int, int, int]] = None
+    origin = ""
+    top = _data_top(net)
+    given = (input_shapes or {}).get(top or "")
+    if given is not None and len(given) == 4:
+        shape, origin = (int(given[1]), int(given[2]), int(given[3])), "--input-shape"
+    if shape is None and data.train:
+        found = first_item_shape(data.train, schema, data.root_folder or "")
+        if found is not None:
+            shape, origin = found, f"the first example of {data.train}"
+    mean_file = data.mean_file or next((net.layer[i].transform_param.mean_file for i in data_layers(net)
+                                        if net.layer[i].transform_param.mean_file), "")
+    if shape is None and mean_file and os.path.exists(mean_file):
+        from ..formats.caffemodel import load_blob
+
+        try:
+            dims = load_blob(mean_file, schema).shape
+        except CaffeFtError:
+            dims = ()
+        if len(dims) == 4:
+            shape, origin = (int(dims[1]), int(dims[2]), int(dims[3])), f"the mean file {mean_file}"
+    if data.channels is not None:
+        shape = (data.channels, shape[1], shape[2]) if shape is not None else None
+    return Item(shape, origin, kinds)
 
 
 def plan(
@@ -416,9 +549,14 @@ def plan(
     solver_file: Optional[TextFile] = None,
     deploy_file: Optional[TextFile] = None,
     solver_options: SolverOptions = SolverOptions(),
+    input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
 ) -> RewritePlan:
-    """Everything a rewrite writes, without writing it."""
-    from .solver import rewrite_solver, solver_originals
+    """Everything a rewrite writes, without writing it.
+
+    Paths in the written files are relative to ``outdir`` (where they are
+    written, and where training runs), except where the input gave them absolute."""
+    from ..data.sources import count_items
+    from .solver import Schedule, looks_like_finetuning, rewrite_solver, solver_originals
 
     if bool(data.train) != bool(data.val):
         raise CaffeFtError("give both --train-data and --val-data, or neither")
@@ -429,20 +567,25 @@ def plan(
     heads = [result.heads.get(name, name) for name in result.heads]
     files: Dict[str, Tuple[str, Optional[str], Optional[str]]] = {}
     deploy_input = is_deploy(net)
+    item = data_item(schema, net, data, input_shapes)
+    written = written_data(data, outdir)
+    if item.shape is not None and data.train:
+        summary.append(f"input example {'x'.join(map(str, item.shape))} (C x H x W) from {item.origin}")
     train_val: Optional[Message] = None
     train_val_source: Optional[TextFile] = None
+    deploy: Optional[Message] = None
     if deploy_input:
         deploy = result.net
         deploy_source: Optional[TextFile] = net_file
         if data.train:
-            train_val = to_train_val(schema, result.net, heads, data)
+            train_val = to_train_val(schema, result.net, heads, written, item)
             train_val_source = net_file
             summary.append(f"train_val.prototxt: data from {data.train} (TRAIN) and {data.val} (TEST), "
                            "SoftmaxWithLoss and Accuracy added")
         else:
             summary.append("no --train-data/--val-data: only deploy.prototxt is written")
     else:
-        train_val = _with_data(schema, result.net, data) if data.train else result.net
+        train_val = _with_data(schema, result.net, written, item) if data.train else result.net
         train_val_source = net_file
         if data.train:
             summary.append(f"data layers now read {data.train} (TRAIN) and {data.val} (TEST)")
@@ -456,39 +599,87 @@ def plan(
             deploy = _rename_like(deploy_result.net, deploy_result.heads, result.heads)
             deploy_source = deploy_file
         else:
-            deploy = to_deploy(schema, train_val, heads)
+            try:
+                deploy = to_deploy(schema, train_val, heads, item, None if data.train else data.crop_size,
+                                   input_shapes)
+            except UnknownInputShape as exc:
+                if data.train:
+                    raise
+                deploy = None
+                summary.append(f"deploy.prototxt not written: {exc.message}")
             deploy_source = net_file
     if train_val is not None and data.train:
-        check_one_label_per_score(train_val)
+        check_one_label_per_score(train_val, crop_given=data.crop_size is not None)
     if train_val is not None:
         files["train_val.prototxt"] = (_edit_text(train_val_source, train_val),
                                        train_val_source.path if train_val_source else None,
                                        train_val_source.data.decode("utf-8", "replace") if train_val_source else None)
-    files["deploy.prototxt"] = (_edit_text(deploy_source, deploy), deploy_source.path if deploy_source else None,
-                                deploy_source.data.decode("utf-8", "replace") if deploy_source else None)
-    net_path = os.path.join(outdir, "train_val.prototxt")
-    prefix = os.path.join(outdir, (net.name or "finetune").replace(" ", "_").lower())
+    if deploy is not None:
+        files["deploy.prototxt"] = (_edit_text(deploy_source, deploy), deploy_source.path if deploy_source else None,
+                                    deploy_source.data.decode("utf-8", "replace") if deploy_source else None)
+    net_path = "train_val.prototxt"  # beside the solver: training runs in outdir
+    prefix = (net.name or "finetune").replace(" ", "_").lower()
+    train_size = count_items(data.train) if data.train else 0
+    schedule = None
+    if train_size:
+        schedule = Schedule(train_size, data.batch_size, count_items(data.val) if data.val else 0,
+                            data.val_batch_size, solver_options.epochs, strategy)
     if solver_file is not None:
         originals = read_originals(solver_file)
+        finetuning = None if originals else looks_like_finetuning(solver_file.message, net)
         solver, notes = rewrite_solver(
             solver_file.message, lr_scale=solver_options.lr_scale, step_scale=solver_options.step_scale,
             max_iter=solver_options.max_iter, net_path=net_path, snapshot_prefix=prefix,
-            originals=originals or None,
+            originals=originals or None, schedule=schedule, finetuning=finetuning,
         )
         summary.extend(notes)
-        summary.extend(_fit_test_iter(solver, data))
         recorded = originals or solver_originals(solver_file.message)
         files["solver.prototxt"] = (_solver_text(solver_file, solver, recorded), solver_file.path,
                                     solver_file.data.decode("utf-8", "replace"))
-    elif data.train and train_val is not None:
-        solver = _default_solver(schema, net_path, prefix, count_images_or_zero(data.train),
-                                 count_images_or_zero(data.val or ""), data, solver_options)
+    elif schedule is not None and train_val is not None:
+        solver, notes = _default_solver(schema, net_path, prefix, schedule, solver_options)
         summary.append("no --solver: solver.prototxt made from the fine-tuning template (SGD, step policy)")
+        summary.extend(notes)
         files["solver.prototxt"] = (prototext.print_message(solver), None, None)
-    return RewritePlan(outdir, files, summary, strategy, dict(result.heads))
+    summary.extend(dropped_comments(files))
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if data.train and train_val is not None and deploy is not None and input_layers(deploy):
+        source = deploy.layer[input_layers(deploy)[0]]
+        if source.input_param.shape and len(source.input_param.shape[0].dim) == 4:
+            shapes[source.top[0]] = (data.batch_size, *source.input_param.shape[0].dim[1:])
+    return RewritePlan(outdir, files, summary, strategy, dict(result.heads), shapes)
 
 
-def check_one_label_per_score(net: Message) -> None:
+def dropped_comments(files: Dict[str, Tuple[str, Optional[str], Optional[str]]]) -> List[str]:
+    """Summary lines for the input comments an output no longer has: those inside
+    a layer or field that was replaced or removed (a commented-out block in a
+    replaced data layer) go with it, and the reviewer is told which."""
+    from collections import Counter
+
+    notes = []
+    for name, (text, source, before) in sorted(files.items()):
+        if before is None:
+            continue
+        kept = Counter(comment for _, comment in prototext.comment_lines(text))
+        runs: List[List[Tuple[int, str]]] = []  # consecutive lost lines, shown as one range
+        for number, comment in prototext.comment_lines(before):
+            if kept[comment]:
+                kept[comment] -= 1
+            elif runs and runs[-1][-1][0] == number - 1:
+                runs[-1].append((number, comment))
+            else:
+                runs.append([(number, comment)])
+        if runs:
+            shown = "; ".join(
+                (f"lines {run[0][0]}-{run[-1][0]}" if len(run) > 1 else f"line {run[0][0]}") + f" '{run[0][1]}'"
+                + (" ..." if len(run) > 1 else "") for run in runs)
+            count = sum(len(run) for run in runs)
+            notes.append(f"{name}: {count} comment line(s) of {source} went with the layers or fields "
+                         f"they sat in (replaced or removed): {shown}")
+    return notes
+
+
+def check_one_label_per_score(net: Message, crop_given: bool = False) -> None:
     """Refuse a train net whose SoftmaxWithLoss gets more predictions than
     labels (Caffe aborts on it): an image list gives one label per image,
     but a fully convolutional head scores a grid of positions unless the
@@ -507,33 +698,13 @@ def check_one_label_per_score(net: Message) -> None:
         axis = layer.softmax_param.axis % len(scores)
         per_image = math.prod(scores[axis + 1:])
         if math.prod(scores[:axis]) * per_image != math.prod(labels):
+            fix = ("--crop-size does not give one score per image; use the input size at which it scores each "
+                   "image once" if crop_given else
+                   "give --crop-size with the input size at which it scores each image once")
             raise CaffeFtError(
                 f"'{layer.bottom[0]}' has shape {' x '.join(map(str, scores))}: {per_image} scores per image "
-                f"for one label; give --crop-size with the input size at which it scores each image once "
-                f"(a fully convolutional net: the size it was trained at)", layer=layer.name,
+                f"for one label; {fix} (a fully convolutional net: the size it was trained at)", layer=layer.name,
             )
-
-
-def _fit_test_iter(solver: Message, data: DataOptions) -> List[str]:
-    """With a new validation list, one test pass covers it once (test_iter = ceil(n / batch))."""
-    count = count_images_or_zero(data.val) if data.val else 0
-    if not count or not len(solver.test_iter):
-        return []
-    wanted = -(-count // data.val_batch_size)
-    if all(value == wanted for value in solver.test_iter):
-        return []
-    old = ", ".join(map(str, solver.test_iter))
-    solver.test_iter[:] = [wanted] * len(solver.test_iter)
-    return [f"test_iter: {old} -> {wanted} ({count} validation images, batches of {data.val_batch_size})"]
-
-
-def count_images_or_zero(source: str) -> int:
-    if os.path.isdir(source):
-        return 0
-    try:
-        return count_images(source)
-    except OSError:
-        return 0
 
 
 def _rename_like(net: Message, got: Dict[str, str], wanted: Dict[str, str]) -> Message:
@@ -573,35 +744,62 @@ def summary_text(result: RewritePlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unified_diff(result: RewritePlan) -> str:
-    """Every output as a unified diff against the file it was edited from."""
+def _unified(before: List[str], after: List[str], fromfile: str, tofile: str, context: int = 3) -> List[str]:
+    """``diff -u`` of two line lists.  difflib's own unified_diff treats lines that
+    are frequent (a prototxt's ``}`` and ``param {``) as junk and reports them
+    changed; matching without that heuristic gives diff's minimal hunks."""
     import difflib
 
+    matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
+    chunks: List[str] = []
+    for group in matcher.get_grouped_opcodes(context):
+        if not chunks:
+            chunks += [f"--- {fromfile}\n", f"+++ {tofile}\n"]
+        first, last = group[0], group[-1]
+        old_start, old_len = first[1], last[2] - first[1]
+        new_start, new_len = first[3], last[4] - first[3]
+        chunks.append(f"@@ -{_range(old_start, old_len)} +{_range(new_start, new_len)} @@\n")
+        for tag, i1, i2, j1, j2 in group:
+            if tag == "equal":
+                chunks += [" " + line for line in before[i1:i2]]
+                continue
+            chunks += ["-" + line for line in before[i1:i2]]
+            chunks += ["+" + line for line in after[j1:j2]]
+    return [line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in chunks]
+
+
+def _range(start: int, length: int) -> str:
+    """A hunk's line range as diff -u prints it (1-based; an empty range names the line before)."""
+    if length == 1:
+        return str(start + 1)
+    return f"{start + 1 if length else start},{length}"
+
+
+def unified_diff(result: RewritePlan) -> str:
+    """Every output as a unified diff against the file it was edited from."""
     chunks: List[str] = []
     for name, (text, source, before) in sorted(result.files.items()):
         target = os.path.join(result.outdir, name)
-        chunks.extend(difflib.unified_diff(
-            (before or "").splitlines(True), text.splitlines(True),
-            fromfile=source or "/dev/null", tofile=target,
-        ))
+        chunks.extend(_unified((before or "").splitlines(True), text.splitlines(True),
+                               source or "/dev/null", target))
     return "".join(chunks)
 
 
-def write_plan(result: RewritePlan, force: bool = False) -> None:
-    """Write every file of the plan; refuses to overwrite unless ``force``."""
-    from ..formats.files import write_atomic
+def write_plan(result: RewritePlan, force: bool = False, inputs: Sequence[Optional[str]] = ()) -> None:
+    """Write every file of the plan, all or nothing (see ``files.staged_outputs``).
 
-    targets = dict(result.paths())
-    targets[SUMMARY_FILE] = os.path.join(result.outdir, SUMMARY_FILE)
-    if not force:
-        existing = [path for path in targets.values() if os.path.exists(path)]
-        if existing:
-            raise CaffeFtError(
-                f"{existing[0]} exists; choose another --outdir or pass --force to overwrite"
-            )
-    if os.path.exists(result.outdir) and not os.path.isdir(result.outdir):
-        raise CaffeFtError("is not a directory", result.outdir)
-    os.makedirs(result.outdir, exist_ok=True)
-    for name, (text, _, _) in sorted(result.files.items()):
-        write_atomic(targets[name], text)
-    write_atomic(targets[SUMMARY_FILE], summary_text(result))
+    Existing files are overwritten only with ``force``; a target that is one
+    of the plan's inputs (or of ``inputs``: weights, lists) is refused.
+    """
+    from ..formats.files import staged_outputs
+
+    from ..formats.caffemodel import save_blob
+
+    names = sorted(result.files) + sorted(result.blobs) + [SUMMARY_FILE]
+    sources = [source for _, source, _ in result.files.values()] + list(inputs)
+    with staged_outputs(result.outdir, names, sources, force, option="--outdir") as staging:
+        for name, (text, _, _) in sorted(result.files.items()):
+            staging.write(name, text)
+        for name, blob in sorted(result.blobs.items()):
+            save_blob(blob, staging.path(name))
+        staging.write(SUMMARY_FILE, summary_text(result))

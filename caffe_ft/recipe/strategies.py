@@ -81,7 +81,7 @@ class StrategyOptions:
     the BatchNorm and its whole Scale/Bias chain train.
     """
 
-    num_classes: int
+    num_classes: Optional[int] = None  # None: each head keeps its num_output
     heads: Tuple[str, ...] = ()  # --head: overrides detection (old or already replaced names)
     new_name: Optional[str] = None  # --new-name: a single head's new name
     head_lr_mult: float = 10.0  # the heads' weights; their biases get twice as much
@@ -89,6 +89,7 @@ class StrategyOptions:
     freeze_until: Optional[str] = None
     train_last: Optional[int] = None
     freeze_fraction: Optional[float] = None
+    layer_decay: Optional[float] = None  # --layer-decay F: lr_mult x F per step down from the heads
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,15 @@ def _given_heads(net: Message, options: StrategyOptions) -> Tuple[str, ...]:
                 f"--head '{given}' is a {layer.type} layer; a head must be "
                 "InnerProduct, Convolution or Deconvolution"
             )
+        index = graph.layer_index(net, name)
+        layers = list(net.layer)
+        fed = sorted(i for i in graph.downstream(layers, [index])
+                     if i != index and layers[i].type in graph.HEAD_TYPES)
+        if fed:
+            raise CaffeFtError(
+                f"--head '{given}' feeds '{layers[fed[0]].name}' ({layers[fed[0]].type}), which maps it to other "
+                f"outputs: a head is the last such layer before the scores (did you mean --head {layers[fed[0]].name}?)"
+            )
         names.append(name)
     return tuple(dict.fromkeys(names))
 
@@ -199,7 +209,8 @@ def _num_output_params(layer: Message) -> Message:
 def _set_fresh_head(layer: Message, options: StrategyOptions) -> None:
     """``num_output``, fillers and head multipliers of one head (in place)."""
     params = _num_output_params(layer)
-    params.num_output = options.num_classes
+    if options.num_classes is not None:
+        params.num_output = options.num_classes
     if not params.HasField("weight_filler"):
         params.weight_filler.type = "gaussian"
         params.weight_filler.std = 0.01
@@ -423,8 +434,9 @@ def _plan_top(layers: Sequence[Message], heads: _Heads, options: StrategyOptions
 
 
 def _validate(strategy: str, options: StrategyOptions) -> None:
-    if options.num_classes < 1:
-        raise CaffeFtError(f"the number of classes must be at least 1, not {options.num_classes}")
+    if options.num_classes is not None and options.num_classes < 2:
+        raise CaffeFtError(f"--num-classes must be at least 2, not {options.num_classes} "
+                           "(a classifier over one class learns nothing)")
     if not options.head_lr_mult > 0:
         raise CaffeFtError(f"the head's lr_mult must be positive, not {options.head_lr_mult:g}")
     if not options.frozen_lr_mult >= 0:
@@ -447,6 +459,9 @@ def _validate(strategy: str, options: StrategyOptions) -> None:
     fraction = options.freeze_fraction
     if fraction is not None and not 0 <= fraction < 1:
         raise CaffeFtError(f"freeze_fraction must be in [0, 1), not {fraction:g}")
+    decay = options.layer_decay
+    if decay is not None and not 0 < decay <= 1:
+        raise CaffeFtError(f"--layer-decay must be in (0, 1], not {decay:g}")
 
 
 def _aux_is_useful(layers: Sequence[Message], branch: FrozenSet[int], frozen: Set[int]) -> bool:
@@ -493,9 +508,10 @@ def _set_body_multipliers(
     for index in sorted(frozen):
         _freeze(layers[index], options)
     if frozen:
+        bn = "; BatchNorm: use_global_stats" if any(layers[i].type == "BatchNorm" for i in frozen) else ""
         notes.append(
-            f"froze {len(frozen)} layer(s): {_listing(_names(layers, frozen))} "
-            f"(lr_mult {options.frozen_lr_mult:g}, decay_mult 0; BatchNorm: use_global_stats)"
+            f"froze {len(frozen)} layer(s): {', '.join(_names(layers, frozen))} "
+            f"(lr_mult {options.frozen_lr_mult:g}, decay_mult 0{bn})"
         )
     thawed = {i for i, layer in enumerate(layers) if i not in frozen | skip and _was_frozen(layer)}
     for index in sorted(thawed):
@@ -508,13 +524,21 @@ def _set_body_multipliers(
     return notes
 
 
+def _decay_mults(layer: Message) -> List[float]:
+    """Each parameter blob's decay_mult as Caffe applies it (1 where no param entry says)."""
+    return [layer.param[i].decay_mult if i < len(layer.param) else 1.0
+            for i in range(graph.param_blob_count(layer))]
+
+
 def _replace_heads(
     layers: Sequence[Message], replaced: Sequence[int], options: StrategyOptions
 ) -> Tuple[Dict[str, str], List[str]]:
     """Fresh heads at the new class count, renamed; returns the renames and notes."""
     old_outputs = {layers[i].name: _num_output_params(layers[i]).num_output for i in replaced}
+    old_decays = {layers[i].name: _decay_mults(layers[i]) for i in replaced}
     for index in replaced:
         _set_fresh_head(layers[index], options)
+    new_decays = {layers[i].name: _decay_mults(layers[i]) for i in replaced}
     renames = _rename_heads(layers, replaced, options)
     notes = []
     for old, new in renames.items():
@@ -522,16 +546,106 @@ def _replace_heads(
             f"renamed '{new}' (Caffe copies pretrained weights by layer name, so it starts afresh)"
             if new != old else "name kept"
         )
+        count = (f"num_output {old_outputs[old]} -> {options.num_classes}" if options.num_classes is not None
+                 else f"num_output {old_outputs[old]} kept (no --num-classes or --train-data to count classes in)")
+        decays = [f"{'bias' if blob else 'weights'} {a:g} -> {b:g}"
+                  for blob, (a, b) in enumerate(zip(old_decays[old], new_decays[old])) if a != b]
         notes.append(
-            f"head '{old}': num_output {old_outputs[old]} -> {options.num_classes}, {renamed}, "
+            f"head '{old}': {count}, {renamed}, "
             f"lr_mult {options.head_lr_mult:g} (bias {2 * options.head_lr_mult:g})"
+            + (f", decay_mult {', '.join(decays)}" if decays else "")
         )
     return renames, notes
 
 
-def _pointless_accuracies(layers: Sequence[Message], heads: Sequence[int], num_classes: int) -> Set[int]:
+#: Layers where branches join: a residual or inception block ends at one.
+_JOINS = frozenset({"Eltwise", "Concat"})
+
+
+def _block_ends(layers: Sequence[Message]) -> Set[int]:
+    """Layers after which a block ends: joins, and the last writers of a blob
+    that several layers read (where a residual or inception block forks)."""
+    writer: Dict[str, int] = {}
+    readers: Dict[Tuple[str, int], int] = {}
+    for index, layer in enumerate(layers):
+        in_place = set(layer.top) & set(layer.bottom)
+        for bottom in layer.bottom:
+            if bottom in writer and bottom not in in_place:
+                key = (bottom, writer[bottom])
+                readers[key] = readers.get(key, 0) + 1
+        for top in layer.top:
+            writer[top] = index
+    ends = {index for index, layer in enumerate(layers) if layer.type in _JOINS}
+    return ends | {index for (_, index), count in readers.items() if count > 1}
+
+
+def decay_steps(layers: Sequence[Message], heads: Set[int], fixed: Set[int]) -> Dict[int, int]:
+    """How many steps below the heads each training layer is (heads: 0).
+
+    Walking down from the last layer, each learnable layer that trains (not a
+    head, not in ``fixed``, some ``lr_mult`` above 0) is one step further; in
+    a net with joins (Eltwise, Concat) a whole block, the learnable layers
+    between a fork and its join (:func:`_block_ends`), is one step, so ResNet's and GoogLeNet's branches of a
+    block learn at one rate.  A parameter-sharing group takes its highest
+    layer's step (Caffe aborts on shared blobs with different multipliers).
+    """
+    blocks = any(layer.type in _JOINS for layer in layers)
+    ends = _block_ends(layers) if blocks else set()
+    steps: Dict[int, int] = {}
+    step, in_block = 0, False
+    for index in range(len(layers) - 1, -1, -1):
+        layer = layers[index]
+        if index in ends:
+            in_block = False
+        if layer.type in _JOINS:
+            continue
+        if index in heads or index in fixed or not graph.has_parameters(layer) or not graph.is_learnable(layer):
+            continue
+        if not (blocks and in_block):
+            step += 1
+            in_block = True
+        steps[index] = step
+    shared: Dict[str, int] = {}
+    for index, step in steps.items():
+        for spec in layers[index].param:
+            if spec.name:
+                shared[spec.name] = min(shared.get(spec.name, step), step)
+    for index in steps:
+        for spec in layers[index].param:
+            if spec.name:
+                steps[index] = min(steps[index], shared[spec.name])
+    return steps
+
+
+def layer_decay(layers: Sequence[Message], heads: Set[int], fixed: Set[int], factor: float) -> List[str]:
+    """Layer-wise learning-rate decay: every training layer's multipliers times
+    ``factor ** step`` (:func:`decay_steps`), written explicitly on every blob.
+
+    The heads keep theirs, ``fixed`` layers (frozen, removed) are left alone,
+    decay_mult is kept.  Applied to the strategy's multipliers, so running it
+    on its own output decays again.
+    """
+    steps = decay_steps(layers, heads, fixed)
+    for index, step in steps.items():
+        layer = layers[index]
+        current = [(layer.param[b].lr_mult if b < len(layer.param) and layer.param[b].HasField("lr_mult") else 1.0,
+                    layer.param[b].decay_mult if b < len(layer.param) and layer.param[b].HasField("decay_mult")
+                    else 1.0) for b in range(graph.param_blob_count(layer))]
+        _set_multipliers(layer, lambda blob, bias: (float(f"{current[blob][0] * factor ** step:.6g}"),
+                                                    current[blob][1]))
+    if not steps:
+        return [f"--layer-decay {factor:g}: no training layer below the heads"]
+    deepest = max(steps.values())
+    unit = "block" if any(layer.type in _JOINS for layer in layers) else "layer"
+    return [f"layer decay {factor:g}: lr_mult x {factor:g} per {unit} down from the heads, "
+            f"{deepest} step(s), the lowest x {factor ** deepest:.3g} ({layers[min(steps)].name})"]
+
+
+def _pointless_accuracies(layers: Sequence[Message], heads: Sequence[int], num_classes: Optional[int]) -> Set[int]:
     """Accuracy layers scoring the new heads with a ``top_k`` (above 1) of at
     least the new class count: GoogLeNet's top-5 with fewer than 6 classes."""
+    if num_classes is None:
+        return set()
     return {
         i for i in graph.downstream(layers, heads)
         if layers[i].type == "Accuracy" and layers[i].accuracy_param.top_k > 1
@@ -554,6 +668,8 @@ def _run(strategy: str, planner: Planner, net: Message, options: StrategyOptions
     notes += _set_body_multipliers(layers, frozen, removed | set(replaced), options)
     renames, head_notes = _replace_heads(layers, replaced, options)
     notes += head_notes
+    if options.layer_decay is not None:
+        notes += layer_decay(layers, set(replaced), frozen | removed, options.layer_decay)
     pointless = _pointless_accuracies(layers, replaced, options.num_classes) - removed
     if pointless:
         notes.append(
@@ -640,6 +756,9 @@ def choose_strategy(
         "full": "fine-tune the whole net",
     }.get(name, f"freeze the first {'two thirds' if (fraction or 0) > 0.5 else 'third'} "
                 "of the learnable layers and retrain the rest")
-    data = "similar to" if similar else "different from"
-    reason = f"dataset {size}, {data} the pretrained model's: {what} (strategy {name})"
+    if dataset_size > LARGE_DATASET:
+        reason = f"dataset {size}, whatever its similarity to the pretrained model's: {what} (strategy {name})"
+    else:
+        data = "similar to" if similar else "different from"
+        reason = f"dataset {size}, {data} the pretrained model's: {what} (strategy {name})"
     return name, replace(options, freeze_fraction=fraction), reason

@@ -96,6 +96,15 @@ def nondeterminism(train: NetSpec) -> List[str]:
 InputShapes = Optional[Dict[str, Tuple[int, ...]]]
 
 
+def check_data(specs: Sequence[NetSpec]) -> int:
+    """The pre-flight every engine runs before it starts: the ``ImageData``
+    lists of the nets, their images and labels (see :mod:`caffe_ft.data.preflight`);
+    the number of images seen."""
+    from ..data.preflight import check_nets
+
+    return check_nets((spec.net, spec.phase, spec.level, spec.stages) for spec in specs)
+
+
 def check_weights(weights: str, schema: Schema, specs: Sequence[NetSpec], err: IO[str],
                   input_shapes: Sequence[InputShapes] = ()) -> Optional[str]:
     """Refuse (print the report, raise) weights that Caffe would abort on when

@@ -59,8 +59,9 @@ from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
 from ..formats.schema import Schema
+from . import best as keep
 from . import snapshots as snap
-from .nets import NetSpec, check_weights, nondeterminism, solver_nets
+from .nets import NetSpec, check_data, check_weights, nondeterminism, solver_nets
 from .plot import plot_quietly
 from .progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
 from .run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, resume_command
@@ -154,7 +155,11 @@ def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) ->
     except CaffeFtError as exc:
         raise exc.located(options.solver) from None
     train, tests = solver_nets(solver, schema)
+    check_data([train, *tests])  # the data Caffe would abort on (or train on garbage from), before it starts
     gpus = _choose_gpus(options, solver)
+    keep.tracker(options.keep_best, options.patience)  # the options make sense, before anything starts
+    if options.patience is not None and len(gpus) > 1:
+        raise CaffeFtError("--patience stops one process; with several GPUs use the torch engine or one GPU")
     unchecked = check_weights(options.weights, schema, [train, *tests], err) if options.weights else None
     workdir = tempfile.mkdtemp(prefix="caffe-ft-train-")
     try:
@@ -327,6 +332,10 @@ class _Run:
         self.reporter: Optional[Reporter] = None
         self.tests: List[Dict[str, Output]] = []
         self.snapshots: Optional[snap.Snapshotter] = None
+        self.best = keep.tracker(plan.options.keep_best, plan.options.patience) if ctx.root else None
+        self.best_model = plan.options.best_model or keep.best_path(plan.prefix)
+        self.best_written = False
+        self.early_stop = False
 
     def say(self, text: str) -> None:
         if self.reporter is not None:
@@ -394,6 +403,12 @@ class _Run:
                 self.reporter.test(iteration, index, outputs)
             if self.metrics is not None:
                 self.metrics.test(iteration, index, outputs)
+            if index == 0 and self.best is not None:
+                verdict = self.best.update(iteration, outputs)
+                if verdict.new_best:
+                    keep.save_atomically(self.best_model, solver.net.save)
+                    self.best_written = True
+                self.early_stop = verdict.stop
         return True
 
     def loop(self, solver: Any) -> Tuple[str, int, Optional[NonFiniteLoss]]:
@@ -405,6 +420,8 @@ class _Run:
             if root and test_due(param, iteration):
                 if not self.test_all(solver, iteration, abortable=not self.ctx.multi):
                     return "interrupted", iteration, None
+                if self.early_stop:
+                    return "done", iteration, None
             try:
                 solver.step(1)
             except NonFiniteLoss as exc:
@@ -433,8 +450,13 @@ class _Run:
         plan, root = self.plan, self.ctx.root
         solver = self.build()
         start = solver.iter
+        if self.best is not None:
+            keep.check_output(self.best.output, list(solver.test_nets[0].outputs) if solver.test_nets else [])
         if root:
-            self.snapshots = snap.Snapshotter(solver.snapshot, plan.prefix, plan.staging)
+            # weights plus up to two history blobs each (Adam), float32
+            params = getattr(solver.net, "params", {})
+            size = 12 * sum(blob.data.size for blobs in params.values() for blob in blobs)
+            self.snapshots = snap.Snapshotter(solver.snapshot, plan.prefix, plan.staging, estimate=size)
             if plan.resume is not None:
                 self.snapshots.known(start, (plan.resume.model, plan.options.resume or plan.resume.state))
             else:
@@ -454,7 +476,11 @@ class _Run:
                 self.metrics.close()
         if not root:
             return TrainResult(status, iteration, 0)
-        return self._finish(solver, status, iteration, divergence, time.monotonic() - began, start)
+        result = self._finish(solver, status, iteration, divergence, time.monotonic() - began, start)
+        if self.best is not None:
+            result.best_model = self.best_model if self.best_written else None
+            result.best_notes = self.best.notes(result.best_model)
+        return result
 
     def _finish(self, solver: Any, status: str, iteration: int, divergence: Optional[NonFiniteLoss],
                 seconds: float, start: int) -> TrainResult:

@@ -7,9 +7,12 @@ that continues a stopped run.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import shlex
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .progress import Output
 
@@ -43,6 +46,9 @@ class TrainOptions:
     engine: str = "pycaffe"
     precision: str = "fp32"
     channels_last: bool = False
+    keep_best: Optional[str] = None  # the test output whose best value keeps best.caffemodel (training.best)
+    patience: Optional[int] = None  # stop after this many tests without a better keep_best value
+    best_model: Optional[str] = None  # where best.caffemodel goes (default: beside the snapshots)
 
 
 @dataclass
@@ -56,6 +62,8 @@ class TrainResult:
     resume_command: Optional[str] = None
     message: str = ""
     tests: List[Dict[str, Output]] = field(default_factory=list)
+    best_model: Optional[str] = None  # best.caffemodel, when --keep-best wrote one
+    best_notes: List[str] = field(default_factory=list)  # the best and last results, an early stop
 
 
 def resume_command(options: TrainOptions, state: str) -> str:
@@ -82,6 +90,10 @@ def resume_command(options: TrainOptions, state: str) -> str:
         words += ["--report", options.report]
     if options.tensorboard:
         words += ["--tensorboard", options.tensorboard]
+    if options.keep_best:
+        words += ["--keep-best", options.keep_best]
+    if options.patience is not None:
+        words += ["--patience", str(options.patience)]
     if not options.snapshot_on_exit:
         words.append("--no-snapshot-on-exit")
     if options.caffe_log:
@@ -110,3 +122,49 @@ def choose_engine(engine: str, device: str) -> Tuple[str, str]:
         if not gpu_support():
             return "torch", "auto: this pycaffe was built without GPU support"
     return "pycaffe", "auto: pycaffe runs on this device"
+
+
+def run_folder(solver_path: str, schema: Any) -> Optional[str]:
+    """The folder a run must work in: the solver's own when the nets it names by
+    relative paths are found from there (a caffe-ft output folder: its files name
+    each other and their data relative to themselves), else None (Caffe's own
+    convention: relative to the working directory)."""
+    from ..formats import files
+
+    try:
+        solver = files.load_text(solver_path, schema, files.SOLVER).message
+    except Exception:  # noqa: BLE001 - the engine reports a bad solver itself
+        return None
+    names = [solver.net, solver.train_net, *solver.test_net]
+    relative = [name for name in names if name and not os.path.isabs(name)]
+    folder = os.path.dirname(os.path.abspath(solver_path))
+    if not relative or folder == os.path.abspath(os.getcwd()):
+        return None
+    if all(os.path.exists(os.path.join(folder, name)) for name in relative):
+        return folder
+    return None
+
+
+def absolute_options(options: TrainOptions) -> TrainOptions:
+    """``options`` with every path absolute, to be used from another folder."""
+    names = ("solver", "weights", "resume", "metrics", "plot", "proto", "report", "tensorboard", "best_model")
+    absolute: Dict[str, Any] = {name: os.path.abspath(value) for name in names
+                                if isinstance((value := getattr(options, name, None)), str) and value}
+    return dataclasses.replace(options, **absolute)
+
+
+@contextlib.contextmanager
+def working_directory(folder: str) -> Iterator[None]:
+    """Run the body in ``folder`` (Caffe opens every relative path from the working directory).
+
+    Caffe's data layers read ahead in threads for as long as their net lives, so
+    the nets the body made are collected (their threads joined) before leaving."""
+    import gc
+
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        gc.collect()
+        os.chdir(before)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -118,15 +117,25 @@ def commit(staged_model: str, staged_state: str, prefix: str, iteration: int) ->
     return model, state
 
 
+STAGING_PREFIX = ".caffe-ft-snapshot-"
+
+
 class Staging:
-    """A hidden directory beside the snapshot prefix for Caffe to write snapshots into."""
+    """A hidden directory beside the snapshot prefix for Caffe to write snapshots into.
+
+    It is locked (``flock``) while its run lives, so the next run removes the
+    staging folders of killed runs and leaves those of live ones alone.
+    """
 
     def __init__(self, prefix: str) -> None:
         directory = os.path.dirname(prefix) or "."
         if not os.path.isdir(directory):
             raise CaffeFtError(f"the snapshot directory '{directory}' does not exist (snapshot_prefix: {prefix})")
+        from ..formats.files import locked_temp, remove_stale
+
+        remove_stale(directory, STAGING_PREFIX)  # left by killed runs; live ones are locked
         try:
-            self.path = tempfile.mkdtemp(prefix=".caffe-ft-snapshot-", dir=directory)
+            self.path, self._lock = locked_temp(directory, STAGING_PREFIX, folder=True)
         except OSError as exc:
             raise CaffeFtError(f"cannot write snapshots to '{directory}': {exc.strerror}") from None
         self.prefix = os.path.join(self.path, os.path.basename(prefix) or "snapshot")
@@ -136,6 +145,9 @@ class Staging:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 # ----------------------------------------------------------------- resuming --
@@ -207,9 +219,11 @@ class Snapshotter:
     """
 
     def __init__(self, write: Callable[[], None], prefix: str, staging: Optional[Staging],
-                 clock: Callable[[], float] = time.monotonic, budget: float = 0.002, min_gap: float = 10.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, budget: float = 0.002, min_gap: float = 10.0,
+                 estimate: int = 0) -> None:
         self.write, self.prefix, self.staging = write, prefix, staging
         self.clock, self.budget, self.min_gap = clock, budget, min_gap
+        self.estimate = estimate  # bytes a snapshot takes, until one has been written
         self.saved: Dict[int, Tuple[str, str]] = {}
         self.rolling: List[int] = []  # staged checkpoints, oldest first
         self._next = -math.inf
@@ -222,11 +236,39 @@ class Snapshotter:
         """Record a snapshot that already exists (the one a run resumes from)."""
         self.saved[iteration] = paths
 
+    def room(self) -> Tuple[bool, int, int]:
+        """Whether the snapshot folder has room for one more snapshot: (fits, needed, free) in bytes."""
+        directory = self.staging.path if self.staging else (os.path.dirname(self.prefix) or ".")
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            return True, self.estimate, 0
+        return free >= self.estimate, self.estimate, free
+
+    def _written(self, iteration: int) -> None:
+        """Learn a snapshot's size from the one just staged."""
+        if self.staging is not None:
+            size = 0
+            for path in self.staging.staged_paths(iteration):
+                try:
+                    size += os.stat(path).st_size
+                except OSError:
+                    return
+            self.estimate = size
+
     def save(self, iteration: int) -> Tuple[str, str]:
-        """Snapshot ``iteration`` (the solver's current one) under its final name."""
+        """Snapshot ``iteration`` (the solver's current one) under its final name.
+
+        Free space is checked first: a snapshot that cannot fit is a clear
+        error here rather than an abort inside Caffe."""
         if iteration in self.saved:
             return self.saved[iteration]
+        fits, needed, free = self.room()
+        if not fits:
+            raise CaffeFtError(f"no room for the snapshot of iteration {iteration}: it takes about "
+                               f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free", self.prefix)
         self.write()
+        self._written(iteration)
         if self.staging is None:
             model, state = snapshot_paths(self.prefix, iteration)
             paths = (model + ".h5", state + ".h5")
@@ -241,8 +283,11 @@ class Snapshotter:
         """Keep the current state in staging if it is time to."""
         if self.staging is None or self.clock() < self._next or iteration in self.saved:
             return
+        if not self.room()[0]:
+            return  # no room for a checkpoint: the committed snapshots stay the fallback
         began = self.clock()
         self.write()
+        self._written(iteration)
         spent = self.clock() - began
         self._next = began + max(self.min_gap, spent / self.budget)
         if iteration not in self.rolling:

@@ -13,8 +13,9 @@ Run inside the reference environment (it needs pycaffe):
 
     scripts/caffe-env run -- python3 examples/digits/demo.py [--outdir DIR]
 
-Every step is a caffe-ft command; each is printed before it runs, and its
-full output goes to DIR/logs/.
+Every step is a caffe-ft command, run in DIR with paths relative to it (so
+the files it writes name no temporary folder and DIR can move); each is
+printed before it runs, and its full output goes to DIR/logs/.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ FINETUNE_CLASSES = (5, 6, 7, 8, 9)
 SIZE = 16
 
 
-def write_images(outdir: str, per_class: int) -> dict:
-    """The digits as PNGs and image lists; returns the list paths."""
+def write_images(outdir: str, per_class: int, relative: bool = False) -> dict:
+    """The digits as PNGs and image lists in ``outdir``; returns the lists' paths.  The
+    lists name the images by absolute path, or with ``relative`` by their path from
+    ``outdir`` (for commands run there: no file then names the folder)."""
     import cv2
     import numpy as np
     from sklearn.datasets import load_digits
@@ -48,8 +51,9 @@ def write_images(outdir: str, per_class: int) -> dict:
     seen = {digit: 0 for digit in range(10)}
     for index in order:
         digit = int(digits.target[index])
-        path = os.path.join(folder, f"{index:04d}_{digit}.png")
-        cv2.imwrite(path, cv2.resize(images[index], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
+        name = os.path.join("images", f"{index:04d}_{digit}.png")
+        path = name if relative else os.path.join(os.path.abspath(outdir), name)
+        cv2.imwrite(os.path.join(outdir, name), cv2.resize(images[index], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
         if digit in PRETRAIN_CLASSES:
             split = "pretrain_train" if rng.random() < 0.8 else "pretrain_val"
             lists[split].append(f"{path} {PRETRAIN_CLASSES.index(digit)}")
@@ -65,12 +69,12 @@ def write_images(outdir: str, per_class: int) -> dict:
     return paths
 
 
-def run(command: list, log: str) -> float:
-    """Run a caffe-ft command, its output to ``log``; returns seconds taken."""
+def run(command: list, log: str, cwd: str) -> float:
+    """Run a caffe-ft command in ``cwd``, its output to ``log``; returns seconds taken."""
     print("$ " + " ".join(shlex.quote(word) for word in command), flush=True)
     started = time.time()
     with open(log, "w") as handle:
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
     if done.returncode != 0:
         with open(log) as handle:
             sys.stderr.write(handle.read()[-3000:])
@@ -78,11 +82,24 @@ def run(command: list, log: str) -> float:
     return time.time() - started
 
 
-def accuracy(metrics: str) -> float:
-    """The last test accuracy recorded in a `caffe-ft train` metrics file."""
-    from caffe_ft.recipe.job import last_test_outputs
+def accuracy(folder: str) -> float:
+    """The test accuracy of the weights a run ended with: its metrics' last test,
+    which must have been at the solver's max_iter (the solvers caffe-ft writes test there)."""
+    import json
 
-    return last_test_outputs(metrics).get("accuracy", float("nan"))
+    from caffe_ft.formats import files
+    from caffe_ft.formats.schema import load_schema
+
+    max_iter = files.load_text(os.path.join(folder, "solver.prototxt"), load_schema()).message.max_iter
+    tests = []
+    with open(os.path.join(folder, "metrics.jsonl")) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("phase") == "test":
+                tests.append(record)
+    if not tests or tests[-1]["iteration"] != max_iter:
+        raise SystemExit(f"{folder}: no test of the final weights (iteration {max_iter}) in metrics.jsonl")
+    return float(tests[-1]["outputs"].get("accuracy", float("nan")))
 
 
 def main() -> int:
@@ -94,24 +111,24 @@ def main() -> int:
     outdir = os.path.abspath(args.outdir)
     logs = os.path.join(outdir, "logs")
     os.makedirs(logs, exist_ok=True)
-    lists = write_images(outdir, args.per_class)
-    counts = {name: sum(1 for _ in open(path)) for name, path in lists.items()}
+    written = write_images(outdir, args.per_class, relative=True)
+    counts = {name: sum(1 for _ in open(path)) for name, path in written.items()}
+    lists = {name: os.path.relpath(path, outdir) for name, path in written.items()}  # the commands run in outdir
     print(f"digits 0-4: {counts['pretrain_train']} training / {counts['pretrain_val']} validation images; "
           f"digits 5-9: {counts['finetune_train']} training ({args.per_class} per class) / "
           f"{counts['finetune_val']} validation images")
     common = ["--num-classes", "5", "--batch-size", "16", "--val-batch-size", "50", "--cpu", "--force"]
 
-    # 1. Pretraining: the example net and solver, pointed at the 0-4 data.
-    pretrain = os.path.join(outdir, "pretrain")
+    # 1. Pretraining: the example net and solver (its 400 iterations, its rate), pointed at the 0-4 data.
     seconds = run(["caffe-ft", "rewrite", os.path.join(HERE, "train_val.prototxt"), "--solver",
                    os.path.join(HERE, "solver.prototxt"), "--strategy", "full", "--num-classes", "5",
-                   "--new-name", "fc2", "--head-lr-mult", "1", "--lr-scale", "1", "--step-scale", "1",
+                   "--new-name", "fc2", "--head-lr-mult", "1", "--lr-scale", "1", "--max-iter", "400",
                    "--train-data", lists["pretrain_train"], "--val-data", lists["pretrain_val"],
-                   "-o", pretrain, "--force"], os.path.join(logs, "pretrain-rewrite.log"))
-    seconds += run(["caffe-ft", "train", os.path.join(pretrain, "solver.prototxt"), "--cpu",
-                    "--metrics", os.path.join(pretrain, "metrics.jsonl")], os.path.join(logs, "pretrain.log"))
-    weights = os.path.join(pretrain, "digitsnet_iter_400.caffemodel")
-    rows = [("pretraining on 0-4", "all", accuracy(os.path.join(pretrain, "metrics.jsonl")), seconds)]
+                   "-o", "pretrain", "--force"], os.path.join(logs, "pretrain-rewrite.log"), outdir)
+    seconds += run(["caffe-ft", "train", "pretrain/solver.prototxt", "--cpu",
+                    "--metrics", "pretrain/metrics.jsonl"], os.path.join(logs, "pretrain.log"), outdir)
+    weights = "pretrain/digitsnet_iter_400.caffemodel"
+    rows = [("pretraining on 0-4", "all", accuracy(os.path.join(outdir, "pretrain")), seconds)]
 
     # 2. Fine-tuning on 5-9 from those weights, each strategy; and from scratch.
     # The pretraining was short and its base_lr (0.01) already modest, so the
@@ -121,23 +138,23 @@ def main() -> int:
                      "--lr-scale", "1"]
     for strategy, extra, trains in (("last-fc", [], "fc2 only"), ("top", ["--train-last", "2"], "fc1, fc2"),
                                     ("full", [], "all")):
-        target = os.path.join(outdir, f"finetune-{strategy}")
-        seconds = run(["caffe-ft", "finetune", os.path.join(pretrain, "train_val.prototxt"), "--weights", weights,
+        target = f"finetune-{strategy}"
+        seconds = run(["caffe-ft", "finetune", "pretrain/train_val.prototxt", "--weights", weights,
                        "--strategy", strategy, *extra, *common, *finetune_data, "-o", target],
-                      os.path.join(logs, f"finetune-{strategy}.log"))
-        rows.append((f"fine-tune: {strategy}", trains, accuracy(os.path.join(target, "metrics.jsonl")), seconds))
+                      os.path.join(logs, f"finetune-{strategy}.log"), outdir)
+        rows.append((f"fine-tune: {strategy}", trains, accuracy(os.path.join(outdir, target)), seconds))
 
-    scratch = os.path.join(outdir, "scratch")
     seconds = run(["caffe-ft", "rewrite", os.path.join(HERE, "train_val.prototxt"), "--strategy", "full",
                    "--new-name", "fc2",
-                   "--head-lr-mult", "1", *common[:6], *finetune_data, "-o", scratch, "--force"],
-                  os.path.join(logs, "scratch-rewrite.log"))
-    seconds += run(["caffe-ft", "train", os.path.join(scratch, "solver.prototxt"), "--cpu",
-                    "--metrics", os.path.join(scratch, "metrics.jsonl")], os.path.join(logs, "scratch.log"))
-    rows.append(("from scratch", "all (random init)", accuracy(os.path.join(scratch, "metrics.jsonl")), seconds))
+                   "--head-lr-mult", "1", *common[:6], *finetune_data, "-o", "scratch", "--force"],
+                  os.path.join(logs, "scratch-rewrite.log"), outdir)
+    seconds += run(["caffe-ft", "train", "scratch/solver.prototxt", "--cpu",
+                    "--metrics", "scratch/metrics.jsonl"], os.path.join(logs, "scratch.log"), outdir)
+    rows.append(("from scratch", "all (random init)", accuracy(os.path.join(outdir, "scratch")), seconds))
 
     print()
-    print(f"validation accuracy on digits 5-9 after {args.iters} iterations on {counts['finetune_train']} images")
+    print(f"validation accuracy on digits 5-9 of the final weights, after {args.iters} iterations on "
+          f"{counts['finetune_train']} images")
     print(f"{'run':<22} {'layers trained':<20} {'accuracy':>8} {'time':>7}")
     for name, trains, value, took in rows:
         print(f"{name:<22} {trains:<20} {value:>8.3f} {took:>6.1f}s")

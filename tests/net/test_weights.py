@@ -173,6 +173,21 @@ def test_typo_is_flagged_when_the_ignored_blobs_would_fit(parse_net, write_model
     assert report.to_dict()["layers"][0]["likely_typo"] == "conv1"
 
 
+def test_a_head_renamed_by_a_rewrite_is_no_typo(parse_net, write_model, tmp_path):
+    """The bare rewrite keeps fc's 10 outputs: its renamed fc_ft fits the old blobs, but is new on purpose."""
+    path, model = write_model(pretrained())
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET)
+    result = cli_runner().invoke(main, ["rewrite", str(net), "--strategy", "last-fc", "--weights", path,
+                                        "-o", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert "LIKELY TYPO" not in result.stderr
+    assert "the new head, renamed from 'fc' so that it starts from its fillers" in result.stderr
+    report = weights.check(parse_net(NET.replace('name: "conv1"', 'name: "conv_1"')), model)
+    assert rows(report)["conv_1"].likely_typo == "conv1"  # `caffe-ft check` alone cannot know
+    assert rows(weights.with_new_heads(report, {"conv_1": "conv1"}))["conv_1"].likely_typo is None
+
+
 def test_num_output_mismatch_predicts_caffes_abort(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET.replace("num_output: 10", "num_output: 3"))

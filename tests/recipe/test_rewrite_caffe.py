@@ -31,6 +31,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -97,16 +98,15 @@ NETS = [
     Net("examples/finetune_pascal_detection/pascal_finetune_trainval_test.prototxt", 227, reference=CAFFENET),
     # Fully convolutional at 451x451: trained on 227x227 crops so that each image gets one score.
     Net(FULL_CONV, 451, args=("--crop-size", "227"), reference=FULL_CONV),
-    # LMDB-fed nets without a crop: the input size must be given.
-    Net("examples/cifar10/cifar10_quick_train_test.prototxt", 32, args=("--crop-size", "32"), reference=CIFAR_QUICK),
+    # LMDB-fed nets without a crop: the input size (and grey or colour) is the images' (read from their headers).
+    Net("examples/cifar10/cifar10_quick_train_test.prototxt", 32, reference=CIFAR_QUICK),
     Net(CIFAR_QUICK, 32, reference=CIFAR_QUICK),
-    Net("examples/cifar10/cifar10_full_train_test.prototxt", 32, args=("--crop-size", "32"), reference=CIFAR_FULL),
+    Net("examples/cifar10/cifar10_full_train_test.prototxt", 32, reference=CIFAR_FULL),
     Net(CIFAR_FULL, 32, reference=CIFAR_FULL),
-    Net("examples/cifar10/cifar10_full_sigmoid_train_test.prototxt", 32, args=("--crop-size", "32"),
-        reference=CIFAR_FULL),
+    Net("examples/cifar10/cifar10_full_sigmoid_train_test.prototxt", 32, reference=CIFAR_FULL),
     # No deploy net has its layers (convolutions without bias): random weights.
-    Net("examples/cifar10/cifar10_full_sigmoid_train_test_bn.prototxt", 32, args=("--crop-size", "32")),
-    Net("examples/mnist/lenet_train_test.prototxt", 28, grey=True, args=("--crop-size", "28"), reference=LENET),
+    Net("examples/cifar10/cifar10_full_sigmoid_train_test_bn.prototxt", 32),
+    Net("examples/mnist/lenet_train_test.prototxt", 28, grey=True, reference=LENET),
     Net(LENET, 28, grey=True, reference=LENET),
     Net(os.path.join(NSFW_DIR, "deploy.prototxt"), 224,
         weights=os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel")),
@@ -298,8 +298,8 @@ print(json.dumps({
 
 def _train(outdir: str, weights: Optional[str], reference: Optional[str]) -> dict:
     run = subprocess.run(
-        [sys.executable, "-c", _TRAIN_SCRIPT, outdir, str(STEPS), weights or "", reference or ""],
-        capture_output=True, text=True, env={**os.environ, "GLOG_minloglevel": "2"},
+        [sys.executable, "-c", _TRAIN_SCRIPT, os.path.abspath(outdir), str(STEPS), weights or "", reference or ""],
+        capture_output=True, text=True, env={**os.environ, "GLOG_minloglevel": "2"}, cwd=outdir,
     )
     assert run.returncode == 0, f"Caffe failed on {outdir}:\n{run.stderr[-3000:]}"
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -424,6 +424,178 @@ def test_rewrite_refuses_clearly(net, message, remedy, strategy, image_lists, tm
 
 
 # ---------------------------------------------------------------------------
+# A SqueezeNet-style head: conv10 -> ReLU -> global AVE pool -> loss / prob
+# ---------------------------------------------------------------------------
+
+# The layers of DeepScale's SqueezeNet v1.1 train_val.prototxt (github.com/DeepScale/SqueezeNet), one fire
+# module kept and the input made small: the classifier is a 1x1 convolution whose scores reach the loss
+# through a ReLU and a global average pooling.
+_SQUEEZE_BODY = """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 16 kernel_size: 3 stride: 2 weight_filler { type: "xavier" } } }
+layer { name: "relu_conv1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "fire2/squeeze1x1" type: "Convolution" bottom: "pool1" top: "fire2/squeeze1x1"
+  convolution_param { num_output: 8 kernel_size: 1 weight_filler { type: "xavier" } } }
+layer { name: "fire2/relu_squeeze1x1" type: "ReLU" bottom: "fire2/squeeze1x1" top: "fire2/squeeze1x1" }
+layer { name: "fire2/expand1x1" type: "Convolution" bottom: "fire2/squeeze1x1" top: "fire2/expand1x1"
+  convolution_param { num_output: 16 kernel_size: 1 weight_filler { type: "xavier" } } }
+layer { name: "fire2/relu_expand1x1" type: "ReLU" bottom: "fire2/expand1x1" top: "fire2/expand1x1" }
+layer { name: "fire2/expand3x3" type: "Convolution" bottom: "fire2/squeeze1x1" top: "fire2/expand3x3"
+  convolution_param { num_output: 16 pad: 1 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "fire2/relu_expand3x3" type: "ReLU" bottom: "fire2/expand3x3" top: "fire2/expand3x3" }
+layer { name: "fire2/concat" type: "Concat" bottom: "fire2/expand1x1" bottom: "fire2/expand3x3" top: "fire2/concat" }
+layer { name: "drop9" type: "Dropout" bottom: "fire2/concat" top: "fire2/concat" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "conv10" type: "Convolution" bottom: "fire2/concat" top: "conv10"
+  convolution_param { num_output: 1000 kernel_size: 1 weight_filler { type: "gaussian" mean: 0.0 std: 0.01 } } }
+layer { name: "relu_conv10" type: "ReLU" bottom: "conv10" top: "conv10" }
+layer { name: "pool10" type: "Pooling" bottom: "conv10" top: "pool10" pooling_param { pool: AVE global_pooling: true } }
+"""
+SQUEEZE_TRAIN_VAL = """name: "SqueezeNet"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { mirror: true mean_value: 104 mean_value: 117 mean_value: 123 }
+  data_param { source: "examples/imagenet/ilsvrc12_train_lmdb" batch_size: 32 backend: LMDB } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { mean_value: 104 mean_value: 117 mean_value: 123 }
+  data_param { source: "examples/imagenet/ilsvrc12_val_lmdb" batch_size: 25 backend: LMDB } }
+""" + _SQUEEZE_BODY + """
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "pool10" bottom: "label" top: "loss" include { phase: TRAIN } }
+layer { name: "accuracy" type: "Accuracy" bottom: "pool10" bottom: "label" top: "accuracy" include { phase: TEST } }
+"""
+SQUEEZE_DEPLOY = """name: "SqueezeNet"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }
+""" + _SQUEEZE_BODY + """
+layer { name: "prob" type: "Softmax" bottom: "pool10" top: "prob" }
+"""
+
+# In the output folder: random weights into the TEST net of train_val.prototxt, one forward pass over the
+# validation images; the deploy net gets the same weights and input.  Then two SGD steps of the solver.
+_SQUEEZE_SCRIPT = r"""
+import json
+import numpy as np
+import caffe
+
+caffe.set_mode_cpu()
+rng = np.random.default_rng(0)
+test = caffe.Net("train_val.prototxt", caffe.TEST)
+for blobs in test.params.values():
+    for blob in blobs:
+        blob.data[...] = rng.normal(0, 0.1, blob.data.shape)
+test.forward()
+deploy = caffe.Net("deploy.prototxt", caffe.TEST)
+for name, blobs in deploy.params.items():
+    for blob, source in zip(blobs, test.params[name]):
+        blob.data[...] = source.data
+deploy.blobs["data"].reshape(*test.blobs["data"].data.shape)
+deploy.blobs["data"].data[...] = test.blobs["data"].data
+output = deploy.forward()
+name = deploy.outputs[0]
+scores = test.blobs["pool10"].data.reshape(test.blobs["pool10"].data.shape[:2])
+expected = np.exp(scores - scores.max(axis=1, keepdims=True))
+expected /= expected.sum(axis=1, keepdims=True)
+solver = caffe.SGDSolver("solver.prototxt")
+solver.step(2)
+print(json.dumps({"output": name, "shape": list(output[name].shape),
+                  "error": float(np.abs(output[name].reshape(expected.shape) - expected).max()),
+                  "loss": float(solver.net.blobs["loss"].data)}))
+"""
+
+
+@pytest.mark.caffe
+@pytest.mark.parametrize("given", ["train_val", "deploy"])
+def test_squeezenet_style_head_keeps_its_pooling(given, image_lists, tmp_path):
+    """The loss and the deploy net's Softmax read the pooled scores (N x K), not the conv head's
+    N x K x H x W, whether the net given is the train_val or the deploy net."""
+    train, val = image_lists(32, False)
+    net = tmp_path / f"{given}.prototxt"
+    net.write_text(SQUEEZE_TRAIN_VAL if given == "train_val" else SQUEEZE_DEPLOY)
+    outdir = tmp_path / "out"
+    result = cli_runner().invoke(main, ["rewrite", str(net), "--strategy", "last-fc", "--train-data", train,
+                                        "--val-data", val, "--batch-size", "2", "--val-batch-size", "2",
+                                        "-o", str(outdir)], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    written = files.load_text(str(outdir / "train_val.prototxt"), load_schema()).message
+    losses = [layer for layer in written.layer if layer.type in ("SoftmaxWithLoss", "Accuracy")]
+    assert losses and all(layer.bottom[0] == "pool10" for layer in losses)
+    run = subprocess.run([sys.executable, "-c", _SQUEEZE_SCRIPT], cwd=str(outdir), capture_output=True, text=True,
+                         env={**os.environ, "GLOG_minloglevel": "2"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["shape"][:2] == [VAL_IMAGES, NUM_CLASSES] and all(d == 1 for d in report["shape"][2:])
+    assert report["error"] < 1e-5
+    assert np.isfinite(report["loss"])
+
+
+def test_head_feeding_another_head_is_refused(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(SQUEEZE_DEPLOY)
+    result = _rewrite(str(net), str(tmp_path / "out"), ["--strategy", "last-fc", "--head", "fire2/expand1x1"])
+    assert result.exit_code == 2
+    assert "--head 'fire2/expand1x1' feeds 'conv10'" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# The bare command: a net and a strategy, nothing else
+# ---------------------------------------------------------------------------
+
+DOC_NETS = [net for net in NETS if not os.path.isabs(net.path)]
+DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "digits")
+QUOTED_ABSOLUTE = re.compile(r'"(/[^"]*)"')
+
+
+def _check_review_promises(source: str, outdir, command: List[str]) -> None:
+    """`--diff` is no longer than `diff -u` on the same files, and every comment of the input is in
+    the output or in the summary's list of dropped comments (by its line number)."""
+    from caffe_ft.formats.prototext import comment_lines
+
+    shown = cli_runner().invoke(main, [*command, "--diff", "--dry-run"], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.stderr
+    summary = (outdir / "summary.md").read_text()
+    plain = 0
+    for name in ("train_val.prototxt", "deploy.prototxt"):
+        if not (outdir / name).exists():
+            continue
+        done = subprocess.run(["diff", "-u", source, str(outdir / name)], capture_output=True, text=True)
+        plain += len(done.stdout.splitlines())
+        kept = [comment for _, comment in comment_lines((outdir / name).read_text())]
+        for number, comment in comment_lines(open(source, encoding="utf-8").read()):
+            if comment in kept:
+                kept.remove(comment)
+                continue
+            listed = " ".join(re.findall(rf"^- {name}: .*", summary, re.M))
+            ranges = [(int(a), int(b or a)) for a, b in re.findall(r"lines? (\d+)(?:-(\d+))? '", listed)]
+            assert any(a <= number <= b for a, b in ranges), (name, number, comment)
+    assert len(shown.output.splitlines()) <= plain
+
+
+@pytest.mark.caffe
+@pytest.mark.parametrize("net", DOC_NETS, ids=[net.id for net in DOC_NETS])
+def test_bare_rewrite_of_every_caffe_doc_net(net, tmp_path):
+    """`caffe-ft rewrite NET --strategy last-fc` alone works (--head only where no Softmax or
+    loss names the head), keeps the heads' class count and says so, and writes no absolute path."""
+    source = _plain_file(net.path, str(tmp_path))
+    outdir = tmp_path / "out"
+    head = [arg for arg in net.args if arg != "--crop-size" and not arg.isdigit()]
+    result = cli_runner().invoke(main, ["rewrite", source, "--strategy", "last-fc", "-o", str(outdir), *head],
+                                 catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert "kept (no --num-classes or --train-data" in result.output
+    with open(source, encoding="utf-8") as handle:
+        given = set(QUOTED_ABSOLUTE.findall(handle.read()))
+    written = sorted(os.listdir(outdir))
+    assert "summary.md" in written and ("deploy.prototxt" in written or "train_val.prototxt" in written)
+    for name in written:
+        absolute = set(QUOTED_ABSOLUTE.findall((outdir / name).read_text())) - given
+        assert not absolute, (name, absolute)
+    _check_review_promises(source, outdir, ["rewrite", source, "--strategy", "last-fc", "-o", str(outdir), *head])
+    if "deploy.prototxt" in written:  # it loads in Caffe
+        run = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST)",
+                              str(outdir / "deploy.prototxt")], capture_output=True, text=True,
+                             env={**os.environ, "GLOG_minloglevel": "2"})
+        assert run.returncode == 0, run.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------
 # caffe-doc's own solvers, rewritten along with their nets
 # ---------------------------------------------------------------------------
 
@@ -473,7 +645,7 @@ SOLVERS = [
 @pytest.mark.parametrize("solver_path, net_path", SOLVERS,
                          ids=[f"{path.split('/')[1]}-{os.path.basename(path)[:-9]}" for path, _ in SOLVERS])
 def test_rewritten_caffe_doc_solvers_load_in_caffe(solver_path, net_path, image_lists, tmp_path):
-    from caffe_ft.recipe.solver import solver_originals
+    from caffe_ft.recipe.solver import looks_like_finetuning, solver_originals
 
     net = next(net for net in NETS if net.path == net_path)
     train, val = image_lists(net.size, net.grey)
@@ -482,15 +654,24 @@ def test_rewritten_caffe_doc_solvers_load_in_caffe(solver_path, net_path, image_
     result = _rewrite(_plain_file(net_path, str(tmp_path)), str(outdir), _strategy_args("last-fc", net),
                       "--solver", solver, *_data_args(net, train, val))
     assert result.exit_code == 0, result.stderr
-    run = subprocess.run([sys.executable, "-c", _SOLVER_SCRIPT, str(outdir / "solver.prototxt")],
+    run = subprocess.run([sys.executable, "-c", _SOLVER_SCRIPT, "solver.prototxt"], cwd=str(outdir),
                          capture_output=True, text=True, env={**os.environ, "GLOG_minloglevel": "2"})
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout.strip().splitlines()[-1])
-    original = files.load_text(solver, load_schema()).message
+    schema = load_schema()
+    original = files.load_text(solver, schema).message
     assert built["type"] == (original.type or "SGD")
-    assert built["base_lr"] == pytest.approx(float(solver_originals(original)["base_lr"]) * 0.1, rel=1e-6)
+    scale = 1.0 if looks_like_finetuning(original, files.load_text(_plain_file(net_path, str(tmp_path)), schema).message) else 0.1
+    assert (scale == 1.0) == ("already looks like a fine-tuning solver" in result.output)
+    assert built["base_lr"] == pytest.approx(float(solver_originals(original)["base_lr"]) * scale, rel=1e-6)
     assert built["test_nets"] == max(len(original.test_iter), 1)
     assert built["losses"] == ["SoftmaxWithLoss"]
+    # A few epochs of the 4-image list in batches of 2, and the last test scores the final weights.
+    written = files.load_text(str(outdir / "solver.prototxt"), schema).message
+    assert written.max_iter <= 10 * 2, written.max_iter
+    if len(written.test_iter):
+        assert written.max_iter % written.test_interval == 0
+        assert list(written.test_iter) == [1] * len(written.test_iter)  # 2 validation images, batches of 2
 
 
 # ---------------------------------------------------------------------------
@@ -565,7 +746,7 @@ def test_fully_convolutional_head_needs_a_crop(tmp_path):
     assert [layer.transform_param.crop_size for layer in layers] == [3, 3]
 
 
-@pytest.mark.parametrize("top_k, num_classes, kept", [(5, 3, False), (5, 5, False), (5, 6, True), (1, 1, True)])
+@pytest.mark.parametrize("top_k, num_classes, kept", [(5, 3, False), (5, 5, False), (5, 6, True), (1, 2, True)])
 def test_top_k_accuracy_that_cannot_tell_anything_is_removed(parse_net, top_k, num_classes, kept):
     from caffe_ft.recipe.strategies import StrategyOptions, apply_strategy
 
@@ -577,3 +758,115 @@ def test_top_k_accuracy_that_cannot_tell_anything_is_removed(parse_net, top_k, n
     assert ("top-k" in [layer.name for layer in result.net.layer]) == kept
     assert ("top-k" in result.removed) != kept
     assert any("top-k" in note for note in result.notes) != kept
+
+
+@pytest.mark.caffe
+def test_output_folder_moves_with_its_data_and_trains_from_anywhere(tmp_path):
+    """A rewrite run with relative paths names everything relative to the output folder (the grey
+    16x16 list needs no --crop-size or --gray); the whole tree moved elsewhere, `caffe-ft train`
+    started from a third folder trains, tests the final weights and snapshots inside the folder."""
+    import shutil
+
+    work = tmp_path / "work"
+    digits = DIGITS
+    _image_list(str(work / "data"), "train", 16, True, 6, seed=1)
+    _image_list(str(work / "data"), "val", 16, True, 3, seed=2)
+    for name in ("train", "val"):  # entries relative to the working directory, as Caffe reads them
+        listed = (work / "data" / f"{name}.txt").read_text().replace(str(work) + "/", "")
+        (work / "data" / f"{name}.txt").write_text(listed)
+    run = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "rewrite", os.path.join(digits, "train_val.prototxt"),
+                          "--solver", os.path.join(digits, "solver.prototxt"), "--strategy", "full",
+                          "--train-data", "data/train.txt", "--val-data", "data/val.txt", "--batch-size", "2",
+                          "--val-batch-size", "3", "--epochs", "2", "-o", "ft"], cwd=str(work),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for name in ("train_val.prototxt", "solver.prototxt", "deploy.prototxt", "summary.md"):
+        assert str(tmp_path) not in (work / "ft" / name).read_text(), name
+    assert "is_color: false" in (work / "ft" / "train_val.prototxt").read_text()
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(str(work), str(moved))
+    (tmp_path / "third").mkdir()
+    run = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "train", "../elsewhere/moved/ft/solver.prototxt",
+                          "--cpu", "--metrics", "m.jsonl"], cwd=str(tmp_path / "third"), capture_output=True,
+                         text=True, env={**os.environ, "GLOG_minloglevel": "2"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    tests = [json.loads(line) for line in (tmp_path / "third" / "m.jsonl").read_text().splitlines()
+             if json.loads(line).get("phase") == "test"]
+    assert tests and tests[-1]["iteration"] == 6  # 2 epochs of 3 batches: the final weights are tested
+    assert (moved / "ft" / "digitsnet_iter_6.caffemodel").exists()
+
+
+@pytest.mark.caffe
+def test_finetune_stopped_prints_how_to_resume_and_resumes(tmp_path):
+    """Ctrl-C in `caffe-ft finetune` snapshots and prints the same command with --resume; that command
+    finishes the job, whose last test scores the final weights."""
+    import shlex
+    import signal
+    import time
+
+    digits = DIGITS
+    train = _image_list(str(tmp_path / "data"), "train", 16, True, 8, seed=3)
+    val = _image_list(str(tmp_path / "data"), "val", 16, True, 3, seed=4)
+    env = {**os.environ, "GLOG_minloglevel": "2"}
+    weights = str(tmp_path / "pretrained.caffemodel")
+    made = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST).save(sys.argv[2])",
+                           os.path.join(digits, "deploy.prototxt"), weights], capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr
+    command = ["finetune", os.path.join(digits, "train_val.prototxt"), "--weights", weights, "--strategy", "full",
+               "--train-data", train, "--val-data", val, "--batch-size", "2", "--max-iter", "400", "--cpu",
+               "-o", "ft"]
+    proc = subprocess.Popen([sys.executable, "-m", "caffe_ft.cli", *command], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    metrics = tmp_path / "ft" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line).get("iteration", 0) >= 20
+                                    for line in metrics.read_text().splitlines()[:-1]):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    line = next(line for line in stderr.splitlines() if line.startswith("resume with: caffe-ft finetune "))
+    words = shlex.split(line[len("resume with: "):])
+    assert words[-2] == "--resume" and words[-1].endswith(".solverstate")
+    done = subprocess.run([sys.executable, "-m", "caffe_ft.cli", *words[1:]], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the final weights' test: accuracy" in done.stdout
+    tests = [json.loads(line) for line in metrics.read_text().splitlines() if json.loads(line).get("phase") == "test"]
+    assert tests[-1]["iteration"] == 400
+    assert (tmp_path / "ft" / "final.caffemodel").exists()
+
+
+@pytest.mark.caffe
+def test_finetune_keeps_the_best_test(tmp_path):
+    """`finetune --keep-best accuracy`: OUTDIR/best.caffemodel is the snapshot of the best test the
+    metrics record, and summary.md gives the best and the last result with their iterations."""
+    train = _image_list(str(tmp_path / "data"), "train", 16, True, 8, seed=3)
+    val = _image_list(str(tmp_path / "data"), "val", 16, True, 4, seed=4)
+    env = {**os.environ, "GLOG_minloglevel": "2"}
+    weights = str(tmp_path / "pretrained.caffemodel")
+    made = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST).save(sys.argv[2])",
+                           os.path.join(DIGITS, "deploy.prototxt"), weights], capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "finetune", os.path.join(DIGITS, "train_val.prototxt"),
+                           "--weights", weights, "--strategy", "full", "--train-data", train, "--val-data", val,
+                           "--batch-size", "2", "--epochs", "6", "--cpu", "--keep-best", "accuracy", "-o", "ft"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    tests = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    tests = [t for t in tests if t["phase"] == "test"]
+    accuracies = [t["outputs"]["accuracy"] for t in tests]
+    at = tests[accuracies.index(max(accuracies))]["iteration"]
+    summary = (tmp_path / "ft" / "summary.md").read_text()
+    assert f"best accuracy: {max(accuracies):.4f} at iteration {at}" in summary
+    assert f"last accuracy: {accuracies[-1]:.4f} at iteration {tests[-1]['iteration']}" in summary
+    # The best weights score, on the same test batches, what the best test recorded.
+    count = int(re.search(r"test_iter: (\d+)", (tmp_path / "ft" / "solver.prototxt").read_text()).group(1))
+    script = ("import caffe, sys; caffe.set_mode_cpu(); net = caffe.Net('train_val.prototxt', 'best.caffemodel', "
+              f"caffe.TEST); print(sum(float(net.forward()['accuracy']) for _ in range({count})) / {count})")
+    scored = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path / "ft"), capture_output=True, text=True,
+                            env=env)
+    assert scored.returncode == 0, scored.stderr
+    assert float(scored.stdout) == pytest.approx(max(accuracies), abs=1e-6)

@@ -14,6 +14,7 @@ tests/test_rewrite_golden.py``, then review ``git diff tests/golden``.
 from __future__ import annotations
 
 import difflib
+import gc
 import os
 import shlex
 import shutil
@@ -87,9 +88,14 @@ def test_golden_rewrite(case, tmp_path):
     assert kept_lines == edited.read_text()
     assert len(removed) <= len(before) // 2
 
-    # A second run on its own output, with the same options, changes nothing.
+    # A second run on its own output (a copy: an input is never overwritten),
+    # with the same options, changes nothing.
     snapshot = {name: (out / name).read_bytes() for name in written}
-    result = _rewrite(str(work), f"out/{net}", "out/solver.prototxt" if solver else "", args, "out", "--force")
+    refused = _rewrite(str(work), f"out/{net}", "", args, "out", "--force")
+    assert refused.exit_code == 2 and "names an input" in refused.stderr
+    assert {name: (out / name).read_bytes() for name in written} == snapshot
+    shutil.copytree(out, work / "prev")
+    result = _rewrite(str(work), f"prev/{net}", "prev/solver.prototxt" if solver else "", args, "out", "--force")
     assert result.exit_code == 0, result.stderr
     for name in written:
         if name != "summary.md":  # the account of the second run says nothing changed
@@ -176,14 +182,19 @@ def test_golden_outputs_load_and_train_in_caffe(case, tmp_path):
                     blob.data[...] = rng.normal(0, 0.1, blob.data.shape)
         before = {name: [blob.data.copy() for blob in blobs] for name, blobs in sgd.net.params.items()}
         sgd.step(2)
+        after = {name: [blob.data.copy() for blob in blobs] for name, blobs in sgd.net.params.items()}
+        # Caffe's data layers read images ahead in a thread, from the working directory:
+        # the solver goes before the directory changes back.
+        del sgd
+        gc.collect()
     finally:
         os.chdir(cwd)
     layers = {layer.name: layer for layer in train_val.layer}
-    for name, blobs in sgd.net.params.items():
+    for name, blobs in after.items():
         params = layers[name].param
         for index, blob in enumerate(blobs):
             lr_mult = params[index].lr_mult if index < len(params) else 1.0
             if layers[name].type == "BatchNorm":
                 continue  # its statistics move whatever lr_mult says, unless use_global_stats
-            moved = not np.array_equal(blob.data, before[name][index])
+            moved = not np.array_equal(blob, before[name][index])
             assert moved == (lr_mult != 0), f"{case}: {name} blob {index} (lr_mult {lr_mult}) moved={moved}"

@@ -386,7 +386,7 @@ def test_error_scale_before_the_loss(parse_net):
 @pytest.mark.parametrize(
     "strategy, fields, expected",
     [
-        ("last-fc", {"num_classes": 0}, "at least 1"),
+        ("last-fc", {"num_classes": 1}, "at least 2"),
         ("last-fc", {"head_lr_mult": 0}, "must be positive"),
         ("last-fc", {"frozen_lr_mult": -1}, "0 or more"),
         ("last-fc", {"train_last": 2}, "--train-last only applies to --strategy top"),
@@ -401,7 +401,7 @@ def test_error_scale_before_the_loss(parse_net):
         ("top", {"freeze_fraction": 1.0}, "freeze_fraction must be in [0, 1)"),
         ("last-fc", {"heads": ("fc_8",)}, "did you mean 'fc8'"),
         ("last-fc", {"heads": ("relu7",)}, "'relu7' is a ReLU layer"),
-        ("last-fc", {"heads": ("fc7", "fc8"), "new_name": "x"}, "--new-name needs a single head"),
+        ("last-fc", {"heads": ("fc7",)}, "--head 'fc7' feeds 'fc8' (InnerProduct)"),
         ("last-fc", {"new_name": "fc7"}, "cannot rename head 'fc8' to 'fc7'"),
         ("last-fc", {"new_name": " "}, "must not be empty"),
     ],
@@ -416,8 +416,8 @@ def test_unknown_strategy(parse_net):
 
 
 def test_registry_functions_validate_too(parse_net):
-    with pytest.raises(CaffeFtError, match="at least 1"):
-        STRATEGIES["full"](parse_net(CAFFENET), StrategyOptions(num_classes=0))
+    with pytest.raises(CaffeFtError, match="at least 2"):
+        STRATEGIES["full"](parse_net(CAFFENET), StrategyOptions(num_classes=1))
 
 
 # --------------------------------------------------------------------------

@@ -665,10 +665,11 @@ device_id: 3
 
 
 @pytest.fixture
-def fake_gpu_setup(tmp_path, schema, monkeypatch):
-    """A solver, a fake Caffe in sys.modules, and pycaffe taken for a GPU build."""
+def fake_gpu_setup(tmp_path, schema, monkeypatch, dataset):
+    """A solver (its data real: the pre-flight reads it), a fake Caffe in
+    sys.modules, and pycaffe taken for a GPU build."""
     net = tmp_path / "net.prototxt"
-    net.write_text(Path(EXAMPLE, "train_val.prototxt").read_text())
+    net.write_text(net_text(dataset))
     solver = tmp_path / "solver.prototxt"
     solver.write_text(FAKE_SOLVER.format(net=net, prefix=tmp_path / "snap"))
     fake = FakeCaffe(str(tmp_path / "calls.jsonl"), schema)

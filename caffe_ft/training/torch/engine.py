@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,8 +31,9 @@ from google.protobuf.message import Message
 from ...errors import CaffeFtError
 from ...formats.caffemodel import Blob, Model, SolverState, load_model, load_solverstate, save_model, save_solverstate
 from ...formats.schema import Schema
+from .. import best as keep
 from .. import snapshots as snap
-from ..nets import NetSpec, check_weights, solver_nets
+from ..nets import NetSpec, check_data, check_weights, solver_nets
 from ..progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
 from ..run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, resume_command
 from ..schedule import Settings, check_solver, final_test_due, resume_skips, snapshot_due, test_due
@@ -266,6 +267,7 @@ def _prepare(options: TrainOptions, schema: Schema, err: IO[str]) -> Tuple[Messa
         raise CaffeFtError("the torch engine writes binary snapshots only; set snapshot_format: BINARYPROTO",
                            options.solver)
     train, tests = solver_nets(solver, schema)
+    check_data([train, *tests])  # the lists, images and labels, before anything starts
     if options.weights:
         check_weights(options.weights, schema, [train, *tests], err)
     return solver, train, tests
@@ -283,6 +285,10 @@ class _Loop:
         self.tests: List[Dict[str, Output]] = []
         self.metrics: Optional[MetricsWriter] = None
         self.reporter: Optional[Reporter] = None
+        self.best = keep.tracker(options.keep_best, options.patience) if self.root else None
+        self.best_model = options.best_model or keep.best_path(prefix)
+        self.best_written = False
+        self.early_stop = False
 
     def _write(self) -> None:
         assert self.staging is not None
@@ -308,6 +314,12 @@ class _Loop:
                 self.reporter.test(iteration, index, outputs)
             if self.metrics is not None:
                 self.metrics.test(iteration, index, outputs)
+            if index == 0 and self.best is not None:
+                verdict = self.best.update(iteration, outputs)
+                if verdict.new_best:
+                    keep.save_atomically(self.best_model, lambda path: save_model(self.trainer.model(), path))
+                    self.best_written = True
+                self.early_stop = verdict.stop
         return True
 
     def run(self, resumed: bool) -> Tuple[str, int, Optional[int]]:
@@ -317,6 +329,9 @@ class _Loop:
             if self.root and test_due(settings, iteration) and not self.test_all(iteration,
                                                                                  abortable=trainer.world == 1):
                 return "interrupted", iteration, None
+            # Every process learns the first one's verdict, so that they all stop at the same test.
+            if self.options.patience is not None and test_due(settings, iteration) and trainer.agree(self.early_stop):
+                return "done", iteration, None
             loss = trainer.forward_backward()
             if not math.isfinite(loss):
                 return "diverged", iteration, None
@@ -366,6 +381,7 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
     """
     rank, world, local_rank = distributed()
     solver, train_spec, test_specs = _prepare(options, schema, out if rank == 0 else open(os.devnull, "w"))
+    keep.tracker(options.keep_best, options.patience)  # the options make sense, before anything starts
     device = _device(options, solver)
     if world > 1:
         import torch.distributed as dist
@@ -379,6 +395,8 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
     precision = options.precision
     trainer = Trainer(solver, schema, train_spec, test_specs, device, precision=precision,
                       channels_last=options.channels_last, rank=rank, world=world)
+    if options.keep_best:
+        keep.check_output(options.keep_best, list(trainer.test_nets[0].output_names) if trainer.test_nets else [])
     prefix = snap.effective_prefix(options.solver, solver.snapshot_prefix)
     workdir = tempfile.mkdtemp(prefix="caffe-ft-train-")
     staging = snap.Staging(prefix) if rank == 0 else None
@@ -431,6 +449,9 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
             return TrainResult(status, iteration, 0 if status == "done" else (
                 2 if status == "diverged" else EXIT_SIGNAL_BASE + (stop.requested or signal.SIGINT)))
         result = _finish(loop, options, status, iteration, time.monotonic() - began, first)
+        if loop.best is not None:
+            result.best_model = loop.best_model if loop.best_written else None
+            result.best_notes = loop.best.notes(result.best_model)
         if options.plot:
             from ..plot import plot_quietly
 

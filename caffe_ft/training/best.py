@@ -1,0 +1,124 @@
+"""Keep the best weights and stop early: the decisions, whatever the engine.
+
+``--keep-best OUTPUT`` watches one output of the first test net (an accuracy
+is maximised; an output whose name says ``loss`` is minimised) and has the
+engine write ``best.caffemodel`` each time a test pass beats every earlier
+one; ``--patience N`` stops the run once N test passes in a row have not.
+Ties are not improvements, so the best model is the earliest with the best
+value.  The engines (:mod:`caffe_ft.training.pycaffe`, the torch engine)
+only report each test pass here and act on :class:`Verdict`.  A resumed run
+keeps afresh from its first test (the best before the stop is not known to it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from ..errors import CaffeFtError
+from .progress import Output
+
+#: The file the best weights go to, beside the run's snapshots unless given.
+BEST = "best.caffemodel"
+
+
+def minimises(output: str) -> bool:
+    """Whether a smaller ``output`` is better: loss outputs are minimised, everything else maximised."""
+    return "loss" in output.lower()
+
+
+def best_path(prefix: str) -> str:
+    """Where ``best.caffemodel`` goes for a run whose snapshots are ``prefix``_iter_N."""
+    return os.path.join(os.path.dirname(prefix), BEST)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a test pass means: write the best weights now? stop the run now?"""
+
+    new_best: bool
+    stop: bool
+
+
+@dataclass
+class Tracker:
+    """The best value of ``output`` so far, and how many tests since it improved."""
+
+    output: str
+    patience: Optional[int] = None
+    best: Optional[float] = None
+    best_iteration: Optional[int] = None
+    last: Optional[float] = None
+    last_iteration: Optional[int] = None
+    since_best: int = 0
+    stopped_at: Optional[int] = None
+
+    @property
+    def minimise(self) -> bool:
+        return minimises(self.output)
+
+    def update(self, iteration: int, outputs: Dict[str, Output]) -> Verdict:
+        """Take the first test net's outputs at ``iteration``."""
+        if self.output not in outputs:
+            names = ", ".join(sorted(outputs)) or "none"
+            raise CaffeFtError(f"--keep-best {self.output}: the first test net has no such output "
+                               f"(its outputs: {names})")
+        value = outputs[self.output]
+        if not isinstance(value, float):
+            raise CaffeFtError(f"--keep-best {self.output}: that output is not a single number")
+        self.last, self.last_iteration = value, iteration
+        better = self.best is None or (value < self.best if self.minimise else value > self.best)
+        if better:
+            self.best, self.best_iteration, self.since_best = value, iteration, 0
+        else:
+            self.since_best += 1
+        stop = self.patience is not None and self.since_best >= self.patience
+        if stop:
+            self.stopped_at = iteration
+        return Verdict(better, stop)
+
+    def notes(self, best_model: Optional[str]) -> List[str]:
+        """The best and the last result with their iterations, and why the run stopped (for summaries)."""
+        if self.best is None:
+            return [f"{self.output}: never tested"]
+        where = f" ({best_model})" if best_model else ""
+        lines = [f"best {self.output}: {self.best:.4f} at iteration {self.best_iteration}{where}",
+                 f"last {self.output}: {self.last:.4f} at iteration {self.last_iteration}"]
+        if self.stopped_at is not None:
+            lines.append(f"stopped early at iteration {self.stopped_at}: {self.patience} test(s) without a better "
+                         f"{self.output}")
+        return lines
+
+
+def tracker(keep_best: Optional[str], patience: Optional[int]) -> Optional[Tracker]:
+    """The tracker ``--keep-best``/``--patience`` ask for (None for neither)."""
+    if patience is not None and patience < 1:
+        raise CaffeFtError(f"--patience must be at least 1, not {patience}")
+    if keep_best is None:
+        if patience is not None:
+            raise CaffeFtError("--patience needs --keep-best OUTPUT (the test output that must improve)")
+        return None
+    return Tracker(keep_best, patience)
+
+
+def save_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(temporary)`` then rename it to ``path``: a best model is never half-written."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def check_output(keep_best: str, outputs: List[str]) -> None:
+    """Refuse, before training, a --keep-best output the first test net does not have."""
+    if not outputs:
+        raise CaffeFtError(f"--keep-best {keep_best}: the solver has no test net (give test_iter and a TEST phase)")
+    if keep_best not in outputs:
+        raise CaffeFtError(f"--keep-best {keep_best}: the first test net has no such output "
+                           f"(its outputs: {', '.join(sorted(outputs))})")
