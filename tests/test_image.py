@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -87,12 +88,14 @@ def test_finetune_in_the_cpu_image_on_a_mounted_folder(cpu_image, tmp_path):
         names = set(os.listdir(job))
         assert {"train_val.prototxt", "solver.prototxt", "metrics.jsonl", "summary.md", "deploy.prototxt"} <= names, names
         assert "final.caffemodel" in names, names
-        # The job's files name the host's paths: the folder is mounted at its own path.
+        # The job's files name paths that hold on the host (absolute: the folder
+        # is mounted at its own path; or relative to the job's folder).
         with open(os.path.join(job, "train_val.prototxt")) as handle:
-            net = handle.read()
-        assert f'source: "{out}/finetune_train.txt"' in net
+            sources = re.findall(r'source: "([^"]+)"', handle.read())
+        assert sources and os.path.normpath(os.path.join(job, sources[0])) == os.path.join(out, "finetune_train.txt")
         with open(os.path.join(out, "finetune_train.txt")) as handle:
             first_image = handle.readline().split()[0]
+        first_image = os.path.normpath(os.path.join(out, first_image))  # as is when absolute
         assert first_image.startswith(out + "/images/") and os.path.isfile(first_image)
     # Everything the container wrote belongs to the caller, nothing to root.
     owners = {(os.lstat(os.path.join(top, name)).st_uid, os.lstat(os.path.join(top, name)).st_gid)
