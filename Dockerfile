@@ -1,46 +1,63 @@
-# caffe-ft images.
+# caffe-ft images: scripts/build-image builds them (docker where a daemon
+# answers, buildah otherwise); docs/docker.md says what was built and run.
 #
-#   docker build --target cpu -t caffe-ft:cpu .
-#   docker run --rm -v "$PWD:/data" -w /data caffe-ft:cpu --help
-#   docker build --target gpu -t caffe-ft:gpu .
-#   docker run --rm --gpus all -v "$PWD:/data" -w /data caffe-ft:gpu --help
+#   scripts/build-image cpu         debian:bullseye + Debian's Caffe 1.0 (CPU)
+#   scripts/build-image gpu         CUDA base + BVLC Caffe with CUDA/cuDNN/NCCL
+#   scripts/build-image torch-gpu   debian:bookworm + caffe-ft[torch] (PyTorch's
+#                                   wheels carry CUDA; no Caffe)
+#   scripts/run-image cpu finetune ...   (the current folder mounted, your uid)
 #
-# The cpu target is the reference environment of scripts/caffe-env (Debian
-# bullseye's Caffe 1.0, CPU), built by the same scripts/install-caffe-debian.sh,
-# with caffe-ft installed on top. The gpu target compiles the same Caffe code
-# (BVLC/caffe 99bd997, Debian's 1.0.0+git20180821.99bd997) with CUDA 12.8,
-# cuDNN 9 and NCCL: scripts/build-caffe-cuda.sh and docker/patches/. More, and
-# the GPUs each supports, in docs/docker.md.
+# pip steps mount the build secret `host-ca` (the host's CA bundle, for hosts
+# behind a TLS-inspecting proxy; scripts/build-image passes it, empty when
+# there is none) and use it when it is not empty. A plain
+# `docker build --target cpu .` works too (BuildKit; no secret needed).
 #
-# What was checked without a Docker engine (none runs where this was written):
-# - cpu: its script is the one scripts/caffe-env builds and tests with.
-# - gpu: NOT built as an image. scripts/build-caffe-cuda.sh passed shellcheck;
-#   its download-free part (unpack, tree digest, patches, CMake, build, install)
-#   ran on Ubuntu 24.04 with CUDA 13.0, cuDNN 9.19, NCCL and gcc 13 (an H200
-#   machine: `caffe device_query`, `caffe time` on ResNet-50 with cuDNN and a
-#   short `caffe train` ran on the GPU), without OpenCV, LMDB, LevelDB and
-#   pycaffe. Not run: this base image (CUDA 12.8), its apt-get step, the GitHub
-#   download, pycaffe (Python 3.12, Boost.Python 1.83), OpenCV 4.6, the
-#   architectures other than sm_90, multi-GPU NCCL, and caffe-ft on top.
+# cpu: built and run by tests/test_image.py (a fine-tuning job in it).
+# torch-gpu: built here with PyTorch's CPU wheel (docs/docker.md); the CUDA
+#   wheel's path is the same pip install.
+# gpu: NOT built as an image (no CUDA base image is reachable where this was
+#   written). scripts/build-caffe-cuda.sh's download-free part ran on Ubuntu
+#   24.04 with CUDA 13.0 on an H200 (`caffe device_query`, `caffe time`,
+#   `caffe train`); the base image, its apt step, pycaffe on Python 3.12 and
+#   the architectures other than sm_90 are unverified.
 
-FROM debian:bullseye AS cpu
+# Each image is a *-base stage (Caffe or torch: slow, changes rarely) and a
+# last stage that installs caffe-ft on it. The last stage starts from the
+# base stage by default; scripts/build-image (buildah) builds and tags the base
+# once per content of the Dockerfile and scripts/, and passes it here, so a
+# change of caffe-ft's sources rebuilds the last stage alone.
+ARG CPU_BASE=cpu-base
+ARG GPU_BASE=gpu-base
+ARG TORCH_GPU_BASE=torch-gpu-base
 
-COPY scripts/install-caffe-debian.sh /usr/local/share/caffe-ft/install-caffe-debian.sh
-RUN bash /usr/local/share/caffe-ft/install-caffe-debian.sh
+FROM debian:bullseye AS cpu-base
 
 # Quieten Caffe's glog INFO/WARNING output, as scripts/caffe-env does.
 ENV GLOG_minloglevel=2
+ENTRYPOINT ["caffe-ft"]
 
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_DEFAULT_TIMEOUT
+
+# Bullseye's LTS ended 2026-08-31: when its suites have left the mirrors,
+# apt-archive-fallback.sh points the sources at the Debian archive.
+COPY scripts/apt-archive-fallback.sh scripts/install-caffe-debian.sh /usr/local/share/caffe-ft/
+RUN --mount=type=secret,id=host-ca,target=/run/host-ca.crt \
+    if [ -s /run/host-ca.crt ]; then export PIP_CERT=/run/host-ca.crt; fi \
+    && bash /usr/local/share/caffe-ft/apt-archive-fallback.sh \
+    && bash /usr/local/share/caffe-ft/install-caffe-debian.sh
+
+
+FROM ${CPU_BASE} AS cpu
+# caffe-ft itself. Bullseye's pip 20.3 needs a setup.py or pyproject.toml to
+# build from; a setup.cfg-only tree gets a shim, as in scripts/caffe-env.
 COPY . /opt/caffe-ft-src
-# Bullseye's pip 20.3 needs a setup.py or pyproject.toml to build from;
-# a setup.cfg-only tree gets a shim, as in scripts/caffe-env.
 RUN cd /opt/caffe-ft-src \
     && { [ -e setup.py ] || [ -e pyproject.toml ] \
          || printf 'from setuptools import setup\n\nsetup()\n' > setup.py; } \
     && python3 -m pip install --no-cache-dir --no-deps --no-build-isolation . \
     && cd / && rm -rf /opt/caffe-ft-src
-
-ENTRYPOINT ["caffe-ft"]
 
 
 # ---------------------------------------------------------------------------
@@ -48,7 +65,7 @@ ENTRYPOINT ["caffe-ft"]
 # what was and was not checked). Compiling for all the architectures below
 # takes long (roughly half an hour to an hour on 8 cores); build for your GPUs
 # only with e.g. --build-arg CUDA_ARCH_BIN="86" --build-arg CUDA_ARCH_PTX="86".
-FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS gpu
+FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS gpu-base
 
 # Machine code for Pascal (60, 61), Volta (70), Turing (75), Ampere (80, 86),
 # Ada (89), Hopper (90) and Blackwell (100, 120); PTX of 120 lets the driver
@@ -71,16 +88,61 @@ RUN apt-get update -qq \
        python3-setuptools python3-sklearn python3-tqdm python3-wheel >/dev/null \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
 
+# Which GPUs this Caffe has code for, for `caffe-ft doctor` (BIN;PTX).
 ENV PATH=/opt/caffe/bin:$PATH \
-    GLOG_minloglevel=2
+    GLOG_minloglevel=2 \
+    CAFFE_FT_CAFFE_CUDA_ARCHS="$CUDA_ARCH_BIN;$CUDA_ARCH_PTX" \
+    CAFFE_FT_ENGINE=pycaffe
 
+
+FROM ${GPU_BASE} AS gpu
 COPY . /opt/caffe-ft-src
 # Ubuntu 24.04's Python is "externally managed": pip needs to be told that
-# installing caffe-ft beside the apt packages is intended.
+# installing caffe-ft beside the apt packages is intended. Build-only checks
+# (no GPU here): pycaffe and its submodules import, NCCL is in.
 RUN python3 -m pip install --no-cache-dir --no-deps --no-build-isolation \
        --break-system-packages /opt/caffe-ft-src \
+    && install -m 755 /opt/caffe-ft-src/docker/entrypoint.sh /usr/local/bin/caffe-ft-start \
     && rm -rf /opt/caffe-ft-src \
-    && python3 -c "import caffe, caffe_ft; assert caffe.has_nccl()" \
+    && python3 -c "import caffe, caffe.io, caffe.net_spec, caffe_ft; assert caffe.has_nccl()" \
     && caffe-ft --version
 
-ENTRYPOINT ["caffe-ft"]
+# `caffe-ft doctor` first (a Convolution forward pass on GPU 0), then caffe-ft.
+ENTRYPOINT ["caffe-ft-start"]
+
+
+# ---------------------------------------------------------------------------
+# torch-gpu: caffe-ft on its PyTorch engine (no Caffe). PyPI's torch wheels
+# for Linux x86-64 carry CUDA, cuDNN and NCCL, so a plain Debian base does: the
+# host needs the NVIDIA driver and the NVIDIA Container Toolkit. TORCH_SPEC
+# picks the wheel (e.g. torch==2.13.0+cpu from a PIP_FIND_LINKS folder).
+FROM debian:bookworm AS torch-gpu-base
+
+# Settings before the big layers (see the cpu target).
+ENV PATH=/opt/caffe-ft/bin:$PATH \
+    CAFFE_FT_ENGINE=torch
+ENTRYPOINT ["caffe-ft-start"]
+
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_DEFAULT_TIMEOUT
+ARG TORCH_SPEC=torch
+
+# Python and torch in the base stage.
+COPY scripts/install-torch-debian.sh /usr/local/share/caffe-ft/
+RUN --mount=type=secret,id=host-ca,target=/run/host-ca.crt \
+    if [ -s /run/host-ca.crt ]; then export PIP_CERT=/run/host-ca.crt; fi \
+    && bash /usr/local/share/caffe-ft/install-torch-debian.sh --torch "$TORCH_SPEC"
+
+
+FROM ${TORCH_GPU_BASE} AS torch-gpu
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_DEFAULT_TIMEOUT
+ARG TORCH_SPEC=torch
+COPY . /opt/caffe-ft-src
+RUN --mount=type=secret,id=host-ca,target=/run/host-ca.crt \
+    if [ -s /run/host-ca.crt ]; then export PIP_CERT=/run/host-ca.crt; fi \
+    && bash /usr/local/share/caffe-ft/install-torch-debian.sh --torch "$TORCH_SPEC" /opt/caffe-ft-src \
+    && install -m 755 /opt/caffe-ft-src/docker/entrypoint.sh /usr/local/bin/caffe-ft-start \
+    && rm -rf /opt/caffe-ft-src

@@ -914,3 +914,22 @@ def report(runs: Tuple[str, ...], output: Optional[str]) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command()
+@click.option("--engine", type=click.Choice(["auto", "pycaffe", "torch"]), default="auto", show_default=True,
+              help="The engine to check (auto: both; fails only when neither can train).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def doctor(ctx: click.Context, engine: str, as_json: bool) -> None:
+    """What this machine can train with: engines, GPUs, NCCL, free disk.
+
+    One line per check, OK or MISSING with the fix; exit 1 when ENGINE cannot train here."""
+    from .training.doctor import diagnose
+
+    report = diagnose(engine)
+    if as_json:
+        _emit(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        _emit("".join(line + "\n" for line in report.lines()))
+    ctx.exit(0 if report.can_run else 1)

@@ -32,6 +32,7 @@ NSFW_DIR = "/opt/models/nsfw"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "caffe: needs real Caffe (run inside scripts/caffe-env)")
     config.addinivalue_line("markers", "host: runs on the host only (builds wheels, makes venvs)")
+    config.addinivalue_line("markers", "image: builds and runs a container image (scripts/build-image; host only)")
 
 
 @pytest.hookimpl(hookwrapper=True)
