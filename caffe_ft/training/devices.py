@@ -21,7 +21,7 @@ import struct
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeFtError
 
@@ -159,12 +159,11 @@ def resolve_library(name: str, origin: str, search_path: Sequence[str]) -> Optio
     return None
 
 
-def linked_cuda(paths: Iterable[str]) -> Optional[str]:
-    """The first CUDA library that the files in ``paths`` (and the Caffe
-    libraries they link) need, ``""`` when none does, None when a Caffe
-    library they need cannot be found or read."""
-    todo = list(paths)
-    seen = set()
+def needed_libraries(paths: Iterable[str], until: Optional[Callable[[str], bool]] = None) -> Optional[List[str]]:
+    """Every library the files in ``paths`` and the Caffe libraries they link
+    need, in the order met (None when a Caffe library cannot be found or
+    read); with ``until``, the walk stops at the first name it accepts."""
+    todo, seen, needed = list(paths), set(), []
     while todo:
         path = os.path.realpath(todo.pop())
         if path in seen:
@@ -175,14 +174,26 @@ def linked_cuda(paths: Iterable[str]) -> Optional[str]:
         except NotElf:
             return None
         for name in deps.needed:
-            if CUDA_LIBRARY.match(name):
-                return name
+            if name not in needed:
+                needed.append(name)
+            if until is not None and until(name):
+                return needed
             if "caffe" in name:
                 found = resolve_library(name, os.path.dirname(path), deps.search_path)
                 if found is None:
                     return None
                 todo.append(found)
-    return ""
+    return needed
+
+
+def linked_cuda(paths: Iterable[str]) -> Optional[str]:
+    """The first CUDA library that the files in ``paths`` (and the Caffe
+    libraries they link) need, ``""`` when none does, None when a Caffe
+    library they need cannot be found or read."""
+    needed = needed_libraries(paths, until=lambda name: bool(CUDA_LIBRARY.match(name)))
+    if needed is None:
+        return None
+    return next((name for name in needed if CUDA_LIBRARY.match(name)), "")
 
 
 def pycaffe_extensions() -> List[str]:

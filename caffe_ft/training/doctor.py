@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .devices import NotElf, pycaffe_extensions, read_elf_deps, resolve_library
+from .devices import needed_libraries, pycaffe_extensions
 
 ENGINES = ("pycaffe", "torch")
 
@@ -201,30 +201,6 @@ def list_gpus(run: Runner = _run) -> Optional[List[Gpu]]:
     return gpus
 
 
-def pycaffe_libraries(extensions: Sequence[str]) -> Optional[List[str]]:
-    """Every library pycaffe's extensions and the Caffe libraries they link need
-    (None when a Caffe library cannot be found or read)."""
-    todo, seen, needed = list(extensions), set(), []
-    while todo:
-        path = os.path.realpath(todo.pop())
-        if path in seen:
-            continue
-        seen.add(path)
-        try:
-            deps = read_elf_deps(path)
-        except NotElf:
-            return None
-        for name in deps.needed:
-            if name not in needed:
-                needed.append(name)
-            if "caffe" in name:
-                found = resolve_library(name, os.path.dirname(path), deps.search_path)
-                if found is None:
-                    return None
-                todo.append(found)
-    return needed
-
-
 def parse_archs(text: str) -> Tuple[List[int], List[int]]:
     """``"60 61 90;90"`` (CUDA_ARCH_BIN;CUDA_ARCH_PTX, as the gpu image sets
     :data:`CAFFE_ARCHS_ENV`) as (machine-code architectures, PTX architectures)."""
@@ -269,7 +245,7 @@ def _check_pycaffe(gpus: Optional[List[Gpu]], python: str, run: Runner,
         checks.append(Check("pycaffe", False, "not installed ('import caffe' finds nothing)", fix_install))
         return EngineStatus("pycaffe", False, "", "pycaffe is not installed")
     extensions = pycaffe_extensions()
-    libraries = pycaffe_libraries(extensions) if extensions else None
+    libraries = needed_libraries(extensions) if extensions else None
     cuda = [name for name in (libraries or []) if name.startswith(("libcudart", "libcublas", "libcurand"))]
     cudnn = any(name.startswith("libcudnn") for name in libraries or [])
     gpu_build = bool(cuda) or cudnn

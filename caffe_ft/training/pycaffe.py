@@ -64,7 +64,7 @@ from . import snapshots as snap
 from .nets import NetSpec, check_data, check_weights, nondeterminism, solver_nets
 from .plot import plot_quietly
 from .progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
-from .run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, resume_command
+from .run import TrainOptions, TrainResult, ended_run, resume_command
 from .schedule import (
     Settings,
     check_solver,
@@ -489,18 +489,9 @@ class _Run:
         if status == "diverged":
             assert divergence is not None
             return self._diverged(divergence, snapshots)
-        if status == "interrupted":
-            paths = snapshots.save(iteration) if options.snapshot_on_exit else snapshots.latest
-            signum = self.stop.requested or signal.SIGINT
-            command = resume_command(options, paths[1]) if paths else None
-            message = f"stopped at iteration {iteration}" + (f"; snapshot {paths[0]}" if paths else
-                                                             "; no snapshot written (--no-snapshot-on-exit)")
-            return TrainResult(status, iteration, EXIT_SIGNAL_BASE + signum, paths, command, message, self.tests)
-        paths = snapshots.save(iteration) if param.snapshot_after_train else snapshots.latest
-        done = iteration - start
-        rate = f" ({done / seconds:.3g} it/s)" if seconds > 0 and done else ""
-        message = f"trained to iteration {iteration}{rate}" + (f"; model {paths[0]}" if paths else "")
-        return TrainResult(status, iteration, 0, paths, None, message, self.tests)
+        return ended_run(options, snapshots, status, iteration, signum=self.stop.requested or signal.SIGINT,
+                         snapshot_after_train=param.snapshot_after_train, done=iteration - start, seconds=seconds,
+                         tests=self.tests)
 
 
     def _diverged(self, divergence: NonFiniteLoss, snapshots: snap.Snapshotter) -> TrainResult:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .progress import Output
+from .snapshots import Snapshotter
 
 #: A run stopped by signal N exits with 128 + N, as a shell would report it.
 EXIT_SIGNAL_BASE = 128
@@ -168,3 +169,20 @@ def working_directory(folder: str) -> Iterator[None]:
     finally:
         gc.collect()
         os.chdir(before)
+
+
+def ended_run(options: TrainOptions, snapshots: Snapshotter, status: str, iteration: int, *, signum: int,
+              snapshot_after_train: bool, done: int, seconds: float, tests: List[Dict[str, Output]]) -> TrainResult:
+    """How a run that was stopped (``interrupted``) or reached max_iter (``done``)
+    ended, whatever the engine: its last snapshot, what to say and, after a
+    stop, the command that resumes."""
+    if status == "interrupted":
+        paths = snapshots.save(iteration) if options.snapshot_on_exit else snapshots.latest
+        command = resume_command(options, paths[1]) if paths else None
+        message = f"stopped at iteration {iteration}" + (f"; snapshot {paths[0]}" if paths else
+                                                         "; no snapshot written (--no-snapshot-on-exit)")
+        return TrainResult(status, iteration, EXIT_SIGNAL_BASE + signum, paths, command, message, tests)
+    paths = snapshots.save(iteration) if snapshot_after_train else snapshots.latest
+    rate = f" ({done / seconds:.3g} it/s)" if seconds > 0 and done else ""
+    message = f"trained to iteration {iteration}{rate}" + (f"; model {paths[0]}" if paths else "")
+    return TrainResult(status, iteration, 0, paths, None, message, tests)

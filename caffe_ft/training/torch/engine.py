@@ -35,7 +35,7 @@ from .. import best as keep
 from .. import snapshots as snap
 from ..nets import NetSpec, check_data, check_weights, solver_nets
 from ..progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
-from ..run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, resume_command
+from ..run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, ended_run, resume_command
 from ..schedule import Settings, check_solver, final_test_due, resume_skips, snapshot_due, test_due
 from ..stop import StopRequest
 from .data import Feed, NetFeeder, input_shapes
@@ -479,16 +479,6 @@ def _finish(loop: _Loop, options: TrainOptions, status: str, iteration: int, sec
         return TrainResult("diverged", iteration, 2, good_paths, resume_command(options, good_paths[1]),
                            message + f" and resume from the last good state (iteration {at}): {good_paths[1]}",
                            loop.tests)
-    paths: Optional[Tuple[str, str]]
-    if status == "interrupted":
-        paths = snapshots.save(iteration) if options.snapshot_on_exit else snapshots.latest
-        signum = loop.stop.requested or signal.SIGINT
-        command = resume_command(options, paths[1]) if paths else None
-        message = f"stopped at iteration {iteration}" + (f"; snapshot {paths[0]}" if paths else
-                                                         "; no snapshot written (--no-snapshot-on-exit)")
-        return TrainResult(status, iteration, EXIT_SIGNAL_BASE + signum, paths, command, message, loop.tests)
-    paths = snapshots.save(iteration) if settings.snapshot_after_train else snapshots.latest
-    done = iteration - first
-    rate = f" ({done / seconds:.3g} it/s)" if seconds > 0 and done else ""
-    message = f"trained to iteration {iteration}{rate}" + (f"; model {paths[0]}" if paths else "")
-    return TrainResult(status, iteration, 0, paths, None, message, loop.tests)
+    return ended_run(options, snapshots, status, iteration, signum=loop.stop.requested or signal.SIGINT,
+                     snapshot_after_train=settings.snapshot_after_train, done=iteration - first, seconds=seconds,
+                     tests=loop.tests)
