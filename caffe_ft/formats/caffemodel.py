@@ -34,18 +34,18 @@ from google.protobuf.message import DecodeError, Message
 from ..errors import CaffeFtError
 from .wire import text  # noqa: F401  (re-exported: caffemodel.text)
 from .wire import (
+    BYTES,
+    FIXED32,
+    FIXED64,
+    VARINT,
     Buffer,
-    BYTES as _BYTES,
-    Corrupt as _Corrupt,
-    FIXED32 as _FIXED32,
-    FIXED64 as _FIXED64,
-    Record as _Record,
-    VARINT as _VARINT,
-    key_bytes as _key,
-    read_record as _record,
-    records as _records,
-    read_varint as _varint,
-    varint_bytes as _varint_bytes,
+    Corrupt,
+    Record,
+    key_bytes,
+    read_record,
+    read_varint,
+    records,
+    varint_bytes,
 )
 from .limits import shape_problem
 from .schema import Schema
@@ -72,7 +72,7 @@ _ARRAYS: Dict[int, Tuple[str, np.dtype]] = {5: ("data", _F32), 6: ("diff", _F32)
 _ARRAY_FIELD = {(name, dtype): number for number, (name, dtype) in _ARRAYS.items()}
 _SHAPE = 7  # BlobShape, whose field 1 is packed int64 dim
 # One-byte keys of the array fields written unpacked (fixed32 floats, fixed64 doubles).
-_UNPACKED_KEYS = {number << 3 | (_FIXED32 if dtype == _F32 else _FIXED64) for number, (_, dtype) in _ARRAYS.items()}
+_UNPACKED_KEYS = {number << 3 | (FIXED32 if dtype == _F32 else FIXED64) for number, (_, dtype) in _ARRAYS.items()}
 
 _WRITE_CHUNK = 1 << 22  # elements converted at a time when an array needs conversion
 
@@ -172,9 +172,9 @@ class SolverState:
 # --------------------------------------------------------------- wire reading --
 
 
-def _need_bytes(record: _Record, what: str) -> None:
-    if record.wire != _BYTES:
-        raise _Corrupt(record.start, f"{what} (field {record.field}) has wire type {record.wire}, not a message")
+def _need_bytes(record: Record, what: str) -> None:
+    if record.wire != BYTES:
+        raise Corrupt(record.start, f"{what} (field {record.field}) has wire type {record.wire}, not a message")
 
 
 def _int64(value: int) -> int:
@@ -199,7 +199,7 @@ def _unpacked_run(buf: Buffer, pos: int, end: int, key: int, dtype: np.dtype) ->
     stride = 1 + dtype.itemsize
     slots = (end - pos) // stride
     if slots == 0:
-        raise _Corrupt(pos, f"truncated: a {dtype.itemsize}-byte value runs past byte {end}")
+        raise Corrupt(pos, f"truncated: a {dtype.itemsize}-byte value runs past byte {end}")
     keys = np.frombuffer(buf, np.uint8, count=slots * stride, offset=pos)[::stride]
     count, window = 0, 1024
     while count < slots:
@@ -214,26 +214,26 @@ def _unpacked_run(buf: Buffer, pos: int, end: int, key: int, dtype: np.dtype) ->
     return view, pos + count * stride
 
 
-def _packed(buf: Buffer, record: _Record, dtype: np.dtype) -> np.ndarray:
+def _packed(buf: Buffer, record: Record, dtype: np.dtype) -> np.ndarray:
     size = record.end - record.value_start
     if size % dtype.itemsize:
-        raise _Corrupt(record.start, f"packed field {record.field} holds {size} bytes, not a whole number of values")
+        raise Corrupt(record.start, f"packed field {record.field} holds {size} bytes, not a whole number of values")
     return np.frombuffer(buf, dtype, count=size // dtype.itemsize, offset=record.value_start)
 
 
 def _dims(buf: Buffer, start: int, end: int) -> List[int]:
     """The ``dim`` values of a ``BlobShape``, packed or not."""
     dims: List[int] = []
-    for record in _records(buf, start, end):
-        if record.field == 1 and record.wire == _VARINT:
+    for record in records(buf, start, end):
+        if record.field == 1 and record.wire == VARINT:
             dims.append(_int64(record.value))
-        elif record.field == 1 and record.wire == _BYTES:
+        elif record.field == 1 and record.wire == BYTES:
             pos = record.value_start
             while pos < record.end:
-                value, pos = _varint(buf, pos, record.end)
+                value, pos = read_varint(buf, pos, record.end)
                 dims.append(_int64(value))
         else:
-            raise _Corrupt(record.start, f"unexpected field {record.field} in a BlobShape")
+            raise Corrupt(record.start, f"unexpected field {record.field} in a BlobShape")
     return dims
 
 
@@ -256,23 +256,23 @@ def _decode_blob(buf: Buffer, start: int, end: int) -> Blob:
             view, pos = _unpacked_run(buf, pos, end, buf[pos], dtype)
             parts[(name, dtype)].append(view)
             continue
-        record = _record(buf, pos, end)
+        record = read_record(buf, pos, end)
         array = _ARRAYS.get(record.field)
-        if 1 <= record.field <= 4 and record.wire == _VARINT:
+        if 1 <= record.field <= 4 and record.wire == VARINT:
             legacy[_LEGACY_DIMS[record.field - 1]] = _int32(record.value)
-        elif array is not None and record.wire == _BYTES:
+        elif array is not None and record.wire == BYTES:
             if record.end > record.value_start:
                 parts[array].append(_packed(buf, record, array[1]))
-        elif record.field == _SHAPE and record.wire == _BYTES:
+        elif record.field == _SHAPE and record.wire == BYTES:
             dims = (dims or []) + _dims(buf, record.value_start, record.end)
         else:
-            raise _Corrupt(pos, f"unexpected field {record.field} (wire type {record.wire}) in a BlobProto")
+            raise Corrupt(pos, f"unexpected field {record.field} (wire type {record.wire}) in a BlobProto")
         pos = record.end
     arrays = {}
     for name in ("data", "diff"):
         floats, doubles = parts[(name, _F32)], parts[(name, _F64)]
         if floats and doubles:
-            raise _Corrupt(start, f"the blob has both float and double {name}")
+            raise Corrupt(start, f"the blob has both float and double {name}")
         arrays[name] = _join(doubles, _F64) if doubles else _join(floats, _F32)
     return _shaped_blob(legacy, dims, arrays["data"], arrays["diff"], start)
 
@@ -284,17 +284,17 @@ def _shaped_blob(
     if legacy:
         shape = tuple(legacy.get(name, 0) for name in _LEGACY_DIMS)
         if dims is not None and tuple(dims) != shape:
-            raise _Corrupt(offset, f"the blob's 4-D shape {shape} and its BlobShape {tuple(dims)} differ")
+            raise Corrupt(offset, f"the blob's 4-D shape {shape} and its BlobShape {tuple(dims)} differ")
     else:
         shape = tuple(dims or ())
     problem = shape_problem(shape)
     if problem is not None:
-        raise _Corrupt(offset, f"the blob's {problem[4:]}")
+        raise Corrupt(offset, f"the blob's {problem[4:]}")
     count = math.prod(shape)
     if data.size != count:
-        raise _Corrupt(offset, f"the blob's shape {shape} holds {count} values but its data has {data.size}")
+        raise Corrupt(offset, f"the blob's shape {shape} holds {count} values but its data has {data.size}")
     if diff.size not in (0, count):
-        raise _Corrupt(offset, f"the blob's shape {shape} holds {count} values but its diff has {diff.size}")
+        raise Corrupt(offset, f"the blob's shape {shape} holds {count} values but its diff has {diff.size}")
     return Blob(
         shape,
         data.reshape(shape),
@@ -331,7 +331,7 @@ def _looks_like_text(head: bytes) -> bool:
     return False
 
 
-def _corrupt_error(path: str, buf: Buffer, kind: str, exc: _Corrupt) -> CaffeFtError:
+def _corrupt_error(path: str, buf: Buffer, kind: str, exc: Corrupt) -> CaffeFtError:
     """The user's error for a malformed file, guessing what the file is instead."""
     head = bytes(buf[:4096])
     if head.startswith(b"\x89HDF"):
@@ -345,7 +345,7 @@ def _parse_into(message: Message, data: bytes, offset: int, what: str) -> None:
     try:
         message.MergeFromString(data)
     except (DecodeError, ValueError) as exc:
-        raise _Corrupt(offset, f"{what} does not parse ({exc})") from None
+        raise Corrupt(offset, f"{what} does not parse ({exc})") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,7 +382,7 @@ def _strip(buf: Buffer, start: int, end: int, blob_field: int) -> Tuple[bytes, L
     kept: List[bytes] = []
     spans: List[Tuple[int, int]] = []
     gap = start
-    for record in _records(buf, start, end):
+    for record in records(buf, start, end):
         if record.field == blob_field:
             _need_bytes(record, "blobs")
             kept.append(buf[gap : record.start])
@@ -392,25 +392,25 @@ def _strip(buf: Buffer, start: int, end: int, blob_field: int) -> Tuple[bytes, L
     return b"".join(kept), spans
 
 
-def _scan_v1_layer(buf: Buffer, record: _Record) -> _ScannedLayer:
+def _scan_v1_layer(buf: Buffer, record: Record) -> _ScannedLayer:
     """Split a V1 layer, whose blobs may instead be inside its nested V0 layer."""
     kept: List[bytes] = []
     spans: List[Tuple[int, int]] = []
     nested: List[Tuple[int, int]] = []
-    for part in _records(buf, record.value_start, record.end):
+    for part in records(buf, record.value_start, record.end):
         if part.field == _V1_BLOBS:
             _need_bytes(part, "blobs")
             spans.append((part.value_start, part.end))
             continue
-        if part.field == _V1_V0_LAYER and part.wire == _BYTES:
+        if part.field == _V1_V0_LAYER and part.wire == BYTES:
             inner, inner_spans = _strip(buf, part.value_start, part.end, _V0_BLOBS)
             if inner_spans:
                 nested.extend(inner_spans)
-                kept.append(_key(_V1_V0_LAYER, _BYTES) + _varint_bytes(len(inner)) + inner)
+                kept.append(key_bytes(_V1_V0_LAYER, BYTES) + varint_bytes(len(inner)) + inner)
                 continue
         kept.append(buf[part.start : part.end])
     if spans and nested:
-        raise _Corrupt(record.start, "a layer has blobs both in itself and in its nested V0 layer")
+        raise Corrupt(record.start, "a layer has blobs both in itself and in its nested V0 layer")
     return _ScannedLayer(record.start, b"".join(kept), spans or nested, bool(nested))
 
 
@@ -419,7 +419,7 @@ def _scan_net(buf: Buffer) -> Tuple[bytes, int, List[_ScannedLayer]]:
     other: List[bytes] = []
     layers: List[_ScannedLayer] = []
     numbers = set()
-    for record in _records(buf, 0, len(buf)):
+    for record in records(buf, 0, len(buf)):
         if record.field == _LAYER:
             _need_bytes(record, "layer")
             stripped, spans = _strip(buf, record.value_start, record.end, _LAYER_BLOBS)
@@ -432,11 +432,11 @@ def _scan_net(buf: Buffer) -> Tuple[bytes, int, List[_ScannedLayer]]:
             continue
         numbers.add(record.field)
     if not layers:
-        raise _Corrupt(0, "it holds no layers")
+        raise Corrupt(0, "it holds no layers")
     if len(numbers) > 1:
-        raise _Corrupt(0, "it has both 'layer' and V1 'layers' fields, which Caffe refuses")
+        raise Corrupt(0, "it has both 'layer' and V1 'layers' fields, which Caffe refuses")
     if len({layer.v0 for layer in layers if layer.blob_spans}) > 1:
-        raise _Corrupt(0, "some layers keep their blobs in V0 layers and some do not")
+        raise Corrupt(0, "some layers keep their blobs in V0 layers and some do not")
     return b"".join(other), numbers.pop(), layers
 
 
@@ -445,8 +445,8 @@ def _decode_blobs(buf: Buffer, spans: List[Tuple[int, int]], owner: str) -> List
     for index, (start, end) in enumerate(spans):
         try:
             blobs.append(_decode_blob(buf, start, end))
-        except _Corrupt as exc:
-            raise _Corrupt(exc.offset, f"{owner}, blob {index}: {exc.message}") from None
+        except Corrupt as exc:
+            raise Corrupt(exc.offset, f"{owner}, blob {index}: {exc.message}") from None
     return blobs
 
 
@@ -470,7 +470,7 @@ def _read_file(path: str, schema: Schema, kind: str, read: Callable[[Buffer, Sch
     buf = _map(path)
     try:
         return read(buf, schema)
-    except _Corrupt as exc:
+    except Corrupt as exc:
         raise _corrupt_error(path, buf, kind, exc) from None
 
 
@@ -491,7 +491,7 @@ def load_blob(path: str, schema: Schema) -> Blob:
 def _read_solverstate(buf: Buffer, schema: Schema) -> SolverState:
     other: List[bytes] = []
     spans: List[Tuple[int, int]] = []
-    for record in _records(buf, 0, len(buf)):
+    for record in records(buf, 0, len(buf)):
         if record.field == _HISTORY:
             _need_bytes(record, "history")
             spans.append((record.value_start, record.end))
@@ -526,7 +526,7 @@ def _size(pieces: Sequence[Piece]) -> int:
 
 def _delimited(field: int, pieces: List[Piece]) -> List[Piece]:
     """``pieces`` as the payload of length-delimited field ``field``."""
-    return [_key(field, _BYTES) + _varint_bytes(_size(pieces)), *pieces]
+    return [key_bytes(field, BYTES) + varint_bytes(_size(pieces)), *pieces]
 
 
 def _wire_dtype(array: np.ndarray, what: str) -> np.dtype:
@@ -546,9 +546,9 @@ def _blob_pieces(blob: Blob, what: str) -> List[Piece]:
             raise CaffeFtError(f"{what}: a blob with num/channels/height/width needs a 4-D int32 shape, not {shape}")
         for number, (name, dim) in enumerate(zip(_LEGACY_DIMS, shape), 1):
             if name in blob.legacy_dims or dim:
-                fields[number] = [_key(number, _VARINT) + _varint_bytes(dim)]
+                fields[number] = [key_bytes(number, VARINT) + varint_bytes(dim)]
     if blob.shape_field or (not blob.legacy_dims and shape):
-        dims = b"".join(_varint_bytes(dim) for dim in shape)
+        dims = b"".join(varint_bytes(dim) for dim in shape)
         fields[_SHAPE] = _delimited(_SHAPE, _delimited(1, [dims]) if dims else [])
     for name, array in (("data", blob.data), ("diff", blob.diff)):
         if array is None:
@@ -576,18 +576,18 @@ def _splice(body: bytes, blob_field: int, known: Dict[int, object], blobs: List[
     before the first field with a higher number or the first unknown one.
     """
     where = len(body)
-    for record in _records(body, 0, len(body)):
+    for record in records(body, 0, len(body)):
         if record.field > blob_field or record.field not in known:
             where = record.start
             break
-    records = [piece for blob in blobs for piece in _delimited(blob_field, blob)]
-    return [body[:where], *records, body[where:]]
+    pieces = [piece for blob in blobs for piece in _delimited(blob_field, blob)]
+    return [body[:where], *pieces, body[where:]]
 
 
 def _v0_splice(body: bytes, v1: Message, blobs: List[List[Piece]], what: str) -> List[Piece]:
     """Insert blob records into the nested V0 layer of a serialized V1 layer."""
     known = v1.layer.DESCRIPTOR.fields_by_number
-    for record in _records(body, 0, len(body)):
+    for record in records(body, 0, len(body)):
         if record.field == _V1_V0_LAYER:
             inner = _splice(body[record.value_start : record.end], _V0_BLOBS, known, blobs)
             return [body[: record.start], *_delimited(_V1_V0_LAYER, inner), body[record.end :]]
@@ -606,7 +606,7 @@ def _model_pieces(model: Model) -> List[Piece]:
     data = _serialize(model.net)
     out: List[Piece] = []
     index = 0
-    for record in _records(data, 0, len(data)):
+    for record in records(data, 0, len(data)):
         if record.field != number:
             out.append(data[record.start : record.end])
             continue

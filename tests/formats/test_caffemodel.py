@@ -15,7 +15,7 @@ import struct
 import numpy as np
 import pytest
 
-from caffe_ft.formats import caffemodel
+from caffe_ft.formats import caffemodel, wire as wirecodec
 from caffe_ft.formats.caffemodel import Blob, load_blob, load_model, load_solverstate, save_blob, save_model
 from caffe_ft.errors import CaffeFtError
 from caffe_ft.formats.schema import load_schema
@@ -187,11 +187,11 @@ def test_scalar_and_empty_blobs(tmp_path, schema):
 
 
 def _key(field, wire):
-    return caffemodel._varint_bytes(field << 3 | wire)
+    return wirecodec.varint_bytes(field << 3 | wire)
 
 
 def _bytes_field(field, payload):
-    return _key(field, 2) + caffemodel._varint_bytes(len(payload)) + payload
+    return _key(field, 2) + wirecodec.varint_bytes(len(payload)) + payload
 
 
 def _unpacked(field, values, fmt="<f"):
@@ -203,7 +203,7 @@ def _unpacked(field, values, fmt="<f"):
 def test_packed_and_unpacked_encodings_read_alike(tmp_path, schema, split):
     """Protobuf accepts a repeated field in any mix of packed and unpacked runs."""
     values = _weights(20)
-    dims = b"".join(_key(1, 0) + caffemodel._varint_bytes(d) for d in (4, 5))  # unpacked dims
+    dims = b"".join(_key(1, 0) + wirecodec.varint_bytes(d) for d in (4, 5))  # unpacked dims
     body = (
         _bytes_field(7, dims)
         + _unpacked(5, values[:split])
@@ -300,7 +300,7 @@ def test_v0_layers_nest_their_blobs(tmp_path, schema):
 def test_unknown_fields_stay_after_the_blobs(tmp_path, schema):
     """C++ writes unknown fields last; so must the splice, for byte identity."""
     net, _ = _current_net(schema)
-    unknown = _key(9999, 0) + caffemodel._varint_bytes(3)
+    unknown = _key(9999, 0) + wirecodec.varint_bytes(3)
     layer = net.layer[1].SerializeToString() + unknown
     data = b"".join(
         _bytes_field(100, layer) if i == 1 else _bytes_field(100, l.SerializeToString())
