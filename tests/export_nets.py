@@ -5,7 +5,7 @@ shapes where Caffe's ceil rounding and pad clipping matter.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 # Every other layer the exporter knows, on a small input.
 LAYERS_NET = """
@@ -110,3 +110,20 @@ def random_weights(net_path: str, out: str, seed: int = 0) -> str:
         blobs.append(arrays)
     save_model(Model(saved, blobs), out)
     return out
+
+
+# Classifier deploy nets of caffe-doc (paths below /usr/share/doc/caffe-doc), the
+# batch sizes to compare at, and an input shape to run them at instead of their
+# own (empty: their own).
+DEPLOY_NETS: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = [
+    ("models/bvlc_reference_caffenet/deploy.prototxt", (1,), ()),
+    ("models/bvlc_alexnet/deploy.prototxt", (1, 8), (1, 3, 99, 99)),
+    ("models/bvlc_googlenet/deploy.prototxt.gz", (1,), ()),
+    ("models/finetune_flickr_style/deploy.prototxt.gz", (1,), (1, 3, 99, 99)),
+    ("models/bvlc_reference_rcnn_ilsvrc13/deploy.prototxt", (1,), (1, 3, 99, 99)),
+    # Fully convolutional: a 2x2 score map from 259x259 instead of 451x451.
+    ("examples/net_surgery/bvlc_caffenet_full_conv.prototxt", (1,), (1, 3, 259, 259)),
+    ("examples/cifar10/cifar10_quick.prototxt", (1, 8), ()),
+    ("examples/cifar10/cifar10_full.prototxt", (1, 8), ()),
+    ("examples/mnist/lenet.prototxt", (1, 8), ()),
+]

@@ -270,3 +270,64 @@ def test_opencv5_reads_the_exported_models(tmp_path, opencv5: str) -> None:
             scale = max(float(np.abs(value).max()), 1e-30)
             difference = float(np.abs(got[output].reshape(value.shape) - value).max()) / scale
             assert difference <= 1e-4, f"{name}: {output} differs by {difference:.2e}"
+
+
+def _reference_root() -> str:
+    """The reference environment's root (scripts/caffe-env), where caffe-doc's
+    nets and the nsfw model are; the host reads them there."""
+    return subprocess.run([os.path.join(REPO, "scripts", "caffe-env"), "path"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _doc_net(root: str, path: str, shape, directory) -> str:
+    """A caffe-doc deploy net as a plain file (Debian gzips the bigger ones), at ``shape`` when given."""
+    import gzip
+
+    from caffe_ft.formats.files import load_net
+    from caffe_ft.formats.prototext import print_message
+    from caffe_ft.formats.schema import load_schema
+
+    source = os.path.join(root, "usr/share/doc/caffe-doc", path)
+    opener = gzip.open if source.endswith(".gz") else open
+    with opener(source, "rb") as handle:
+        text = handle.read()
+    stem = path.split("/")[-2] if path.split("/")[-1].startswith("deploy") else path.split("/")[-1].split(".")[0]
+    target = directory / (stem + ".prototxt")
+    target.write_bytes(text)
+    if shape:
+        net = load_net(str(target), load_schema())
+        net.layer[0].input_param.shape[0].dim[:] = shape
+        target.write_text(print_message(net))
+    return str(target)
+
+
+@pytest.mark.host
+def test_opencv5_agrees_on_the_caffe_doc_nets_and_nsfw(tmp_path, opencv5: str) -> None:
+    """OpenCV 5's ONNX importer computes what ONNX Runtime computes (which the
+    reference environment's tests hold equal to pycaffe) for every caffe-doc
+    deploy net (random weights) and the nsfw ResNet-50 (its real weights)."""
+    root = _reference_root()
+    nsfw = os.path.join(root, "opt/models/nsfw")
+    if not os.path.isdir(os.path.join(root, "usr/share/doc/caffe-doc")) or not os.path.isdir(nsfw):
+        pytest.skip(f"no reference environment at {root} (scripts/caffe-env create makes it)")
+    from export_nets import DEPLOY_NETS
+
+    rng = np.random.default_rng(5)
+    cases = [(os.path.join(nsfw, "deploy.prototxt"), os.path.join(nsfw, "resnet_50_1by2_nsfw.caffemodel"), ())]
+    for path, _, shape in DEPLOY_NETS:
+        prototxt = _doc_net(root, path, shape, tmp_path)
+        cases.append((prototxt, random_weights(prototxt, prototxt.replace(".prototxt", ".caffemodel")), shape))
+    for prototxt, weights, shape in cases:
+        name = os.path.basename(prototxt).replace(".prototxt", "")
+        args = ["--input-shape", "data=" + ",".join(map(str, shape))] if shape else []
+        model = _export(tmp_path, prototxt, weights, *args, name=f"{name}.onnx")
+        import onnx
+
+        dims = [d.dim_value or 1 for d in onnx.load(model).graph.input[0].type.tensor_type.shape.dim]
+        feed = {"data": rng.standard_normal(dims).astype(np.float32) * 50}
+        want = _ort(model, feed)
+        got = _opencv(opencv5, tmp_path, model, feed, list(want))
+        for output, value in want.items():
+            scale = max(float(np.abs(value).max()), 1e-30)
+            difference = float(np.abs(got[output].reshape(value.shape) - value).max()) / scale
+            assert difference <= 1e-4, f"{name}: {output} differs by {difference:.2e}"

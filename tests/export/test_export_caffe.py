@@ -24,7 +24,7 @@ from caffe_ft.formats.files import load_net
 from caffe_ft.formats.schema import load_schema
 
 from conftest import NSFW_DIR, cli_runner
-from export_nets import LAYERS_NET, POOLING_CASES, pooling_net
+from export_nets import DEPLOY_NETS, LAYERS_NET, POOLING_CASES, pooling_net
 
 pytestmark = pytest.mark.caffe
 
@@ -141,24 +141,11 @@ def _random_weights(caffe, prototxt: str, path: str, seed: int = 0) -> str:
     return path
 
 
-# Classifier deploy nets of caffe-doc; batch 8 where a forward pass is cheap.
-# Where an input shape is given, the net runs at that size (in pycaffe from a
-# copy of the prototxt, in the export through --input-shape): AlexNet's
-# family at 99 x 99 has a 2 x 2 pool5 (ceil rounding at every pooling) and
-# fc6 a ninth of its 38 million weights; CaffeNet keeps its own size.
-DEPLOY_NETS = [
-    ("models/bvlc_reference_caffenet/deploy.prototxt", (1,), ()),
-    ("models/bvlc_alexnet/deploy.prototxt", (1, 8), (1, 3, 99, 99)),
-    ("models/bvlc_googlenet/deploy.prototxt.gz", (1,), ()),
-    ("models/finetune_flickr_style/deploy.prototxt.gz", (1,), (1, 3, 99, 99)),
-    ("models/bvlc_reference_rcnn_ilsvrc13/deploy.prototxt", (1,), (1, 3, 99, 99)),
-    # Fully convolutional: a 2x2 score map from 259x259 instead of 451x451.
-    ("examples/net_surgery/bvlc_caffenet_full_conv.prototxt", (1,), (1, 3, 259, 259)),
-    ("examples/cifar10/cifar10_quick.prototxt", (1, 8), ()),
-    ("examples/cifar10/cifar10_full.prototxt", (1, 8), ()),
-    ("examples/mnist/lenet.prototxt", (1, 8), ()),
-]
-
+# DEPLOY_NETS (export_nets.py): batch 8 where a forward pass is cheap. Where an
+# input shape is given, the net runs at that size (in pycaffe from a copy of
+# the prototxt, in the export through --input-shape): AlexNet's family at
+# 99 x 99 has a 2 x 2 pool5 (ceil rounding at every pooling) and fc6 a ninth of
+# its 38 million weights; CaffeNet keeps its own size.
 
 def _at_size(prototxt: str, shape: Tuple[int, ...], directory: str) -> str:
     """A copy of ``prototxt`` whose input has ``shape``."""
