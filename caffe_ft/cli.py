@@ -430,6 +430,16 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
     _emit(summary_text(result))
 
 
+def _keep_best(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--keep-best`` and ``--patience``, which ``train`` and ``finetune`` share."""
+    command = click.option("--patience", type=click.IntRange(min=1), metavar="N",
+                           help="With --keep-best: stop after N tests in a row without a better value.")(command)
+    return click.option("--keep-best", "keep_best", metavar="OUTPUT",
+                        help="Write best.caffemodel at each test where this output of the first test net is the best "
+                             "yet (accuracy is maximised, an output named *loss* minimised).")(command)
+
+
+
 @main.command()
 @click.argument("net_path", metavar="NET")
 @click.option("--weights", required=True, metavar="MODEL", help="Pretrained caffemodel to start from.")
@@ -443,11 +453,7 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
                    "(deterministic input, SGD); off: always train with pycaffe.")
 @click.option("--resume", metavar="STATE", help="Continue a stopped job from its .solverstate (the command it "
               "printed when stopped).")
-@click.option("--keep-best", "keep_best", metavar="OUTPUT",
-              help="Write best.caffemodel at each test where this output of the first test net is the best yet "
-                   "(accuracy is maximised, an output named *loss* minimised).")
-@click.option("--patience", type=click.IntRange(min=1), metavar="N",
-              help="With --keep-best: stop after N tests in a row without a better value.")
+@_keep_best
 @click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
               "checked against pycaffe.")
 @click.pass_context
@@ -763,11 +769,7 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
               "(the last snapshot evaluated on the first test net's images; needs --metrics).")
 @click.option("--tensorboard", metavar="DIR", help="Also write the run's loss, learning rate and test outputs "
               "as TensorBoard event files here (tensorboardX; needs --metrics).")
-@click.option("--keep-best", "keep_best", metavar="OUTPUT",
-              help="Write best.caffemodel at each test where this output of the first test net is the best yet "
-                   "(accuracy is maximised, an output named *loss* minimised).")
-@click.option("--patience", type=click.IntRange(min=1), metavar="N",
-              help="With --keep-best: stop after N tests in a row without a better value.")
+@_keep_best
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
 @click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from caffe_ft.cli import main
+from caffe_ft.formats.wire import varint_bytes
 from caffe_ft.formats.caffemodel import Blob, Model, load_model, save_model
 from caffe_ft.formats.schema import load_schema
 from conftest import cli_runner
@@ -82,15 +83,6 @@ def test_a_caffemodel_whose_strings_are_not_utf8_is_read_as_caffe_reads_it(net, 
     assert load_model(str(copy), load_schema()).layers[0].name == b"fc\xff\xfe"
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
-
-
 @pytest.mark.parametrize("dims, words", [
     ((0, 2**63 - 1), "more than INT_MAX values"),
     ((2**31, 1), "more than INT_MAX values"),
@@ -99,9 +91,9 @@ def _varint(value: int) -> bytes:
     ((1,) * 33, "at most 32"),
 ])
 def test_absurd_blob_shapes_are_refused_as_caffe_refuses_them(tmp_path, dims, words):
-    packed = b"".join(_varint(dim) for dim in dims)
-    shape = b"\x0a" + _varint(len(packed)) + packed
-    blob = b"\x3a" + _varint(len(shape)) + shape  # BlobProto.shape, no data
+    packed = b"".join(varint_bytes(dim) for dim in dims)
+    shape = b"\x0a" + varint_bytes(len(packed)) + packed
+    blob = b"\x3a" + varint_bytes(len(shape)) + shape  # BlobProto.shape, no data
     path = tmp_path / "mean.binaryproto"
     path.write_bytes(blob)
     assert words in one_line_error(run("inspect", path))

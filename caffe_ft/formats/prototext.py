@@ -26,6 +26,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
+from . import wire
 from .numbers import format_double, format_float
 from .gcpause import pausing
 from .schema import is_repeated
@@ -514,15 +515,7 @@ def _is_float(token: Token) -> bool:
 
 def _string_record(field: FieldDescriptor, raw: bytes) -> bytes:
     """The wire record of a string field holding ``raw`` (for bytes that are not UTF-8)."""
-    def varint(value: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
-            value >>= 7
-            if not value:
-                return bytes(out)
-
-    return varint(field.number << 3 | 2) + varint(len(raw)) + raw
+    return wire.key_bytes(field.number, wire.BYTES) + wire.varint_bytes(len(raw)) + raw
 
 
 class _Converter:

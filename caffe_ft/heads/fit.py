@@ -42,6 +42,7 @@ from google.protobuf.message import Message
 
 from ..net import graph
 from . import replay
+from ..data.transform import IMAGE_LAYERS, net_data_layer
 from ..errors import CaffeFtError
 from ..formats.schema import Schema
 
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 TRAIN_FEATURES = "features-train.npz"
 VAL_FEATURES = "features-val.npz"
-_IMAGE_LAYERS = ("ImageData", "Data")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _data_spec(layer: Message) -> DataSpec:
 def data_reasons(layer: Message, phase: str) -> List[str]:
     """Why a data layer does not give the same input for an image every time."""
     where = f"{phase} data layer '{layer.name}'"
-    if layer.type not in _IMAGE_LAYERS:
+    if layer.type not in IMAGE_LAYERS:
         return [f"{where} is {layer.type}; only ImageData and Data are read here"]
     reasons = []
     transform = layer.transform_param
@@ -248,8 +248,6 @@ class _TrainNet:
 def _train_net(net: Message, schema: Schema) -> Tuple[Optional[_TrainNet], List[str]]:
     """The TRAIN net's head, feature layer, data and loss layers (None when
     they cannot be told apart), and why they cannot be replayed."""
-    from ..data.transform import net_data_layer
-
     layers = list(_phase_net(net, "TRAIN", schema).layer)
     head, reasons = _head_index(layers)
     if head is None:
@@ -296,8 +294,6 @@ def _same_trunk(net: Message, schema: Schema, parts: _TrainNet) -> List[str]:
 
 def _test_net(net: Message, schema: Schema, scores: str) -> Tuple[Optional[DataSpec], List[replay.Output], List[str]]:
     """The TEST net's data and outputs (each from the head's scores), or why they cannot be replayed."""
-    from ..data.transform import net_data_layer
-
     data = net_data_layer(net, "TEST")
     if data is None:
         return None, [], ["the test net has no ImageData or Data layer"]
@@ -561,7 +557,6 @@ def fit_features(net_path: str, schema: Schema, head: str, init: str, outdir: st
     """Fit the head with scikit-learn on cached features (TEST-phase
     preprocessing) of the TRAIN and TEST data layers' images; write ``final``."""
     from . import linear
-    from ..data.transform import net_data_layer
     from ..formats.files import load_net
 
     net = load_net(net_path, schema)
