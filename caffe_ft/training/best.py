@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import CaffeFtError
 from .progress import Output
@@ -122,3 +122,32 @@ def check_output(keep_best: str, outputs: List[str]) -> None:
     if keep_best not in outputs:
         raise CaffeFtError(f"--keep-best {keep_best}: the first test net has no such output "
                            f"(its outputs: {', '.join(sorted(outputs))})")
+
+
+def record_tests(owner: Any, iteration: int, counts: Sequence[int],
+                 run_one: Callable[[int, int, Callable[[], bool]], Optional[Dict[str, Output]]],
+                 save_best: Callable[[str], None], abortable: bool) -> bool:
+    """One test pass of every test net, as both engines do it: each net's
+    outputs reported, written to the metrics, and the first net's weighed by
+    the keep-best tracker (``save_best`` writes the weights when they are the
+    best yet).  ``owner`` is the engine's loop, holding ``stop``, ``say``,
+    ``tests``, ``reporter``, ``metrics``, ``best``, ``best_model``,
+    ``best_written`` and ``early_stop``.  False when a stop cut a pass short."""
+    abort = (lambda: owner.stop.requested is not None) if abortable else (lambda: False)
+    for index, count in enumerate(counts):
+        outputs = run_one(index, count, abort)
+        if outputs is None:
+            owner.say(f"iter {iteration}  test #{index}: interrupted")
+            return False
+        owner.tests.append(outputs)
+        if owner.reporter is not None:
+            owner.reporter.test(iteration, index, outputs)
+        if owner.metrics is not None:
+            owner.metrics.test(iteration, index, outputs)
+        if index == 0 and owner.best is not None:
+            verdict = owner.best.update(iteration, outputs)
+            if verdict.new_best:
+                save_atomically(owner.best_model, save_best)
+                owner.best_written = True
+            owner.early_stop = verdict.stop
+    return True

@@ -392,24 +392,9 @@ class _Run:
 
     def test_all(self, solver: Any, iteration: int, abortable: bool) -> bool:
         """Every test net once; False when a stop request cut a pass short."""
-        abort = (lambda: self.stop.requested is not None) if abortable else (lambda: False)
-        for index, count in enumerate(self.param.test_iter):
-            outputs = run_test(solver, index, count, abort)
-            if outputs is None:
-                self.say(f"iter {iteration}  test #{index}: interrupted")
-                return False
-            self.tests.append(outputs)
-            if self.reporter is not None:
-                self.reporter.test(iteration, index, outputs)
-            if self.metrics is not None:
-                self.metrics.test(iteration, index, outputs)
-            if index == 0 and self.best is not None:
-                verdict = self.best.update(iteration, outputs)
-                if verdict.new_best:
-                    keep.save_atomically(self.best_model, solver.net.save)
-                    self.best_written = True
-                self.early_stop = verdict.stop
-        return True
+        return keep.record_tests(self, iteration, self.param.test_iter,
+                                 lambda index, count, abort: run_test(solver, index, count, abort),
+                                 lambda path: solver.net.save(path), abortable)
 
     def loop(self, solver: Any) -> Tuple[str, int, Optional[NonFiniteLoss]]:
         """Train until max_iter, a stop, or divergence: ``(status, iteration, divergence)``."""

@@ -303,24 +303,8 @@ class _Loop:
             self.out.flush()
 
     def test_all(self, iteration: int, abortable: bool) -> bool:
-        abort = (lambda: self.stop.requested is not None) if abortable else (lambda: False)
-        for index, count in enumerate(self.settings.test_iter):
-            outputs = self.trainer.test(index, count, abort)
-            if outputs is None:
-                self.say(f"iter {iteration}  test #{index}: interrupted")
-                return False
-            self.tests.append(outputs)
-            if self.reporter is not None:
-                self.reporter.test(iteration, index, outputs)
-            if self.metrics is not None:
-                self.metrics.test(iteration, index, outputs)
-            if index == 0 and self.best is not None:
-                verdict = self.best.update(iteration, outputs)
-                if verdict.new_best:
-                    keep.save_atomically(self.best_model, lambda path: save_model(self.trainer.model(), path))
-                    self.best_written = True
-                self.early_stop = verdict.stop
-        return True
+        return keep.record_tests(self, iteration, self.settings.test_iter, self.trainer.test,
+                                 lambda path: save_model(self.trainer.model(), path), abortable)
 
     def run(self, resumed: bool) -> Tuple[str, int, Optional[int]]:
         trainer, settings = self.trainer, self.settings
