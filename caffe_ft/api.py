@@ -89,8 +89,7 @@ def init(net_path: str, weights: str, output: str, *, seed: int = 0, phase: str 
     schema = schema or load_schema()
     net, model = load_net_and_model(net_path, weights, schema)
     try:
-        report = wt.check(net, model, phase, input_shapes or None)
-        result = wt.init(net, model, seed, phase, input_shapes or None)
+        report, result = wt.init_checked(net, model, seed, phase, input_shapes or None)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
     save_model(result, output)

@@ -15,16 +15,21 @@ Writing does the reverse: protobuf serializes each layer without its blobs
 and the blob records are spliced in where C++ protobuf puts them (fields in
 number order, known fields before unknown ones), with the arrays streamed to
 disk.  So a caffemodel that Caffe wrote, read and written back, is
-byte-identical to the input.  Files are written atomically (temp file in the
-same directory, fsync, rename).
+byte-identical to the input.  An array that is still an unchanged view on a
+mapped file is copied from that file by the kernel (``copy_file_range``, else
+``sendfile``), so ``upgrade``/``init`` of a big model cost about what ``cp``
+does and never read its weights into this process.  Files are written
+atomically (temp file in the same directory, fsync, rename).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import mmap
 import os
+import weakref
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -307,13 +312,29 @@ def _shaped_blob(
 # --------------------------------------------------------------- file reading --
 
 
+class _Source(NamedTuple):
+    """A mapped file: a descriptor open on it (closed with the map) and where the map starts."""
+
+    fd: int
+    address: int
+
+
+# Each live map made by _map -> its file, so that unchanged arrays can be copied
+# file to file (see _file_range).  Entries go away with their maps.
+_SOURCES: "weakref.WeakKeyDictionary[mmap.mmap, _Source]" = weakref.WeakKeyDictionary()
+
+
 def _map(path: str) -> mmap.mmap:
-    """Memory-map ``path`` read-only."""
+    """Memory-map ``path`` read-only, remembering the file for :func:`_file_range`."""
     try:
         with open(path, "rb") as handle:
             if os.fstat(handle.fileno()).st_size == 0:
                 raise CaffeFtError("the file is empty", path)
-            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = os.dup(handle.fileno())
+        weakref.finalize(buf, os.close, fd)
+        _SOURCES[buf] = _Source(fd, np.frombuffer(buf, np.uint8, count=1).ctypes.data)
+        return buf
     except OSError as exc:
         raise CaffeFtError(f"cannot read: {exc.strerror}", path) from None
     except ValueError as exc:  # mmap refuses e.g. a pipe
@@ -636,16 +657,78 @@ def _write_array(handle: BinaryIO, array: np.ndarray, dtype: np.dtype) -> None:
         handle.write(np.ascontiguousarray(rows[first : first + step], dtype=dtype).reshape(-1).view(np.uint8).data)
 
 
+def _file_range(array: np.ndarray, dtype: np.dtype) -> Optional[Tuple[int, int]]:
+    """(descriptor, offset) of the file bytes that ``array`` written as ``dtype`` would be, if any.
+
+    That is when ``array`` is a contiguous ``dtype`` view on a map made by
+    :func:`_map` (numpy keeps the map as the base of its views, possibly
+    through a memoryview): its bytes are then exactly the file's bytes from
+    the offset on.
+    """
+    if array.dtype != dtype or not array.flags.c_contiguous or not array.size:
+        return None
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    source = _SOURCES.get(base) if isinstance(base, mmap.mmap) else None
+    if source is None:
+        return None
+    offset = array.ctypes.data - source.address
+    if offset < 0 or offset + array.nbytes > len(base):  # type: ignore[arg-type]
+        return None
+    return source.fd, offset
+
+
+# Errors that mean "this kernel or file system cannot copy this way": fall back.
+_NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+
+
+def _kernel_copy(src: int, offset: int, count: int, unit: int, handle: BinaryIO) -> int:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to the end of ``handle``
+    in the kernel; the number of bytes copied, a multiple of ``unit`` (fewer
+    than ``count`` when the kernel cannot copy them all)."""
+    handle.flush()
+    dst, start = handle.fileno(), handle.tell()
+    done = 0
+    for how in ("copy_file_range", "sendfile"):
+        if not hasattr(os, how):
+            continue
+        try:
+            while done < count:
+                if how == "copy_file_range":
+                    step = os.copy_file_range(src, dst, count - done, offset + done, start + done)
+                else:
+                    os.lseek(dst, start + done, os.SEEK_SET)
+                    step = os.sendfile(dst, src, offset + done, count - done)
+                if step <= 0:  # the source is shorter than its map said: write from the map
+                    break
+                done += step
+            break
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+    done -= done % unit
+    handle.seek(start + done)
+    return done
+
+
 def _write_pieces(path: str, pieces: List[Piece]) -> None:
-    """Write ``pieces`` to ``path`` atomically, streaming the arrays."""
+    """Write ``pieces`` to ``path`` atomically, streaming the arrays (unchanged
+    ones file to file, see :func:`_file_range`)."""
     from .files import atomic_output
 
     with atomic_output(path) as handle:
         for piece in pieces:
             if isinstance(piece, bytes):
                 handle.write(piece)
-            else:
-                _write_array(handle, piece.array, piece.dtype)
+                continue
+            source = _file_range(piece.array, piece.dtype)
+            done = 0 if source is None else _kernel_copy(*source, piece.array.nbytes, piece.dtype.itemsize, handle)
+            if done < piece.array.nbytes:
+                array = piece.array.reshape(-1)[done // piece.dtype.itemsize:] if done else piece.array
+                _write_array(handle, array, piece.dtype)
 
 
 def save_model(model: Model, path: str) -> None:

@@ -437,20 +437,16 @@ def _check(targets: Sequence[_Target], model: Model, phase: str) -> CheckReport:
     )
 
 
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16  # values checked at a time: a 64 KiB bool temporary stays in the cache
 
 
 def _all_finite(data: np.ndarray) -> bool:
     """Whether every value of ``data`` is finite, without a temporary the size
-    of ``data``: a float64 sum is NaN or inf when a value is (and a sum of
-    float32 values cannot overflow float64), so one pass that allocates
-    nothing answers almost always; a non-finite sum is confirmed chunk by chunk
-    (a float64 sum of finite values may overflow)."""
+    of ``data``: ``isfinite`` a chunk at a time (faster than one float64 sum,
+    which ``init`` of a 500 MB model used to spend 0.12 s on, and exact)."""
     flat = data.reshape(-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.add.reduce(flat, dtype=np.float64)):
-            return True
-    return all(bool(np.isfinite(flat[start:start + _CHUNK]).all()) for start in range(0, flat.size, _CHUNK))
+    isfinite = np.isfinite
+    return all(isfinite(flat[start:start + _CHUNK]).all() for start in range(0, flat.size, _CHUNK))
 
 
 def _nonfinite(blob: Blob) -> Optional[str]:
@@ -601,13 +597,28 @@ def init(
     stages: Sequence[str] = (),
     level: int = 0,
 ) -> Model:
-    """The caffemodel Caffe would start ``net`` from: copied blobs, filler values elsewhere.
+    """The caffemodel Caffe would start ``net`` from (see :func:`init_checked`)."""
+    return init_checked(net, model, seed, phase, input_shapes, stages, level)[1]
+
+
+def init_checked(
+    net: Message,
+    model: Model,
+    seed: Optional[int] = 0,
+    phase: str = "TRAIN",
+    input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+    stages: Sequence[str] = (),
+    level: int = 0,
+) -> Tuple[CheckReport, Model]:
+    """The :func:`check` report and the caffemodel Caffe would start ``net`` from:
+    copied blobs, filler values elsewhere.
 
     Holds one entry per layer of ``net`` in ``phase`` (param-free layers
     without blobs), as pycaffe's ``net.save`` would write it right after
     ``copy_from``, except for the random values of FRESH layers, which come
     from ``np.random.default_rng(seed)`` in layer order.  Copied blobs are
-    views on ``model``'s file.  Refuses a net Caffe would abort on.
+    views on ``model``'s file.  Refuses a net Caffe would abort on.  One call
+    does both so that the weights are scanned for NaN/inf once, not twice.
     """
     phase = phase.upper()
     current = _current(net)
@@ -642,4 +653,4 @@ def init(
             blobs.append([Blob(tuple(shape), array) for shape, array in zip(target.params, arrays)])
         else:
             blobs.append([])
-    return Model(out, blobs)
+    return report, Model(out, blobs)

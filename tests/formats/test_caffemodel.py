@@ -8,6 +8,7 @@ check the same against pycaffe inside the reference environment.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import struct
@@ -251,6 +252,62 @@ def test_strided_and_converted_arrays_are_written_in_chunks(tmp_path, schema, mo
         np.testing.assert_array_equal(np.array(proto.data, np.float32).reshape(array.shape), array.astype(np.float32))
 
 
+def _mixed_model_file(tmp_path, schema):
+    """A file with float and double blobs, a diff, a legacy 4-D blob and a V1-free current net."""
+    net, _ = _current_net(schema)
+    extra = net.layer.add()
+    extra.name, extra.type = "extra", "Scale"
+    _fill(extra.blobs.add(), _weights(2, 3, dtype=np.float64), diff=_weights(2, 3, dtype=np.float64))
+    _fill(extra.blobs.add(), _weights(1, 2, 1, 3), legacy=True)
+    _fill(extra.blobs.add(), _weights(7), diff=_weights(7))
+    data = net.SerializeToString()
+    return _write(tmp_path, "m.caffemodel", data), data
+
+
+def _copied(model):
+    """``model`` with every array copied into memory: saving it re-encodes every blob."""
+    def copy(blob):
+        return Blob(blob.shape, np.array(blob.data), None if blob.diff is None else np.array(blob.diff),
+                    blob.legacy_dims, blob.shape_field)
+    return caffemodel.Model(model.net, [[copy(blob) for blob in blobs] for blobs in model.blobs], model.v0)
+
+
+def test_unchanged_blobs_are_copied_file_to_file_as_a_full_re_encode_writes_them(tmp_path, schema):
+    path, data = _mixed_model_file(tmp_path, schema)
+    model = load_model(path, schema)
+    arrays = [a for blobs in model.blobs for blob in blobs for a in (blob.data, blob.diff) if a is not None]
+    assert len(arrays) == 9
+    assert all(caffemodel._file_range(a, a.dtype.newbyteorder("<")) is not None for a in arrays)
+    copies = _copied(model)
+    assert not any(caffemodel._file_range(b.data, b.data.dtype) for blobs in copies.blobs for b in blobs)
+    save_model(model, str(tmp_path / "streamed.caffemodel"))
+    save_model(copies, str(tmp_path / "encoded.caffemodel"))
+    streamed = (tmp_path / "streamed.caffemodel").read_bytes()
+    assert streamed == (tmp_path / "encoded.caffemodel").read_bytes() == data
+    # A changed blob among unchanged ones; a view that is not the file's bytes in order is re-encoded.
+    model.blobs[3][0] = Blob.of(_weights(5, 36))
+    model.blobs[1][0] = Blob((3, 3, 3, 4), model.blobs[1][0].data.transpose(1, 2, 3, 0))
+    assert caffemodel._file_range(model.blobs[1][0].data, np.dtype("<f4")) is None
+    save_model(model, str(tmp_path / "streamed.caffemodel"))
+    save_model(_copied(model), str(tmp_path / "encoded.caffemodel"))
+    assert (tmp_path / "streamed.caffemodel").read_bytes() == (tmp_path / "encoded.caffemodel").read_bytes()
+
+
+@pytest.mark.parametrize("missing", [("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_kernels_without_file_to_file_copies(tmp_path, schema, monkeypatch, missing):
+    """Where the kernel refuses copy_file_range (and sendfile), the blobs are written from the map."""
+    path, data = _mixed_model_file(tmp_path, schema)
+    model = load_model(path, schema)
+
+    def refused(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    for name in missing:
+        monkeypatch.setattr(os, name, refused)
+    save_model(model, str(tmp_path / "out.caffemodel"))
+    assert (tmp_path / "out.caffemodel").read_bytes() == data
+
+
 def _v1_net(schema):
     net = schema.new("NetParameter")
     net.name = "old"
@@ -447,6 +504,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, schema, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(caffemodel, "_write_array", disk_full)
+    monkeypatch.setattr(caffemodel, "_kernel_copy", disk_full)  # the blobs are copied file to file
     with pytest.raises(CaffeFtError, match="No space left"):
         save_model(model, path)
     assert os.listdir(tmp_path) == ["m.caffemodel"]
