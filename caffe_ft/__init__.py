@@ -32,12 +32,16 @@ def _import_protobuf_without_pkg_resources() -> None:
     stub.declare_namespace = lambda name: None  # type: ignore[attr-defined]
     sys.modules["pkg_resources"] = stub
     try:
-        # Every subpackage repeats the declaration: import the ones caffe-ft uses.
-        import google.protobuf.descriptor_pb2  # noqa: F401
-        import google.protobuf.descriptor_pool  # noqa: F401
-        import google.protobuf.message_factory  # noqa: F401
+        # The package and its C++ extension package declare it (no module is
+        # loaded beyond their __init__: commands that need no message classes,
+        # like ``fmt`` with a cached field table, import no more of protobuf).
+        import google.protobuf  # noqa: F401
     except ImportError:
         pass  # reported where protobuf is used
+    try:
+        import google.protobuf.pyext  # noqa: F401
+    except ImportError:
+        pass  # protobuf >= 4 has no pyext
     finally:
         if sys.modules.get("pkg_resources") is stub:
             del sys.modules["pkg_resources"]

@@ -135,8 +135,8 @@ def _emit(text: str) -> None:
 @click.pass_context
 def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> None:
     """Lay prototxt FILEs out as Caffe's own tools print them, comments kept."""
-    from .formats.layout import format_text
-    from .formats.files import load_text, write_atomic
+    from .formats.layout import format_tree
+    from .formats.files import load_checked_tree, write_atomic
 
     if check and in_place:
         raise click.UsageError("--check and --in-place exclude each other")
@@ -146,8 +146,8 @@ def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> No
     # Parse everything first, so one bad file means nothing is written.
     results = []
     for path in files:
-        parsed = load_text(path, schema)
-        results.append((path, parsed.data, format_text(parsed)))
+        data, tree = load_checked_tree(path, schema)  # no message: fmt needs none (nor protobuf)
+        results.append((path, data, format_tree(tree)))
     changed = [path for path, data, text in results if text.encode("utf-8", "surrogateescape") != data]
     if check:
         for path in changed:

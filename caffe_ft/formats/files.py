@@ -21,11 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from google.protobuf.message import Message
+from typing import TYPE_CHECKING
 
 from . import prototext
 from ..errors import CaffeFtError
 from .schema import Schema
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 _CHUNK = 1 << 20  # bytes hashed at a time
 
@@ -99,8 +102,8 @@ def require_text(data: bytes, path: str) -> None:
 def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     """``NetParameter`` or ``SolverParameter``, from the top-level field names."""
     names = {child.name for child in tree.children or ()}
-    net_fields = schema.descriptor(NET).fields_by_name
-    solver_fields = schema.descriptor(SOLVER).fields_by_name
+    net_fields = schema.table(NET).fields_by_name
+    solver_fields = schema.table(SOLVER).fields_by_name
     if names and all(name in solver_fields for name in names) and not all(
         name in net_fields for name in names
     ):
@@ -142,6 +145,16 @@ def parse_text(data: bytes, path: str, schema: Schema, kind: Optional[str] = Non
 def load_text(path: str, schema: Schema, kind: Optional[str] = None) -> TextFile:
     """Read and parse a text net or solver."""
     return parse_text(read_bytes(path), path, schema, kind)
+
+
+def load_checked_tree(path: str, schema: Schema) -> Tuple[bytes, prototext.Node]:
+    """Read a text net or solver and check it as :func:`load_text` does, without
+    building its message (see :func:`prototext.check_tree`): its bytes and tree."""
+    data = read_bytes(path)
+    require_text(data, path)
+    tree = prototext.parse(data, path)
+    prototext.check_tree(tree, schema.table(guess_kind(tree, schema)), path)
+    return data, tree
 
 
 # ------------------------------------------------------------------ outputs --

@@ -22,6 +22,12 @@ def format_text(parsed: TextFile) -> str:
     return prototext.render(prototext.canonicalize(parsed.tree))
 
 
+def format_tree(tree: prototext.Node) -> str:
+    """The canonical text of a tree checked by :func:`prototext.to_message` or
+    :func:`prototext.check_tree`, comments kept (the tree is reordered)."""
+    return prototext.render(prototext.canonicalize(tree))
+
+
 def upgrade_text(parsed: TextFile) -> Tuple[str, List[str]]:
     """Upgrade a legacy net or solver; returns the canonical text and notes.
 

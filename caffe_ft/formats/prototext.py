@@ -22,16 +22,17 @@ import math
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from typing import TYPE_CHECKING
 
 from ..errors import CaffeFtError
 from . import wire
 from .numbers import format_double, format_float
 from .gcpause import pausing
-from .schema import is_repeated
+from .schema import FD, TableMessage, is_repeated
 
-FD = FieldDescriptor
+if TYPE_CHECKING:
+    from google.protobuf.descriptor import FieldDescriptor
+    from google.protobuf.message import Message
 
 # Protobuf 3.12's C++ ``io::Tokenizer`` as ``TextFormat`` (and so Caffe's
 # ReadProtoFromTextFile) sets it up: ``#`` comments, floats may end in ``f``.
@@ -525,8 +526,9 @@ class _Converter:
     def error(self, message: str, token: Any) -> CaffeFtError:
         return CaffeFtError(message, self.path, token.line, token.column)
 
-    def fill(self, node: Node, message: Message) -> None:
-        descriptor = message.DESCRIPTOR
+    def fill(self, node: Node, descriptor: Any, message: Optional[Message]) -> None:
+        """Check ``node``'s fields against ``descriptor`` (a protobuf ``Descriptor``
+        or a :class:`TableMessage`), setting canonical values; fill ``message`` unless None."""
         seen: Dict[str, Node] = {}
         for child in node.children or ():
             field = descriptor.fields_by_name.get(child.name)
@@ -546,9 +548,12 @@ class _Converter:
                         continue  # ``name: []``
                     found = "[" if child.listed else child.values[0]
                     raise self.error(f'Expected "{{", found "{found}" ({child.name} is a message).', child)
+                if message is None:
+                    self.fill(child, field.message_type, None)
+                    continue
                 sub = getattr(message, child.name).add() if repeated else getattr(message, child.name)
                 sub.SetInParent()
-                self.fill(child, sub)
+                self.fill(child, field.message_type, sub)
                 continue
             if not child.colon:
                 found = "[" if child.listed else "{"
@@ -560,6 +565,8 @@ class _Converter:
                 raise self.error(f"Expected {expected}, got: [ ({child.name} is not repeated)", child)
             values = [self.scalar(field, tokens) for tokens in child.value_tokens]
             child.canonical = [format_value(field, value) for value in values]
+            if message is None:
+                continue
             if repeated:
                 target = getattr(message, child.name)
                 for value in values:
@@ -653,8 +660,17 @@ class _Converter:
 @pausing
 def to_message(root: Node, message: Message, path: str = "<text>") -> Message:
     """Fill ``message`` from the tree ``root``; raises :class:`CaffeFtError`."""
-    _Converter(path).fill(root, message)
+    _Converter(path).fill(root, message.DESCRIPTOR, message)
     return message
+
+
+@pausing
+def check_tree(root: Node, table: TableMessage, path: str = "<text>") -> Node:
+    """What :func:`to_message` does to ``root`` (errors, canonical values, field
+    numbers) against a schema's field table, building no message: all that
+    ``fmt`` needs, without protobuf."""
+    _Converter(path).fill(root, table, None)
+    return root
 
 
 # ---------------------------------------------------------------------------
@@ -1012,7 +1028,7 @@ class _MinimalPrinter:
             if not child.is_message:
                 return False
             old = type(value)()
-            self.converter.fill(child, old)
+            self.converter.fill(child, old.DESCRIPTOR, old)
             return old == value
         if child.is_message or len(child.values) != 1:
             return False

@@ -10,17 +10,28 @@ in one process.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from typing import Any, Dict, Optional
-
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..errors import CaffeFtError
 from ..resources import resource_dir
 
+if TYPE_CHECKING:
+    from google.protobuf.descriptor_pb2 import FileDescriptorProto
+    from google.protobuf.message import Message
+
 PROTO_ENV = "CAFFE_FT_PROTO"
+
+
+class FD:
+    """Protobuf's ``FieldDescriptor`` type and label numbers (fixed by descriptor.proto),
+    so that the text format can be checked without importing protobuf."""
+
+    TYPE_DOUBLE, TYPE_FLOAT, TYPE_INT64, TYPE_UINT64, TYPE_INT32, TYPE_FIXED64 = 1, 2, 3, 4, 5, 6
+    TYPE_FIXED32, TYPE_BOOL, TYPE_STRING, TYPE_GROUP, TYPE_MESSAGE, TYPE_BYTES = 7, 8, 9, 10, 11, 12
+    TYPE_UINT32, TYPE_ENUM, TYPE_SFIXED32, TYPE_SFIXED64, TYPE_SINT32, TYPE_SINT64 = 13, 14, 15, 16, 17, 18
+    LABEL_REPEATED = 3
 
 
 def default_proto_path() -> str:
@@ -29,42 +40,168 @@ def default_proto_path() -> str:
 
 
 def _message_class(descriptor):  # type: ignore[no-untyped-def]
+    from google.protobuf import message_factory
+
     get_class = getattr(message_factory, "GetMessageClass", None)
     if get_class is not None:  # protobuf >= 4.21
         return get_class(descriptor)
     return message_factory.MessageFactory(descriptor.file.pool).GetPrototype(descriptor)
 
 
-def is_repeated(field: FieldDescriptor) -> bool:
+def is_repeated(field: Any) -> bool:
     """Whether ``field`` is repeated, on every protobuf runtime (``label`` went in 7.x)."""
     repeated = getattr(field, "is_repeated", None)
     if repeated is not None:
         return bool(repeated)
-    return field.label == FieldDescriptor.LABEL_REPEATED
+    return field.label == FD.LABEL_REPEATED  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------ field tables --
+#
+# ``fmt`` only checks a text file against the schema and prints it; building
+# protobuf's descriptor pool and message classes (and importing protobuf) was
+# a third of its run.  A field table (names, numbers, types, enum values) is
+# derived from the pool once, cached next to the parsed schema, and gives the
+# text converter the same answers as the descriptors, through the same names.
+
+
+class TableEnum:
+    """An enum type: ``values`` in declaration order, by name and by number."""
+
+    def __init__(self, full_name: str, values: List[Tuple[str, int]], by_number: List[Tuple[int, str]]) -> None:
+        self.full_name = full_name
+        self.values = [TableEnumValue(name, number) for name, number in values]
+        self.values_by_name = {value.name: value for value in self.values}
+        self.values_by_number = {number: self.values_by_name[name] for number, name in by_number}
+
+
+class TableEnumValue:
+    __slots__ = ("name", "number")
+
+    def __init__(self, name: str, number: int) -> None:
+        self.name, self.number = name, number
+
+
+class TableField:
+    """One field, with the attributes of a ``FieldDescriptor`` that the text format reads."""
+
+    __slots__ = ("name", "number", "type", "is_repeated", "message_type", "enum_type")
+
+    def __init__(self, name: str, number: int, type_: int, repeated: bool) -> None:
+        self.name, self.number, self.type, self.is_repeated = name, number, type_, repeated
+        self.message_type: Optional[TableMessage] = None
+        self.enum_type: Optional[TableEnum] = None
+
+
+class TableMessage:
+    """One message type: ``fields_by_name`` and ``full_name``, as on a ``Descriptor``."""
+
+    def __init__(self, name: str, full_name: str) -> None:
+        self.name, self.full_name = name, full_name
+        self.fields_by_name: Dict[str, TableField] = {}
+
+
+def _table_of(pool_file: Any) -> Dict[str, Any]:
+    """The JSON-able field table of every message and enum in a ``FileDescriptor``."""
+    messages: Dict[str, Any] = {}
+    enums: Dict[str, Any] = {}
+
+    def enum(descriptor: Any) -> None:
+        enums[descriptor.full_name] = [
+            [[value.name, value.number] for value in descriptor.values],
+            [[number, value.name] for number, value in descriptor.values_by_number.items()],
+        ]
+
+    def message(descriptor: Any) -> None:
+        fields = []
+        for field in descriptor.fields:
+            link = field.message_type or field.enum_type
+            fields.append([field.name, field.number, field.type, is_repeated(field), link and link.full_name])
+        messages[descriptor.full_name] = [descriptor.name, fields]
+        for nested in descriptor.nested_types:
+            message(nested)
+        for nested in descriptor.enum_types:
+            enum(nested)
+
+    for descriptor in pool_file.message_types_by_name.values():
+        message(descriptor)
+    for descriptor in pool_file.enum_types_by_name.values():
+        enum(descriptor)
+    return {"package": pool_file.package, "messages": messages, "enums": enums}
+
+
+def _tables(data: Dict[str, Any]) -> Dict[str, TableMessage]:
+    """Linked :class:`TableMessage` objects by full name, from :func:`_table_of`'s form."""
+    enums = {name: TableEnum(name, [(v, n) for v, n in values], [(n, v) for n, v in by_number])
+             for name, (values, by_number) in data["enums"].items()}
+    messages = {full: TableMessage(name, full) for full, (name, _) in data["messages"].items()}
+    for full, (_, fields) in data["messages"].items():
+        table = messages[full]
+        for name, number, type_, repeated, link in fields:
+            field = table.fields_by_name[name] = TableField(name, number, type_, repeated)
+            if link is not None:
+                if type_ == FD.TYPE_ENUM:
+                    field.enum_type = enums[link]
+                else:
+                    field.message_type = messages[link]
+    return messages
 
 
 class Schema:
-    """Message classes of one ``caffe.proto``, looked up by short name."""
+    """Message classes of one ``caffe.proto``, looked up by short name.
+
+    The descriptor pool is built on first use of a message class; a schema
+    whose field table is cached (see :meth:`table`) needs no protobuf at all
+    until then.  A schema that protobuf rejects never gets a cached table, so
+    it is rejected here, at construction, every time.
+    """
 
     def __init__(self, path: str, text: str) -> None:
         self.path = path
-        fdp = _compiled(text, path)
-        self.package = fdp.package
-        pool = descriptor_pool.DescriptorPool()
-        try:
-            pool.AddSerializedFile(fdp.SerializeToString())
-            self.file = pool.FindFileByName(fdp.name)
-        except Exception as exc:  # the pool rejects an inconsistent schema
-            raise CaffeFtError(f"invalid schema: {exc}", path) from None
+        self._text = text
+        self._file: Any = None
         self._classes: Dict[str, type] = {}
+        key = _cache_key(text, path)
+        self._table_path = os.path.join(_cache_dir(), f"fields-{key}.json")
+        data = _read_table(self._table_path)
+        if data is None:
+            data = _table_of(self.file)
+            _write_cache(self._table_path, json.dumps(data, sort_keys=True).encode("utf-8"))
+        self.package: str = data["package"]
+        self._tables = _tables(data)
+
+    @property
+    def file(self) -> Any:
+        """The schema's protobuf ``FileDescriptor``, in a private pool (built on first use)."""
+        if self._file is None:
+            from google.protobuf import descriptor_pool
+
+            fdp = _compiled(self._text, self.path)
+            pool = descriptor_pool.DescriptorPool()
+            try:
+                pool.AddSerializedFile(fdp.SerializeToString())
+                self._file = pool.FindFileByName(fdp.name)
+            except Exception as exc:  # the pool rejects an inconsistent schema
+                raise CaffeFtError(f"invalid schema: {exc}", self.path) from None
+        return self._file
+
+    def _full_name(self, name: str) -> str:
+        return f"{self.package}.{name}" if self.package else name
+
+    def table(self, name: str) -> TableMessage:
+        """The field table of message ``name``: what a ``Descriptor`` tells the text
+        format (``fields_by_name``, each field's number, type, enum values...), without protobuf."""
+        table = self._tables.get(self._full_name(name))
+        if table is None:
+            raise CaffeFtError(f"the schema has no message '{name}'", self.path)
+        return table
 
     def message_class(self, name: str) -> type:
         """The class of message ``name`` (``"NetParameter"``, ``"LayerParameter"``…)."""
         cls = self._classes.get(name)
         if cls is None:
-            full = f"{self.package}.{name}" if self.package else name
             try:
-                descriptor = self.file.pool.FindMessageTypeByName(full)
+                descriptor = self.file.pool.FindMessageTypeByName(self._full_name(name))
             except KeyError:
                 raise CaffeFtError(
                     f"the schema has no message '{name}'", self.path
@@ -74,7 +211,7 @@ class Schema:
 
     def new(self, name: str) -> Message:
         """A new, empty message of type ``name``."""
-        return self.message_class(name)()
+        return self.message_class(name)()  # type: ignore[no-any-return]
 
     def descriptor(self, name: str) -> Any:
         """The ``Descriptor`` of message ``name``: its fields by name and number."""
@@ -87,31 +224,50 @@ def _cache_dir() -> str:
     )
 
 
-def _compiled(text: str, path: str) -> descriptor_pb2.FileDescriptorProto:
-    """``parse_proto(text)``, remembered on disk: parsing Caffe's schema is a
-    tenth of a ``caffe-ft fmt`` run, loading the parsed form almost nothing."""
+def _cache_key(text: str, path: str) -> str:
     from ..version import __version__
 
-    key = hashlib.sha256(f"{__version__}\0{path}\0{text}".encode("utf-8")).hexdigest()[:32]
-    cached = os.path.join(_cache_dir(), f"schema-{key}.pb")
+    return hashlib.sha256(f"{__version__}\0{path}\0{text}".encode("utf-8")).hexdigest()[:32]
+
+
+def _read_table(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read())
+        return data if isinstance(data, dict) and {"package", "messages", "enums"} <= set(data) else None
+    except Exception:  # missing or unreadable: derive it again
+        return None
+
+
+def _write_cache(path: str, data: bytes) -> None:
+    """Write a cache file atomically; a read-only home only costs the work again."""
+    import tempfile
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _compiled(text: str, path: str) -> FileDescriptorProto:
+    """``parse_proto(text)``, remembered on disk: parsing Caffe's schema is a
+    tenth of a ``caffe-ft fmt`` run, loading the parsed form almost nothing."""
+    from google.protobuf import descriptor_pb2
+
+    cached = os.path.join(_cache_dir(), f"schema-{_cache_key(text, path)}.pb")
     try:
         with open(cached, "rb") as handle:
             return descriptor_pb2.FileDescriptorProto.FromString(handle.read())
     except Exception:  # missing or unreadable: parse again
         pass
-    import tempfile
-
     from .protofile import parse_proto  # only on a cache miss: the parser's import is a few ms
 
     fdp = parse_proto(text, path)
-    try:
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cached))
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(fdp.SerializeToString())
-        os.replace(tmp, cached)
-    except OSError:
-        pass  # a read-only home only costs the parse
+    _write_cache(cached, fdp.SerializeToString())
     return fdp
 
 

@@ -116,6 +116,10 @@ def test_errors_name_line_and_column(schema, text, where, words):
     message = str(info.value)
     assert message.startswith(f"t.prototxt:{where}: "), message
     assert words in message
+    # fmt's check against the field table, without a message, says the same.
+    with pytest.raises(CaffeFtError) as checked:
+        prototext.check_tree(prototext.parse(text.encode(), "t.prototxt"), schema.table("NetParameter"), "t.prototxt")
+    assert str(checked.value) == message
 
 
 def test_unknown_field_error_points_to_proto_option(schema):
@@ -165,6 +169,27 @@ layer {
   }
 }
 """
+
+
+SOLVER_TEXT = b"""net: "train_val.prototxt"  # the net
+test_iter: 10 test_iter: 5
+base_lr: 1e-2 lr_policy: "step" gamma: 0.1 stepsize: 1000
+solver_mode: GPU snapshot_format: HDF5 momentum: 9e-1 debug_info: t
+"""
+
+
+@pytest.mark.parametrize("kind, text", [
+    ("NetParameter", EXAMPLE_NET),
+    ("NetParameter", b"layer { name: 'a\\001' type: 'x' bottom: ['p', \"q\"] loss_weight: [1, 2.5e0] }\n"
+                     b"state { phase: 1 } layer { param { } phase: TEST include { phase: TRAIN } }"),
+    ("SolverParameter", SOLVER_TEXT),
+])
+def test_table_check_gives_the_message_conversions_canonical_tree(schema, kind, text):
+    """check_tree (fmt, no protobuf) and to_message leave the same tree behind."""
+    by_message = prototext.parse(text, "t.prototxt")
+    prototext.to_message(by_message, schema.new(kind), "t.prototxt")
+    by_table = prototext.check_tree(prototext.parse(text, "t.prototxt"), schema.table(kind), "t.prototxt")
+    assert prototext.render(prototext.canonicalize(by_table)) == prototext.render(prototext.canonicalize(by_message))
 
 
 def _edit(schema, change):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from caffe_ft.formats import prototext
-from caffe_ft.formats.schema import is_repeated, load_schema
+from caffe_ft.formats.schema import FD, is_repeated, load_schema
 
 
 def describe(file_descriptor) -> dict:
@@ -73,3 +73,56 @@ def test_defaults_are_caffes(schema):
     assert schema.new("FillerParameter").type == "constant"
     net = prototext.to_message(prototext.parse(b"layer { name: 'x' }"), schema.new("NetParameter"))
     assert net.layer[0].name == "x"
+
+
+def test_field_table_answers_as_the_descriptors_do(schema):
+    """The cached field table (fmt's schema, without protobuf) against protobuf's descriptors."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for name in dir(FD):
+        if name.startswith(("TYPE_", "LABEL_")):
+            assert getattr(FD, name) == getattr(FieldDescriptor, name), name
+    checked = 0
+    pending = [(schema.descriptor("NetParameter"), schema.table("NetParameter")),
+               (schema.descriptor("SolverParameter"), schema.table("SolverParameter"))]
+    seen = set()
+    while pending:
+        descriptor, table = pending.pop()
+        if descriptor.full_name in seen:
+            continue
+        seen.add(descriptor.full_name)
+        assert table.full_name == descriptor.full_name
+        assert sorted(table.fields_by_name) == sorted(descriptor.fields_by_name)
+        for field in descriptor.fields:
+            row = table.fields_by_name[field.name]
+            assert (row.number, row.type, row.is_repeated) == (field.number, field.type, is_repeated(field))
+            if field.enum_type is not None:
+                assert [(v.name, v.number) for v in row.enum_type.values] == [
+                    (v.name, v.number) for v in field.enum_type.values]
+                assert {n: v.name for n, v in row.enum_type.values_by_number.items()} == {
+                    n: v.name for n, v in field.enum_type.values_by_number.items()}
+            if field.message_type is not None:
+                pending.append((field.message_type, row.message_type))
+            checked += 1
+    assert "caffe.LayerParameter" in seen and "caffe.V1LayerParameter" in seen and checked > 400
+
+
+def test_fmt_imports_no_protobuf_message_machinery(tmp_path):
+    """With the field table cached (the first run writes it), fmt builds no
+    descriptor pool: protobuf's import was a third of its start-up."""
+    import os
+    import subprocess
+    import sys
+
+    net = tmp_path / "n.prototxt"
+    net.write_text("layer { name: 'x' type: 'ReLU' }\n")
+    probe = ("import sys; from caffe_ft.cli import main; main(['fmt', sys.argv[1]], standalone_mode=False); "
+             "print(sorted(m for m in sys.modules if m.startswith('google.protobuf.')), file=sys.stderr)")
+    env = dict(os.environ, CAFFE_FT_CACHE=str(tmp_path / "cache"))
+    runs = [subprocess.run([sys.executable, "-c", probe, str(net)], env=env, capture_output=True, text=True)
+            for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout == 'layer {\n  name: "x"\n  type: "ReLU"\n}\n'
+    assert "google.protobuf.descriptor_pool" in runs[0].stderr  # the cache was built from protobuf
+    loaded = eval(runs[1].stderr.strip().splitlines()[-1])
+    assert not [m for m in loaded if m not in ("google.protobuf.pyext",)], loaded
