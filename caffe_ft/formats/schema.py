@@ -18,7 +18,6 @@ from ..errors import CaffeFtError
 from ..resources import resource_dir
 
 if TYPE_CHECKING:
-    from google.protobuf.descriptor_pb2 import FileDescriptorProto
     from google.protobuf.message import Message
 
 PROTO_ENV = "CAFFE_FT_PROTO"
@@ -176,13 +175,16 @@ class Schema:
         if self._file is None:
             from google.protobuf import descriptor_pool
 
-            fdp = _compiled(self._text, self.path)
-            pool = descriptor_pool.DescriptorPool()
-            try:
-                pool.AddSerializedFile(fdp.SerializeToString())
-                self._file = pool.FindFileByName(fdp.name)
-            except Exception as exc:  # the pool rejects an inconsistent schema
-                raise CaffeFtError(f"invalid schema: {exc}", self.path) from None
+            for cached in (True, False):  # a damaged cache file: parse again
+                name, serialized = _compiled(self._text, self.path, cached)
+                pool = descriptor_pool.DescriptorPool()
+                try:
+                    pool.AddSerializedFile(serialized)
+                    self._file = pool.FindFileByName(name)
+                    break
+                except Exception as exc:  # the pool rejects an inconsistent schema
+                    if not cached:
+                        raise CaffeFtError(f"invalid schema: {exc}", self.path) from None
         return self._file
 
     def _full_name(self, name: str) -> str:
@@ -253,22 +255,40 @@ def _write_cache(path: str, data: bytes) -> None:
         pass
 
 
-def _compiled(text: str, path: str) -> FileDescriptorProto:
-    """``parse_proto(text)``, remembered on disk: parsing Caffe's schema is a
-    tenth of a ``caffe-ft fmt`` run, loading the parsed form almost nothing."""
-    from google.protobuf import descriptor_pb2
-
-    cached = os.path.join(_cache_dir(), f"schema-{_cache_key(text, path)}.pb")
+def _compiled(text: str, path: str, cached: bool = True) -> Tuple[str, bytes]:
+    """The file name and serialized ``FileDescriptorProto`` of ``parse_proto(text)``,
+    remembered on disk: parsing Caffe's schema is a tenth of a ``caffe-ft fmt``
+    run, loading the parsed form almost nothing (its name is the first field,
+    so not even ``descriptor_pb2`` is imported to read it back)."""
+    cache = os.path.join(_cache_dir(), f"schema-{_cache_key(text, path)}.pb")
     try:
-        with open(cached, "rb") as handle:
-            return descriptor_pb2.FileDescriptorProto.FromString(handle.read())
-    except Exception:  # missing or unreadable: parse again
+        with open(cache, "rb") as handle:
+            serialized = handle.read() if cached else b""
+        name = _leading_name(serialized)
+        if name is not None:
+            return name, serialized
+    except OSError:  # missing or unreadable: parse again
         pass
     from .protofile import parse_proto  # only on a cache miss: the parser's import is a few ms
 
     fdp = parse_proto(text, path)
-    _write_cache(cached, fdp.SerializeToString())
-    return fdp
+    serialized = fdp.SerializeToString()
+    _write_cache(cache, serialized)
+    return fdp.name, serialized
+
+
+def _leading_name(serialized: bytes) -> Optional[str]:
+    """``FileDescriptorProto.name`` (field 1, a string) when the bytes start with
+    it, as protobuf's serializer writes it; None for anything else (parse again)."""
+    from .wire import BYTES, Corrupt, read_record
+
+    try:
+        record = read_record(serialized, 0, len(serialized)) if serialized else None
+        if record is None or record.field != 1 or record.wire != BYTES:
+            return None
+        return serialized[record.value_start:record.end].decode("utf-8")
+    except (Corrupt, UnicodeDecodeError):
+        return None
 
 
 _CACHE: Dict[str, Schema] = {}

@@ -126,3 +126,25 @@ def test_fmt_imports_no_protobuf_message_machinery(tmp_path):
     assert "google.protobuf.descriptor_pool" in runs[0].stderr  # the cache was built from protobuf
     loaded = eval(runs[1].stderr.strip().splitlines()[-1])
     assert not [m for m in loaded if m not in ("google.protobuf.pyext",)], loaded
+
+
+def test_schema_caches_are_rebuilt_when_damaged(tmp_path, monkeypatch):
+    """The parsed schema and its field table are cached; a damaged cache file
+    (truncated after a valid name, or not JSON) only costs parsing again."""
+    import glob
+
+    from caffe_ft.formats.schema import Schema, default_proto_path
+
+    monkeypatch.setenv("CAFFE_FT_CACHE", str(tmp_path))
+    text = open(default_proto_path(), encoding="utf-8").read()
+    fresh = Schema("caffe.proto", text)
+    assert fresh.new("NetParameter").DESCRIPTOR.full_name == "caffe.NetParameter"
+    (parsed,) = glob.glob(str(tmp_path / "schema-*.pb"))
+    (table,) = glob.glob(str(tmp_path / "fields-*.json"))
+    good = open(parsed, "rb").read()
+    open(parsed, "wb").write(good[:40])  # the name survives, the messages do not
+    open(table, "w").write("{")
+    again = Schema("caffe.proto", text)
+    assert again.table("LayerParameter").fields_by_name["convolution_param"].number == 106
+    assert again.new("LayerParameter").DESCRIPTOR.fields_by_name["convolution_param"].number == 106
+    assert open(parsed, "rb").read() == good
