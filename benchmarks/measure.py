@@ -61,7 +61,8 @@ start = time.perf_counter()
 pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ,
                       file_actions=[(os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)])
 _, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8)
+print(time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
+      os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8)
 """
 
 
@@ -69,10 +70,18 @@ def measure_process(command: List[str]) -> Tuple[float, float, int]:
     """Wall seconds, peak resident MiB and exit status of ``command`` run as a
     whole process (its output discarded), started from a small launcher so that
     this process's memory does not count."""
+    seconds, _, peak, status = measure_process_cpu(command)
+    return seconds, peak, status
+
+
+def measure_process_cpu(command: List[str]) -> Tuple[float, float, float, int]:
+    """Wall seconds, CPU seconds (user + system), peak resident MiB and exit
+    status of ``command``, as :func:`measure_process`.  On a machine shared
+    with other work the CPU time moves far less than the wall time."""
     # Python may keep its bytecode, as an installed package has it (a shell that sets
     # PYTHONDONTWRITEBYTECODE would otherwise make every run compile caffe-ft anew).
     env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
     done = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], check=True, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
-    seconds, peak, status = done.stdout.decode().split()[-3:]
-    return float(seconds), int(peak) / 1024, int(status)
+    seconds, cpu, peak, status = done.stdout.decode().split()[-4:]
+    return float(seconds), float(cpu), int(peak) / 1024, int(status)
