@@ -140,13 +140,20 @@ class _Lines:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        self.starts = [0]
-        self.starts.extend(match.end() for match in re.finditer(b"\n", data))
+        self._starts: Optional[List[int]] = None  # where each line starts: made on the first question
+
+    @property
+    def starts(self) -> List[int]:
+        if self._starts is None:
+            self._starts = [0]
+            self._starts.extend(match.end() for match in re.finditer(b"\n", self.data))
+        return self._starts
 
     def locate(self, pos: int) -> Tuple[int, int]:
-        index = bisect.bisect_right(self.starts, pos) - 1
+        starts = self.starts
+        index = bisect.bisect_right(starts, pos) - 1
         column = 0
-        for byte in self.data[self.starts[index]:pos]:
+        for byte in self.data[starts[index]:pos]:
             column = column + 8 - column % 8 if byte == 0x09 else column + 1
         return index + 1, column + 1
 
@@ -169,6 +176,9 @@ class Token:
         return f"Token({self.kind}, {self.text!r}, {self.line}:{self.column})"
 
 
+_NONE: Any = ()  # Node's empty lists (see Node.__init__)
+
+
 class Node:
     """One field occurrence in a text-format file, or the file itself (root).
 
@@ -187,12 +197,15 @@ class Node:
 
     def __init__(self, name: str, children: Optional[List["Node"]] = None) -> None:
         self.name = name
-        self.values: List[str] = []
-        self.value_tokens: List[List[Token]] = []
+        # The four lists start as one shared empty tuple (a big net has millions of
+        # nodes, most with no comments and half of them messages without values):
+        # give a node its own list to add to; appending to the tuple fails loudly.
+        self.values: List[str] = _NONE
+        self.value_tokens: List[List[Token]] = _NONE
         self.children = children
-        self.before: List[str] = []
+        self.before: List[str] = _NONE
         self.after: Optional[str] = None
-        self.closing: List[str] = []
+        self.closing: List[str] = _NONE
         self.closing_after: Optional[str] = None
         self.token: Optional[Token] = None  # the field name, for parsed nodes
         # Filled by to_message: the field's number and its values as Caffe prints them.
@@ -299,7 +312,7 @@ class _Parser:
 
     def comments(self) -> List[str]:
         """Consume comments; attach trailing ones, return whole-line ones."""
-        own_lines: List[str] = []
+        own_lines: List[str] = _NONE
         while self.peek().kind == "comment":
             token = self.tokens[self.pos]
             self.pos += 1
@@ -309,6 +322,8 @@ class _Parser:
                 setattr(node, slot, token.text)
                 self.last_owner = None
             else:
+                if not own_lines:
+                    own_lines = []
                 own_lines.append(token.text)
         return own_lines
 
@@ -418,8 +433,12 @@ class _Parser:
         elif token.kind not in ("number", "ident"):
             found = token.text or "end of file"
             raise self.error(f"Expected a value, got: {found}", token)
-        node.value_tokens.append(parts)
-        node.values.append("".join(p.text for p in parts))
+        text = parts[0].text if len(parts) == 1 else "".join(p.text for p in parts)
+        if node.value_tokens:
+            node.value_tokens.append(parts)
+            node.values.append(text)
+        else:
+            node.value_tokens, node.values = [parts], [text]
 
 
 @pausing
@@ -767,19 +786,31 @@ def render(root: Node) -> str:
     def trailing(comment: Optional[str]) -> str:
         return f"  {comment}" if comment else ""
 
+    # A message's opening and closing lines repeat (``layer {`` thousands of
+    # times): one str each, shared, keeps the list of lines small.
+    shared: Dict[str, str] = {}
+
+    def line(text: str) -> str:
+        return shared.setdefault(text, text)
+
     def emit(node: Node, indent: str) -> None:
-        comment_lines(node.before, indent)
+        if node.before:
+            comment_lines(node.before, indent)
         if node.children is None:
             for i, value in enumerate(node.values):
                 comment = node.after if i == 0 else None
                 out.append(f"{indent}{node.name}: {value}{trailing(comment)}\n")
             return
-        out.append(f"{indent}{node.name} {{{trailing(node.after)}\n")
+        if node.after:
+            out.append(f"{indent}{node.name} {{{trailing(node.after)}\n")
+        else:
+            out.append(line(f"{indent}{node.name} {{\n"))
         inner = indent + "  "
         for child in node.children:
             emit(child, inner)
-        comment_lines(node.closing, inner)
-        out.append(f"{indent}}}{trailing(node.closing_after)}\n")
+        if node.closing:
+            comment_lines(node.closing, inner)
+        out.append(f"{indent}}}{trailing(node.closing_after)}\n" if node.closing_after else line(f"{indent}}}\n"))
 
     for child in root.children or ():
         emit(child, "")
