@@ -19,11 +19,12 @@ import sys
 from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 from .errors import CaffeFtError
-from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
 from .formats.schema import Schema, load_schema
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: init, check and upgrade need none of recipe's modules
     import onnx
+
+    from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
 
     from .export.to_onnx import ExportOptions
     from .evaluation.metrics import Evaluation
