@@ -94,12 +94,22 @@ def _pool_geometry(layer: Message, bottom: Shape) -> Tuple[List[int], List[int],
     return kernel, stride, pad, out
 
 
+def _torch_ceil_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """The output size of torch's ``ceil_mode`` pooling: no window starts past the left padding's end."""
+    n = -(-(size + 2 * pad - kernel) // stride) + 1
+    return n - 1 if (n - 1) * stride >= size + pad else n
+
+
 def caffe_pool(x: Tensor, kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
                out: Sequence[int], average: bool) -> Tensor:
     """MAX or AVE pooling exactly as Caffe: windows start at ``i*stride - pad``,
     end at most ``pad`` past the input; MAX ignores the padding, AVE divides by
     the window clipped to the padded input (padding counted, the overhang not)."""
     height, width = x.shape[-2:]
+    if not average and all(2 * p <= k for p, k in zip(pad, kernel)) and list(out) == [
+            _torch_ceil_size(size, k, s, p) for size, k, s, p in zip((height, width), kernel, stride, pad)]:
+        # The same windows as torch's ceil mode, without padding a copy of the input.
+        return F.max_pool2d(x, tuple(kernel), tuple(stride), tuple(pad), ceil_mode=True)
     extra = [max(0, (o - 1) * s + k - size - p) for o, s, k, size, p in zip(out, stride, kernel, (height, width), pad)]
     padding = (pad[1], extra[1], pad[0], extra[0])
     if not average:
@@ -127,6 +137,8 @@ class Step:
     shapes: LayerShapes
     run: Callable[[List[Tensor]], List[Tensor]]
     params: List[nn.Parameter] = field(default_factory=list)
+    #: BatchNorm: its forward with an in-place Scale's weight and bias folded in (see :func:`fuse_scales`).
+    fuse: Optional[Callable[[Optional[Tensor], Optional[Tensor]], Callable[[List[Tensor]], List[Tensor]]]] = None
 
 
 class _Builder:
@@ -198,29 +210,53 @@ class _Builder:
         m = int(np.prod(shape, dtype=np.int64)) // channels
         correction = m / (m - 1) if m > 1 else 1.0
 
-        def run(b: List[Tensor]) -> List[Tensor]:
-            x = b[0]
-            if global_stats:
-                factor = 0.0 if float(factor_blob[0]) == 0 else 1.0 / float(factor_blob[0])
-                if x.dim() >= 2 and x.dtype == mean_blob.dtype:
-                    # torch's fused kernel computes Caffe's (x - mean) / sqrt(var + eps).
-                    return [F.batch_norm(x, mean_blob * factor, var_blob * factor, None, None, False, 0.0, eps)]
-                mean, var = mean_blob * factor, var_blob * factor
-                return [(x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)]
-            if self.net.training_updates:
-                with torch.no_grad():
-                    var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
-                    factor_blob.mul_(fraction).add_(1)
-                    mean_blob.mul_(fraction).add_(mean)
-                    var_blob.mul_(fraction).add_(var * correction)
-            if x.dim() >= 2:
-                # Batch statistics, the biased variance inside the square root, as Caffe.
-                return [F.batch_norm(x, None, None, None, None, True, 0.0, eps)]
-            mean = x.mean(dim=dims)
-            var = ((x - mean.reshape(view)) ** 2).mean(dim=dims)
-            return [(x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)]
+        def update(mean: Tensor, var: Tensor) -> None:
+            """Caffe's running statistics: blobs times fraction plus the batch's (unbiased variance)."""
+            factor_blob.mul_(fraction).add_(1)
+            mean_blob.mul_(fraction).add_(mean)
+            var_blob.mul_(fraction).add_(var)
 
-        return Step(layer, s, run, params)
+        def make(weight: Optional[Tensor], bias: Optional[Tensor]) -> Callable[[List[Tensor]], List[Tensor]]:
+            """The forward pass; with ``weight``/``bias`` also an in-place Scale's, in one kernel."""
+
+            def run(b: List[Tensor]) -> List[Tensor]:
+                x = b[0]
+                fused = x.dim() >= 2 and x.dtype == mean_blob.dtype
+                if global_stats:
+                    factor = 0.0 if float(factor_blob[0]) == 0 else 1.0 / float(factor_blob[0])
+                    if fused:
+                        # torch's fused kernel computes Caffe's (x - mean) / sqrt(var + eps) (* scale + bias).
+                        return [F.batch_norm(x, mean_blob * factor, var_blob * factor, weight, bias, False, 0.0, eps)]
+                    mean, var = mean_blob * factor, var_blob * factor
+                    y = (x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)
+                elif fused and self.net.training_updates and m > 1:
+                    # Batch statistics, the biased variance inside the square root, as Caffe; the kernel
+                    # hands back the batch mean and unbiased variance through momentum-1 "running" buffers.
+                    batch_mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+                    batch_var = torch.zeros(channels, dtype=x.dtype, device=x.device)
+                    y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+                    with torch.no_grad():
+                        update(batch_mean, batch_var)
+                    return [y]
+                else:
+                    if self.net.training_updates:
+                        with torch.no_grad():
+                            var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+                            update(mean, var * correction)
+                    if fused:
+                        return [F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)]
+                    mean = x.mean(dim=dims)
+                    var = ((x - mean.reshape(view)) ** 2).mean(dim=dims)
+                    y = (x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)
+                if weight is not None:
+                    y = y * weight.reshape(view)
+                if bias is not None:
+                    y = y + bias.reshape(view)
+                return [y]
+
+            return run
+
+        return Step(layer, s, make(None, None), params, fuse=make)
 
     def _scale_or_bias(self, layer: Message, s: LayerShapes, p: Message, scale: bool) -> Step:
         params = self.param(layer, s.params)
@@ -551,6 +587,41 @@ def check_supported(layers: Sequence[Message]) -> None:
             raise CaffeFtError(f"the torch engine has no '{layer.type}' layer", layer=layer.name)
 
 
+def fuse_scales(steps: Sequence[Step], loss_weights: Mapping[Tuple[int, int], float]) -> int:
+    """Fold each in-place Scale that directly follows a BatchNorm into its kernel; the fold count.
+
+    Caffe's ResNet idiom, BatchNorm then Scale (one weight and bias per
+    channel) in place on its top, is ``(x - mean) / sqrt(var + eps) * w + b``:
+    torch's ``batch_norm`` computes that in one pass forward and one backward
+    instead of three and four, with the running-statistics update unchanged.
+    Only where nothing can see the normalised value before the scaling: the
+    Scale writes over the BatchNorm's top, which carries no loss weight.
+    The Scale keeps its parameters (gradients reach them through the kernel)
+    and passes its bottom through.
+    """
+    folded = 0
+    for index in range(len(steps) - 1):
+        norm, scale = steps[index], steps[index + 1]
+        if norm.fuse is None or scale.layer.type != "Scale" or (index, 0) in loss_weights:
+            continue
+        top = norm.layer.top[0] if len(norm.layer.top) else None
+        shape = norm.shapes.bottoms[0]
+        if (top is None or list(scale.layer.bottom) != [top] or list(scale.layer.top) != [top] or len(shape) < 2
+                or not scale.params or [list(p.shape) for p in scale.params[:1]] != [[shape[1]]]
+                or _canonical(scale.layer.scale_param.axis, len(shape)) != 1):
+            continue
+        bias = scale.params[1] if scale.layer.scale_param.bias_term else None
+        norm.run = norm.fuse(scale.params[0], bias)
+        scale.run = _passed
+        folded += 1
+    return folded
+
+
+def _passed(b: List[Tensor]) -> List[Tensor]:
+    """A layer folded into the one before it: its bottom already holds its result."""
+    return [b[0]]
+
+
 # --------------------------------------------------------------------- net --
 
 
@@ -583,7 +654,7 @@ class CaffeNet(nn.Module):
 
     def __init__(self, net: Message, phase: str = "TEST", stages: Sequence[str] = (), level: int = 0,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 share_from: Optional["CaffeNet"] = None) -> None:
+                 share_from: Optional["CaffeNet"] = None, fuse: bool = True) -> None:
         super().__init__()
         from ...net.shapes import filter_layers
 
@@ -611,6 +682,8 @@ class CaffeNet(nn.Module):
             make = getattr(builder, layer.type)
             self.steps.append(make(layer, shapes))
         self.loss_weights = self._loss_weights(layers)
+        #: In-place Scales folded into their BatchNorm (``fuse``; off only to compare against the plain path).
+        self.fused = fuse_scales(self.steps, self.loss_weights) if fuse else 0
         for spec in self.learnable:
             if spec.lr_mult == 0:
                 spec.param.requires_grad_(False)
