@@ -777,12 +777,13 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
                    "on the device, else torch).")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
               help="Torch engine on a GPU: tf32 or bf16 trade exactness for speed.")
-@click.option("--channels-last", is_flag=True, help="Torch engine: channels-last memory format.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Torch engine: channels-last memory format (default: on the CPU only).")
 @click.pass_context
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
           caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int],
-          engine: str, precision: str, channels_last: bool, keep_best: Optional[str],
+          engine: str, precision: str, channels_last: Optional[bool], keep_best: Optional[str],
           patience: Optional[int]) -> None:
     """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
@@ -804,7 +805,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     chosen, why = choose_engine(engine, device)
     if engine == "auto":
         click.echo(f"engine: {chosen} ({why})", err=True)
-    if chosen == "pycaffe" and (precision != "fp32" or channels_last):
+    if chosen == "pycaffe" and (precision != "fp32" or channels_last is not None):
         raise click.UsageError("--precision and --channels-last need --engine torch")
     options = TrainOptions(
         solver=solver, weights=weights, device=device,

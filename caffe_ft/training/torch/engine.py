@@ -67,6 +67,10 @@ def _device(options: TrainOptions, solver: Message) -> torch.device:
 class Trainer:
     """A solver's train and test nets on torch, one iteration at a time.
 
+    ``channels_last``: the memory format of 4-D inputs (and so of what the
+    convolutions make); ``None`` picks channels-last on the CPU, contiguous on
+    a GPU.
+
     ``feeds`` gives the Input tops of each net (train first, then the test
     nets) for callers that hold the data themselves (tests, the library);
     data layers (ImageData) read their own.
@@ -74,7 +78,8 @@ class Trainer:
 
     def __init__(self, solver: Message, schema: Schema, train: NetSpec, tests: Sequence[NetSpec],
                  device: Optional[torch.device] = None, feeds: Sequence[Optional[Feed]] = (),
-                 precision: str = "fp32", channels_last: bool = False, rank: int = 0, world: int = 1) -> None:
+                 precision: str = "fp32", channels_last: Optional[bool] = None, rank: int = 0,
+                 world: int = 1) -> None:
         if precision not in PRECISIONS:
             raise CaffeFtError(f"unknown precision '{precision}' ({', '.join(PRECISIONS)})")
         self.param = solver
@@ -82,7 +87,9 @@ class Trainer:
         self.schema = schema
         self.device = device or torch.device("cpu")
         self.precision = precision
-        self.channels_last = channels_last
+        # Channels-last unless told: faster on the CPU (oneDNN's native layout; ResNet-50 1.15-1.4x, CaffeNet
+        # even), opt-in on GPUs, where it pays with bf16 or TF32 only.
+        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         self.rank, self.world = rank, world
         feeds = list(feeds) + [None] * (1 + len(tests) - len(feeds))
         self.net, self.feeder = self._build(train, None, feeds[0])
@@ -199,7 +206,7 @@ class Trainer:
         net = self.test_nets[index]
         sums: Optional[List[np.ndarray]] = None
         names = list(net.output_names)
-        with torch.no_grad():
+        with torch.inference_mode():
             for _ in range(count):
                 if abort():
                     return None
