@@ -18,6 +18,7 @@ refused before any work.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -193,14 +194,24 @@ class ImageDataSource:
 
 
 class NetFeeder:
-    """Every source layer of one net, read together: ``next()`` gives one pass's inputs."""
+    """Every source layer of one net, read together: ``next()`` gives one pass's inputs.
+
+    With ``prefetch`` the data layers read the next batch in a background
+    thread while the caller trains on this one (OpenCV decoding and LMDB reads
+    release the GIL): the same batches in the same order, drawn by one thread;
+    an error in a batch is raised when that batch is asked for.  The
+    caller's ``feed`` is called in ``next()`` itself.
+    """
 
     def __init__(self, sources: Sequence[Message], schema: Schema, phase: str, feed: Optional[Feed] = None,
-                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
+                 seed: int = 0, rank: int = 0, world: int = 1, prefetch: bool = False) -> None:
         self.readers: List[Any] = []
         self.inputs: List[str] = []
         self.feed = feed
         self.passes = 0
+        self.prefetch = prefetch
+        self._worker: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional["Future[Dict[str, np.ndarray]]"] = None
         for layer in sources:
             if layer.type == "ImageData":
                 self.readers.append(ImageDataSource(layer, schema, phase, seed, rank, world))
@@ -216,19 +227,34 @@ class NetFeeder:
                                "which only a caller can feed; train with a data layer (ImageData)")
 
     def next(self) -> Dict[str, np.ndarray]:
-        out: Dict[str, np.ndarray] = {}
-        for reader in self.readers:
-            out.update(reader.next())
+        out = self._read()
         if self.feed is not None:
             out.update(self.feed(self.passes))
         self.passes += 1
         return out
 
+    def _read_now(self) -> Dict[str, np.ndarray]:
+        out: Dict[str, np.ndarray] = {}
+        for reader in self.readers:
+            out.update(reader.next())
+        return out
+
+    def _read(self) -> Dict[str, np.ndarray]:
+        """The data layers' next batch: the one read ahead, and the one after it started."""
+        if not self.prefetch or not self.readers:
+            return self._read_now()
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="caffe-ft-data")
+        pending = self._pending or self._worker.submit(self._read_now)
+        self._pending = None
+        batch = pending.result()
+        self._pending = self._worker.submit(self._read_now)
+        return batch
+
     def skip(self, passes: int) -> None:
         """Read and drop ``passes`` batches (a resumed run reads on where the first one was)."""
         for _ in range(passes):
-            for reader in self.readers:
-                reader.next()
+            self._read()
         self.passes += passes
 
 

@@ -113,7 +113,8 @@ class Trainer:
         sources = [layer for layer in layers if not len(layer.bottom) and layer.type != "Parameter"]
         # Only the train net's data is split between processes; the first one alone tests.
         shard = (self.rank, self.world) if share is None else (0, 1)
-        feeder = NetFeeder(sources, self.schema, spec.phase, feed, 0, *shard)
+        # The data layers read ahead in a thread while the net computes.
+        feeder = NetFeeder(sources, self.schema, spec.phase, feed, 0, *shard, prefetch=True)
         shapes = input_shapes(sources, self.schema, spec.phase)
         net = CaffeNet(spec.net, spec.phase, spec.stages, spec.level, input_shapes=shapes or None, share_from=share)
         net.to(self.device)
