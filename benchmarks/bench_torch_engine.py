@@ -14,6 +14,10 @@ the same run:
 - pycaffe (OpenBLAS) in the reference environment, in a child process that
   this script starts there and keeps waiting between its iterations.
 
+Both torches run with the engine's OpenMP setting (``OMP_WAIT_POLICY=PASSIVE``
+unless set: threads that sleep, not spin, while they wait; see
+caffe_ft/training/torch/__init__.py); pycaffe with its own defaults.
+
 The machine is shared and noisy, so the contestants take turns, one timed
 iteration each per round after a warm-up, and each rate is the median over
 the rounds; the load average is printed with the figures.

@@ -87,7 +87,7 @@ class Trainer:
         self.schema = schema
         self.device = device or torch.device("cpu")
         self.precision = precision
-        # Channels-last unless told: faster on the CPU (oneDNN's native layout; ResNet-50 1.15-1.4x, CaffeNet
+        # Channels-last unless told: faster on the CPU (oneDNN's native layout; ResNet-50 1.05-1.2x, CaffeNet
         # even), opt-in on GPUs, where it pays with bf16 or TF32 only.
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         self.rank, self.world = rank, world
