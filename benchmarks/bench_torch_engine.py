@@ -19,10 +19,13 @@ unless set: threads that sleep, not spin, while they wait; see
 caffe_ft/training/torch/__init__.py); pycaffe with its own defaults.
 
 The machine is shared and noisy, so the contestants take turns, one timed
-iteration each per round after a warm-up, and each rate is the median over
-the rounds; the load average is printed with the figures.
+iteration each per round after a warm-up, each round starting with the next
+contestant (what runs right after pycaffe is slowed by its OpenBLAS threads,
+which spin for a while after each step), and each rate is the median over
+the rounds (pycaffe's includes the relay to its child, a millisecond); the
+load average is printed with the figures.
 
-    CAFFE_FT_ROOT=... .venv/bin/python benchmarks/bench_torch_engine.py [--rounds N] [--nets caffenet,...]
+    CAFFE_FT_ROOT=... .venv/bin/python benchmarks/bench_torch_engine.py [--rounds 8] [--nets caffenet,...]
 """
 
 from __future__ import annotations
@@ -254,12 +257,15 @@ def measure(name: str, rounds: int) -> Dict[str, float]:
         }
         for step in contestants.values():
             step()
-        times: Dict[str, List[float]] = {key: [] for key in ["pycaffe", *contestants]}
-        for _ in range(rounds):
-            times["pycaffe"].append(pycaffe.step())
-            for key, step in contestants.items():
+        contestants["pycaffe"] = pycaffe.step
+        order = list(contestants)
+        times: Dict[str, List[float]] = {key: [] for key in order}
+        for turn in range(rounds):
+            # Each round starts one further along: whoever follows pycaffe meets its OpenBLAS threads
+            # still spinning after their step, so that seat rotates.
+            for key in order[turn % len(order):] + order[:turn % len(order)]:
                 began = time.perf_counter()
-                step()
+                contestants[key]()
                 times[key].append(time.perf_counter() - began)
     finally:
         pycaffe.close()
@@ -269,7 +275,7 @@ def measure(name: str, rounds: int) -> Dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--nets", default=",".join(NETS))
     parser.add_argument("--pycaffe", metavar="NET", help=argparse.SUPPRESS)
     args = parser.parse_args()
