@@ -114,10 +114,11 @@ def advise(command: Sequence[str], log: str, cwd: str) -> Tuple[Dict[str, Any], 
 
 def describe(advice: Dict[str, Any]) -> str:
     """The advice's table of numbers and rule, as printed by the benchmark."""
-    lines = [f"  {'cut':<12} {'blob':<14} {'probe':>6} {'kNN':>6} {'LogME':>8}"]
+    width = max(len(cut["blob"]) for cut in advice["cuts"])
+    lines = [f"  {'cut':<12} {'blob':<{width}} {'probe':>6} {'kNN':>6} {'LogME':>8}"]
     for cut in advice["cuts"]:
         shown = [("-" if cut[key] is None else f"{cut[key]:.3f}") for key in ("probe", "knn", "logme")]
-        lines.append(f"  {cut['role']:<12} {cut['blob']:<14} {shown[0]:>6} {shown[1]:>6} {shown[2]:>8}")
+        lines.append(f"  {cut['role']:<12} {cut['blob']:<{width}} {shown[0]:>6} {shown[1]:>6} {shown[2]:>8}")
     lines.append(f"  rule {advice['rule']}")
     lines.append(f"  advice: {' '.join(advice['flags'])}")
     return "\n".join(lines)
@@ -216,7 +217,8 @@ def main() -> int:
                        f"{' '.join(advice['flags'])}", rows))
 
     if not args.skip_nsfw:
-        net, weights = os.path.join(NSFW_DIR, "deploy.prototxt"), os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel")
+        net = os.path.join(NSFW_DIR, "deploy.prototxt")
+        weights = os.path.join(NSFW_DIR, "resnet_50_1by2_nsfw.caffemodel")
         train, val, counts = nsfw_task(outdir, args.nsfw_major, args.nsfw_minor, args.nsfw_val)
         print(f"nsfw: unbalanced training list: {dict(sorted(counts.items()))} (label: images)")
         advice, seconds = advise(["caffe-ft", "advise", net, "--weights", weights, "--train-data", train,

@@ -264,3 +264,21 @@ def test_digits_report_names_the_rule_and_the_flags(digits, monkeypatch):
     missing = cli_runner().invoke(main, ["advise", "pretrain/train_val.prototxt", "--weights", weights,
                                          "--train-data", "nothing.txt"])
     assert missing.exit_code == 2 and missing.stderr.startswith("caffe-ft: error:") and "nothing.txt" in missing.stderr
+
+
+@pytest.mark.caffe
+def test_rewrite_auto_without_similarity_takes_the_advice(digits, monkeypatch):
+    from caffe_ft.cli import main
+
+    outdir, train, weights, _ = digits
+    monkeypatch.chdir(outdir)
+    common = ["--weights", weights, "--train-data", train, "--root-folder", "."]
+    advised = json.loads(cli_runner().invoke(main, ["advise", "pretrain/train_val.prototxt", *common, "--json"]).stdout)
+    done = cli_runner().invoke(main, ["rewrite", "pretrain/train_val.prototxt", "--strategy", "auto", *common,
+                                      "--val-data", "unbalanced_val.txt", "--num-classes", "5", "-o", "auto"])
+    assert done.exit_code == 0, done.output + done.stderr
+    assert f"auto: rule {advised['rule']}" in done.stderr
+    with open(os.path.join(outdir, "auto", "summary.md")) as handle:
+        summary = handle.read()
+    assert summary.startswith(f"# caffe-ft rewrite: {advised['strategy']}")
+    assert ("layer decay 0.5" in summary) == (advised["layer_decay"] == 0.5)
