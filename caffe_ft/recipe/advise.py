@@ -29,7 +29,7 @@ The rule (:func:`recommend`), in order; the margin is the larger of
 :data:`PROBE_MARGIN` and two standard errors of a difference of two
 accuracies on the sample (:func:`probe_noise`):
 
-1. **a deeper cut**: an earlier cut's probe beats the penultimate one by more
+1. **an earlier cut**: an earlier cut's probe beats the penultimate one by more
    than the margin, and its LogME agrees -> the top of the net specialised in
    something these classes do not need: ``top`` frozen up to that cut (the
    best such cut), or ``full`` when the data set is large
@@ -379,7 +379,7 @@ def recommend(measured: Measurements) -> Advice:
               and (numbers.logme is None or penultimate.logme is None or numbers.logme > penultimate.logme)]
     if better:
         best = max(better, key=lambda numbers: numbers.probe or 0.0)
-        rule = (f"1 (a deeper cut): the {best.cut.role} cut '{best.cut.blob}' probes {best.probe:.3f}, the "
+        rule = (f"1 (an earlier cut): the {best.cut.role} cut '{best.cut.blob}' probes {best.probe:.3f}, the "
                 f"penultimate {penultimate.probe:.3f}: better by more than {margin:.3f}, and its LogME agrees")
         if size > LARGE_DATASET:
             return Advice(measured, "full", None, None, weights, rule,

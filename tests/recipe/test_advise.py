@@ -146,7 +146,7 @@ def test_rule_features_suffice():
     assert advice.flags() == ["--strategy", "features"]
 
 
-def test_rule_a_deeper_cut_clearly_better_is_kept():
+def test_rule_an_earlier_cut_clearly_better_is_kept():
     advice = adv.recommend(_measured([0.7, 0.95, 0.8], logmes=[-1.0, -0.5, -0.8]))
     assert (advice.strategy, advice.freeze_until) == ("top", "l1") and advice.rule.startswith("1 ")
     assert advice.flags() == ["--strategy", "top", "--freeze-until", "l1"]
