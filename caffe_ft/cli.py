@@ -729,10 +729,12 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
               help="Images measured at most (drawn at random from an image list; an LMDB's first records).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers, the rule and the advice as JSON.")
+@click.option("--val-data", hidden=True, metavar="SRC",
+              help="Accepted from earlier versions and not used: the probes cross-validate on the sample.")
 @_transform_options
 @click.pass_context
 def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, sample: int, batch_size: int,
-           as_json: bool, root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
+           as_json: bool, val_data: Optional[str], root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
            mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
     """Recommend a fine-tuning strategy from measurements of the data.
 
@@ -744,6 +746,9 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, sam
     """
     from .recipe import advise as adv
 
+    if val_data is not None:
+        click.echo("note: advise no longer reads --val-data: its probes cross-validate on the training sample",
+                   err=True)
     advice = adv.advise(net_path, weights, train_data, schema=_schema(ctx), root_folder=root_folder,
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
                         sample=sample, batch_size=batch_size)

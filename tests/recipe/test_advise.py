@@ -264,6 +264,9 @@ def test_digits_report_names_the_rule_and_the_flags(digits, monkeypatch):
     missing = cli_runner().invoke(main, ["advise", "pretrain/train_val.prototxt", "--weights", weights,
                                          "--train-data", "nothing.txt"])
     assert missing.exit_code == 2 and missing.stderr.startswith("caffe-ft: error:") and "nothing.txt" in missing.stderr
+    older = cli_runner().invoke(main, ["advise", "pretrain/train_val.prototxt", "--weights", weights,
+                                       "--train-data", "nothing.txt", "--val-data", "val.txt"])
+    assert older.exit_code == 2 and "advise no longer reads --val-data" in older.stderr  # older scripts still parse
 
 
 @pytest.mark.caffe
