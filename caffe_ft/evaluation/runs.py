@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
 from ..formats.files import load_net
-from ..formats.schema import Schema
+from ..formats.schema import Schema, is_repeated
 from . import report
 from .metrics import Evaluation, Predictions, evaluate
 from .predict import PredictRequest, data_of_test_net, predict
@@ -42,9 +42,8 @@ def solver_settings(solver: Message) -> Dict[str, Any]:
             continue
         if descriptor.enum_type is not None:
             names = descriptor.enum_type.values_by_number
-            repeated = descriptor.label == descriptor.LABEL_REPEATED
-            value = [names[v].name for v in value] if repeated else names[value].name
-        elif descriptor.label == descriptor.LABEL_REPEATED:
+            value = [names[v].name for v in value] if is_repeated(descriptor) else names[value].name
+        elif is_repeated(descriptor):
             value = list(value)
         settings[descriptor.name] = value
     return settings
