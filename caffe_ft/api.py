@@ -144,7 +144,7 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
                    input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
                    resume=options.resume, keep_best=options.keep_best, patience=options.patience,
-                   export_onnx=options.export_onnx,
+                   export_onnx=options.export_onnx, engine=options.engine,
                    out=out)
 
 def export_onnx(net_path: str, weights: Optional[str], output: str, options: "ExportOptions", *,
