@@ -12,9 +12,17 @@ parameter blob with seeded normal values, writes DIR/NAME/weights.caffemodel and
 per pass K, feeds the Input tops from the inputs NPZ, runs forward and backward
 and writes DIR/NAME/pass_K.npz: every blob's data ("blob:NAME") and every
 parameter blob's gradient ("grad:LAYER/I").
+
+resume DIR: DIR/solver.prototxt (net, data and the torch engine's snapshot
+torch_iter_10.* beside it, relative to DIR): ``caffe train -snapshot`` (the
+CLI) continues that snapshot to max_iter with snapshot_prefix "cli", and pycaffe
+(Solver.restore, step) does the same; writes DIR/cli.npz and DIR/pycaffe.npz,
+every parameter blob ("LAYER/I") of each.
 """
 
 import json
+import re
+import subprocess
 import os
 import sys
 
@@ -68,10 +76,38 @@ def layers(out):
             np.savez(os.path.join(where, "pass_%d.npz" % index), **saved)
 
 
+def params_of(net):
+    return {"%s/%d" % (name, i): blob.data.copy() for name, blobs in net.params.items() for i, blob in enumerate(blobs)}
+
+
+def resume(out):
+    os.chdir(out)
+    with open("solver.prototxt") as handle:
+        text = handle.read()
+    with open("solver_cli.prototxt", "w") as handle:
+        handle.write(text + '\nsnapshot_prefix: "cli"\n')
+    done = subprocess.run(["caffe", "train", "-solver", "solver_cli.prototxt", "-snapshot", "torch_iter_10.solverstate"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    if done.returncode:
+        raise SystemExit("caffe train failed:\n" + done.stdout[-3000:])
+    caffe.set_mode_cpu()
+    solver = caffe.get_solver("solver_cli.prototxt")
+    max_iter = int(re.search(r"max_iter: *(\d+)", text).group(1))
+    cli = caffe.Net("net.prototxt", caffe.TRAIN, weights="cli_iter_%d.caffemodel" % max_iter)
+    np.savez("cli.npz", **params_of(cli))
+    solver.restore("torch_iter_10.solverstate")
+    while solver.iter < max_iter:
+        solver.step(1)
+    np.savez("pycaffe.npz", **params_of(solver.net))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    if mode != "layers":
+    if mode == "layers":
+        layers(out)
+    elif mode == "resume":
+        resume(out)
+    else:
         raise SystemExit("unknown mode " + mode)
-    layers(out)
     with open(os.path.join(out, mode + ".done"), "w") as handle:
         handle.write("ok\n")
