@@ -794,9 +794,7 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 @_keep_best
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
-@click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
-              help="Who trains: pycaffe, PyTorch with Caffe's semantics, or auto (pycaffe where it can run "
-                   "on the device, else torch).")
+@_engine_option("trains")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
               help="Torch engine on a GPU: tf32 or bf16 trade exactness for speed.")
 @click.option("--channels-last", is_flag=True, help="Torch engine: channels-last memory format.")
@@ -814,7 +812,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
     """
     from . import api
-    from .training.run import TrainOptions, choose_engine
+    from .training.run import TrainOptions
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
@@ -823,9 +821,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         _check_output(ctx, metrics, inputs, force=True, option="--metrics")
         _check_output(ctx, plot, inputs + [metrics], force=True, option="--plot")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
-    chosen, why = choose_engine(engine, device)
-    if engine == "auto":
-        click.echo(f"engine: {chosen} ({why})", err=True)
+    chosen = _chosen_engine(engine, device)
     if chosen == "pycaffe" and (precision != "fp32" or channels_last):
         raise click.UsageError("--precision and --channels-last need --engine torch")
     options = TrainOptions(

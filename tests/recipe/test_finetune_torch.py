@@ -1,8 +1,8 @@
 """``caffe-ft finetune --engine torch`` on the demo's digits task, without Caffe.
 
 The digits net is pretrained on 0-4 by ``caffe-ft train --engine torch``, then
-fine-tuned on 5-9 (``--strategy top``: the solver runs on the torch engine, the
-report evaluates through it).  pycaffe, in the reference environment, loads the
+fine-tuned on 5-9 (``--strategy top --class-weights auto``: the solver runs on
+the torch engine, its loss an InfogainLoss; the report evaluates through the engine).  pycaffe, in the reference environment, loads the
 final caffemodel into the deploy net and computes what the torch engine
 computes from it, within 1e-4 relative.
 """
@@ -70,8 +70,10 @@ def test_finetune_with_the_torch_engine_ends_with_a_caffemodel_pycaffe_runs(tmp_
     done = runner.invoke(main, ["finetune", "pretrain/train_val.prototxt", "--weights", weights, "--strategy", "top",
                                 "--train-last", "2", "--max-iter", "6", "--cpu", *common, "--train-data",
                                 lists["finetune_train"], "--val-data", lists["finetune_val"], "-o", "ft",
-                                "--engine", "torch"])
+                                "--class-weights", "auto", "--engine", "torch"])
     assert done.exit_code == 0, done.output
+    # --class-weights made the loss an InfogainLoss reading its H from OUTDIR, which the engine trains.
+    assert 'type: "InfogainLoss"' in (tmp_path / "ft" / "train_val.prototxt").read_text()
     final = tmp_path / "ft" / "final.caffemodel"
     assert final.exists()
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
