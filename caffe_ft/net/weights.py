@@ -325,19 +325,28 @@ def _close_names(name: str, ignored: Mapping[str, _Source]) -> List[Tuple[_Sourc
     return sorted(found, key=lambda pair: -pair[1])
 
 
+def _suffixed(name: str, base: str) -> bool:
+    """Whether ``name`` is ``base`` plus a separated suffix (``fc8_ft``, ``fc8-new``, ``fc8/cats``)."""
+    return len(name) > len(base) + 1 and name.startswith(base) and name[len(base)] in "_-/."
+
+
 def _fresh(target: _Target, ignored: Mapping[str, _Source], duplicate: bool) -> Tuple[str, Optional[str]]:
     """Why a layer gets no weights, and the ignored layer it was likely meant to be.
 
     A name close to an ignored layer's whose blobs would fit is a LIKELY TYPO:
     those weights are silently dropped.  A close name whose blobs do not fit
-    is a renamed layer (e.g. a new head), which is what fine-tuning wants.
+    is a renamed layer (e.g. a new head), which is what fine-tuning wants; so
+    is the old name with a suffix after a separator (``fc_nsfw`` ->
+    ``fc_nsfw_ft``), the way heads are renamed on purpose, even when the class
+    count and so the blobs stay the same.
     """
     name = target.layer.name
     if duplicate:
         return f"an earlier layer is also named '{name}'; Caffe copies weights into the first only", None
     close = _close_names(name, ignored)
     for candidate, similarity in close:
-        if similarity >= _TYPO_CUTOFF and _blobs_fit(target.params, candidate.blobs):
+        if similarity >= _TYPO_CUTOFF and not _suffixed(name, candidate.name) \
+                and _blobs_fit(target.params, candidate.blobs):
             return (
                 f"LIKELY TYPO: not in the weights, but '{candidate.name}' is, with blobs that fit; "
                 f"its weights are ignored and this layer starts from its fillers",

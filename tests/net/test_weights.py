@@ -188,6 +188,16 @@ def test_a_head_renamed_by_a_rewrite_is_no_typo(parse_net, write_model, tmp_path
     assert rows(weights.with_new_heads(report, {"conv_1": "conv1"}))["conv_1"].likely_typo is None
 
 
+@pytest.mark.parametrize("renamed, typo", [
+    ("conv1_ft", None), ("conv1-new", None), ("conv1/cats", None),  # deliberate: suffix after a separator
+    ("conv_1", "conv1"), ("conv11", "conv1"), ("Conv1", "conv1"),  # an edit inside the name: likely a typo
+])
+def test_check_alone_tells_a_suffixed_rename_from_a_typo(parse_net, write_model, renamed, typo):
+    _, model = write_model(pretrained())
+    report = weights.check(parse_net(NET.replace('name: "conv1"', f'name: "{renamed}"')), model)
+    assert rows(report)[renamed].likely_typo == typo
+
+
 def test_num_output_mismatch_predicts_caffes_abort(parse_net, write_model):
     _, model = write_model(pretrained())
     net = parse_net(NET.replace("num_output: 10", "num_output: 3"))
