@@ -219,3 +219,34 @@ def test_stochastic_pooling_follows_caffes_gpu_kernels(schema) -> None:  # type:
     # One value per window gets gradient 1 (a value in two overlapping windows may get 2).
     assert grad.sum() == pytest.approx(2 * 3 * 9)
     assert set(np.unique(grad)) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def test_hdf5_shuffle_reads_every_row_once_per_pass_over_the_files(schema, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With shuffle, the files and each file's rows come in a new order at every
+    pass (numpy's generator, not Caffe's), each row once; without, in order."""
+    import h5py
+
+    from caffe_ft.formats import prototext
+    from caffe_ft.training.torch.data import Hdf5DataSource
+
+    monkeypatch.chdir(tmp_path)
+    for name, rows in (("a.h5", range(0, 5)), ("b.h5", range(5, 8))):
+        with h5py.File(name, "w") as handle:
+            handle.create_dataset("data", data=np.asarray([[r, -r] for r in rows], np.float32))
+            handle.create_dataset("label", data=np.asarray(list(rows), np.float32))
+    (tmp_path / "list.txt").write_text("a.h5\nb.h5\n")
+    seen = {}
+    for shuffle in (False, True):
+        text = ('layer { name: "h5" type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "list.txt" '
+                f'batch_size: 4 shuffle: {str(shuffle).lower()} }} }}')
+        layer = prototext.to_message(prototext.parse(text.encode()), schema.new("NetParameter")).layer[0]
+        reader = Hdf5DataSource(layer, schema, "TRAIN")
+        batches = [reader.next() for _ in range(6)]  # 24 rows: three passes over the 8
+        labels = np.concatenate([batch["label"] for batch in batches])
+        assert all(np.array_equal(batch["data"][:, 0], batch["label"]) for batch in batches)  # rows stay whole
+        for start in (0, 8, 16):
+            assert sorted(labels[start:start + 8]) == list(range(8))
+        seen[shuffle] = labels
+    assert seen[False].tolist() == list(range(8)) * 3
+    assert seen[True].tolist() != seen[False].tolist()
+    assert seen[True][:8].tolist() != seen[True][8:16].tolist()  # a new order at each pass
