@@ -886,11 +886,12 @@ def plot(ctx: click.Context, metrics: str, output: str, title: Optional[str], fo
 @click.option("--predictions", metavar="OUT.npz", help="Also save the probabilities, labels and sources here.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @_transform_options
+@_engine_option("runs the net (torch: on the first GPU when there is one)")
 @click.pass_context
 def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json: bool, top_k: Any,
              blob: Optional[str], class_names: Optional[str], mistakes: int, predictions: Optional[str],
              batch_size: int, root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
-             mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+             mean_values: Any, mean_file: Optional[str], scale: Optional[float], engine: str) -> None:
     """Run NET (deploy or train_val) with MODEL over the images of SRC and report how it does.
 
     Images are transformed as the net's TEST data layer does.  Reported:
@@ -906,7 +907,7 @@ def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json
     result = api.evaluate(net_path, weights, data, top_k=tuple(top_k) or (5,), blob=blob, batch_size=batch_size,
                           root_folder=root_folder, class_names=names, mistakes=mistakes, save_predictions=predictions,
                           transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
-                          schema=_schema(ctx))
+                          schema=_schema(ctx), engine=_chosen_engine(engine, "cpu"))
     _emit(json.dumps(result.as_json(), indent=2) + "\n" if as_json else result.report())
 
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.host
 DIGITS = os.path.join(REPO, "examples", "digits")
 PYCAFFE = """
 import sys, numpy as np, caffe
+from caffe_ft import api
 caffe.set_mode_cpu()
 net = caffe.Net(sys.argv[1], caffe.TEST, weights=sys.argv[2])
 data = np.load(sys.argv[3])["data"]
@@ -34,6 +35,8 @@ net.blobs["data"].reshape(*data.shape)
 net.blobs["data"].data[...] = data
 out = net.forward()
 np.savez(sys.argv[4], **{name: value.copy() for name, value in out.items()})
+api.evaluate(sys.argv[5], sys.argv[2], sys.argv[6], top_k=(1,), root_folder=sys.argv[7], save_predictions=sys.argv[8],
+             engine="pycaffe")
 """
 
 
@@ -86,8 +89,16 @@ def test_finetune_with_the_torch_engine_ends_with_a_caffemodel_pycaffe_runs(tmp_
     data = np.random.default_rng(0).normal(0, 1, (4, 1, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "input.npz", data=data)
     deploy = str(tmp_path / "ft" / "deploy.prototxt")
+    # `caffe-ft evaluate --engine torch` here, pycaffe's evaluate there, over the same images.
+    train_val, root = str(tmp_path / "ft" / "train_val.prototxt"), str(tmp_path) + "/"
+    val = str(tmp_path / lists["finetune_val"])
+    evaluated = runner.invoke(main, ["evaluate", train_val, "--weights", str(final), "--data", val, "--root-folder",
+                                     root, "--top-k", "1", "--predictions", "torch_pred.npz", "--engine", "torch",
+                                     "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
     ran = subprocess.run([os.path.join(REPO, "scripts", "caffe-env"), "run", "--", "python3", "-c", PYCAFFE, deploy,
-                          str(final), str(tmp_path / "input.npz"), str(tmp_path / "pycaffe.npz")],
+                          str(final), str(tmp_path / "input.npz"), str(tmp_path / "pycaffe.npz"), train_val,
+                          val, root, str(tmp_path / "pycaffe_pred.npz")],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
     assert ran.returncode == 0, ran.stdout[-3000:]
     net = CaffeNet(load_net(deploy, schema), "TEST", input_shapes={"data": data.shape})
@@ -99,3 +110,11 @@ def test_finetune_with_the_torch_engine_ends_with_a_caffemodel_pycaffe_runs(tmp_
         for name in theirs.files:
             assert relative_error(ours[name].numpy(), theirs[name]) < 1e-4, name
             assert np.std(theirs[name]) > 0
+    with np.load(tmp_path / "torch_pred.npz") as ours_pred, np.load(tmp_path / "pycaffe_pred.npz") as theirs_pred:
+        assert set(ours_pred.files) == set(theirs_pred.files)
+        for name in ("probs", "labels", "sources"):
+            if theirs_pred[name].dtype.kind == "f":
+                assert relative_error(ours_pred[name], theirs_pred[name]) < 1e-4, name
+            else:
+                assert np.array_equal(ours_pred[name], theirs_pred[name]), name
+    assert json.loads(evaluated.stdout)["count"] == 60
