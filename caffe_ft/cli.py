@@ -326,7 +326,8 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--dataset-size", type=click.IntRange(min=1), metavar="N",
                      help="auto: training examples (default: lines of --train-data)."),
         click.option("--similarity", type=click.Choice(["high", "low"]),
-                     help="auto: how close the data is to the pretraining data (default: measured, with --weights)."),
+                     help="auto: how close the data is to the pretraining data (default: take caffe-ft "
+                     "advise's measured recommendation, with --weights)."),
         click.option("--train-data", metavar="SRC",
                      help="Training data: an image list (.txt, 'path label' lines) or an LMDB directory."),
         click.option("--val-data", metavar="SRC", help="Validation data, as --train-data."),
@@ -746,34 +747,34 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
 @click.argument("net_path", metavar="NET")
 @click.option("--weights", required=True, metavar="MODEL", help="Pretrained caffemodel.")
 @click.option("--train-data", required=True, metavar="SRC", help="Training data: an image list or an LMDB directory.")
-@click.option("--val-data", metavar="SRC", help="Validation data for the probes (default: a held-out split).")
-@click.option("--sample", type=click.IntRange(min=10), default=300, show_default=True,
-              help="Images measured (drawn at random from the training list).")
+@click.option("--sample", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Images measured at most (drawn at random from an image list; an LMDB's first records).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the advice and its numbers as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers, the rule and the advice as JSON.")
+@click.option("--val-data", hidden=True, metavar="SRC",
+              help="Accepted from earlier versions and not used: the probes cross-validate on the sample.")
 @_transform_options
 @click.pass_context
-def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val_data: Optional[str],
-           sample: int, batch_size: int, as_json: bool, root_folder: Optional[str], crop_size: Optional[int],
-           resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
-    """Recommend a fine-tuning strategy from the data set's size and a
-    measured similarity to the pretraining data.
+def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, sample: int, batch_size: int,
+           as_json: bool, val_data: Optional[str], root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
+           mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+    """Recommend a fine-tuning strategy from measurements of the data.
 
-    Similarity comes from how far the data moves the BatchNorm layers' input
-    statistics from the stored ones, and from linear probes on penultimate
-    versus early features; the numbers are shown with the advice.
+    One forward pass of the frozen net over a sample of the training images
+    gives the features at the penultimate blob and at a middle and an early
+    stage output; at each, a cross-validated linear probe, a leave-one-out
+    cosine kNN and LogME are measured.  The table, the rule applied and the
+    finetune flags that follow are printed.
     """
     from .recipe import advise as adv
 
-    advice = adv.advise(net_path, weights, train_data, val_data, schema=_schema(ctx), root_folder=root_folder,
+    if val_data is not None:
+        click.echo("note: advise no longer reads --val-data: its probes cross-validate on the training sample",
+                   err=True)
+    advice = adv.advise(net_path, weights, train_data, schema=_schema(ctx), root_folder=root_folder,
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
                         sample=sample, batch_size=batch_size)
-    if as_json:
-        _emit(_json({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
-                     "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
-                     "reason": advice.reason, "numbers": advice.numbers}))
-    else:
-        _emit(advice.report())
+    _emit(_json(advice.as_dict()) if as_json else advice.report())
 
 
 @main.command()
