@@ -441,6 +441,23 @@ def _keep_best(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 
+def _engine_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--engine pycaffe|torch|auto`` for a command that runs nets (``what`` says for what)."""
+    return click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe",
+                        show_default=True, help=f"Who {what}: pycaffe, PyTorch with Caffe's semantics, or auto "
+                        "(pycaffe where it can run on the device, else torch).")
+
+
+def _chosen_engine(engine: str, device: str) -> str:
+    """The engine ``--engine`` asks for on ``device``; for ``auto``, say which was picked and why."""
+    from .training.run import choose_engine
+
+    chosen, why = choose_engine(engine, device)
+    if engine == "auto":
+        click.echo(f"engine: {chosen} ({why})", err=True)
+    return chosen
+
+
 @main.command()
 @click.argument("net_path", metavar="NET")
 @click.option("--weights", required=True, metavar="MODEL", help="Pretrained caffemodel to start from.")
@@ -457,10 +474,11 @@ def _keep_best(command: Callable[..., Any]) -> Callable[..., Any]:
 @_keep_best
 @click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
               "checked against pycaffe.")
+@_engine_option("trains and computes cached features")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
              force: bool, cached: bool, resume: Optional[str], keep_best: Optional[str], patience: Optional[int],
-             export_onnx: bool, **params: Any) -> None:
+             export_onnx: bool, engine: str, **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
@@ -477,7 +495,8 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
-                              resume=resume, keep_best=keep_best, patience=patience, export_onnx=export_onnx)
+                              resume=resume, keep_best=keep_best, patience=patience, export_onnx=export_onnx,
+                              engine=_chosen_engine(engine, device))
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     tested = "the final weights' test" if outcome.final_model else "the last test"
@@ -651,10 +670,12 @@ def _transform_overrides(crop_size: Optional[int], resize: Optional[int], mean_v
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--force", is_flag=True, help="Recompute even when the features file is up to date.")
 @_transform_options
+@_engine_option("runs the trunk (torch: on the first GPU when there is one)")
 @click.pass_context
 def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: Optional[str], output: str,
              batch_size: int, force: bool, root_folder: Optional[str], crop_size: Optional[int],
-             resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+             resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float],
+             engine: str) -> None:
     """Run the frozen trunk of NET once over the data and cache its features.
 
     The net is cut after LAYER, images are transformed as the net's TEST data
@@ -666,7 +687,8 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
 
     _check_output(ctx, output, [net_path, weights, data, mean_file], force=True)
     request = Request(net_path, weights, data, layer, root_folder,
-                         _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
+                      _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size,
+                      engine=_chosen_engine(engine, "cpu"))
     outcome = compute_or_reuse(request, output, _schema(ctx), force=force)
     result = outcome.features
     verb = "reused" if outcome.reused else f"computed ({outcome.reason})"
@@ -773,9 +795,7 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, sam
 @_keep_best
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
-@click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
-              help="Who trains: pycaffe, PyTorch with Caffe's semantics, or auto (pycaffe where it can run "
-                   "on the device, else torch).")
+@_engine_option("trains")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
               help="Torch engine on a GPU: tf32 or bf16 trade exactness for speed.")
 @click.option("--channels-last/--no-channels-last", default=None,
@@ -794,7 +814,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
     """
     from . import api
-    from .training.run import TrainOptions, choose_engine
+    from .training.run import TrainOptions
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
@@ -803,9 +823,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         _check_output(ctx, metrics, inputs, force=True, option="--metrics")
         _check_output(ctx, plot, inputs + [metrics], force=True, option="--plot")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
-    chosen, why = choose_engine(engine, device)
-    if engine == "auto":
-        click.echo(f"engine: {chosen} ({why})", err=True)
+    chosen = _chosen_engine(engine, device)
     if chosen == "pycaffe" and (precision != "fp32" or channels_last is not None):
         raise click.UsageError("--precision and --channels-last need --engine torch")
     options = TrainOptions(
@@ -870,11 +888,12 @@ def plot(ctx: click.Context, metrics: str, output: str, title: Optional[str], fo
 @click.option("--predictions", metavar="OUT.npz", help="Also save the probabilities, labels and sources here.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @_transform_options
+@_engine_option("runs the net (torch: on the first GPU when there is one)")
 @click.pass_context
 def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json: bool, top_k: Any,
              blob: Optional[str], class_names: Optional[str], mistakes: int, predictions: Optional[str],
              batch_size: int, root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
-             mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+             mean_values: Any, mean_file: Optional[str], scale: Optional[float], engine: str) -> None:
     """Run NET (deploy or train_val) with MODEL over the images of SRC and report how it does.
 
     Images are transformed as the net's TEST data layer does.  Reported:
@@ -890,7 +909,7 @@ def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json
     result = api.evaluate(net_path, weights, data, top_k=tuple(top_k) or (5,), blob=blob, batch_size=batch_size,
                           root_folder=root_folder, class_names=names, mistakes=mistakes, save_predictions=predictions,
                           transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
-                          schema=_schema(ctx))
+                          schema=_schema(ctx), engine=_chosen_engine(engine, "cpu"))
     _emit(json.dumps(result.as_json(), indent=2) + "\n" if as_json else result.report())
 
 

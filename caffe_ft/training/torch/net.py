@@ -126,6 +126,53 @@ def caffe_pool(x: Tensor, kernel: Sequence[int], stride: Sequence[int], pad: Seq
     return sums / divisor
 
 
+def spp_levels(height: int, bottom: Shape) -> List[Tuple[List[int], List[int], List[int], List[int]]]:
+    """Kernel, stride, pad and output size of each pyramid level, as SPPLayer::GetPoolingParam
+    (kernel ceil(size / bins), pad half the overhang) and PoolingLayer::Reshape."""
+    levels = []
+    for level in range(height):
+        bins = 2 ** level
+        kernel = [-(-size // bins) for size in bottom[2:4]]
+        pad = [(k * bins - size + 1) // 2 for k, size in zip(kernel, bottom[2:4])]
+        out = []
+        for size, k, p in zip(bottom[2:4], kernel, pad):
+            n = -(-(size + 2 * p - k) // k) + 1
+            if any(pad) and (n - 1) * k >= size + p:
+                n -= 1
+            out.append(n)
+        levels.append((kernel, kernel, pad, out))
+    return levels
+
+
+def stochastic_pool(kernel: Sequence[int], stride: Sequence[int], out: Sequence[int],
+                    train: bool) -> Callable[[List[Tensor]], List[Tensor]]:
+    """STOCHASTIC pooling as Caffe's GPU kernels (its CPU has none): windows start at
+    ``i * stride`` (no padding) and end at the input's edge.  TEST: the activations
+    weighted by themselves, ``sum(x^2) / (FLT_MIN + sum(x))``; TRAIN: one activation
+    drawn with probability proportional to its value (torch's generator, not Caffe's:
+    the draws differ), which alone receives the gradient.  Inputs must be non-negative."""
+
+    def windows(x: Tensor, fill: float) -> Tensor:
+        height, width = x.shape[-2:]
+        extra = [max(0, (o - 1) * s + k - size) for o, s, k, size in zip(out, stride, kernel, (height, width))]
+        padded = F.pad(x, (0, extra[1], 0, extra[0]), value=fill) if any(extra) else x
+        patches = padded.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])
+        return patches[:, :, : out[0], : out[1]].reshape(*x.shape[:2], out[0], out[1], -1)
+
+    def run(b: List[Tensor]) -> List[Tensor]:
+        values = windows(b[0], 0.0)
+        if not train:
+            return [(values * values).sum(-1) / ((values.sum(-1) + _FLT_MIN))]
+        with torch.no_grad():
+            total = values.sum(-1, keepdim=True)
+            threshold = torch.rand_like(total) * total
+            chosen = (torch.cumsum(values, -1) < threshold).sum(-1, keepdim=True)
+            chosen = chosen.clamp(max=values.shape[-1] - 1)
+        return [values.gather(-1, chosen).squeeze(-1)]
+
+    return run
+
+
 # ------------------------------------------------------------------ layers --
 
 
@@ -381,9 +428,9 @@ class _Builder:
 
     def Pooling(self, layer: Message, s: LayerShapes) -> Step:
         p = layer.pooling_param
-        if p.pool == p.STOCHASTIC:
-            raise _fail(layer, "the torch engine does not do STOCHASTIC pooling")
         kernel, stride, pad, out = _pool_geometry(layer, s.bottoms[0])
+        if p.pool == p.STOCHASTIC:
+            return Step(layer, s, stochastic_pool(kernel, stride, out, self.net.phase == "TRAIN"))
         average = p.pool == p.AVE
         return Step(layer, s, lambda b: [caffe_pool(b[0], kernel, stride, pad, out, average)])
 
@@ -549,6 +596,140 @@ class _Builder:
                 else:
                     y = indices.to(x.dtype).unsqueeze(1)
                 return [y.reshape(top_shape)]
+
+        return Step(layer, s, run)
+
+    # -- Caffe 1.0's other layers (tests/training/test_torch_layers.py checks each against pycaffe)
+    def InfogainLoss(self, layer: Message, s: LayerShapes) -> Step:
+        """Softmax over ``axis``, then ``-sum_l H[label, l] log p_l`` per item (H from a second
+        bottom or a ``.binaryproto`` source), normalised as SoftmaxWithLoss; top 1: the probabilities."""
+        p = layer.infogain_loss_param
+        shape = s.bottoms[0]
+        axis = _canonical(p.axis if "axis" in p.DESCRIPTOR.fields_by_name else 1, len(shape))
+        ignore = layer.loss_param.ignore_label if layer.loss_param.HasField("ignore_label") else None
+        normalization = _normalization(layer)
+        classes = shape[axis]
+        outer = int(np.prod(shape[:axis], dtype=np.int64))
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        fixed: Optional[Tensor] = None
+        if len(s.bottoms) < 3:
+            if not p.source:
+                raise _fail(layer, "InfogainLoss needs infogain_loss_param.source or a third bottom (H)")
+            from ...formats.caffemodel import load_blob
+            from ...formats.schema import load_schema
+
+            matrix = np.asarray(load_blob(p.source, load_schema()).data, np.float32)
+            if matrix.size != classes * classes:
+                raise _fail(layer, f"H in {p.source} has {matrix.size} values, not {classes} x {classes}")
+            fixed = torch.from_numpy(matrix.reshape(classes, classes).copy())
+        elif int(np.prod(s.bottoms[2], dtype=np.int64)) != classes * classes:
+            raise _fail(layer, f"H (bottom '{layer.bottom[2]}') must hold {classes} x {classes} values")
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            h = (b[2] if fixed is None else fixed.to(b[0].device)).reshape(classes, classes).to(b[0].dtype)
+            prob = torch.softmax(b[0], axis)
+            flat = prob.reshape(outer, classes, inner)
+            label = b[1].reshape(outer, inner).to(torch.int64)
+            valid = torch.ones_like(label, dtype=torch.bool) if ignore is None else label != ignore
+            safe = torch.where(valid, label, torch.zeros_like(label))
+            rows = h.detach()[safe]  # (outer, inner, classes): H's row of each item's label
+            logs = torch.log(torch.clamp(flat, min=_FLT_MIN)).permute(0, 2, 1)
+            losses = -(rows * logs).sum(-1)
+            loss = torch.where(valid, losses, torch.zeros_like(losses)).sum()
+            count = valid.sum() if ignore is not None else None
+            tops = [loss / _normalizer(normalization, outer, inner, count)]
+            return tops + [prob] if len(s.tops) > 1 else tops
+
+        return Step(layer, s, run)
+
+    def Reduction(self, layer: Message, s: LayerShapes) -> Step:
+        p = layer.reduction_param
+        shape = s.bottoms[0]
+        axis = _canonical(p.axis, len(shape))
+        dims = list(range(axis, len(shape)))
+        coeff, op = p.coeff, p.operation
+        top = s.tops[0]
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            x = b[0]
+            if op == p.ASUM:
+                x = torch.abs(x)
+            elif op == p.SUMSQ:
+                x = x * x
+            y = x.mean(dim=dims) if op == p.MEAN else x.sum(dim=dims) if dims else x
+            return [(y * coeff if coeff != 1 else y).reshape(top)]
+
+        return Step(layer, s, run)
+
+    def MVN(self, layer: Message, s: LayerShapes) -> Step:
+        """Mean (and, with normalize_variance, the standard deviation plus eps) per item and
+        channel, or per item across channels, as MVNLayer."""
+        p = layer.mvn_param
+        shape = s.bottoms[0]
+        lead = 1 if p.across_channels else min(2, len(shape))
+        rows = int(np.prod(shape[:lead], dtype=np.int64))
+        scale, eps = p.normalize_variance, p.eps
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            x = b[0].reshape(rows, -1)
+            centred = x - x.mean(dim=1, keepdim=True)
+            if scale:
+                centred = centred / (torch.sqrt((centred * centred).mean(dim=1, keepdim=True)) + eps)
+            return [centred.reshape(b[0].shape)]
+
+        return Step(layer, s, run)
+
+    def Tile(self, layer: Message, s: LayerShapes) -> Step:
+        p = layer.tile_param
+        axis = _canonical(p.axis, len(s.bottoms[0]))
+        repeats = [1] * len(s.bottoms[0])
+        repeats[axis] = p.tiles
+        return Step(layer, s, lambda b: [b[0].repeat(*repeats)])
+
+    def Embed(self, layer: Message, s: LayerShapes) -> Step:
+        p = layer.embed_param
+        params = self.param(layer, s.params)
+        weight, bias = params[0], params[1] if p.bias_term else None
+        size = p.input_dim
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            index = b[0].detach()
+            if bool(((index != torch.floor(index)) | (index < 0) | (index >= size)).any()):
+                raise _fail(layer, f"Embed inputs must be whole numbers in [0, {size})")
+            y = F.embedding(index.to(torch.int64), weight)
+            return [y + bias if bias is not None else y]
+
+        return Step(layer, s, run, params)
+
+    def Parameter(self, layer: Message, s: LayerShapes) -> Step:
+        params = self.param(layer, s.params)
+        return Step(layer, s, lambda b: [params[0]], params)
+
+    def BatchReindex(self, layer: Message, s: LayerShapes) -> Step:
+        count = s.bottoms[0][0]
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            index = b[1].detach().to(torch.int64)
+            if bool(((index < 0) | (index >= count)).any()):
+                raise _fail(layer, f"BatchReindex indices must lie in [0, {count})")
+            return [b[0].index_select(0, index)]
+
+        return Step(layer, s, run)
+
+    def SPP(self, layer: Message, s: LayerShapes) -> Step:
+        """Spatial pyramid pooling: at level i, 2^i x 2^i bins of MAX or AVE pooling (Caffe's
+        kernel, stride and pad per level), flattened and concatenated; one level: the pooled blob."""
+        p = layer.spp_param
+        if p.pool == p.STOCHASTIC:
+            raise _fail(layer, "the torch engine does not do STOCHASTIC pyramid pooling (Caffe has no CPU one)")
+        levels = spp_levels(p.pyramid_height, s.bottoms[0])
+        average = p.pool == p.AVE
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            pooled = [caffe_pool(b[0], kernel, stride, pad, out, average) for kernel, stride, pad, out in levels]
+            if len(pooled) == 1:
+                return pooled
+            return [torch.cat([y.reshape(y.shape[0], -1) for y in pooled], 1)]
 
         return Step(layer, s, run)
 
