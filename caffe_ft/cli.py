@@ -753,10 +753,11 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers, the rule and the advice as JSON.")
 @click.option("--val-data", hidden=True, metavar="SRC",
               help="Accepted from earlier versions and not used: the probes cross-validate on the sample.")
+@_engine_option("runs the net")
 @_transform_options
 @click.pass_context
 def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, sample: int, batch_size: int,
-           as_json: bool, val_data: Optional[str], root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
+           as_json: bool, val_data: Optional[str], engine: str, root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
            mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
     """Recommend a fine-tuning strategy from measurements of the data.
 
@@ -773,7 +774,7 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, sam
                    err=True)
     advice = adv.advise(net_path, weights, train_data, schema=_schema(ctx), root_folder=root_folder,
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
-                        sample=sample, batch_size=batch_size)
+                        sample=sample, batch_size=batch_size, engine=_chosen_engine(engine, "cpu"))
     _emit(_json(advice.as_dict()) if as_json else advice.report())
 
 

@@ -85,6 +85,9 @@ SMALL_DATA_DECAY = 0.5
 IMBALANCE = 3.0
 #: Layer types whose outputs are candidate cuts.
 STAGE_TYPES = ("Pooling", "Eltwise", "Concat")
+#: LogME's noise precision stops growing once beta times the smallest squared
+#: singular value is this many times alpha (the evidence is at its limit).
+BETA_LIMIT = 1e10
 #: A penultimate blob with more values than this is summarised per channel.
 MAX_FLAT = 8192
 
@@ -120,13 +123,21 @@ def logme(features: "np.ndarray", labels: "np.ndarray", tol: float = 1e-6, max_i
         z = u.T @ y
         z2 = np.square(z)
         outside = max(float(y @ y - z2.sum()), 0.0)  # |y|^2 off the span of F
+        if not len(sigma):  # F = 0: y is all noise, beta = n / |y|^2 and alpha does not matter
+            evidences.append((math.log(n / outside) - math.log(2 * math.pi) - 1) / 2)
+            continue
         alpha, beta = 1.0, 1.0
         for _ in range(max_iter):
             t = alpha + beta * sigma
             gamma = float((beta * sigma / t).sum())
+            rest = (n - len(sigma)) + float((alpha / t).sum())  # n - gamma, without the cancellation
             m2 = float((beta ** 2 * sigma * z2 / t ** 2).sum())
             res2 = float((alpha ** 2 * z2 / t ** 2).sum()) + outside
-            new_alpha, new_beta = gamma / max(m2, 1e-300), (n - gamma) / max(res2, 1e-300)
+            new_alpha, new_beta = gamma / max(m2, 1e-300), rest / max(res2, 1e-300)
+            # Labels inside the span of F (as many features as examples) fit
+            # without noise: beta grows without end while the evidence nears a
+            # finite limit, reached once the prior no longer bends the fit.
+            new_beta = min(new_beta, BETA_LIMIT * new_alpha / float(sigma.min()))
             done = abs(new_alpha - alpha) <= tol * alpha and abs(new_beta - beta) <= tol * beta
             alpha, beta = new_alpha, new_beta
             if done:
@@ -418,13 +429,14 @@ def _sample(source: DataSource, limit: int, seed: int) -> DataSource:
 
 def collect(net_path: str, weights: str, train_data: str, *, schema: Schema, root_folder: Optional[str] = None,
             transform: Optional[Dict[str, Any]] = None, sample: int = SAMPLE, batch_size: int = 16,
-            seed: int = 0) -> Tuple[List[Cut], Dict[str, "np.ndarray"], "np.ndarray", int]:
-    """One forward pass of the trunk over a sample of ``train_data``: the cuts,
-    each cut's features (one row per image), the labels and the data set's size."""
+            seed: int = 0, engine: str = "pycaffe") -> Tuple[List[Cut], Dict[str, "np.ndarray"], "np.ndarray", int]:
+    """One forward pass of the trunk (through ``engine``) over a sample of
+    ``train_data``: the cuts, each cut's features (one row per image), the
+    labels and the data set's size."""
     import numpy as np
 
+    from ..training.forward import forward_batches
     from ..training.progress import count_progress
-    from ..training.pycaffe import forward_batches, load_caffe_net
 
     request = Request(net_path, weights, train_data, root_folder=root_folder, transform=dict(transform or {}),
                       batch_size=batch_size)
@@ -432,12 +444,13 @@ def collect(net_path: str, weights: str, train_data: str, *, schema: Schema, roo
     size = len(prepared.source)
     source = _sample(prepared.source, sample, seed)
     cuts = choose_cuts(prepared.trunk.net, prepared.trunk.feature_blob)
-    net = load_caffe_net(prepared.trunk.text(), weights)
     advance = count_progress(len(source), "measuring")
     parts: Dict[str, List["np.ndarray"]] = {cut.blob: [] for cut in cuts}
     labels = []
     batches = source.batches(schema, prepared.transform, prepared.mean, batch_size)
-    for blobs, batch_labels, _ in forward_batches(net, prepared.trunk.input_blob, batches, list(parts), advance):
+    passes = forward_batches(engine, prepared.trunk.net, weights, prepared.trunk.input_blob, batches, list(parts),
+                             advance, schema)
+    for blobs, batch_labels, _ in passes:
         for cut in cuts:
             parts[cut.blob].append(summarise(blobs[cut.blob], cut.role == "penultimate"))
         labels.append(batch_labels)
@@ -484,11 +497,13 @@ def class_counts_of(source: DataSource) -> Optional[Dict[int, int]]:
 
 def advise(net_path: str, weights: str, train_data: str, *, schema: Optional[Schema] = None,
            root_folder: Optional[str] = None, transform: Optional[Dict[str, Any]] = None, sample: int = SAMPLE,
-           batch_size: int = 16, seed: int = 0) -> Advice:
-    """Measure ``train_data`` with the net's frozen trunk and recommend a strategy."""
+           batch_size: int = 16, seed: int = 0, engine: str = "pycaffe") -> Advice:
+    """Measure ``train_data`` with the net's frozen trunk (run by ``engine``,
+    pycaffe or torch) and recommend a strategy."""
     schema = schema or load_schema()
     cuts, features, labels, size = collect(net_path, weights, train_data, schema=schema, root_folder=root_folder,
-                                           transform=transform, sample=sample, batch_size=batch_size, seed=seed)
+                                           transform=transform, sample=sample, batch_size=batch_size, seed=seed,
+                                           engine=engine)
     source = DataSource.open(train_data, root_folder or "")
     measured = measure(cuts, features, labels, size, class_counts_of(source), sample, seed)
     return recommend(measured)

@@ -53,3 +53,32 @@ def test_torch_features_equal_pycaffes_on_the_nsfw_resnet50(tmp_path) -> None:  
     for index in range(len(a.features)):
         assert relative_error(a.features[index], b.features[index]) < 1e-4, f"image {index}"
     assert b.features.std() > 0
+
+
+def test_advise_measures_the_same_through_either_engine(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``advise --engine torch`` (host) and ``--engine pycaffe`` (reference root)
+    take the same sample through the nsfw ResNet-50: the same cuts, probe and
+    kNN scores (computed from features equal within 1e-4), LogME within 1e-3,
+    and so the same advice."""
+    import json
+
+    from synth_images import write_dataset
+
+    from caffe_ft.cli import main
+
+    listing = write_dataset(str(tmp_path / "img"), "photo", 6, classes=2, size=256, seed=5)
+    net, weights = (os.path.join(NSFW_DIR, name) for name in ("deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel"))
+    args = ["--train-data", listing, "--sample", "12", "--json", *TRANSFORM]
+    ours = cli_runner().invoke(main, ["advise", in_root(net), "--weights", in_root(weights), "--engine", "torch",
+                                      *args])
+    assert ours.exit_code == 0, ours.output
+    done = subprocess.run([os.path.join(REPO, "scripts", "caffe-env"), "run", "--", "caffe-ft", "advise", net,
+                           "--weights", weights, "--engine", "pycaffe", *args],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = json.loads(ours.stdout), json.loads(done.stdout)
+    assert [cut["blob"] for cut in a["cuts"]] == [cut["blob"] for cut in b["cuts"]] and len(a["cuts"]) >= 2
+    for x, y in zip(a["cuts"], b["cuts"]):
+        assert (x["probe"], x["knn"], x["values"]) == (y["probe"], y["knn"], y["values"]), x["blob"]
+        assert abs(x["logme"] - y["logme"]) <= 1e-3 * max(1.0, abs(y["logme"])), x["blob"]
+    assert (a["strategy"], a["flags"]) == (b["strategy"], b["flags"])

@@ -61,6 +61,25 @@ def test_logme_is_the_maximised_evidence_of_a_bayesian_linear_model(n, dims):
     assert adv.logme(F, labels) == pytest.approx(np.mean(direct), rel=1e-6)
 
 
+def test_logme_where_the_labels_fit_without_noise():
+    """As many independent features as examples, one of them the label: the
+    evidence rises towards a finite limit as beta grows without end (the fixed
+    point never settles); LogME is that limit, not a crash or an overflow."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 6)
+    F = np.hstack([np.eye(2)[labels] * 10, 0.01 * rng.normal(size=(12, 10))])
+    found = adv.logme(F, labels)
+    grid = [np.mean([_log_evidence(F, (labels == label).astype(float), a, b) for label in (0, 1)]) / 12
+            for a in np.logspace(-3, 3, 13) for b in np.logspace(0, 9, 10)]
+    assert math.isfinite(found) and found >= max(grid) - 1e-6
+
+
+def test_logme_of_zero_features_is_the_evidence_of_noise():
+    labels = np.repeat([0, 1, 2], [4, 4, 2])
+    expected = [(math.log(10 / count) - math.log(2 * math.pi) - 1) / 2 for count in (4, 4, 2)]
+    assert adv.logme(np.zeros((10, 5)), labels) == pytest.approx(np.mean(expected), rel=1e-12)
+
+
 def test_logme_prefers_features_that_carry_the_labels():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 30)
