@@ -144,7 +144,7 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
                    input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
                    resume=options.resume, keep_best=options.keep_best, patience=options.patience,
-                   export_onnx=options.export_onnx,
+                   export_onnx=options.export_onnx, engine=options.engine,
                    out=out)
 
 def export_onnx(net_path: str, weights: Optional[str], output: str, options: "ExportOptions", *,
@@ -245,17 +245,18 @@ def _train_and_report(run_training: Any, options: "TrainOptions", schema: Schema
 def evaluate(net_path: str, weights: str, data: str, *, top_k: Sequence[int] = (1, 5), blob: Optional[str] = None,
              batch_size: int = 32, root_folder: Optional[str] = None, transform: Optional[Dict[str, Any]] = None,
              class_names: Optional[Sequence[str]] = None, mistakes: int = 10, save_predictions: Optional[str] = None,
-             schema: Optional[Schema] = None) -> "Evaluation":
+             schema: Optional[Schema] = None, engine: str = "pycaffe") -> "Evaluation":
     """Run ``weights`` in ``net_path`` (deploy or train_val) over the image list
     (or LMDB) ``data`` with the net's TEST transform and compute accuracy,
     top-k, per-class precision/recall/F1, the confusion matrix, the expected
     calibration error and the most confident mistakes.  ``save_predictions``: also
-    save the class probabilities, labels and sources there (``.npz``)."""
+    save the class probabilities, labels and sources there (``.npz``).
+    ``engine``: who runs the net, pycaffe or torch."""
     from .evaluation.metrics import evaluate as compute
     from .evaluation.predict import PredictRequest, predict
 
     schema = schema or load_schema()
-    request = PredictRequest(net_path, weights, data, blob, batch_size, root_folder, dict(transform or {}))
+    request = PredictRequest(net_path, weights, data, blob, batch_size, root_folder, dict(transform or {}), engine)
     predicted = predict(request, schema)
     result = compute(predicted, top_k, class_names, mistakes)
     if save_predictions:

@@ -326,7 +326,8 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
         click.option("--dataset-size", type=click.IntRange(min=1), metavar="N",
                      help="auto: training examples (default: lines of --train-data)."),
         click.option("--similarity", type=click.Choice(["high", "low"]),
-                     help="auto: how close the data is to the pretraining data (default: measured, with --weights)."),
+                     help="auto: how close the data is to the pretraining data (default: take caffe-ft "
+                     "advise's measured recommendation, with --weights)."),
         click.option("--train-data", metavar="SRC",
                      help="Training data: an image list (.txt, 'path label' lines) or an LMDB directory."),
         click.option("--val-data", metavar="SRC", help="Validation data, as --train-data."),
@@ -440,6 +441,23 @@ def _keep_best(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 
+def _engine_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--engine pycaffe|torch|auto`` for a command that runs nets (``what`` says for what)."""
+    return click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe",
+                        show_default=True, help=f"Who {what}: pycaffe, PyTorch with Caffe's semantics, or auto "
+                        "(pycaffe where it can run on the device, else torch).")
+
+
+def _chosen_engine(engine: str, device: str) -> str:
+    """The engine ``--engine`` asks for on ``device``; for ``auto``, say which was picked and why."""
+    from .training.run import choose_engine
+
+    chosen, why = choose_engine(engine, device)
+    if engine == "auto":
+        click.echo(f"engine: {chosen} ({why})", err=True)
+    return chosen
+
+
 @main.command()
 @click.argument("net_path", metavar="NET")
 @click.option("--weights", required=True, metavar="MODEL", help="Pretrained caffemodel to start from.")
@@ -456,10 +474,11 @@ def _keep_best(command: Callable[..., Any]) -> Callable[..., Any]:
 @_keep_best
 @click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
               "checked against pycaffe.")
+@_engine_option("trains and computes cached features")
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
              force: bool, cached: bool, resume: Optional[str], keep_best: Optional[str], patience: Optional[int],
-             export_onnx: bool, **params: Any) -> None:
+             export_onnx: bool, engine: str, **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
@@ -476,7 +495,8 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
-                              resume=resume, keep_best=keep_best, patience=patience, export_onnx=export_onnx)
+                              resume=resume, keep_best=keep_best, patience=patience, export_onnx=export_onnx,
+                              engine=_chosen_engine(engine, device))
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     tested = "the final weights' test" if outcome.final_model else "the last test"
@@ -650,10 +670,12 @@ def _transform_overrides(crop_size: Optional[int], resize: Optional[int], mean_v
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--force", is_flag=True, help="Recompute even when the features file is up to date.")
 @_transform_options
+@_engine_option("runs the trunk (torch: on the first GPU when there is one)")
 @click.pass_context
 def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: Optional[str], output: str,
              batch_size: int, force: bool, root_folder: Optional[str], crop_size: Optional[int],
-             resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+             resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float],
+             engine: str) -> None:
     """Run the frozen trunk of NET once over the data and cache its features.
 
     The net is cut after LAYER, images are transformed as the net's TEST data
@@ -665,7 +687,8 @@ def features(ctx: click.Context, net_path: str, weights: str, data: str, layer: 
 
     _check_output(ctx, output, [net_path, weights, data, mean_file], force=True)
     request = Request(net_path, weights, data, layer, root_folder,
-                         _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size)
+                      _transform_overrides(crop_size, resize, mean_values, mean_file, scale), batch_size,
+                      engine=_chosen_engine(engine, "cpu"))
     outcome = compute_or_reuse(request, output, _schema(ctx), force=force)
     result = outcome.features
     verb = "reused" if outcome.reused else f"computed ({outcome.reason})"
@@ -724,34 +747,35 @@ def linear(ctx: click.Context, features_path: str, num_classes: int, outdir: str
 @click.argument("net_path", metavar="NET")
 @click.option("--weights", required=True, metavar="MODEL", help="Pretrained caffemodel.")
 @click.option("--train-data", required=True, metavar="SRC", help="Training data: an image list or an LMDB directory.")
-@click.option("--val-data", metavar="SRC", help="Validation data for the probes (default: a held-out split).")
-@click.option("--sample", type=click.IntRange(min=10), default=300, show_default=True,
-              help="Images measured (drawn at random from the training list).")
+@click.option("--sample", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Images measured at most (drawn at random from an image list; an LMDB's first records).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the advice and its numbers as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers, the rule and the advice as JSON.")
+@click.option("--val-data", hidden=True, metavar="SRC",
+              help="Accepted from earlier versions and not used: the probes cross-validate on the sample.")
+@_engine_option("runs the net")
 @_transform_options
 @click.pass_context
-def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val_data: Optional[str],
-           sample: int, batch_size: int, as_json: bool, root_folder: Optional[str], crop_size: Optional[int],
-           resize: Optional[int], mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
-    """Recommend a fine-tuning strategy from the data set's size and a
-    measured similarity to the pretraining data.
+def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, sample: int, batch_size: int,
+           as_json: bool, val_data: Optional[str], engine: str, root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
+           mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+    """Recommend a fine-tuning strategy from measurements of the data.
 
-    Similarity comes from how far the data moves the BatchNorm layers' input
-    statistics from the stored ones, and from linear probes on penultimate
-    versus early features; the numbers are shown with the advice.
+    One forward pass of the frozen net over a sample of the training images
+    gives the features at the penultimate blob and at a middle and an early
+    stage output; at each, a cross-validated linear probe, a leave-one-out
+    cosine kNN and LogME are measured.  The table, the rule applied and the
+    finetune flags that follow are printed.
     """
     from .recipe import advise as adv
 
-    advice = adv.advise(net_path, weights, train_data, val_data, schema=_schema(ctx), root_folder=root_folder,
+    if val_data is not None:
+        click.echo("note: advise no longer reads --val-data: its probes cross-validate on the training sample",
+                   err=True)
+    advice = adv.advise(net_path, weights, train_data, schema=_schema(ctx), root_folder=root_folder,
                         transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
-                        sample=sample, batch_size=batch_size)
-    if as_json:
-        _emit(_json({"dataset_size": advice.dataset_size, "similarity": advice.similarity,
-                     "strategy": advice.strategy, "freeze_fraction": advice.freeze_fraction,
-                     "reason": advice.reason, "numbers": advice.numbers}))
-    else:
-        _emit(advice.report())
+                        sample=sample, batch_size=batch_size, engine=_chosen_engine(engine, "cpu"))
+    _emit(_json(advice.as_dict()) if as_json else advice.report())
 
 
 @main.command()
@@ -772,17 +796,16 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, val
 @_keep_best
 @click.option("--stop-after", type=click.IntRange(min=1), metavar="N", hidden=True,
               help="Act as if interrupted once N iterations are done (for testing).")
-@click.option("--engine", type=click.Choice(["pycaffe", "torch", "auto"]), default="pycaffe", show_default=True,
-              help="Who trains: pycaffe, PyTorch with Caffe's semantics, or auto (pycaffe where it can run "
-                   "on the device, else torch).")
+@_engine_option("trains")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
               help="Torch engine on a GPU: tf32 or bf16 trade exactness for speed.")
-@click.option("--channels-last", is_flag=True, help="Torch engine: channels-last memory format.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Torch engine: channels-last memory format (default: on the CPU only).")
 @click.pass_context
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
           caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int],
-          engine: str, precision: str, channels_last: bool, keep_best: Optional[str],
+          engine: str, precision: str, channels_last: Optional[bool], keep_best: Optional[str],
           patience: Optional[int]) -> None:
     """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
@@ -792,7 +815,7 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
     Exit status: 0 done, 2 error or divergence, 130/143 interrupted.
     """
     from . import api
-    from .training.run import TrainOptions, choose_engine
+    from .training.run import TrainOptions
 
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
@@ -801,10 +824,8 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         _check_output(ctx, metrics, inputs, force=True, option="--metrics")
         _check_output(ctx, plot, inputs + [metrics], force=True, option="--plot")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
-    chosen, why = choose_engine(engine, device)
-    if engine == "auto":
-        click.echo(f"engine: {chosen} ({why})", err=True)
-    if chosen == "pycaffe" and (precision != "fp32" or channels_last):
+    chosen = _chosen_engine(engine, device)
+    if chosen == "pycaffe" and (precision != "fp32" or channels_last is not None):
         raise click.UsageError("--precision and --channels-last need --engine torch")
     options = TrainOptions(
         solver=solver, weights=weights, device=device,
@@ -868,11 +889,12 @@ def plot(ctx: click.Context, metrics: str, output: str, title: Optional[str], fo
 @click.option("--predictions", metavar="OUT.npz", help="Also save the probabilities, labels and sources here.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @_transform_options
+@_engine_option("runs the net (torch: on the first GPU when there is one)")
 @click.pass_context
 def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json: bool, top_k: Any,
              blob: Optional[str], class_names: Optional[str], mistakes: int, predictions: Optional[str],
              batch_size: int, root_folder: Optional[str], crop_size: Optional[int], resize: Optional[int],
-             mean_values: Any, mean_file: Optional[str], scale: Optional[float]) -> None:
+             mean_values: Any, mean_file: Optional[str], scale: Optional[float], engine: str) -> None:
     """Run NET (deploy or train_val) with MODEL over the images of SRC and report how it does.
 
     Images are transformed as the net's TEST data layer does.  Reported:
@@ -888,7 +910,7 @@ def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json
     result = api.evaluate(net_path, weights, data, top_k=tuple(top_k) or (5,), blob=blob, batch_size=batch_size,
                           root_folder=root_folder, class_names=names, mistakes=mistakes, save_predictions=predictions,
                           transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
-                          schema=_schema(ctx))
+                          schema=_schema(ctx), engine=_chosen_engine(engine, "cpu"))
     _emit(json.dumps(result.as_json(), indent=2) + "\n" if as_json else result.report())
 
 

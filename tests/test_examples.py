@@ -118,10 +118,12 @@ def test_nsfw_resnet50_finetune(tmp_path):
     head = params((3, 1024), (3,))
     assert_in_output_and_readme([
         "data: 3 synthetic classes (stripes, checks, dots), 20 training and 10 validation images each",
-        "training examples: 60",
-        "similarity: low",
-        "advice: dataset small (60 < 5000 images), different from the pretrained model's: freeze the first third"
-        " of the learnable layers and retrain the rest (strategy top)",
+        "training examples: 60 (3 classes: 20 20 20)",
+        "penultimate  pool                   1.00    1024  0.967  0.983    0.234",
+        "middle       eltwise_stage2_block0  0.52    1024  0.983  0.933    0.194",
+        "rule: 2 (features suffice): the penultimate probe 0.967 reaches 0.9 and no earlier cut beats it by more"
+        " than 0.066",
+        "  caffe-ft finetune NET --weights MODEL --strategy features ...",
         f"159 copied ({trunk:,} params), 1 fresh ({head:,} params), 0 mismatch (0 params)",
         "OK: Caffe would load these weights and start training",
         "  fc_nsfw (InnerProduct: 2x1024, 2)",

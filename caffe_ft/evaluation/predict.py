@@ -40,6 +40,7 @@ class PredictRequest:
     batch_size: int = 32
     root_folder: Optional[str] = None  # None: the net's image_data_param.root_folder
     transform: Dict[str, Any] = field(default_factory=dict)  # overrides of the net's TEST transform
+    engine: str = "pycaffe"  # who runs the net: pycaffe or torch (caffe_ft.training.forward)
 
 
 def score_blob(net: Message) -> str:
@@ -81,7 +82,7 @@ def predict(request: PredictRequest, schema: Schema) -> Predictions:
     import numpy as np
 
     from ..training.progress import count_progress
-    from ..training.pycaffe import forward_batches, load_caffe_net
+    from ..training.forward import forward_batches
 
     net = load_net(request.net_path, schema)
     transform = override(default_transform(net), **request.transform)
@@ -97,12 +98,11 @@ def predict(request: PredictRequest, schema: Schema) -> Predictions:
     check_weights(trunk.net, request.weights, schema)
     check_labels(source, trunk.net, trunk.feature_blob)
     started = time.monotonic()
-    caffe_net = load_caffe_net(trunk.text(), request.weights)
     advance = count_progress(len(source), f"evaluate {blob}")
     parts, labels, names = [], [], []
     batches = source.batches(schema, transform, mean, request.batch_size)
-    for blobs, batch_labels, batch_names in forward_batches(caffe_net, trunk.input_blob, batches, [trunk.feature_blob],
-                                                            advance):
+    for blobs, batch_labels, batch_names in forward_batches(request.engine, trunk.net, request.weights, trunk.input_blob,
+                                                            batches, [trunk.feature_blob], advance, schema):
         parts.append(blobs[trunk.feature_blob].reshape(len(batch_names), -1))
         labels.append(batch_labels)
         names.extend(batch_names)

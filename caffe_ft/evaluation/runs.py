@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
 from ..formats.files import load_net
-from ..formats.schema import Schema
+from ..formats.schema import Schema, is_repeated
 from . import report
 from .metrics import Evaluation, Predictions, evaluate
 from .predict import PredictRequest, data_of_test_net, predict
@@ -23,14 +23,15 @@ from .predict import PredictRequest, data_of_test_net, predict
 
 def evaluate_net(net_path: str, weights: str, schema: Schema, data: Optional[str] = None,
                  top_k: Sequence[int] = (1, 5), names: Optional[Sequence[str]] = None,
-                 batch_size: int = 32) -> Tuple[Evaluation, Predictions]:
-    """``weights`` in ``net_path`` over ``data`` (default: the list its TEST data layer reads)."""
+                 batch_size: int = 32, engine: str = "pycaffe") -> Tuple[Evaluation, Predictions]:
+    """``weights`` in ``net_path`` over ``data`` (default: the list its TEST data layer reads), run by ``engine``."""
     root: Optional[str] = None
     if data is None:
         data, root = data_of_test_net(load_net(net_path, schema))
         if not data:
             raise CaffeFtError("the net has no TEST image data layer to take the validation images from", net_path)
-    predictions = predict(PredictRequest(net_path, weights, data, batch_size=batch_size, root_folder=root), schema)
+    predictions = predict(PredictRequest(net_path, weights, data, batch_size=batch_size, root_folder=root,
+                                         engine=engine), schema)
     return evaluate(predictions, top_k, names), predictions
 
 
@@ -42,21 +43,20 @@ def solver_settings(solver: Message) -> Dict[str, Any]:
             continue
         if descriptor.enum_type is not None:
             names = descriptor.enum_type.values_by_number
-            repeated = descriptor.label == descriptor.LABEL_REPEATED
-            value = [names[v].name for v in value] if repeated else names[value].name
-        elif descriptor.label == descriptor.LABEL_REPEATED:
+            value = [names[v].name for v in value] if is_repeated(descriptor) else names[value].name
+        elif is_repeated(descriptor):
             value = list(value)
         settings[descriptor.name] = value
     return settings
 
 
-def try_evaluation(net_path: Optional[str], weights: Optional[str], schema: Schema, out: IO[str]
-                   ) -> Tuple[Optional[Evaluation], Optional[Predictions], List[str]]:
+def try_evaluation(net_path: Optional[str], weights: Optional[str], schema: Schema, out: IO[str],
+                   engine: str = "pycaffe") -> Tuple[Optional[Evaluation], Optional[Predictions], List[str]]:
     """:func:`evaluate_net`, where there is a net file and weights; a problem becomes a note, not a failure."""
     if not net_path or not weights:
         return None, None, ["no evaluation: " + ("no final weights" if net_path else "the test net is not a file")]
     try:
-        evaluation, predictions = evaluate_net(net_path, weights, schema)
+        evaluation, predictions = evaluate_net(net_path, weights, schema, engine=engine)
     except CaffeFtError as exc:
         out.write(f"note: no evaluation in the report: {exc}\n")
         return None, None, [f"no evaluation: {exc}"]
@@ -77,7 +77,7 @@ def write_train_report(outdir: str, options: Any, result: Any, schema: Schema, s
     _, tests = solver_nets(solver, schema)
     test_net = tests[0].source if tests and os.path.isfile(tests[0].source) else None
     weights = result.snapshot[0] if result.snapshot else None
-    evaluation, predictions, notes = try_evaluation(test_net, weights, schema, out)
+    evaluation, predictions, notes = try_evaluation(test_net, weights, schema, out, getattr(options, "engine", "pycaffe"))
     start = options.weights or ("(the snapshot's)" if options.resume else "(the fillers')")
     settings: Dict[str, Any] = {"solver": options.solver, "weights": start, "device": options.device}
     if options.resume:

@@ -2,9 +2,11 @@
 
 Training only a new classifier on a pretrained net (the "fixed feature
 extractor" recipe) does not need Caffe's solver: every image goes through the
-frozen layers once (:mod:`caffe_ft.heads.trunk` cuts them out, the pycaffe
-engine runs them over :mod:`caffe_ft.data`'s transformed batches), and a
-linear model learns from the stored outputs (:mod:`caffe_ft.heads.linear`).
+frozen layers once (:mod:`caffe_ft.heads.trunk` cuts them out, pycaffe or the
+torch engine runs them over :mod:`caffe_ft.data`'s transformed batches through
+:mod:`caffe_ft.training.forward`), and a linear model learns from the stored
+outputs (:mod:`caffe_ft.heads.linear`).  The engine is recorded in the archive
+but is no fingerprint: the two agree within 1e-4.
 
 :func:`compute_or_reuse` writes a compressed archive holding the features,
 labels, image sources and fingerprints of everything they depend on, and
@@ -120,6 +122,7 @@ class Request:
     transform: Dict[str, Any] = field(default_factory=dict)  # overrides of the net's transform
     batch_size: int = 32
     phase: Optional[str] = None  # whose data layer gives the transform (default: TEST, else TRAIN)
+    engine: str = "pycaffe"  # who runs the trunk: pycaffe or torch (equal within 1e-4: not a fingerprint)
 
 
 @dataclass
@@ -156,19 +159,19 @@ def prepare(request: Request, schema: Schema) -> Prepared:
     return Prepared(trunk, transform, mean, source, fingerprints, request.net_path)
 
 
-def extract(prepared: Prepared, weights: str, schema: Schema, batch_size: int) -> FeatureSet:
-    """Run the trunk over the whole data source."""
+def extract(prepared: Prepared, weights: str, schema: Schema, batch_size: int, engine: str = "pycaffe") -> FeatureSet:
+    """Run the trunk over the whole data source, through ``engine`` (pycaffe or torch)."""
     import numpy as np
 
-    from ..training.pycaffe import forward_batches, load_caffe_net
+    from ..training.forward import forward_batches
     from ..training.progress import count_progress
 
-    net = load_caffe_net(prepared.trunk.text(), weights)
     trunk, source = prepared.trunk, prepared.source
     advance = count_progress(len(source), f"features {trunk.feature_blob}")
     parts, labels, names = [], [], []
     batches = source.batches(schema, prepared.transform, prepared.mean, batch_size)
-    outputs = forward_batches(net, trunk.input_blob, batches, [trunk.feature_blob], advance)
+    outputs = forward_batches(engine, trunk.net, weights, trunk.input_blob, batches, [trunk.feature_blob], advance,
+                              schema)
     for blobs, batch_labels, batch_names in outputs:
         parts.append(blobs[trunk.feature_blob])
         labels.append(batch_labels)
@@ -184,6 +187,7 @@ def extract(prepared: Prepared, weights: str, schema: Schema, batch_size: int) -
         "input_blob": trunk.input_blob,
         "input_shape": list(trunk.net.layer[0].input_param.shape[0].dim[1:]),
         "transform": prepared.transform.describe(),
+        "engine": engine,
         "fingerprints": prepared.fingerprints,
     }
     return FeatureSet(features, np.concatenate(labels), np.asarray(names, dtype=str), meta)
@@ -213,6 +217,6 @@ def compute_or_reuse(request: Request, output: str, schema: Schema, force: bool 
             if not stale:
                 return CacheResult(cached, True, "up to date")
             reason = "stale: " + ", ".join(f"{part} changed" for part in stale)
-    result = extract(prepared, request.weights, schema, request.batch_size)
+    result = extract(prepared, request.weights, schema, request.batch_size, request.engine)
     save_features(output, result)
     return CacheResult(result, False, reason)

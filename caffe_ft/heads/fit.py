@@ -366,12 +366,13 @@ def analyse(solver_path: str, schema: Schema, device: str = "cpu") -> Tuple[Opti
 
 
 def _features(net_path: str, weights: str, spec: DataSpec, layer: str, phase: Optional[str], path: str,
-              schema: Schema, out: IO[str]) -> Tuple["FeatureSet", bool]:
-    """The features of ``spec``'s data at ``layer``'s output (computed, or
-    reused while up to date) and whether they were reused."""
+              schema: Schema, out: IO[str], engine: str = "pycaffe") -> Tuple["FeatureSet", bool]:
+    """The features of ``spec``'s data at ``layer``'s output (computed by
+    ``engine``, or reused while up to date) and whether they were reused."""
     from .cache import Request, compute_or_reuse
 
-    request = Request(net_path, weights, spec.source, layer, batch_size=max(1, spec.batch_size), phase=phase)
+    request = Request(net_path, weights, spec.source, layer, batch_size=max(1, spec.batch_size), phase=phase,
+                      engine=engine)
     outcome = compute_or_reuse(request, path, schema)
     verb = "reused" if outcome.reused else f"computed ({outcome.reason})"
     out.write(f"features of {spec.source}: {verb}, {len(outcome.features.labels)} images "
@@ -452,15 +453,15 @@ def _forward_counts(job: Job, passes: int, computed: int) -> Tuple[int, str]:
 
 
 def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, metrics_path: str, plot_path: str,
-                 seed: int, out: IO[str]) -> Trained:
-    """Replay the solver's SGD on the head over cached features, starting
-    from ``init``'s head; write ``final``, the metrics and the plot."""
+                 seed: int, out: IO[str], engine: str = "pycaffe") -> Trained:
+    """Replay the solver's SGD on the head over cached features (computed by
+    ``engine``), starting from ``init``'s head; write ``final``, the metrics and the plot."""
     from ..training.plot import plot_quietly
     from ..training.progress import MetricsWriter, make_reporter
     from ..training.schedule import final_test_due, learning_rate, test_due
 
     train, train_reused = _features(job.net_path, init, job.train, job.feature_layer, "TRAIN",
-                                    os.path.join(outdir, TRAIN_FEATURES), schema, out)
+                                    os.path.join(outdir, TRAIN_FEATURES), schema, out, engine)
     head = replay.Head.start(_head_blobs(schema, init, job.head))
     classes, inputs = head.params[0].shape
     x, y = train.matrix, train.labels
@@ -473,7 +474,7 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
     tester, computed = None, 0 if train_reused else len(y)
     if job.test is not None:
         val, val_reused = _features(job.net_path, init, job.test, job.feature_layer, "TEST",
-                                    os.path.join(outdir, VAL_FEATURES), schema, out)
+                                    os.path.join(outdir, VAL_FEATURES), schema, out, engine)
         check_labels(val.labels, classes, _ignored_by_all(job.outputs), job.test.source)
         computed += 0 if val_reused else len(val.labels)
         tester = _Tester(job.outputs, job.solver.test_iter[0], val.matrix, val.labels,
@@ -553,9 +554,9 @@ def _fit_head_layer(net: Message, schema: Schema, head: str) -> Tuple[Message, s
 
 
 def fit_features(net_path: str, schema: Schema, head: str, init: str, outdir: str, final: str, seed: int,
-                 out: IO[str]) -> Trained:
+                 out: IO[str], engine: str = "pycaffe") -> Trained:
     """Fit the head with scikit-learn on cached features (TEST-phase
-    preprocessing) of the TRAIN and TEST data layers' images; write ``final``."""
+    preprocessing, computed by ``engine``) of the TRAIN and TEST data layers' images; write ``final``."""
     from . import linear
     from ..formats.files import load_net
 
@@ -568,7 +569,7 @@ def fit_features(net_path: str, schema: Schema, head: str, init: str, outdir: st
             raise CaffeFtError(f"--strategy features needs a {phase} ImageData or Data layer "
                                "(give --train-data and --val-data)", net_path)
         sets.append(_features(net_path, init, _data_spec(data), feature_layer, None, os.path.join(outdir, name),
-                              schema, out)[0])
+                              schema, out, engine)[0])
     train, val = sets
     if train.meta["blob"] != layer.bottom[0]:
         raise CaffeFtError(f"the head reads '{layer.bottom[0]}', not the trunk's output '{train.meta['blob']}'")

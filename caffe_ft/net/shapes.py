@@ -462,6 +462,36 @@ def _pooling(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
     return Inferred(tuple(top for _ in layer.top))
 
 
+def _spp(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
+    """SPP: per pyramid level i, 2^i bins a side (kernel ceil(size / bins), stride the
+    kernel, pad half the overhang), each pooled blob flattened and concatenated; a
+    pyramid of one level gives the pooled blob itself."""
+    _bottoms(layer, bottoms, 1, 1)
+    shape = bottoms[0]
+    if len(shape) != 4:
+        raise _fail(layer, f"SPP needs a 4-axis bottom (num, channels, height, width), got {shape}")
+    height = layer.spp_param.pyramid_height
+    if height < 1:
+        raise _fail(layer, "pyramid_height must be at least 1")
+    sizes = []
+    for level in range(height):
+        bins = 2 ** level
+        kernel = [-(-size // bins) for size in shape[2:]]
+        pad = [(k * bins - size + 1) // 2 for k, size in zip(kernel, shape[2:])]
+        if any(p >= k for p, k in zip(pad, kernel)):
+            raise _fail(layer, f"pyramid level {level} pads as much as its kernel: the bottom is too small")
+        pooled = []
+        for size, k, p in zip(shape[2:], kernel, pad):
+            out = -(-(size + 2 * p - k) // k) + 1
+            if any(pad) and (out - 1) * k >= size + p:
+                out -= 1
+            pooled.append(out)
+        sizes.append(pooled)
+    if height == 1:
+        return Inferred(((shape[0], shape[1], *sizes[0]),))
+    return Inferred(((shape[0], sum(shape[1] * h * w for h, w in sizes)),))
+
+
 # --------------------------------------------------------------------------
 # Rules: layers that move data between axes or blobs
 
@@ -780,6 +810,7 @@ RULES: Dict[str, Rule] = {
     "Silence": _silence,
     "Slice": _slice,
     "Softmax": _softmax,
+    "SPP": _spp,
     "Split": _split,
     "Tile": _tile,
     "WindowData": _window_data,

@@ -10,7 +10,8 @@ Two strategies train the head on cached features instead (:mod:`caffe_ft.heads.f
 ``features`` always (scikit-learn; no solver run, no metrics), and
 ``last-fc`` when Caffe's SGD can be replayed on them exactly (same metrics
 and plot; no snapshots but ``final.caffemodel``); otherwise, or with
-``cached=False``, pycaffe trains and the summary says why.  With
+``cached=False``, the engine (pycaffe, or the torch engine with Caffe's
+semantics) trains and the summary says why.  With
 ``export_onnx``, ``final.onnx`` (the deploy net with the final weights) is
 written beside ``final.caffemodel`` and compared with pycaffe.
 """
@@ -93,7 +94,7 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
 def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
         force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
         resume: Optional[str] = None, keep_best: Optional[str] = None, patience: Optional[int] = None,
-        export_onnx: bool = False, out: IO[str]) -> FinetuneResult:
+        export_onnx: bool = False, engine: str = "pycaffe", out: IO[str]) -> FinetuneResult:
     """Write ``plan``, start from ``weights`` and train; returns the outcome.
 
     ``cached``: let ``last-fc`` train the head on cached features where that
@@ -103,7 +104,9 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     OUTDIR/best.caffemodel keeps the weights of the best test of that output,
     and the run stops after ``patience`` tests without a better one
     (:mod:`caffe_ft.training.best`); training then goes through pycaffe.
-    ``export_onnx``: also write ``final.onnx`` and say in the summary how it was checked."""
+    ``export_onnx``: also write ``final.onnx`` and say in the summary how it was checked.
+    ``engine``: who trains and computes cached features, ``pycaffe`` or ``torch``
+    (the caller resolves ``auto`` and says which it picked)."""
     from ..heads import fit
     from ..training.best import tracker
 
@@ -134,15 +137,16 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     with working_directory(here.outdir):
         if plan.strategy == "features":
             trained = fit.fit_features(os.path.join(here.outdir, "train_val.prototxt"), schema, _single_head(plan),
-                                       start, here.outdir, final, seed, out)
+                                       start, here.outdir, final, seed, out, engine)
         elif plan.strategy == "lp-ft" and resume is None:
-            trained = _linear_probe_then_finetune(schema, here, start, final, device, seed, out, best)
+            trained = _linear_probe_then_finetune(schema, here, start, final, device, seed, out, best, engine)
         elif resume is not None:
             solver = os.path.join(here.outdir, "solver.prototxt")
-            trained = _train_pycaffe(schema, solver, start, device, os.path.join(here.outdir, METRICS),
-                                     os.path.join(here.outdir, PLOT), final, out, resume=True, best=best)
+            trained = _train_solver(schema, solver, start, device, os.path.join(here.outdir, METRICS),
+                                    os.path.join(here.outdir, PLOT), final, out, resume=True, best=best,
+                                    engine=engine)
         else:
-            trained = _train(schema, here, start, final, device, seed, cached, out, best)
+            trained = _train(schema, here, start, final, device, seed, cached, out, best, engine)
     if export_onnx and trained.final_model:
         trained.notes.append(_export_onnx(schema, here, trained.final_model, out))
     # Snapshot paths are the solver's, relative to OUTDIR where it ran; the user's are relative to here.
@@ -154,7 +158,7 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
         # In OUTDIR, as training: the test net names its data from there (and the report its files).
         with working_directory(here.outdir):
             html = _write_report(schema, dataclasses.replace(plan, outdir="."), outcome, weights,
-                                 {"device": device, "seed": seed, "cached features": cached}, out)
+                                 {"engine": engine, "device": device, "seed": seed, "cached features": cached}, out)
     except CaffeFtError as exc:  # the model is trained and saved: a report problem does not fail the job
         out.write(f"note: no report: {exc}\n")
     else:
@@ -190,7 +194,8 @@ def _write_report(schema: Schema, plan: RewritePlan, outcome: FinetuneResult, we
     from ..evaluation.runs import solver_settings, try_evaluation
 
     train_val = os.path.join(plan.outdir, "train_val.prototxt")
-    evaluation, predictions, notes = try_evaluation(train_val, outcome.final_model, schema, out)
+    evaluation, predictions, notes = try_evaluation(train_val, outcome.final_model, schema, out,
+                                                    options.get("engine", "pycaffe"))
     settings: Dict[str, Any] = {"pretrained weights": weights, "strategy": plan.strategy,
                                 "heads": ", ".join(f"{old} -> {new}" for old, new in plan.heads.items()), **options}
     solver = files.load_text(os.path.join(plan.outdir, "solver.prototxt"), schema, files.SOLVER).message
@@ -216,17 +221,17 @@ def _single_head(plan: RewritePlan) -> str:
 
 
 def _linear_probe_then_finetune(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int,
-                                out: IO[str], best: "Best") -> "Trained":
+                                out: IO[str], best: "Best", engine: str = "pycaffe") -> "Trained":
     """lp-ft: the head fitted on cached features (the ``features`` path) into PROBE, then
     Caffe fine-tunes from PROBE; the notes give the probe's accuracy and the fine-tuned one."""
     from ..heads import fit
 
     probe_path = os.path.join(plan.outdir, PROBE)
     probe = fit.fit_features(os.path.join(plan.outdir, "train_val.prototxt"), schema, _single_head(plan), start,
-                             plan.outdir, probe_path, seed, out)
+                             plan.outdir, probe_path, seed, out, engine)
     out.write(f"lp-ft: linear probe validation accuracy {probe.test_outputs['accuracy']:.4f}; fine-tuning from "
               f"{PROBE}\n")
-    trained = _train(schema, plan, probe_path, final, device, seed, False, out, best)
+    trained = _train(schema, plan, probe_path, final, device, seed, False, out, best, engine)
     tuned = trained.test_outputs.get("accuracy")
     trained.notes[:0] = [f"linear probe (the head on cached features, {PROBE}): validation accuracy "
                          f"{probe.test_outputs['accuracy']:.4f}",
@@ -245,8 +250,8 @@ class Best:
 
 
 def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int, cached: bool,
-           out: IO[str], best: Best = Best()) -> "Trained":
-    """last-fc on cached features where that gives what pycaffe gives, else pycaffe (saying why)."""
+           out: IO[str], best: Best = Best(), engine: str = "pycaffe") -> "Trained":
+    """last-fc on cached features where that gives what pycaffe gives, else the solver run by ``engine`` (saying why)."""
     from ..heads import fit
 
     solver = os.path.join(plan.outdir, "solver.prototxt")
@@ -257,26 +262,34 @@ def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: st
     if job is not None:
         out.write("last-fc: the trunk gives the same features at every iteration; training the head on cached "
                   "features with Caffe's SGD\n")
-        return fit.train_cached(job, schema, start, plan.outdir, final, metrics, plot, seed, out)
-    notes = [f"trained with pycaffe, not on cached features: {'; '.join(reasons)}"] if reasons else []
+        return fit.train_cached(job, schema, start, plan.outdir, final, metrics, plot, seed, out, engine)
+    notes = [f"trained with {engine}, not on cached features: {'; '.join(reasons)}"] if reasons else []
     for note in notes:
         out.write(f"note: {note}\n")
-    trained = _train_pycaffe(schema, solver, start, device, metrics, plot, final, out, best=best)
+    trained = _train_solver(schema, solver, start, device, metrics, plot, final, out, best=best, engine=engine)
     trained.notes[:0] = notes
     return trained
 
 
-def _train_pycaffe(schema: Schema, solver: str, start: str, device: str, metrics: str, plot: str, final: str,
-                   out: IO[str], resume: bool = False, best: Best = Best()) -> "Trained":
-    """Caffe's own training through pycaffe (:mod:`caffe_ft.training.pycaffe`) from the weights ``start``
-    (with ``resume``: from the snapshot ``start``); copies the last snapshot to ``final``."""
+def _train_solver(schema: Schema, solver: str, start: str, device: str, metrics: str, plot: str, final: str,
+                  out: IO[str], resume: bool = False, best: Best = Best(), engine: str = "pycaffe") -> "Trained":
+    """The solver run by ``engine``: Caffe's own training through pycaffe
+    (:mod:`caffe_ft.training.pycaffe`) or the torch engine with Caffe's semantics
+    (:mod:`caffe_ft.training.torch.engine`), from the weights ``start`` (with
+    ``resume``: from the snapshot ``start``); copies the last snapshot to ``final``."""
     from ..heads.fit import Trained
-    from ..training.pycaffe import train
     from ..training.run import TrainOptions
 
+    if engine == "torch":
+        from ..training.torch import require_torch
+
+        require_torch()
+        from ..training.torch.engine import train
+    else:
+        from ..training.pycaffe import train
     options = TrainOptions(solver=solver, weights=None if resume else start, resume=start if resume else None,
                            device=device, metrics=metrics, plot=plot, keep_best=best.output,
-                           patience=best.patience,
+                           patience=best.patience, engine=engine,
                            best_model=os.path.join(os.path.dirname(final), BEST) if best.output else None)
     result = train(options, schema, out)
     copied = None

@@ -50,6 +50,7 @@ class FinetuneOptions:
     the head on cached features where that gives what pycaffe would.  ``resume``:
     the snapshot a stopped job left (its message names it); the job continues from it.
     ``export_onnx``: also write ``final.onnx``, checked against pycaffe.
+    ``engine``: ``pycaffe`` or ``torch``, who trains and computes cached features.
     """
 
     rewrite: RewriteOptions
@@ -61,3 +62,4 @@ class FinetuneOptions:
     keep_best: Optional[str] = None  # a test output: OUTDIR/best.caffemodel keeps the weights of its best test
     patience: Optional[int] = None  # stop after this many tests without a better keep_best value
     export_onnx: bool = False
+    engine: str = "pycaffe"

@@ -52,18 +52,21 @@ def choose(schema: Schema, net_path: str, weights: Optional[str], options: Rewri
     if similarity is None and size > strategies.LARGE_DATASET:
         similarity = "high"  # a large data set fine-tunes the whole net whatever its similarity
     if similarity is None:
-        if not (weights and data.train and data.val):
-            missing = [flag for flag, value in (("--weights", weights), ("--train-data", data.train),
-                                                ("--val-data", data.val)) if not value]
+        if not (weights and data.train):
+            missing = [flag for flag, value in (("--weights", weights), ("--train-data", data.train)) if not value]
             raise OptionError(f"--strategy auto needs --similarity high|low for a data set of {size} "
-                              f"(up to {strategies.LARGE_DATASET}), or it measures it with --weights, --train-data "
-                              f"and --val-data ({', '.join(missing)} missing)")
-        from .advise import measure_similarity
+                              f"(up to {strategies.LARGE_DATASET}), or it measures the data with --weights and "
+                              f"--train-data ({', '.join(missing)} missing)")
+        from .advise import advise
 
-        similarity, numbers = measure_similarity(net_path, weights, data.train, data.val, schema=schema,
-                                                 root_folder=data.root_folder)
-        for reason in numbers.get("reasons", []):
-            say(f"similarity: {reason}")
+        advice = advise(net_path, weights, data.train, schema=schema, root_folder=data.root_folder)
+        say(f"auto: rule {advice.rule}")
+        if advice.class_weights:
+            say("auto: the classes are unbalanced: consider --class-weights auto")
+        decay = options.head.layer_decay if options.head.layer_decay is not None else advice.layer_decay
+        head = dataclasses.replace(options.head, freeze_until=advice.freeze_until, layer_decay=decay)
+        say(f"auto: {advice.strategy}: {advice.reason}")
+        return advice.strategy, head
     strategy, head, reason = strategies.choose_strategy(size, similarity, options.head)
     say(f"auto: {strategy}: {reason}")
     return strategy, head

@@ -7,7 +7,8 @@ one; ``--patience N`` stops the run once N test passes in a row have not.
 Ties are not improvements, so the best model is the earliest with the best
 value.  The engines (:mod:`caffe_ft.training.pycaffe`, the torch engine)
 only report each test pass here and act on :class:`Verdict`.  A resumed run
-keeps afresh from its first test (the best before the stop is not known to it).
+carries the best over the stop (:func:`carry_over`): the test passes before it
+are in the metrics file and their best weights in ``best.caffemodel``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import CaffeFtError
-from .progress import Output
+from .progress import Output, read_metrics
 
 #: The file the best weights go to, beside the run's snapshots unless given.
 BEST = "best.caffemodel"
@@ -100,6 +101,28 @@ def tracker(keep_best: Optional[str], patience: Optional[int]) -> Optional[Track
             raise CaffeFtError("--patience needs --keep-best OUTPUT (the test output that must improve)")
         return None
     return Tracker(keep_best, patience)
+
+
+def carry_over(tracker: Optional[Tracker], metrics: Optional[str], resume_at: int, best_model: str) -> Optional[str]:
+    """Replay into ``tracker`` the first test net's passes before ``resume_at``
+    that ``metrics`` records, so that a resumed run neither overwrites a better
+    ``best_model`` written before the stop nor forgets how long it has waited.
+    Without that model the record is not replayed: the best is kept afresh.
+    A line for the user, or None when there was nothing to carry over."""
+    if tracker is None or metrics is None or not os.path.exists(metrics):
+        return None
+    passes = [(int(record["iteration"]), record.get("outputs") or {}) for record in read_metrics(metrics)
+              if record.get("phase") == "test" and record.get("net") == 0 and record["iteration"] < resume_at]
+    if not passes:
+        return None
+    if not os.path.exists(best_model):
+        return f"keep-best: {best_model} is missing, so the best is kept afresh from this run's tests"
+    for iteration, outputs in passes:
+        numbers = {name: float(value) if isinstance(value, int) else value for name, value in outputs.items()}
+        tracker.update(iteration, numbers)
+    tracker.stopped_at = None
+    return (f"keep-best: before iteration {resume_at}, best {tracker.output} {tracker.best:.4f} at iteration "
+            f"{tracker.best_iteration} ({best_model}), {tracker.since_best} test(s) since")
 
 
 def save_atomically(path: str, write: Callable[[str], None]) -> None:

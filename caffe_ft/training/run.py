@@ -46,7 +46,7 @@ class TrainOptions:
     tensorboard: Optional[str] = None  # a directory for TensorBoard event files (idem)
     engine: str = "pycaffe"
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: Optional[bool] = None  # torch: None = the engine's choice (channels-last on the CPU)
     keep_best: Optional[str] = None  # the test output whose best value keeps best.caffemodel (training.best)
     patience: Optional[int] = None  # stop after this many tests without a better keep_best value
     best_model: Optional[str] = None  # where best.caffemodel goes (default: beside the snapshots)
@@ -77,8 +77,8 @@ def resume_command(options: TrainOptions, state: str) -> str:
         words += ["--engine", options.engine]
     if options.precision != "fp32":
         words += ["--precision", options.precision]
-    if options.channels_last:
-        words.append("--channels-last")
+    if options.channels_last is not None:
+        words.append("--channels-last" if options.channels_last else "--no-channels-last")
     if options.device == "cpu":
         words.append("--cpu")
     elif options.device != "solver":

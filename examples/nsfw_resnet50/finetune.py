@@ -4,8 +4,9 @@ open_nsfw is a ResNet-50 "1by2" (half the channels) trained to tell safe from
 not-safe-for-work images; only its deploy.prototxt and caffemodel are
 published. caffe-ft turns that deploy net into a fine-tuning setup:
 
-1. `caffe-ft advise`: how big the data set is and how close it looks to the
-   pretraining data, and the strategy that suggests;
+1. `caffe-ft advise`: the data set's size, and how well the frozen features
+   separate the classes at three depths (linear probe, kNN, LogME), and the
+   strategy that suggests;
 2. `caffe-ft finetune --strategy last-fc`: a train_val with ImageData layers
    (open_nsfw's preprocessing: resize to 256, crop 224, BGR mean 104/117/123),
    a solver, the starting caffemodel (trunk copied, new 3-way head filled
@@ -63,8 +64,7 @@ def main() -> int:
         print(f"data: {classes} synthetic classes ({', '.join(STYLES)}), 20 training and 10 validation images each")
 
     # 1. What the data suggests.
-    caffe_ft("advise", net, "--weights", weights, "--train-data", train, "--val-data", val,
-             "--sample", "60", *PREPROCESS)
+    caffe_ft("advise", net, "--weights", weights, "--train-data", train, "--sample", "60", *PREPROCESS)
 
     # 2. Rewrite, check, init and train: only the new head learns.
     target = os.path.join(args.outdir, "ft-last-fc")

@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import caffe_ft, dataset, passes_recorded, setup_run, train_records  # noqa: E402,F401
+from test_train import (  # noqa: E402,F401
+    caffe_ft, dataset, passes_recorded, resume_line, run_resume, setup_run, train_records)
 
 from caffe_ft.errors import CaffeFtError  # noqa: E402
 from caffe_ft.training import best  # noqa: E402
@@ -74,7 +75,7 @@ def expected_stop(tests: List[Dict[str, Any]], output: str, patience: int) -> Op
 
 def check_keep_best(tmp_path: Any, dataset: Any, engine: List[str]) -> None:  # noqa: F811
     runs = {name: setup_run(tmp_path / name, dataset, max_iter=60, snapshot=10, test_interval=10, base_lr=0.02)
-            for name in ("full", "best", "patience")}
+            for name in ("full", "best", "patience", "resumed")}
     full = caffe_ft(runs["full"], "train", "solver.prototxt", "--metrics", "m.jsonl", *engine)
     assert full.returncode == 0, full.stderr
     kept = caffe_ft(runs["best"], "train", "solver.prototxt", "--metrics", "m.jsonl", "--keep-best", "accuracy",
@@ -112,6 +113,21 @@ def check_keep_best(tmp_path: Any, dataset: Any, engine: List[str]) -> None:  # 
     with open(os.path.join(runs["patience"], "snap", f"run_iter_{stop}.caffemodel"), "rb") as a, \
             open(os.path.join(snap_full, f"run_iter_{stop}.caffemodel"), "rb") as b:
         assert a.read() == b.read()
+
+    # Stopped where a test was no better than an earlier one and resumed: the
+    # resumed run carries the best over and ends with the same best.caffemodel.
+    parts = runs["resumed"]
+    stopped = caffe_ft(parts, "train", "solver.prototxt", "--metrics", "m.jsonl", "--keep-best", "accuracy",
+                       "--stop-after", str(stop), *engine)
+    assert stopped.returncode == 130, stopped.stderr
+    resumed = run_resume(parts, resume_line(stopped.stderr))
+    assert resumed.returncode == 0, resumed.stderr
+    top = max(a for t, a in zip(tests, accuracies) if t["iteration"] < stop)
+    assert f"keep-best: before iteration {stop}, best accuracy {top:.4f}" in resumed.stderr
+    with open(os.path.join(parts, "snap", "best.caffemodel"), "rb") as a, \
+            open(os.path.join(snap_best, "best.caffemodel"), "rb") as b:
+        assert a.read() == b.read()
+    assert f"best accuracy: {max(accuracies):.4f} at iteration {at}" in resumed.stderr
 
 
 @pytest.mark.caffe

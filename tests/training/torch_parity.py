@@ -33,19 +33,19 @@ def in_root(path: str) -> str:
     return caffe_root() + path
 
 
-def run_helper(*args: str) -> None:
-    """``python3 tests/training/torch_parity_ref.py ARGS`` in the reference environment."""
-    command = [os.path.join(REPO, "scripts", "caffe-env"), "run", "--", "python3", HELPER, *args]
+def run_helper(*args: str, helper: str = HELPER) -> None:
+    """``python3 tests/training/torch_parity_ref.py ARGS`` (or another ``helper``) in the reference environment."""
+    command = [os.path.join(REPO, "scripts", "caffe-env"), "run", "--", "python3", helper, *args]
     done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True)
     if done.returncode:
         raise AssertionError(f"the reference helper failed ({done.returncode}):\n{done.stdout[-4000:]}")
 
 
-def cached_dir(mode: str, files: Mapping[str, bytes]) -> str:
+def cached_dir(mode: str, files: Mapping[str, bytes], helper: str = HELPER) -> str:
     """A directory holding ``files`` and the helper's ``mode`` results for them, made once per content."""
     digest = hashlib.sha256()
-    with open(HELPER, "rb") as handle:
+    with open(helper, "rb") as handle:
         digest.update(handle.read())
     digest.update(mode.encode())
     for name in sorted(files):
@@ -59,7 +59,7 @@ def cached_dir(mode: str, files: Mapping[str, bytes]) -> str:
         os.makedirs(os.path.dirname(os.path.join(where, name)), exist_ok=True)
         with open(os.path.join(where, name), "wb") as handle:
             handle.write(content)
-    run_helper(mode, where)
+    run_helper(mode, where, helper=helper)
     return where
 
 

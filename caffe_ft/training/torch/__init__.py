@@ -10,6 +10,17 @@ else in caffe-ft imports this package except lazily, from the CLI.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# OpenMP threads that wait by sleeping, not spinning, unless the user says otherwise: read once, when torch
+# loads its OpenMP runtime, so set before any of these modules imports torch.  On a shared machine a spinning
+# thread burns the time slice its partner needs to reach the barrier: ResNet-50 on 2 cores at a load
+# average of 6 took 9.1 s per iteration with 2 spinning threads, 3.1 s with 2 sleeping ones (2.3-3.0 s with one
+# thread), see BENCHMARKS.md.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 #: What to run when torch is missing.
 INSTALL_HINT = "the torch engine needs PyTorch: pip install 'caffe-ft[torch]'"
 

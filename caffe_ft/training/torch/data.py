@@ -12,12 +12,21 @@ Caffe's, so runs with them are reproducible but not Caffe's own draws.
 DataReader does, wrapping around at the end), raw or encoded (OpenCV,
 ``force_color``/``force_gray``), with the same transform.
 
+``HDF5Data`` reads the ``.h5`` files its source lists, in order (with
+``shuffle``: the files and each file's rows shuffled at every pass, by numpy's
+generator, not Caffe's), a dataset per top named as the top, wrapping around at
+the end, untransformed (Caffe gives HDF5Data no transform).
+
+``DummyData`` fills its tops with its fillers: constant ones once, the others
+at every batch (numpy's generator: the values differ from Caffe's draws).
+
 ``Input`` tops come from the caller (:class:`Feed`); other source layers are
 refused before any work.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,7 +38,7 @@ from ...formats.schema import Schema
 #: ``feed(pass_index)`` -> arrays for the Input tops of a net, by top name.
 Feed = Callable[[int], Mapping[str, np.ndarray]]
 
-SOURCES_WITH_DATA = ("ImageData", "Data")
+SOURCES_WITH_DATA = ("ImageData", "Data", "HDF5Data")
 
 
 class _Transformer:
@@ -192,50 +201,201 @@ class ImageDataSource:
                 self.rng.shuffle(self.order)
 
 
+class Hdf5DataSource:
+    """One HDF5Data layer: ``next()`` -> a batch of each top's dataset, rows in Caffe's order."""
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        import os
+
+        p = layer.hdf5_data_param
+        self.layer, self.batch, self.shuffle = layer, p.batch_size, p.shuffle
+        self.rank, self.world = rank, world
+        if not p.source:
+            raise CaffeFtError("HDF5Data needs hdf5_data_param.source", layer=layer.name)
+        if self.batch < 1:
+            raise CaffeFtError("HDF5Data needs a batch_size of at least 1", layer=layer.name)
+        try:
+            with open(p.source, encoding="utf-8") as handle:
+                self.files = [line.strip() for line in handle if line.strip()]
+        except OSError as exc:
+            raise CaffeFtError(f"cannot read the list of HDF5 files ({exc.strerror})", p.source) from None
+        if not self.files:
+            raise CaffeFtError("lists no HDF5 files", p.source)
+        for name in self.files:
+            if not os.path.isfile(name):
+                raise CaffeFtError(f"no such HDF5 file (listed in {p.source})", name)
+        self.rng = np.random.default_rng(seed)
+        self.file_order = list(range(len(self.files)))
+        if self.shuffle:
+            self.rng.shuffle(self.file_order)
+        self.current = 0
+        self._load(self.file_order[0])
+
+    def _load(self, index: int) -> None:
+        """One file's datasets (float32), as HDF5DataLayer::LoadHDF5FileData."""
+        try:
+            import h5py
+        except ImportError:
+            raise CaffeFtError("reading HDF5 files needs the Python 'h5py' module: pip install h5py",
+                               layer=self.layer.name) from None
+        path = self.files[index]
+        try:
+            with h5py.File(path, "r") as handle:
+                arrays = []
+                for top in self.layer.top:
+                    if top not in handle:
+                        raise CaffeFtError(f"has no dataset '{top}' (layer '{self.layer.name}')", path)
+                    arrays.append(np.asarray(handle[top][()], np.float32))
+        except OSError as exc:
+            raise CaffeFtError(f"not a readable HDF5 file ({exc})", path) from None
+        rows = {len(array) if array.ndim else 0 for array in arrays}
+        if len(rows) != 1 or 0 in rows:
+            raise CaffeFtError("its datasets must all have the same number of rows, at least one", path)
+        self.arrays = arrays
+        self.rows = list(range(rows.pop()))
+        if self.shuffle:
+            self.rng.shuffle(self.rows)
+        self.row = 0
+
+    def _step(self) -> None:
+        self.row += 1
+        if self.row < len(self.rows):
+            return
+        if len(self.files) > 1:
+            self.current += 1
+            if self.current == len(self.files):
+                self.current = 0
+                if self.shuffle:
+                    self.rng.shuffle(self.file_order)
+            self._load(self.file_order[self.current])
+        else:
+            self.row = 0
+            if self.shuffle:
+                self.rng.shuffle(self.rows)
+
+    def next(self) -> Dict[str, np.ndarray]:
+        picked: List[List[np.ndarray]] = [[] for _ in self.layer.top]
+        for _ in range(self.batch):
+            for _ in range(self.rank):  # several processes: process r takes rows r, r + W, ...
+                self._step()
+            for values, array in zip(picked, self.arrays):
+                values.append(array[self.rows[self.row]])
+            for _ in range(self.world - self.rank):
+                self._step()
+        return {top: np.stack(values) for top, values in zip(self.layer.top, picked)}
+
+
+class DummyDataSource:
+    """One DummyData layer: its tops filled by its fillers (constant ones once)."""
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        from ...net.shapes import RULES
+
+        p = layer.dummy_data_param
+        self.layer = layer
+        self.shapes = [tuple(shape or ()) for shape in RULES["DummyData"](layer, []).tops]
+        count = len(p.data_filler)
+        if count not in (0, 1, len(layer.top)):
+            raise CaffeFtError("give data_filler once, or once per top", layer=layer.name)
+        self.fillers: List[Optional[Message]] = [
+            p.data_filler[0 if count == 1 else i] if count else None for i in range(len(layer.top))]
+        self.rng = np.random.default_rng(seed + rank)
+        self.fixed = {top: self._fill(i) for i, (top, filler) in enumerate(zip(layer.top, self.fillers))
+                      if filler is None or filler.type == "constant"}
+
+    def _fill(self, index: int) -> np.ndarray:
+        from ...net.fillers import fill
+
+        filler = self.fillers[index]
+        shape = self.shapes[index]
+        if filler is None:
+            return np.zeros(shape, np.float32)
+        return fill(filler, shape, self.rng, layer=self.layer.name)
+
+    def next(self) -> Dict[str, np.ndarray]:
+        return {top: self.fixed[top] if top in self.fixed else self._fill(i) for i, top in enumerate(self.layer.top)}
+
+
 class NetFeeder:
-    """Every source layer of one net, read together: ``next()`` gives one pass's inputs."""
+    """Every source layer of one net, read together: ``next()`` gives one pass's inputs.
+
+    With ``prefetch`` the data layers read the next batch in a background
+    thread while the caller trains on this one (OpenCV decoding and LMDB reads
+    release the GIL): the same batches in the same order, drawn by one thread;
+    an error in a batch is raised when that batch is asked for.  The
+    caller's ``feed`` is called in ``next()`` itself.
+    """
 
     def __init__(self, sources: Sequence[Message], schema: Schema, phase: str, feed: Optional[Feed] = None,
-                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
+                 seed: int = 0, rank: int = 0, world: int = 1, prefetch: bool = False) -> None:
         self.readers: List[Any] = []
         self.inputs: List[str] = []
         self.feed = feed
         self.passes = 0
+        self.prefetch = prefetch
+        self._worker: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional["Future[Dict[str, np.ndarray]]"] = None
         for layer in sources:
             if layer.type == "ImageData":
                 self.readers.append(ImageDataSource(layer, schema, phase, seed, rank, world))
             elif layer.type == "Data":
                 self.readers.append(LmdbDataSource(layer, schema, phase, seed, rank, world))
+            elif layer.type == "HDF5Data":
+                self.readers.append(Hdf5DataSource(layer, schema, phase, seed, rank, world))
+            elif layer.type == "DummyData":
+                self.readers.append(DummyDataSource(layer, schema, phase, seed, rank, world))
             elif layer.type == "Input":
                 self.inputs.extend(layer.top)
             else:
-                raise CaffeFtError(f"the torch engine cannot read '{layer.type}' data yet (ImageData, Data "
-                                   "(LMDB) and Input only)", layer=layer.name)
+                raise CaffeFtError(f"the torch engine cannot read '{layer.type}' data (ImageData, Data (LMDB), "
+                                   "HDF5Data, DummyData and Input only)", layer=layer.name)
         if self.inputs and feed is None:
             raise CaffeFtError(f"the net reads its data from Input layers ({', '.join(self.inputs)}), "
                                "which only a caller can feed; train with a data layer (ImageData)")
 
     def next(self) -> Dict[str, np.ndarray]:
-        out: Dict[str, np.ndarray] = {}
-        for reader in self.readers:
-            out.update(reader.next())
+        out = self._read()
         if self.feed is not None:
             out.update(self.feed(self.passes))
         self.passes += 1
         return out
 
+    def _read_now(self) -> Dict[str, np.ndarray]:
+        out: Dict[str, np.ndarray] = {}
+        for reader in self.readers:
+            out.update(reader.next())
+        return out
+
+    def _read(self) -> Dict[str, np.ndarray]:
+        """The data layers' next batch: the one read ahead, and the one after it started."""
+        if not self.prefetch or not self.readers:
+            return self._read_now()
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="caffe-ft-data")
+        pending = self._pending or self._worker.submit(self._read_now)
+        self._pending = None
+        batch = pending.result()
+        self._pending = self._worker.submit(self._read_now)
+        return batch
+
     def skip(self, passes: int) -> None:
         """Read and drop ``passes`` batches (a resumed run reads on where the first one was)."""
         for _ in range(passes):
-            for reader in self.readers:
-                reader.next()
+            self._read()
         self.passes += passes
 
 
 def input_shapes(sources: Sequence[Message], schema: Schema, phase: str) -> Dict[str, Tuple[int, ...]]:
-    """Top shapes of ImageData and Data layers whose size only the data tell (first item's)."""
+    """Top shapes of ImageData, Data and HDF5Data layers whose size only the data tell (first item's)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
     for layer in sources:
+        if layer.type == "HDF5Data":
+            files = Hdf5DataSource(layer, schema, phase)
+            for top, array in zip(layer.top, files.arrays):
+                shapes[top] = (layer.hdf5_data_param.batch_size, *array.shape[1:])
+            continue
         if layer.type == "Data":
             reader = LmdbDataSource(layer, schema, phase)
             reader.batch = 1

@@ -94,12 +94,22 @@ def _pool_geometry(layer: Message, bottom: Shape) -> Tuple[List[int], List[int],
     return kernel, stride, pad, out
 
 
+def _torch_ceil_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """The output size of torch's ``ceil_mode`` pooling: no window starts past the left padding's end."""
+    n = -(-(size + 2 * pad - kernel) // stride) + 1
+    return n - 1 if (n - 1) * stride >= size + pad else n
+
+
 def caffe_pool(x: Tensor, kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
                out: Sequence[int], average: bool) -> Tensor:
     """MAX or AVE pooling exactly as Caffe: windows start at ``i*stride - pad``,
     end at most ``pad`` past the input; MAX ignores the padding, AVE divides by
     the window clipped to the padded input (padding counted, the overhang not)."""
     height, width = x.shape[-2:]
+    if not average and all(2 * p <= k for p, k in zip(pad, kernel)) and list(out) == [
+            _torch_ceil_size(size, k, s, p) for size, k, s, p in zip((height, width), kernel, stride, pad)]:
+        # The same windows as torch's ceil mode, without padding a copy of the input.
+        return F.max_pool2d(x, tuple(kernel), tuple(stride), tuple(pad), ceil_mode=True)
     extra = [max(0, (o - 1) * s + k - size - p) for o, s, k, size, p in zip(out, stride, kernel, (height, width), pad)]
     padding = (pad[1], extra[1], pad[0], extra[0])
     if not average:
@@ -116,6 +126,53 @@ def caffe_pool(x: Tensor, kernel: Sequence[int], stride: Sequence[int], pad: Seq
     return sums / divisor
 
 
+def spp_levels(height: int, bottom: Shape) -> List[Tuple[List[int], List[int], List[int], List[int]]]:
+    """Kernel, stride, pad and output size of each pyramid level, as SPPLayer::GetPoolingParam
+    (kernel ceil(size / bins), pad half the overhang) and PoolingLayer::Reshape."""
+    levels = []
+    for level in range(height):
+        bins = 2 ** level
+        kernel = [-(-size // bins) for size in bottom[2:4]]
+        pad = [(k * bins - size + 1) // 2 for k, size in zip(kernel, bottom[2:4])]
+        out = []
+        for size, k, p in zip(bottom[2:4], kernel, pad):
+            n = -(-(size + 2 * p - k) // k) + 1
+            if any(pad) and (n - 1) * k >= size + p:
+                n -= 1
+            out.append(n)
+        levels.append((kernel, kernel, pad, out))
+    return levels
+
+
+def stochastic_pool(kernel: Sequence[int], stride: Sequence[int], out: Sequence[int],
+                    train: bool) -> Callable[[List[Tensor]], List[Tensor]]:
+    """STOCHASTIC pooling as Caffe's GPU kernels (its CPU has none): windows start at
+    ``i * stride`` (no padding) and end at the input's edge.  TEST: the activations
+    weighted by themselves, ``sum(x^2) / (FLT_MIN + sum(x))``; TRAIN: one activation
+    drawn with probability proportional to its value (torch's generator, not Caffe's:
+    the draws differ), which alone receives the gradient.  Inputs must be non-negative."""
+
+    def windows(x: Tensor, fill: float) -> Tensor:
+        height, width = x.shape[-2:]
+        extra = [max(0, (o - 1) * s + k - size) for o, s, k, size in zip(out, stride, kernel, (height, width))]
+        padded = F.pad(x, (0, extra[1], 0, extra[0]), value=fill) if any(extra) else x
+        patches = padded.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])
+        return patches[:, :, : out[0], : out[1]].reshape(*x.shape[:2], out[0], out[1], -1)
+
+    def run(b: List[Tensor]) -> List[Tensor]:
+        values = windows(b[0], 0.0)
+        if not train:
+            return [(values * values).sum(-1) / ((values.sum(-1) + _FLT_MIN))]
+        with torch.no_grad():
+            total = values.sum(-1, keepdim=True)
+            threshold = torch.rand_like(total) * total
+            chosen = (torch.cumsum(values, -1) < threshold).sum(-1, keepdim=True)
+            chosen = chosen.clamp(max=values.shape[-1] - 1)
+        return [values.gather(-1, chosen).squeeze(-1)]
+
+    return run
+
+
 # ------------------------------------------------------------------ layers --
 
 
@@ -127,6 +184,8 @@ class Step:
     shapes: LayerShapes
     run: Callable[[List[Tensor]], List[Tensor]]
     params: List[nn.Parameter] = field(default_factory=list)
+    #: BatchNorm: its forward with an in-place Scale's weight and bias folded in (see :func:`fuse_scales`).
+    fuse: Optional[Callable[[Optional[Tensor], Optional[Tensor]], Callable[[List[Tensor]], List[Tensor]]]] = None
 
 
 class _Builder:
@@ -198,29 +257,53 @@ class _Builder:
         m = int(np.prod(shape, dtype=np.int64)) // channels
         correction = m / (m - 1) if m > 1 else 1.0
 
-        def run(b: List[Tensor]) -> List[Tensor]:
-            x = b[0]
-            if global_stats:
-                factor = 0.0 if float(factor_blob[0]) == 0 else 1.0 / float(factor_blob[0])
-                if x.dim() >= 2 and x.dtype == mean_blob.dtype:
-                    # torch's fused kernel computes Caffe's (x - mean) / sqrt(var + eps).
-                    return [F.batch_norm(x, mean_blob * factor, var_blob * factor, None, None, False, 0.0, eps)]
-                mean, var = mean_blob * factor, var_blob * factor
-                return [(x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)]
-            if self.net.training_updates:
-                with torch.no_grad():
-                    var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
-                    factor_blob.mul_(fraction).add_(1)
-                    mean_blob.mul_(fraction).add_(mean)
-                    var_blob.mul_(fraction).add_(var * correction)
-            if x.dim() >= 2:
-                # Batch statistics, the biased variance inside the square root, as Caffe.
-                return [F.batch_norm(x, None, None, None, None, True, 0.0, eps)]
-            mean = x.mean(dim=dims)
-            var = ((x - mean.reshape(view)) ** 2).mean(dim=dims)
-            return [(x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)]
+        def update(mean: Tensor, var: Tensor) -> None:
+            """Caffe's running statistics: blobs times fraction plus the batch's (unbiased variance)."""
+            factor_blob.mul_(fraction).add_(1)
+            mean_blob.mul_(fraction).add_(mean)
+            var_blob.mul_(fraction).add_(var)
 
-        return Step(layer, s, run, params)
+        def make(weight: Optional[Tensor], bias: Optional[Tensor]) -> Callable[[List[Tensor]], List[Tensor]]:
+            """The forward pass; with ``weight``/``bias`` also an in-place Scale's, in one kernel."""
+
+            def run(b: List[Tensor]) -> List[Tensor]:
+                x = b[0]
+                fused = x.dim() >= 2 and x.dtype == mean_blob.dtype
+                if global_stats:
+                    factor = 0.0 if float(factor_blob[0]) == 0 else 1.0 / float(factor_blob[0])
+                    if fused:
+                        # torch's fused kernel computes Caffe's (x - mean) / sqrt(var + eps) (* scale + bias).
+                        return [F.batch_norm(x, mean_blob * factor, var_blob * factor, weight, bias, False, 0.0, eps)]
+                    mean, var = mean_blob * factor, var_blob * factor
+                    y = (x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)
+                elif fused and self.net.training_updates and m > 1:
+                    # Batch statistics, the biased variance inside the square root, as Caffe; the kernel
+                    # hands back the batch mean and unbiased variance through momentum-1 "running" buffers.
+                    batch_mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+                    batch_var = torch.zeros(channels, dtype=x.dtype, device=x.device)
+                    y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+                    with torch.no_grad():
+                        update(batch_mean, batch_var)
+                    return [y]
+                else:
+                    if self.net.training_updates:
+                        with torch.no_grad():
+                            var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+                            update(mean, var * correction)
+                    if fused:
+                        return [F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)]
+                    mean = x.mean(dim=dims)
+                    var = ((x - mean.reshape(view)) ** 2).mean(dim=dims)
+                    y = (x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)
+                if weight is not None:
+                    y = y * weight.reshape(view)
+                if bias is not None:
+                    y = y + bias.reshape(view)
+                return [y]
+
+            return run
+
+        return Step(layer, s, make(None, None), params, fuse=make)
 
     def _scale_or_bias(self, layer: Message, s: LayerShapes, p: Message, scale: bool) -> Step:
         params = self.param(layer, s.params)
@@ -345,9 +428,9 @@ class _Builder:
 
     def Pooling(self, layer: Message, s: LayerShapes) -> Step:
         p = layer.pooling_param
-        if p.pool == p.STOCHASTIC:
-            raise _fail(layer, "the torch engine does not do STOCHASTIC pooling")
         kernel, stride, pad, out = _pool_geometry(layer, s.bottoms[0])
+        if p.pool == p.STOCHASTIC:
+            return Step(layer, s, stochastic_pool(kernel, stride, out, self.net.phase == "TRAIN"))
         average = p.pool == p.AVE
         return Step(layer, s, lambda b: [caffe_pool(b[0], kernel, stride, pad, out, average)])
 
@@ -516,6 +599,140 @@ class _Builder:
 
         return Step(layer, s, run)
 
+    # -- Caffe 1.0's other layers (tests/training/test_torch_layers.py checks each against pycaffe)
+    def InfogainLoss(self, layer: Message, s: LayerShapes) -> Step:
+        """Softmax over ``axis``, then ``-sum_l H[label, l] log p_l`` per item (H from a second
+        bottom or a ``.binaryproto`` source), normalised as SoftmaxWithLoss; top 1: the probabilities."""
+        p = layer.infogain_loss_param
+        shape = s.bottoms[0]
+        axis = _canonical(p.axis if "axis" in p.DESCRIPTOR.fields_by_name else 1, len(shape))
+        ignore = layer.loss_param.ignore_label if layer.loss_param.HasField("ignore_label") else None
+        normalization = _normalization(layer)
+        classes = shape[axis]
+        outer = int(np.prod(shape[:axis], dtype=np.int64))
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        fixed: Optional[Tensor] = None
+        if len(s.bottoms) < 3:
+            if not p.source:
+                raise _fail(layer, "InfogainLoss needs infogain_loss_param.source or a third bottom (H)")
+            from ...formats.caffemodel import load_blob
+            from ...formats.schema import load_schema
+
+            matrix = np.asarray(load_blob(p.source, load_schema()).data, np.float32)
+            if matrix.size != classes * classes:
+                raise _fail(layer, f"H in {p.source} has {matrix.size} values, not {classes} x {classes}")
+            fixed = torch.from_numpy(matrix.reshape(classes, classes).copy())
+        elif int(np.prod(s.bottoms[2], dtype=np.int64)) != classes * classes:
+            raise _fail(layer, f"H (bottom '{layer.bottom[2]}') must hold {classes} x {classes} values")
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            h = (b[2] if fixed is None else fixed.to(b[0].device)).reshape(classes, classes).to(b[0].dtype)
+            prob = torch.softmax(b[0], axis)
+            flat = prob.reshape(outer, classes, inner)
+            label = b[1].reshape(outer, inner).to(torch.int64)
+            valid = torch.ones_like(label, dtype=torch.bool) if ignore is None else label != ignore
+            safe = torch.where(valid, label, torch.zeros_like(label))
+            rows = h.detach()[safe]  # (outer, inner, classes): H's row of each item's label
+            logs = torch.log(torch.clamp(flat, min=_FLT_MIN)).permute(0, 2, 1)
+            losses = -(rows * logs).sum(-1)
+            loss = torch.where(valid, losses, torch.zeros_like(losses)).sum()
+            count = valid.sum() if ignore is not None else None
+            tops = [loss / _normalizer(normalization, outer, inner, count)]
+            return tops + [prob] if len(s.tops) > 1 else tops
+
+        return Step(layer, s, run)
+
+    def Reduction(self, layer: Message, s: LayerShapes) -> Step:
+        p = layer.reduction_param
+        shape = s.bottoms[0]
+        axis = _canonical(p.axis, len(shape))
+        dims = list(range(axis, len(shape)))
+        coeff, op = p.coeff, p.operation
+        top = s.tops[0]
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            x = b[0]
+            if op == p.ASUM:
+                x = torch.abs(x)
+            elif op == p.SUMSQ:
+                x = x * x
+            y = x.mean(dim=dims) if op == p.MEAN else x.sum(dim=dims) if dims else x
+            return [(y * coeff if coeff != 1 else y).reshape(top)]
+
+        return Step(layer, s, run)
+
+    def MVN(self, layer: Message, s: LayerShapes) -> Step:
+        """Mean (and, with normalize_variance, the standard deviation plus eps) per item and
+        channel, or per item across channels, as MVNLayer."""
+        p = layer.mvn_param
+        shape = s.bottoms[0]
+        lead = 1 if p.across_channels else min(2, len(shape))
+        rows = int(np.prod(shape[:lead], dtype=np.int64))
+        scale, eps = p.normalize_variance, p.eps
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            x = b[0].reshape(rows, -1)
+            centred = x - x.mean(dim=1, keepdim=True)
+            if scale:
+                centred = centred / (torch.sqrt((centred * centred).mean(dim=1, keepdim=True)) + eps)
+            return [centred.reshape(b[0].shape)]
+
+        return Step(layer, s, run)
+
+    def Tile(self, layer: Message, s: LayerShapes) -> Step:
+        p = layer.tile_param
+        axis = _canonical(p.axis, len(s.bottoms[0]))
+        repeats = [1] * len(s.bottoms[0])
+        repeats[axis] = p.tiles
+        return Step(layer, s, lambda b: [b[0].repeat(*repeats)])
+
+    def Embed(self, layer: Message, s: LayerShapes) -> Step:
+        p = layer.embed_param
+        params = self.param(layer, s.params)
+        weight, bias = params[0], params[1] if p.bias_term else None
+        size = p.input_dim
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            index = b[0].detach()
+            if bool(((index != torch.floor(index)) | (index < 0) | (index >= size)).any()):
+                raise _fail(layer, f"Embed inputs must be whole numbers in [0, {size})")
+            y = F.embedding(index.to(torch.int64), weight)
+            return [y + bias if bias is not None else y]
+
+        return Step(layer, s, run, params)
+
+    def Parameter(self, layer: Message, s: LayerShapes) -> Step:
+        params = self.param(layer, s.params)
+        return Step(layer, s, lambda b: [params[0]], params)
+
+    def BatchReindex(self, layer: Message, s: LayerShapes) -> Step:
+        count = s.bottoms[0][0]
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            index = b[1].detach().to(torch.int64)
+            if bool(((index < 0) | (index >= count)).any()):
+                raise _fail(layer, f"BatchReindex indices must lie in [0, {count})")
+            return [b[0].index_select(0, index)]
+
+        return Step(layer, s, run)
+
+    def SPP(self, layer: Message, s: LayerShapes) -> Step:
+        """Spatial pyramid pooling: at level i, 2^i x 2^i bins of MAX or AVE pooling (Caffe's
+        kernel, stride and pad per level), flattened and concatenated; one level: the pooled blob."""
+        p = layer.spp_param
+        if p.pool == p.STOCHASTIC:
+            raise _fail(layer, "the torch engine does not do STOCHASTIC pyramid pooling (Caffe has no CPU one)")
+        levels = spp_levels(p.pyramid_height, s.bottoms[0])
+        average = p.pool == p.AVE
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            pooled = [caffe_pool(b[0], kernel, stride, pad, out, average) for kernel, stride, pad, out in levels]
+            if len(pooled) == 1:
+                return pooled
+            return [torch.cat([y.reshape(y.shape[0], -1) for y in pooled], 1)]
+
+        return Step(layer, s, run)
+
 
 def _normalization(layer: Message) -> str:
     """LossLayer's normalization mode, honouring the legacy ``normalize`` flag."""
@@ -551,6 +768,41 @@ def check_supported(layers: Sequence[Message]) -> None:
             raise CaffeFtError(f"the torch engine has no '{layer.type}' layer", layer=layer.name)
 
 
+def fuse_scales(steps: Sequence[Step], loss_weights: Mapping[Tuple[int, int], float]) -> int:
+    """Fold each in-place Scale that directly follows a BatchNorm into its kernel; the fold count.
+
+    Caffe's ResNet idiom, BatchNorm then Scale (one weight and bias per
+    channel) in place on its top, is ``(x - mean) / sqrt(var + eps) * w + b``:
+    torch's ``batch_norm`` computes that in one pass forward and one backward
+    instead of three and four, with the running-statistics update unchanged.
+    Only where nothing can see the normalised value before the scaling: the
+    Scale writes over the BatchNorm's top, which carries no loss weight.
+    The Scale keeps its parameters (gradients reach them through the kernel)
+    and passes its bottom through.
+    """
+    folded = 0
+    for index in range(len(steps) - 1):
+        norm, scale = steps[index], steps[index + 1]
+        if norm.fuse is None or scale.layer.type != "Scale" or (index, 0) in loss_weights:
+            continue
+        top = norm.layer.top[0] if len(norm.layer.top) else None
+        shape = norm.shapes.bottoms[0]
+        if (top is None or list(scale.layer.bottom) != [top] or list(scale.layer.top) != [top] or len(shape) < 2
+                or not scale.params or [list(p.shape) for p in scale.params[:1]] != [[shape[1]]]
+                or _canonical(scale.layer.scale_param.axis, len(shape)) != 1):
+            continue
+        bias = scale.params[1] if scale.layer.scale_param.bias_term else None
+        norm.run = norm.fuse(scale.params[0], bias)
+        scale.run = _passed
+        folded += 1
+    return folded
+
+
+def _passed(b: List[Tensor]) -> List[Tensor]:
+    """A layer folded into the one before it: its bottom already holds its result."""
+    return [b[0]]
+
+
 # --------------------------------------------------------------------- net --
 
 
@@ -583,7 +835,7 @@ class CaffeNet(nn.Module):
 
     def __init__(self, net: Message, phase: str = "TEST", stages: Sequence[str] = (), level: int = 0,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 share_from: Optional["CaffeNet"] = None) -> None:
+                 share_from: Optional["CaffeNet"] = None, fuse: bool = True) -> None:
         super().__init__()
         from ...net.shapes import filter_layers
 
@@ -611,6 +863,8 @@ class CaffeNet(nn.Module):
             make = getattr(builder, layer.type)
             self.steps.append(make(layer, shapes))
         self.loss_weights = self._loss_weights(layers)
+        #: In-place Scales folded into their BatchNorm (``fuse``; off only to compare against the plain path).
+        self.fused = fuse_scales(self.steps, self.loss_weights) if fuse else 0
         for spec in self.learnable:
             if spec.lr_mult == 0:
                 spec.param.requires_grad_(False)

@@ -16,7 +16,7 @@ second set after the first), so a ``.solverstate`` carries them either way.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -81,6 +81,10 @@ class CaffeSolver:
         self._clip(diffs)
         n = len(self.learnable)
         iter_size = param.iter_size
+        if self.kind == "SGD" and param.regularization_type == "L2":
+            self._sgd(diffs, rate)
+            self.iter += 1
+            return rate
         with torch.no_grad():
             for i, (spec, diff) in enumerate(zip(self.learnable, diffs)):
                 data = spec.param
@@ -97,6 +101,28 @@ class CaffeSolver:
                 data.sub_(update)
         self.iter += 1
         return rate
+
+    def _sgd(self, diffs: List[Tensor], rate: float) -> None:
+        """Plain SGD with L2 decay, the common case, with one ``torch._foreach_*`` call per step over
+        the blobs sharing a decay and a rate: the same operations as :meth:`_update`, in the same
+        order, without a Python loop over (ResNet-50: 300) blobs."""
+        param = self.param
+        groups: Dict[Tuple[float, float], List[int]] = {}
+        for i, spec in enumerate(self.learnable):
+            groups.setdefault((param.weight_decay * spec.decay_mult, rate * spec.lr_mult), []).append(i)
+        scale = float(np.float32(1.0) / np.float32(param.iter_size))
+        with torch.no_grad():
+            for (decay, local_rate), members in groups.items():
+                data: List[Tensor] = [self.learnable[i].param for i in members]
+                grads = [diffs[i] for i in members]
+                history = [self.history[i] for i in members]
+                if param.iter_size != 1:
+                    torch._foreach_mul_(grads, scale)
+                if decay:
+                    torch._foreach_add_(grads, data, alpha=decay)
+                torch._foreach_mul_(history, param.momentum)
+                torch._foreach_add_(history, grads, alpha=local_rate)
+                torch._foreach_sub_(data, history)
 
     def _update(self, i: int, n: int, diff: Tensor, local_rate: float) -> Tensor:
         param, kind, h = self.param, self.kind, self.history[i]

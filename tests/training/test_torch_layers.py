@@ -1,0 +1,252 @@
+"""The torch engine's other Caffe 1.0 layers compute what Caffe computes, forward
+and backward: InfogainLoss (H from a .binaryproto or a bottom), HDF5Data,
+DummyData, Reduction, MVN, Tile, Embed, Parameter, BatchReindex, SPP.
+
+Small nets made here run in pycaffe (tests/training/torch_layers_ref.py, in the
+reference environment) and in the torch engine on the host: every blob after
+the forward pass, and every parameter's gradient after the backward pass, agree
+within 1e-4 relative.  A learnable layer (Scale, InnerProduct) before or after
+the layer under test carries its backward pass into a compared gradient.
+STOCHASTIC pooling has no CPU implementation in Caffe: it is checked against
+Caffe's GPU kernels' formulas.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from torch_parity import cached_dir, dumps, relative_error  # noqa: E402
+
+pytestmark = pytest.mark.host
+
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_layers_ref.py")
+
+
+def _input(name: str, *shape: int) -> str:
+    return f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ {" ".join(f"dim: {d}" for d in shape)} }} }} }}\n'
+
+
+def _scale(bottom: str, top: str, axis: int = 1, axes: int = 1) -> str:
+    return (f'layer {{ name: "{top}" type: "Scale" bottom: "{bottom}" top: "{top}" '
+            f'scale_param {{ axis: {axis} num_axes: {axes} bias_term: true }} }}\n')
+
+
+def _ip(bottom: str, top: str, axis: int = 1) -> str:
+    return (f'layer {{ name: "{top}" type: "InnerProduct" bottom: "{bottom}" top: "{top}" loss_weight: 1 '
+            f'inner_product_param {{ num_output: 2 axis: {axis} }} }}\n')
+
+
+def _values(rng: np.random.Generator, *shape: int) -> List[Any]:
+    return np.round(rng.normal(0, 1, shape), 4).tolist()
+
+
+def _nets() -> List[Dict[str, Any]]:
+    rng = np.random.default_rng(11)
+    nets: List[Dict[str, Any]] = []
+
+    def add(name: str, text: str, **entry: Any) -> None:
+        nets.append({"name": name, "prototxt": f"{name}.prototxt", "text": text, **entry})
+
+    h = np.abs(rng.normal(0, 1, (5, 5))) + np.eye(5)
+    add("infogain_source",
+        _input("data", 4, 3) + _input("label", 4) + _scale("data", "scaled", 0, 2)
+        + 'layer { name: "fc" type: "InnerProduct" bottom: "scaled" top: "fc" inner_product_param { num_output: 5 } }\n'
+        'layer { name: "loss" type: "InfogainLoss" bottom: "fc" bottom: "label" top: "loss" top: "prob" '
+        'loss_weight: 1 loss_weight: 0 infogain_loss_param { source: "H.binaryproto" } }\n',
+        inputs={"data": _values(rng, 4, 3), "label": [0, 4, 2, 2]},
+        binaryproto={"H.binaryproto": np.round(h, 4).reshape(1, 1, 5, 5).tolist()})
+    add("infogain_bottom_axis_ignore",
+        _input("data", 2, 4, 3) + _input("label", 2, 3) + _input("H", 1, 1, 4, 4) + _scale("data", "scaled", 1, 1)
+        + 'layer { name: "loss" type: "InfogainLoss" bottom: "scaled" bottom: "label" bottom: "H" top: "loss" '
+        'loss_param { ignore_label: 1 } infogain_loss_param { axis: 1 } }\n',
+        inputs={"data": _values(rng, 2, 4, 3), "label": [[0, 1, 3], [2, 1, 1]],
+                "H": np.round(np.abs(rng.normal(0, 1, (1, 1, 4, 4))), 4).tolist()})
+    add("reduction",
+        _input("data", 2, 3, 4) + _scale("data", "x")
+        + "".join(f'layer {{ name: "r{i}" type: "Reduction" bottom: "x" top: "r{i}" loss_weight: {w} '
+                  f'reduction_param {{ operation: {op} axis: {axis} coeff: {coeff} }} }}\n'
+                  for i, (op, axis, coeff, w) in enumerate([("SUM", 1, 2, 1), ("ASUM", 0, 1, 0.5),
+                                                            ("SUMSQ", 2, -0.5, 1), ("MEAN", -1, 3, 2)])),
+        inputs={"data": _values(rng, 2, 3, 4)})
+    add("mvn",
+        _input("data", 2, 3, 4, 5) + _scale("data", "x")
+        + 'layer { name: "m0" type: "MVN" bottom: "x" top: "m0" }\n'
+        'layer { name: "m1" type: "MVN" bottom: "x" top: "m1" mvn_param { across_channels: true } }\n'
+        'layer { name: "m2" type: "MVN" bottom: "x" top: "m2" mvn_param { normalize_variance: false } }\n'
+        + _ip("m0", "f0") + _ip("m1", "f1") + _ip("m2", "f2"),
+        inputs={"data": _values(rng, 2, 3, 4, 5)})
+    add("tile",
+        _input("data", 2, 3, 4) + _scale("data", "x")
+        + 'layer { name: "t0" type: "Tile" bottom: "x" top: "t0" tile_param { axis: 1 tiles: 3 } }\n'
+        'layer { name: "t1" type: "Tile" bottom: "x" top: "t1" tile_param { axis: -1 tiles: 2 } }\n'
+        + _ip("t0", "f0") + _ip("t1", "f1"),
+        inputs={"data": _values(rng, 2, 3, 4)})
+    add("embed",
+        _input("words", 2, 3)
+        + 'layer { name: "embed" type: "Embed" bottom: "words" top: "e" embed_param { input_dim: 7 num_output: 4 } }\n'
+        + _ip("e", "f", axis=2),
+        inputs={"words": [[0, 6, 3], [3, 3, 1]]})
+    add("parameter",
+        'layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 3 dim: 4 } } }\n'
+        'layer { name: "sq" type: "Power" bottom: "p" top: "sq" loss_weight: 1 power_param { power: 2 } }\n'
+        + _ip("p", "f"))
+    add("batch_reindex",
+        _input("data", 4, 3) + _input("permut", 5) + _scale("data", "x", 0, 2)
+        + 'layer { name: "re" type: "BatchReindex" bottom: "x" bottom: "permut" top: "re" }\n' + _ip("re", "f"),
+        inputs={"data": _values(rng, 4, 3), "permut": [3, 0, 0, 2, 1]})
+    add("spp",
+        _input("data", 2, 3, 13, 11) + _scale("data", "x")
+        + 'layer { name: "s0" type: "SPP" bottom: "x" top: "s0" spp_param { pyramid_height: 3 } }\n'
+        'layer { name: "s1" type: "SPP" bottom: "x" top: "s1" spp_param { pyramid_height: 2 pool: AVE } }\n'
+        'layer { name: "s2" type: "SPP" bottom: "x" top: "s2" spp_param { pyramid_height: 1 } }\n'
+        + _ip("s0", "f0") + _ip("s1", "f1") + _ip("s2", "f2"),
+        inputs={"data": _values(rng, 2, 3, 13, 11)})
+    add("dummy_data",
+        'layer { name: "dummy" type: "DummyData" top: "a" top: "b" dummy_data_param { '
+        'shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 dim: 2 } data_filler { type: "constant" value: 1.5 } '
+        'data_filler { type: "constant" value: -0.25 } } }\n'
+        'layer { name: "zeros" type: "DummyData" top: "z" dummy_data_param { num: 2 channels: 1 height: 2 width: 1 } }\n'
+        + _ip("a", "fa") + _ip("b", "fb") + _ip("z", "fz"))
+    add("hdf5_data",
+        'layer { name: "h5" type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "h5.txt" '
+        'batch_size: 3 } }\n' + _scale("data", "x", 0, 2) + _ip("x", "f")
+        + 'layer { name: "copy" type: "Power" bottom: "label" top: "label_out" }\n',
+        passes=3, text_files={"h5.txt": "one.h5\ntwo.h5\n"},
+        hdf5={"one.h5": {"data": _values(rng, 4, 2, 3), "label": [0, 1, 2, 3]},
+              "two.h5": {"data": _values(rng, 2, 2, 3), "label": [4, 5]}})
+    return nets
+
+
+NETS = _nets()
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    files = {"nets.json": dumps([{key: value for key, value in net.items() if key not in ("text", "text_files")}
+                                 for net in NETS])}
+    for net in NETS:
+        files[net["prototxt"]] = net["text"].encode()
+        files.update({name: text.encode() for name, text in net.get("text_files", {}).items()})
+    return cached_dir("layers", files, helper=HELPER)
+
+
+@pytest.mark.parametrize("name", [net["name"] for net in NETS])
+def test_layer_matches_pycaffe_forward_and_backward(reference: str, schema, name: str,  # type: ignore[no-untyped-def]
+                                                    monkeypatch) -> None:
+    import torch
+
+    from caffe_ft.formats.caffemodel import load_model
+    from caffe_ft.formats.files import load_net
+    from caffe_ft.training.torch.data import NetFeeder, input_shapes
+    from caffe_ft.training.torch.net import CaffeNet
+
+    entry = next(net for net in NETS if net["name"] == name)
+    monkeypatch.chdir(reference)  # sources are named relative to it, as in pycaffe's run
+    param = load_net(entry["prototxt"], schema)
+    sources = [layer for layer in param.layer if layer.type in ("HDF5Data", "DummyData")]
+    net = CaffeNet(param, entry.get("phase", "TEST"),
+                   input_shapes=input_shapes(sources, schema, entry.get("phase", "TEST")) or None)
+    net.load_blobs(load_model(os.path.join(name, "weights.caffemodel"), schema).layer_blobs(), strict=True)
+    feeder = NetFeeder(sources, schema, entry.get("phase", "TEST"))
+    for index in range(entry.get("passes", 1)):
+        with np.load(os.path.join(name, f"pass_{index}.npz")) as saved:
+            expected = {key: saved[key] for key in saved.files}
+        inputs = {top: torch.tensor(np.asarray(values, np.float32)) for top, values in entry.get("inputs", {}).items()}
+        inputs.update({top: torch.from_numpy(array) for top, array in feeder.next().items()})
+        for spec in net.learnable:
+            spec.param.grad = None
+        blobs = net(inputs)
+        assert net.loss is not None
+        net.loss.backward()
+        theirs = {key[5:]: value for key, value in expected.items()
+                  if key.startswith("blob:") and "_split_" not in key}
+        assert set(theirs) <= set(blobs), sorted(set(theirs) - set(blobs))
+        for blob, value in theirs.items():
+            error = relative_error(blobs[blob].detach().numpy(), value)
+            assert error < 1e-4, f"pass {index}, blob {blob}: relative error {error:.3g}"
+        grads = {key[5:]: value for key, value in expected.items() if key.startswith("grad:")}
+        assert grads and any(np.abs(value).max() > 0 for value in grads.values())
+        for key, value in grads.items():
+            layer, i = key.rsplit("/", 1)
+            grad = net.blobs_of[layer][int(i)].grad
+            ours = np.zeros_like(value) if grad is None else grad.numpy()
+            error = relative_error(ours, value)
+            assert error < 1e-4, f"pass {index}, gradient of {key}: relative error {error:.3g}"
+
+
+def _stochastic_net(schema, phase: str):  # type: ignore[no-untyped-def]
+    from caffe_ft.formats import prototext
+    from caffe_ft.training.torch.net import CaffeNet
+
+    text = (_input("data", 2, 3, 7, 6)
+            + 'layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" '
+              'pooling_param { pool: STOCHASTIC kernel_size: 3 stride: 2 } }\n')
+    return CaffeNet(prototext.to_message(prototext.parse(text.encode()), schema.new("NetParameter")), phase)
+
+
+def test_stochastic_pooling_follows_caffes_gpu_kernels(schema) -> None:  # type: ignore[no-untyped-def]
+    """TEST: sum(x^2) / (FLT_MIN + sum(x)) over each window (from i*stride, clipped at the
+    edge: output 3x3 from 7x6, the last column of windows two wide); TRAIN: a value of
+    the window, drawn in proportion, the only one that receives the gradient."""
+    import torch
+
+    x = np.random.default_rng(2).uniform(0, 1, (2, 3, 7, 6)).astype(np.float32)
+    test = _stochastic_net(schema, "TEST")({"data": torch.from_numpy(x)})["pool"].numpy()
+    assert test.shape == (2, 3, 3, 3)
+    expected = np.zeros_like(test)
+    for i in range(3):
+        for j in range(3):
+            window = x[:, :, 2 * i:min(2 * i + 3, 7), 2 * j:min(2 * j + 3, 6)].reshape(2, 3, -1)
+            expected[:, :, i, j] = (window ** 2).sum(-1) / (1.17549435e-38 + window.sum(-1))
+    assert relative_error(test, expected) < 1e-6
+
+    data = torch.from_numpy(x).requires_grad_(True)
+    torch.manual_seed(0)
+    train = _stochastic_net(schema, "TRAIN")({"data": data})["pool"]
+    train.sum().backward()
+    grad = data.grad.numpy()
+    for i in range(3):
+        for j in range(3):
+            window = x[:, :, 2 * i:min(2 * i + 3, 7), 2 * j:min(2 * j + 3, 6)].reshape(2, 3, -1)
+            picked = train.detach().numpy()[:, :, i, j]
+            assert np.all(np.min(np.abs(window - picked[..., None]), -1) == 0)  # one of the window's values
+    # One value per window gets gradient 1 (a value in two overlapping windows may get 2).
+    assert grad.sum() == pytest.approx(2 * 3 * 9)
+    assert set(np.unique(grad)) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def test_hdf5_shuffle_reads_every_row_once_per_pass_over_the_files(schema, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With shuffle, the files and each file's rows come in a new order at every
+    pass (numpy's generator, not Caffe's), each row once; without, in order."""
+    import h5py
+
+    from caffe_ft.formats import prototext
+    from caffe_ft.training.torch.data import Hdf5DataSource
+
+    monkeypatch.chdir(tmp_path)
+    for name, rows in (("a.h5", range(0, 5)), ("b.h5", range(5, 8))):
+        with h5py.File(name, "w") as handle:
+            handle.create_dataset("data", data=np.asarray([[r, -r] for r in rows], np.float32))
+            handle.create_dataset("label", data=np.asarray(list(rows), np.float32))
+    (tmp_path / "list.txt").write_text("a.h5\nb.h5\n")
+    seen = {}
+    for shuffle in (False, True):
+        text = ('layer { name: "h5" type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "list.txt" '
+                f'batch_size: 4 shuffle: {str(shuffle).lower()} }} }}')
+        layer = prototext.to_message(prototext.parse(text.encode()), schema.new("NetParameter")).layer[0]
+        reader = Hdf5DataSource(layer, schema, "TRAIN")
+        batches = [reader.next() for _ in range(6)]  # 24 rows: three passes over the 8
+        labels = np.concatenate([batch["label"] for batch in batches])
+        assert all(np.array_equal(batch["data"][:, 0], batch["label"]) for batch in batches)  # rows stay whole
+        for start in (0, 8, 16):
+            assert sorted(labels[start:start + 8]) == list(range(8))
+        seen[shuffle] = labels
+    assert seen[False].tolist() == list(range(8)) * 3
+    assert seen[True].tolist() != seen[False].tolist()
+    assert seen[True][:8].tolist() != seen[True][8:16].tolist()  # a new order at each pass
