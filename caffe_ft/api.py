@@ -24,11 +24,10 @@ from .formats.schema import Schema, load_schema
 if TYPE_CHECKING:  # annotations only: init, check and upgrade need none of recipe's modules
     import onnx
 
-    from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
-
     from .export.to_onnx import ExportOptions
     from .evaluation.metrics import Evaluation
     from .recipe.job import FinetuneResult
+    from .recipe.options import FinetuneOptions, InputShapes, RewriteOptions
     from .recipe.rewrite import RewritePlan
     from .net.weights import CheckReport
     from .training.run import TrainOptions, TrainResult
