@@ -36,6 +36,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module that skips itself while being collected (a module-level
+    ``importorskip``) skips every test in it, before markers deselect any:
+    in CI that fails too."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid}: skipped while collected in CI, where nothing may be skipped: " \
+                          f"{report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()

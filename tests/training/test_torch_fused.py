@@ -23,7 +23,10 @@ import test_torch_train as base  # noqa: E402
 from torch_parity import cached_dir, dumps, load_blobs, relative_error  # noqa: E402
 
 pytestmark = pytest.mark.host
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # the reference environment, which deselects these host tests after collecting them
+    torch = None
 
 #: The 20-iteration net of test_torch_train.py with global statistics (eps 1: its blobs start at zero).
 GLOBAL_NET = base.NET.replace("batch_norm_param { moving_average_fraction: 0.9 }",

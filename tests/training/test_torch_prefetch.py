@@ -16,8 +16,6 @@ import pytest
 from caffe_ft.errors import CaffeFtError
 
 pytestmark = pytest.mark.host
-pytest.importorskip("torch")
-cv2 = pytest.importorskip("cv2")
 
 LAYER = """
 name: "data" type: "ImageData" top: "data" top: "label"
@@ -27,6 +25,8 @@ image_data_param { source: "%s" batch_size: 3 shuffle: true new_height: 14 new_w
 
 
 def _layer(tmp_path, schema, broken: int = -1):  # type: ignore[no-untyped-def]
+    import cv2
+
     from caffe_ft.formats import prototext
 
     rng = np.random.default_rng(2)
