@@ -419,15 +419,13 @@ def _pool_pair(layer: Message, param: Message, name: str) -> List[int]:
     return [getattr(param, name)] * 2
 
 
-def _pooling(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
-    """Pooling: ceil rounding (or floor where the schema has round_mode), and a
-    last window that would start in the bottom/right padding is dropped.
+def pooling_geometry(layer: Message, shape: Shape) -> Tuple[List[int], List[int], List[int], List[int]]:
+    """Kernel, stride, pad and output size per spatial axis of the Pooling
+    ``layer`` over a 4-axis ``shape``, checked and computed as Caffe's
+    PoolingLayer: ceil rounding (or floor where the schema has round_mode), and
+    a last window that would start in the bottom/right padding is dropped.
     """
-    _bottoms(layer, bottoms, 1, 1)
     param = layer.pooling_param
-    shape = bottoms[0]
-    if len(shape) != 4:
-        raise _fail(layer, f"Pooling needs a 4-axis bottom (num, channels, height, width), got {shape}")
     if param.global_pooling:
         if any(param.HasField(name) for name in ("kernel_size", "kernel_h", "kernel_w")):
             raise _fail(layer, "global_pooling takes no kernel size")
@@ -458,6 +456,16 @@ def _pooling(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
         if any(pad) and (out - 1) * s >= size + p:
             out -= 1
         pooled.append(out)
+    return kernel, stride, pad, pooled
+
+
+def _pooling(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
+    """Pooling: :func:`pooling_geometry`'s output size."""
+    _bottoms(layer, bottoms, 1, 1)
+    shape = bottoms[0]
+    if len(shape) != 4:
+        raise _fail(layer, f"Pooling needs a 4-axis bottom (num, channels, height, width), got {shape}")
+    pooled = pooling_geometry(layer, shape)[3]
     top = _checked(layer, (shape[0], shape[1], *pooled))
     return Inferred(tuple(top for _ in layer.top))
 

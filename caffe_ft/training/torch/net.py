@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from torch import Tensor, nn
 
 from ...errors import CaffeFtError
-from ...net.shapes import LayerShapes, Shape, infer
+from ...net.shapes import LayerShapes, Shape, infer, pooling_geometry
 
 #: Caffe's FLT_MIN, the floor of probabilities inside log() in the losses.
 _FLT_MIN = 1.17549435e-38
@@ -70,28 +70,6 @@ def _operand_view(operand: Tensor, shape: Shape, axis: int) -> Tensor:
 
 
 # ----------------------------------------------------------------- pooling --
-
-
-def _pool_geometry(layer: Message, bottom: Shape) -> Tuple[List[int], List[int], List[int], List[int]]:
-    """Kernel, stride, pad and output size per spatial axis, as PoolingLayer::Reshape."""
-    param = layer.pooling_param
-    if param.global_pooling:
-        kernel = [bottom[2], bottom[3]]
-    elif param.HasField("kernel_size"):
-        kernel = [param.kernel_size] * 2
-    else:
-        kernel = [param.kernel_h, param.kernel_w]
-    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else [param.pad] * 2
-    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else [param.stride] * 2
-    floor = "round_mode" in param.DESCRIPTOR.fields_by_name and param.round_mode == 1
-    out = []
-    for size, k, p, s in zip(bottom[2:], kernel, pad, stride):
-        span = size + 2 * p - k
-        n = (span // s if floor else -(-span // s)) + 1
-        if any(pad) and (n - 1) * s >= size + p:
-            n -= 1
-        out.append(n)
-    return kernel, stride, pad, out
 
 
 def _torch_ceil_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -428,7 +406,7 @@ class _Builder:
 
     def Pooling(self, layer: Message, s: LayerShapes) -> Step:
         p = layer.pooling_param
-        kernel, stride, pad, out = _pool_geometry(layer, s.bottoms[0])
+        kernel, stride, pad, out = pooling_geometry(layer, s.bottoms[0])
         if p.pool == p.STOCHASTIC:
             return Step(layer, s, stochastic_pool(kernel, stride, out, self.net.phase == "TRAIN"))
         average = p.pool == p.AVE
