@@ -286,6 +286,18 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
         _emit(format_info(info))
 
 
+def _option_group(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator for click options that several commands share, listed in
+    ``--help`` in the order given."""
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], Any]:
     """The options ``rewrite`` and ``finetune`` share: strategy, head, data, solver."""
     strategy_help = ("What trains: only the classifier head(s), the top of the net, or all of it; "
@@ -354,13 +366,7 @@ def _rewrite_options(strategy_default: Optional[str] = None) -> Callable[[Any], 
                      help="Shape of a data layer's top when neither its parameters nor its data tell "
                           "(the deploy net's input; with --weights, the check's); repeatable."),
     ]
-
-    def decorate(command: Any) -> Any:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
+    return _option_group(*options)
 
 
 def _options_of(params: Dict[str, Any]) -> Any:
@@ -431,14 +437,14 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
     _emit(summary_text(result))
 
 
-def _keep_best(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--keep-best`` and ``--patience``, which ``train`` and ``finetune`` share."""
-    command = click.option("--patience", type=click.IntRange(min=1), metavar="N",
-                           help="With --keep-best: stop after N tests in a row without a better value.")(command)
-    return click.option("--keep-best", "keep_best", metavar="OUTPUT",
-                        help="Write best.caffemodel at each test where this output of the first test net is the best "
-                             "yet (accuracy is maximised, an output named *loss* minimised).")(command)
-
+#: ``--keep-best`` and ``--patience``, which ``train`` and ``finetune`` share.
+_keep_best = _option_group(
+    click.option("--keep-best", "keep_best", metavar="OUTPUT",
+                 help="Write best.caffemodel at each test where this output of the first test net is the best "
+                      "yet (accuracy is maximised, an output named *loss* minimised)."),
+    click.option("--patience", type=click.IntRange(min=1), metavar="N",
+                 help="With --keep-best: stop after N tests in a row without a better value."),
+)
 
 
 def _engine_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -635,23 +641,19 @@ def export(ctx: click.Context, net_path: str, weights: Optional[str], output: st
     _emit(to_onnx.summary(result, output))
 
 
-def _transform_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that override the data transform the net's data layer describes."""
-    options = [
-        click.option("--root-folder", metavar="DIR", help="Directory the image list's paths are relative to "
-                     "(default: the net's image_data_param.root_folder)."),
-        click.option("--crop-size", type=click.IntRange(min=1), help="Centre crop (default: the net's transform_param)."),
-        click.option("--resize", type=click.IntRange(min=1), metavar="SIZE",
-                     help="Resize images to SIZE x SIZE first (default: ImageData's new_height/new_width; "
-                          "a deploy net: its input size)."),
-        click.option("--mean-value", "mean_values", type=_FINITE, multiple=True,
-                     help="Per-channel mean, BGR (repeat per channel)."),
-        click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
-        click.option("--scale", type=_POSITIVE, help="Multiply pixels by this after mean subtraction."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+#: Options that override the data transform the net's data layer describes.
+_transform_options = _option_group(
+    click.option("--root-folder", metavar="DIR", help="Directory the image list's paths are relative to "
+                 "(default: the net's image_data_param.root_folder)."),
+    click.option("--crop-size", type=click.IntRange(min=1), help="Centre crop (default: the net's transform_param)."),
+    click.option("--resize", type=click.IntRange(min=1), metavar="SIZE",
+                 help="Resize images to SIZE x SIZE first (default: ImageData's new_height/new_width; "
+                      "a deploy net: its input size)."),
+    click.option("--mean-value", "mean_values", type=_FINITE, multiple=True,
+                 help="Per-channel mean, BGR (repeat per channel)."),
+    click.option("--mean-file", metavar="BINARYPROTO", help="Mean image file."),
+    click.option("--scale", type=_POSITIVE, help="Multiply pixels by this after mean subtraction."),
+)
 
 
 def _transform_overrides(crop_size: Optional[int], resize: Optional[int], mean_values: Any,
