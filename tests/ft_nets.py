@@ -202,3 +202,14 @@ layer {{ name: "slice" type: "Slice" bottom: "pair" top: "a" top: "b" slice_para
 {_tower("", "a")}
 {_tower("_p", "b")}
 """
+
+#: A train_val fed by two LMDB Data layers (TRAIN and TEST), for the data-layer rewrites.
+LMDB_TRAIN_VAL = """name: "lmdb"
+layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { scale: 0.00390625 } data_param { source: "train_lmdb" batch_size: 64 backend: LMDB } }
+layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { scale: 0.00390625 } data_param { source: "test_lmdb" batch_size: 100 backend: LMDB } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 5 } }
+layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" inner_product_param { num_output: 10 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""

@@ -9,6 +9,7 @@ import shutil
 import pytest
 from caffe_ft.cli import main
 from conftest import cli_runner
+from ft_nets import LMDB_TRAIN_VAL
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "digits")
@@ -315,17 +316,6 @@ def test_schedule_in_epochs_of_the_new_data(net, tmp_path, monkeypatch):
     assert 'source: "../train.txt"' in train_val and str(tmp_path) not in train_val
 
 
-LMDB_NET = """name: "lmdb"
-layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TRAIN }
-  transform_param { scale: 0.00390625 } data_param { source: "train_lmdb" batch_size: 64 backend: LMDB } }
-layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TEST }
-  transform_param { scale: 0.00390625 } data_param { source: "test_lmdb" batch_size: 100 backend: LMDB } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 5 } }
-layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" inner_product_param { num_output: 10 } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
-"""
-
-
 @pytest.mark.parametrize("magic, extra, channels", [(b"P6", [], 3), (b"P5", [], 1), (b"P6", ["--gray"], 1),
                                                     (b"P5", ["--color"], 3), (b"P6", ["weights"], 1)])
 def test_input_shape_and_channels_from_what_exists(tmp_path, schema, magic, extra, channels):
@@ -336,7 +326,7 @@ def test_input_shape_and_channels_from_what_exists(tmp_path, schema, magic, extr
     from caffe_ft.formats.caffemodel import Blob, Model, save_model
 
     net = tmp_path / "net.prototxt"
-    net.write_text(LMDB_NET)
+    net.write_text(LMDB_TRAIN_VAL)
     for index in range(2):
         (tmp_path / f"img{index}.pnm").write_bytes(magic + b"\n# a comment\n20 12\n255\n" + b"\0" * 20 * 12 * 3)
     _list(tmp_path / "list.txt", [0, 1])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_rewrite_caffe import DIGITS, _image_list  # noqa: E402
+from test_rewrite_caffe import DIGITS, _image_list, digits_weights  # noqa: E402
 
 from caffe_ft.errors import CaffeFtError  # noqa: E402
 from caffe_ft.formats.caffemodel import load_blob  # noqa: E402
@@ -60,10 +60,7 @@ def test_caffe_trains_the_class_weighted_loss(tmp_path, schema) -> None:  # type
     train = _unbalanced(str(tmp_path / "data"), "train", 3)
     val = _unbalanced(str(tmp_path / "data"), "val", 4)
     env = {**os.environ, "GLOG_minloglevel": "2"}
-    weights = str(tmp_path / "pretrained.caffemodel")
-    made = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST).save(sys.argv[2])",
-                           os.path.join(DIGITS, "deploy.prototxt"), weights], capture_output=True, text=True, env=env)
-    assert made.returncode == 0, made.stderr
+    weights = digits_weights(str(tmp_path / "pretrained.caffemodel"), env)
     common = [os.path.join(DIGITS, "train_val.prototxt"), "--weights", weights, "--strategy", "full",
               "--train-data", train, "--val-data", val, "--batch-size", "4", "--max-iter", "6", "--cpu"]
     for outdir, extra in (("plain", []), ("ft", ["--class-weights", "auto"])):

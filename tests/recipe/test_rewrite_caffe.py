@@ -44,6 +44,7 @@ from caffe_ft.formats import files
 from caffe_ft.cli import main
 from caffe_ft.formats.schema import load_schema
 from conftest import CAFFE_DOC_DIRS, NSFW_DIR, cli_runner
+from ft_nets import LMDB_TRAIN_VAL
 
 DOC = CAFFE_DOC_DIRS[0]
 NUM_CLASSES = 3
@@ -540,6 +541,14 @@ def test_head_feeding_another_head_is_refused(tmp_path):
 
 DOC_NETS = [net for net in NETS if not os.path.isabs(net.path)]
 DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "digits")
+
+
+def digits_weights(path: str, env: Dict[str, str]) -> str:
+    """The digits deploy net's weights as pycaffe initialises them (its fillers), saved at ``path``."""
+    made = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST).save(sys.argv[2])",
+                           os.path.join(DIGITS, "deploy.prototxt"), path], capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr
+    return path
 QUOTED_ABSOLUTE = re.compile(r'"(/[^"]*)"')
 
 
@@ -684,16 +693,6 @@ layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_p
 layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
 """
 
-LMDB_TRAIN_VAL = """name: "lmdb"
-layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TRAIN }
-  transform_param { scale: 0.00390625 } data_param { source: "train_lmdb" batch_size: 64 backend: LMDB } }
-layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TEST }
-  transform_param { scale: 0.00390625 } data_param { source: "test_lmdb" batch_size: 100 backend: LMDB } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 5 } }
-layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" inner_product_param { num_output: 10 } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
-"""
-
 FULLY_CONVOLUTIONAL = """name: "fcn"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 12 dim: 12 } } }
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 10 kernel_size: 3 } }
@@ -808,10 +807,7 @@ def test_finetune_stopped_prints_how_to_resume_and_resumes(tmp_path):
     train = _image_list(str(tmp_path / "data"), "train", 16, True, 8, seed=3)
     val = _image_list(str(tmp_path / "data"), "val", 16, True, 3, seed=4)
     env = {**os.environ, "GLOG_minloglevel": "2"}
-    weights = str(tmp_path / "pretrained.caffemodel")
-    made = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST).save(sys.argv[2])",
-                           os.path.join(digits, "deploy.prototxt"), weights], capture_output=True, text=True, env=env)
-    assert made.returncode == 0, made.stderr
+    weights = digits_weights(str(tmp_path / "pretrained.caffemodel"), env)
     command = ["finetune", os.path.join(digits, "train_val.prototxt"), "--weights", weights, "--strategy", "full",
                "--train-data", train, "--val-data", val, "--batch-size", "2", "--max-iter", "400", "--cpu",
                "-o", "ft"]
@@ -846,10 +842,7 @@ def test_finetune_keeps_the_best_test(tmp_path):
     train = _image_list(str(tmp_path / "data"), "train", 16, True, 8, seed=3)
     val = _image_list(str(tmp_path / "data"), "val", 16, True, 4, seed=4)
     env = {**os.environ, "GLOG_minloglevel": "2"}
-    weights = str(tmp_path / "pretrained.caffemodel")
-    made = subprocess.run([sys.executable, "-c", "import caffe, sys; caffe.Net(sys.argv[1], caffe.TEST).save(sys.argv[2])",
-                           os.path.join(DIGITS, "deploy.prototxt"), weights], capture_output=True, text=True, env=env)
-    assert made.returncode == 0, made.stderr
+    weights = digits_weights(str(tmp_path / "pretrained.caffemodel"), env)
     done = subprocess.run([sys.executable, "-m", "caffe_ft.cli", "finetune", os.path.join(DIGITS, "train_val.prototxt"),
                            "--weights", weights, "--strategy", "full", "--train-data", train, "--val-data", val,
                            "--batch-size", "2", "--epochs", "6", "--cpu", "--keep-best", "accuracy", "-o", "ft"],
