@@ -139,7 +139,7 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
     from .recipe.planning import plan_rewrite
 
     schema = schema or load_schema()
-    plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out))
+    plan = plan_rewrite(schema, net_path, options.rewrite, weights, _printer(out), options.engine)
     return job.run(schema, plan, weights, device=options.device, seed=options.seed, force=options.force,
                    input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
                    resume=options.resume, keep_best=options.keep_best, patience=options.patience,

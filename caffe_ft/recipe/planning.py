@@ -40,8 +40,10 @@ def current_file(parsed: files.TextFile, schema: Schema, say: Say) -> files.Text
 
 
 def choose(schema: Schema, net_path: str, weights: Optional[str], options: RewriteOptions,
-           say: Say) -> Tuple[str, strategies.StrategyOptions]:
-    """``--strategy auto``: the size x similarity rule, measuring similarity when not given."""
+           say: Say, engine: str = "auto") -> Tuple[str, strategies.StrategyOptions]:
+    """``--strategy auto``: the size x similarity rule, measuring similarity when not
+    given (:func:`advise`, through ``engine``; ``auto``: pycaffe where it is
+    installed, else torch)."""
     from ..data.sources import count_items
 
     data = options.data
@@ -57,9 +59,11 @@ def choose(schema: Schema, net_path: str, weights: Optional[str], options: Rewri
             raise OptionError(f"--strategy auto needs --similarity high|low for a data set of {size} "
                               f"(up to {strategies.LARGE_DATASET}), or it measures the data with --weights and "
                               f"--train-data ({', '.join(missing)} missing)")
+        from ..training.run import choose_engine
         from .advise import advise
 
-        advice = advise(net_path, weights, data.train, schema=schema, root_folder=data.root_folder)
+        advice = advise(net_path, weights, data.train, schema=schema, root_folder=data.root_folder,
+                        engine=choose_engine(engine, "cpu")[0])
         say(f"auto: rule {advice.rule}")
         if advice.class_weights:
             say("auto: the classes are unbalanced: consider --class-weights auto")
@@ -136,8 +140,9 @@ def weights_channels(schema: Schema, net_file: files.TextFile, weights: str) -> 
 
 
 def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights: Optional[str] = None,
-                 say: Say = lambda text: None) -> rewrite.RewritePlan:
-    """The rewrite ``options`` ask for, nothing written yet."""
+                 say: Say = lambda text: None, engine: str = "auto") -> rewrite.RewritePlan:
+    """The rewrite ``options`` ask for, nothing written yet (``engine`` runs
+    the net where ``--strategy auto`` measures the data)."""
     net_file = current_file(files.load_text(net_path, schema, files.NET), schema, say)
     solver_file = files.load_text(options.solver_path, schema, files.SOLVER) if options.solver_path else None
     deploy_file = (current_file(files.load_text(options.deploy_path, schema, files.NET), schema, say)
@@ -152,7 +157,7 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
             options = dataclasses.replace(options, data=dataclasses.replace(options.data, channels=found[0]))
     strategy, head = options.strategy, options.head
     if strategy == "auto":
-        strategy, head = choose(schema, net_path, weights, options, say)
+        strategy, head = choose(schema, net_path, weights, options, say, engine)
     outdir = options.outdir or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
     solver_options, net_strategy = options.solver, strategy
     if strategy == "lp-ft":

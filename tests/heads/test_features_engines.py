@@ -82,3 +82,18 @@ def test_advise_measures_the_same_through_either_engine(tmp_path) -> None:  # ty
         assert (x["probe"], x["knn"], x["values"]) == (y["probe"], y["knn"], y["values"]), x["blob"]
         assert abs(x["logme"] - y["logme"]) <= 1e-3 * max(1.0, abs(y["logme"])), x["blob"]
     assert (a["strategy"], a["flags"]) == (b["strategy"], b["flags"])
+
+
+def test_strategy_auto_measures_without_caffe(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``rewrite --strategy auto`` on a host without pycaffe measures the data through the torch engine."""
+    from synth_images import write_dataset
+
+    from caffe_ft.cli import main
+
+    listing = write_dataset(str(tmp_path / "img"), "photo", 6, classes=2, size=256, seed=5)
+    net, weights = (os.path.join(NSFW_DIR, name) for name in ("deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel"))
+    done = cli_runner().invoke(main, ["rewrite", in_root(net), "--weights", in_root(weights), "--strategy", "auto",
+                                      "--train-data", listing, "--val-data", listing, "--resize", "256",
+                                      "--crop-size", "224", "-o", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    assert "auto: rule " in done.stderr and (tmp_path / "out" / "train_val.prototxt").exists()
