@@ -420,7 +420,7 @@ def rewrite(ctx: click.Context, net_path: str, weights: Optional[str], show_diff
             **params: Any) -> None:
     """Turn a pretrained NET (train_val or deploy) into a fine-tuning setup.
 
-    Writes train_val.prototxt, deploy.prototxt, solver.prototxt and report.md
+    Writes train_val.prototxt, deploy.prototxt, solver.prototxt and summary.md
     to OUTDIR, each an edit of its input that keeps comments and layout.
     """
     from . import api
@@ -488,7 +488,7 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
-    final.caffemodel, metrics.jsonl, plot.png and report.md (final accuracy,
+    final.caffemodel, metrics.jsonl, plot.png, report.html/report.json and summary.md (final accuracy,
     time); with --export-onnx also final.onnx.  --strategy features fits the head with scikit-learn on features
     the trunk computes once (features-train.npz, features-val.npz, reused
     while up to date); last-fc does the solver's SGD on such features when
