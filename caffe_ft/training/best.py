@@ -8,7 +8,8 @@ Ties are not improvements, so the best model is the earliest with the best
 value.  The engines (:mod:`caffe_ft.training.pycaffe`, the torch engine)
 only report each test pass here and act on :class:`Verdict`.  A resumed run
 carries the best over the stop (:func:`carry_over`): the test passes before it
-are in the metrics file and their best weights in ``best.caffemodel``.
+are in the --metrics file and their best weights in ``best.caffemodel`` (without
+--metrics it says that it cannot).
 """
 
 from __future__ import annotations
@@ -108,8 +109,15 @@ def carry_over(tracker: Optional[Tracker], metrics: Optional[str], resume_at: in
     that ``metrics`` records, so that a resumed run neither overwrites a better
     ``best_model`` written before the stop nor forgets how long it has waited.
     Without that model the record is not replayed: the best is kept afresh.
-    A line for the user, or None when there was nothing to carry over."""
-    if tracker is None or metrics is None or not os.path.exists(metrics):
+    ``metrics`` is the run's --metrics file (None without one, when the tests
+    before the stop are not known).  A line for the user, or None when there
+    was nothing to carry over."""
+    if tracker is None:
+        return None
+    if metrics is None or not os.path.exists(metrics):
+        if os.path.exists(best_model):
+            return (f"keep-best: the tests before iteration {resume_at} are not known without the run's --metrics "
+                    f"file, so a test worse than theirs may replace {best_model}")
         return None
     passes = [(int(record["iteration"]), record.get("outputs") or {}) for record in read_metrics(metrics)
               if record.get("phase") == "test" and record.get("net") == 0 and record["iteration"] < resume_at]

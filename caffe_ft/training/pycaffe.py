@@ -448,10 +448,10 @@ class _Run:
                 self.snapshots.checkpoint(start)
             if plan.options.metrics or plan.options.plot:
                 self.metrics = MetricsWriter(plan.metrics_path, resume_at=start if plan.resume else None)
-                if plan.resume is not None:
-                    carried = keep.carry_over(self.best, plan.metrics_path, start, self.best_model)
-                    if carried is not None:
-                        self.ctx.out.write(carried + "\n")
+            if plan.resume is not None:
+                carried = keep.carry_over(self.best, plan.options.metrics, start, self.best_model)
+                if carried is not None:
+                    self.ctx.out.write(carried + "\n")
             self.reporter = make_reporter(self.ctx.out, start, self.param.max_iter, self.param.display,
                                           self.param.average_loss, plan.options.bar)
         began = time.monotonic()

@@ -56,6 +56,20 @@ def test_bad_requests_are_refused() -> None:
         best.check_output("accuracy", [])
 
 
+def test_carry_over_needs_the_metrics_and_the_best_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, metrics = tmp_path / "best.caffemodel", tmp_path / "m.jsonl"
+    metrics.write_text("".join(f'{{"phase": "test", "iteration": {i}, "net": 0, "outputs": {{"accuracy": {a}}}}}\n'
+                               for i, a in [(0, 0.5), (10, 0.8), (20, 0.6), (30, 0.9)]))
+    assert best.carry_over(best.Tracker("accuracy"), None, 30, str(model)) is None  # nothing written before
+    model.write_bytes(b"weights")
+    note = best.carry_over(best.Tracker("accuracy"), None, 30, str(model))
+    assert note is not None and "not known without the run's --metrics file" in note
+    tracker = best.Tracker("accuracy", patience=3)
+    note = best.carry_over(tracker, str(metrics), 30, str(model))  # the test at 30 is the resumed run's
+    assert (tracker.best, tracker.best_iteration, tracker.since_best) == (0.8, 10, 1)
+    assert note == f"keep-best: before iteration 30, best accuracy 0.8000 at iteration 10 ({model}), 1 test(s) since"
+
+
 # --------------------------------------------------------- real training runs --
 
 

@@ -426,10 +426,10 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
         if rank == 0 and (options.metrics or options.plot):
             metrics_path = options.metrics or os.path.join(workdir, "metrics.jsonl")
             loop.metrics = MetricsWriter(metrics_path, resume_at=first if resume else None)
-            if resume is not None:
-                carried = keep.carry_over(loop.best, metrics_path, first, loop.best_model)
-                if carried is not None:
-                    out.write(carried + "\n")
+        if resume is not None:
+            carried = keep.carry_over(loop.best, options.metrics, first, loop.best_model)
+            if carried is not None:
+                out.write(carried + "\n")
         loop.reporter = make_reporter(out, first, solver.max_iter, solver.display, solver.average_loss, options.bar)
         began = time.monotonic()
         stop.install()
