@@ -448,6 +448,13 @@ def pooling_geometry(layer: Message, shape: Shape) -> Tuple[List[int], List[int]
         if any(p >= k for p, k in zip(pad, kernel)):
             raise _fail(layer, "pad must be smaller than the kernel")
     floor = _has(param, "round_mode") and param.round_mode == 1  # FLOOR
+    return kernel, stride, pad, _pooled_sizes(shape, kernel, stride, pad, floor)
+
+
+def _pooled_sizes(shape: Shape, kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
+                  floor: bool = False) -> List[int]:
+    """PoolingLayer::Reshape's output size per spatial axis: ceil (or floor)
+    rounding, and a last window that would start in the padding dropped."""
     pooled = []
     for size, k, p, s in zip(shape[2:], kernel, pad, stride):
         span = size + 2 * p - k
@@ -456,7 +463,7 @@ def pooling_geometry(layer: Message, shape: Shape) -> Tuple[List[int], List[int]
         if any(pad) and (out - 1) * s >= size + p:
             out -= 1
         pooled.append(out)
-    return kernel, stride, pad, pooled
+    return pooled
 
 
 def _pooling(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
@@ -470,32 +477,34 @@ def _pooling(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
     return Inferred(tuple(top for _ in layer.top))
 
 
-def _spp(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
-    """SPP: per pyramid level i, 2^i bins a side (kernel ceil(size / bins), stride the
-    kernel, pad half the overhang), each pooled blob flattened and concatenated; a
-    pyramid of one level gives the pooled blob itself."""
-    _bottoms(layer, bottoms, 1, 1)
-    shape = bottoms[0]
-    if len(shape) != 4:
-        raise _fail(layer, f"SPP needs a 4-axis bottom (num, channels, height, width), got {shape}")
+def spp_levels(layer: Message, shape: Shape) -> List[Tuple[List[int], List[int], List[int], List[int]]]:
+    """Kernel, stride, pad and output size of each pyramid level of the SPP
+    ``layer`` over a 4-axis ``shape``, as SPPLayer::GetPoolingParam (level i:
+    2^i bins a side, kernel ceil(size / bins), stride the kernel, pad half the
+    overhang) and PoolingLayer::Reshape."""
     height = layer.spp_param.pyramid_height
     if height < 1:
         raise _fail(layer, "pyramid_height must be at least 1")
-    sizes = []
+    levels = []
     for level in range(height):
         bins = 2 ** level
         kernel = [-(-size // bins) for size in shape[2:]]
         pad = [(k * bins - size + 1) // 2 for k, size in zip(kernel, shape[2:])]
         if any(p >= k for p, k in zip(pad, kernel)):
             raise _fail(layer, f"pyramid level {level} pads as much as its kernel: the bottom is too small")
-        pooled = []
-        for size, k, p in zip(shape[2:], kernel, pad):
-            out = -(-(size + 2 * p - k) // k) + 1
-            if any(pad) and (out - 1) * k >= size + p:
-                out -= 1
-            pooled.append(out)
-        sizes.append(pooled)
-    if height == 1:
+        levels.append((kernel, kernel, pad, _pooled_sizes(shape, kernel, kernel, pad)))
+    return levels
+
+
+def _spp(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
+    """SPP: each pyramid level's pooled blob (:func:`spp_levels`) flattened and
+    concatenated; a pyramid of one level gives the pooled blob itself."""
+    _bottoms(layer, bottoms, 1, 1)
+    shape = bottoms[0]
+    if len(shape) != 4:
+        raise _fail(layer, f"SPP needs a 4-axis bottom (num, channels, height, width), got {shape}")
+    sizes = [out for _, _, _, out in spp_levels(layer, shape)]
+    if len(sizes) == 1:
         return Inferred(((shape[0], shape[1], *sizes[0]),))
     return Inferred(((shape[0], sum(shape[1] * h * w for h, w in sizes)),))
 

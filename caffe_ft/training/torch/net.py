@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from torch import Tensor, nn
 
 from ...errors import CaffeFtError
-from ...net.shapes import LayerShapes, Shape, infer, pooling_geometry
+from ...net.shapes import LayerShapes, Shape, infer, pooling_geometry, spp_levels
 
 #: Caffe's FLT_MIN, the floor of probabilities inside log() in the losses.
 _FLT_MIN = 1.17549435e-38
@@ -102,24 +102,6 @@ def caffe_pool(x: Tensor, kernel: Sequence[int], stride: Sequence[int], pad: Seq
         sizes.append(np.minimum(starts + k, size + p) - starts)
     divisor = torch.from_numpy(np.outer(sizes[0], sizes[1]).astype(np.float32)).to(x.device, x.dtype)
     return sums / divisor
-
-
-def spp_levels(height: int, bottom: Shape) -> List[Tuple[List[int], List[int], List[int], List[int]]]:
-    """Kernel, stride, pad and output size of each pyramid level, as SPPLayer::GetPoolingParam
-    (kernel ceil(size / bins), pad half the overhang) and PoolingLayer::Reshape."""
-    levels = []
-    for level in range(height):
-        bins = 2 ** level
-        kernel = [-(-size // bins) for size in bottom[2:4]]
-        pad = [(k * bins - size + 1) // 2 for k, size in zip(kernel, bottom[2:4])]
-        out = []
-        for size, k, p in zip(bottom[2:4], kernel, pad):
-            n = -(-(size + 2 * p - k) // k) + 1
-            if any(pad) and (n - 1) * k >= size + p:
-                n -= 1
-            out.append(n)
-        levels.append((kernel, kernel, pad, out))
-    return levels
 
 
 def stochastic_pool(kernel: Sequence[int], stride: Sequence[int], out: Sequence[int],
@@ -700,7 +682,7 @@ class _Builder:
         p = layer.spp_param
         if p.pool == p.STOCHASTIC:
             raise _fail(layer, "the torch engine does not do STOCHASTIC pyramid pooling (Caffe has no CPU one)")
-        levels = spp_levels(p.pyramid_height, s.bottoms[0])
+        levels = spp_levels(layer, s.bottoms[0])
         average = p.pool == p.AVE
 
         def run(b: List[Tensor]) -> List[Tensor]:
