@@ -96,24 +96,6 @@ def init(net_path: str, weights: str, output: str, *, seed: int = 0, phase: str 
     return report
 
 
-def check_rewrite(plan: "RewritePlan", weights: str, schema: Schema, input_shapes: Optional[InputShapes],
-                  out: IO[str]) -> None:
-    """Print what Caffe will copy from ``weights`` into the rewritten net; raise if it would abort."""
-    from .formats import files, prototext
-    from .formats.caffemodel import load_model
-    from .net.weights import check as check_net, format_check, with_new_heads
-
-    name = "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt"
-    text = plan.files[name][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), name),
-                               schema.new(files.NET), name)
-    report = with_new_heads(check_net(net, load_model(weights, schema), input_shapes=input_shapes or None),
-                            {new: old for old, new in plan.heads.items()})
-    _printer(out)(format_check(report))
-    if not report.ok:
-        raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
-
-
 def rewrite(net_path: str, options: RewriteOptions, *, weights: Optional[str] = None, write: bool = True,
             force: bool = False, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "RewritePlan":
     """Turn a pretrained net into a fine-tuning setup (train_val, deploy, solver,
@@ -125,7 +107,10 @@ def rewrite(net_path: str, options: RewriteOptions, *, weights: Optional[str] = 
     schema = schema or load_schema()
     plan = plan_rewrite(schema, net_path, options, weights, _printer(out))
     if weights:
-        check_rewrite(plan, weights, schema, options.input_shapes or plan.input_shapes, out)
+        from .recipe.job import check_plan
+
+        shapes = options.input_shapes or plan.input_shapes
+        check_plan(schema, plan, weights, dict(shapes) if shapes else None, out)
     if write:
         write_plan(plan, force=force, inputs=[weights, options.data.train, options.data.val, options.data.mean_file])
     return plan

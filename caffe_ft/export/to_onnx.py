@@ -150,7 +150,7 @@ def layer_blobs(net: Message, model: Optional[Model], input_shapes: Mapping[str,
         raise CaffeFtError(
             f"the weights have no blobs for {', '.join(fresh)}: Caffe would run them with random filler values"
         )
-    loaded = weights.init(net, model, phase="TEST", input_shapes=input_shapes)
+    loaded = weights.init(net, model, phase="TEST", input_shapes=input_shapes, report=report)
     return {
         layer.name: [np.asarray(blob.data, np.float32).reshape(blob.shape) for blob in blobs]
         for layer, blobs in zip(loaded.net.layer, loaded.blobs) if blobs

@@ -605,9 +605,10 @@ def init(
     input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
     stages: Sequence[str] = (),
     level: int = 0,
+    report: Optional[CheckReport] = None,
 ) -> Model:
     """The caffemodel Caffe would start ``net`` from (see :func:`init_checked`)."""
-    return init_checked(net, model, seed, phase, input_shapes, stages, level)[1]
+    return init_checked(net, model, seed, phase, input_shapes, stages, level, report)[1]
 
 
 def init_checked(
@@ -618,6 +619,7 @@ def init_checked(
     input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
     stages: Sequence[str] = (),
     level: int = 0,
+    report: Optional[CheckReport] = None,
 ) -> Tuple[CheckReport, Model]:
     """The :func:`check` report and the caffemodel Caffe would start ``net`` from:
     copied blobs, filler values elsewhere.
@@ -627,12 +629,14 @@ def init_checked(
     ``copy_from``, except for the random values of FRESH layers, which come
     from ``np.random.default_rng(seed)`` in layer order.  Copied blobs are
     views on ``model``'s file.  Refuses a net Caffe would abort on.  One call
-    does both so that the weights are scanned for NaN/inf once, not twice.
+    does both so that the weights are scanned for NaN/inf once, not twice; a
+    caller that has already shown :func:`check`'s ``report`` of the same net,
+    model and phase passes it, and the weights are not scanned again.
     """
     phase = phase.upper()
     current = _current(net)
     targets = _targets(current, phase, input_shapes, stages, level)
-    report = _check(targets, model, phase)
+    report = report if report is not None else _check(targets, model, phase)
     if not report.ok:
         mismatched = ", ".join(layer.name for layer in report.by_status(MISMATCH))
         where = f" (mismatched: {mismatched}; rename or fix them first)" if mismatched else ""

@@ -33,7 +33,11 @@ from .rewrite import RewritePlan, summary_text, write_plan
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from ..formats.caffemodel import Model
     from ..heads.fit import Trained
+    from ..net.weights import CheckReport
 
 METRICS = "metrics.jsonl"
 PLOT = "plot.png"
@@ -72,22 +76,37 @@ def last_test_outputs(metrics_path: str) -> Dict[str, float]:
     return outputs
 
 
+def check_plan(schema: Schema, plan: RewritePlan, weights: str, input_shapes: Optional[Dict[str, Any]],
+               out: IO[str]) -> Tuple["Message", "Model", "CheckReport"]:
+    """Print what Caffe will copy from ``weights`` into the rewritten net (its
+    train_val, else its deploy; the renamed heads shown as new on purpose);
+    raise if Caffe would abort.  The net, the weights and the report."""
+    from ..formats.caffemodel import load_model
+    from ..net.weights import check, format_check, with_new_heads
+
+    name = "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt"
+    text = plan.files[name][0]
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), name),
+                               schema.new(files.NET), name)
+    model = load_model(weights, schema)
+    report = with_new_heads(check(net, model, input_shapes=input_shapes or None),
+                            {new: old for old, new in plan.heads.items()})
+    out.write(format_check(report) + "\n")
+    out.flush()
+    if not report.ok:
+        raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
+    return net, model, report
+
+
 def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out: IO[str],
                 input_shapes: Optional[Dict[str, Any]]) -> str:
     """Check the pretrained weights against the new net and write its starting caffemodel."""
-    from ..formats.caffemodel import load_model, save_model
-    from ..net.weights import check, format_check, init, with_new_heads
+    from ..formats.caffemodel import save_model
+    from ..net.weights import init
 
-    text = plan.files["train_val.prototxt"][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), "train_val.prototxt"),
-                                schema.new(files.NET), "train_val.prototxt")
-    model = load_model(weights, schema)
-    report = with_new_heads(check(net, model, input_shapes=input_shapes), {new: old for old, new in plan.heads.items()})
-    out.write(format_check(report) + "\n")
-    if not report.ok:
-        raise CaffeFtError(f"Caffe would not start training from these weights: {report.abort}", weights)
+    net, model, report = check_plan(schema, plan, weights, input_shapes, out)
     path = os.path.join(plan.outdir, INIT)
-    save_model(init(net, model, seed=seed, input_shapes=input_shapes), path)
+    save_model(init(net, model, seed=seed, input_shapes=input_shapes, report=report), path)
     return path
 
 
