@@ -41,17 +41,11 @@ def _printer(out: IO[str]) -> Any:
     return say
 
 
-def current_net(net: Any, path: str) -> Any:
-    """``net`` in the current format (a legacy net is upgraded on a copy)."""
-    from .formats.upgrade import current_net as upgraded
-
-    return upgraded(net, path)
-
-
 def load_net_and_model(net_path: str, weights: str, schema: Schema) -> Tuple[Any, Any]:
     """The current-format net of ``net_path`` and the caffemodel ``weights``."""
     from .formats import files
     from .formats.caffemodel import load_model
+    from .formats.upgrade import current_net
 
     net = files.load_text(net_path, schema, files.NET).message
     return current_net(net, net_path), load_model(weights, schema)
@@ -145,6 +139,8 @@ def export_onnx(net_path: str, weights: Optional[str], output: str, options: "Ex
 
     files.check_output(output, [net_path, weights], force)
     schema = schema or load_schema()
+    from .formats.upgrade import current_net
+
     net = current_net(files.load_text(net_path, schema, files.NET).message, net_path)
     model = load_model(weights, schema) if weights else None
     try:
@@ -204,10 +200,10 @@ def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[s
 
 def _train_and_report(run_training: Any, options: "TrainOptions", schema: Schema, out: IO[str],
                       started: float) -> "TrainResult":
+    """The engine's run, then the TensorBoard events and the report ``options`` ask for."""
     import os
     import time
 
-    """The engine's run, then the TensorBoard events and the report ``options`` ask for."""
     result = run_training(options, schema, out)
     if options.tensorboard and options.metrics and os.path.exists(options.metrics):
         from .training.tensorboard import write_events

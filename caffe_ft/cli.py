@@ -8,7 +8,6 @@ nothing is written when a command fails.
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from dataclasses import replace
@@ -104,9 +103,14 @@ def main(ctx: click.Context, proto: Optional[str]) -> None:
     """Fine-tune Caffe models: rewrite nets and solvers, check weights, train."""
     ctx.ensure_object(dict)
     ctx.obj["proto"] = proto
-    if ctx.invoked_subcommand in _TREE_COMMANDS and gc.isenabled():
-        gc.disable()
-        ctx.call_on_close(gc.enable)  # when the command ends (click 7 has no with_resource)
+    if ctx.invoked_subcommand in _TREE_COMMANDS:
+        from contextlib import ExitStack
+
+        from .formats.gcpause import paused
+
+        pause = ExitStack()
+        pause.enter_context(paused())
+        ctx.call_on_close(pause.close)  # when the command ends (click 7 has no with_resource)
 
 
 def _json(value: Any) -> str:

@@ -362,8 +362,7 @@ def write_atomic(path: str, content: Union[str, bytes]) -> None:
 class Staging:
     """Files being written into a staging folder, to be moved in together."""
 
-    def __init__(self, directory: str, stage: str, targets: Dict[str, str]) -> None:
-        self.directory = directory
+    def __init__(self, stage: str, targets: Dict[str, str]) -> None:
         self.stage = stage
         self.targets = targets  # name -> real final path
 
@@ -422,7 +421,7 @@ def staged_outputs(
         except OSError as exc:
             raise _os_error(exc, directory) from None
         try:
-            staging = Staging(directory, stage, targets)
+            staging = Staging(stage, targets)
             yield staging
             for name in names:
                 if not os.path.exists(staging.path(name)):

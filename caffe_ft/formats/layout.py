@@ -19,7 +19,7 @@ _UPGRADE_RENAMES = {"layers": "layer"}
 
 def format_text(parsed: TextFile) -> str:
     """The canonical text of ``parsed``, comments kept (its tree is reordered)."""
-    return prototext.render(prototext.canonicalize(parsed.tree))
+    return format_tree(parsed.tree)
 
 
 def format_tree(tree: prototext.Node) -> str:
