@@ -75,6 +75,10 @@ class DataSource:
     def is_lmdb(self) -> bool:
         return not self.entries
 
+    def labels(self, schema: Schema) -> List[int]:
+        """Every example's label (an LMDB's read from its Datums, as :func:`labels_of` does)."""
+        return labels_of(self.path, schema) if self.is_lmdb else [label for _, label in self.entries]
+
     def __len__(self) -> int:
         if self.is_lmdb:
             with self._lmdb() as env:

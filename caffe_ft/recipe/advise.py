@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -429,10 +430,11 @@ def _sample(source: DataSource, limit: int, seed: int) -> DataSource:
 
 def collect(net_path: str, weights: str, train_data: str, *, schema: Schema, root_folder: Optional[str] = None,
             transform: Optional[Dict[str, Any]] = None, sample: int = SAMPLE, batch_size: int = 16,
-            seed: int = 0, engine: str = "pycaffe") -> Tuple[List[Cut], Dict[str, "np.ndarray"], "np.ndarray", int]:
+            seed: int = 0, engine: str = "pycaffe"
+            ) -> Tuple[List[Cut], Dict[str, "np.ndarray"], "np.ndarray", Dict[int, int]]:
     """One forward pass of the trunk (through ``engine``) over a sample of
     ``train_data``: the cuts, each cut's features (one row per image), the
-    labels and the data set's size."""
+    sample's labels and the whole data set's examples per label."""
     import numpy as np
 
     from ..training.forward import forward_batches
@@ -441,7 +443,6 @@ def collect(net_path: str, weights: str, train_data: str, *, schema: Schema, roo
     request = Request(net_path, weights, train_data, root_folder=root_folder, transform=dict(transform or {}),
                       batch_size=batch_size)
     prepared = prepare(request, schema)
-    size = len(prepared.source)
     source = _sample(prepared.source, sample, seed)
     cuts = choose_cuts(prepared.trunk.net, prepared.trunk.feature_blob)
     advance = count_progress(len(source), "measuring")
@@ -454,7 +455,8 @@ def collect(net_path: str, weights: str, train_data: str, *, schema: Schema, roo
         for cut in cuts:
             parts[cut.blob].append(summarise(blobs[cut.blob], cut.role == "penultimate"))
         labels.append(batch_labels)
-    return cuts, {blob: np.concatenate(rows) for blob, rows in parts.items()}, np.concatenate(labels), size
+    counts = Counter(prepared.source.labels(schema))
+    return cuts, {blob: np.concatenate(rows) for blob, rows in parts.items()}, np.concatenate(labels), dict(counts)
 
 
 def measure(cuts: Sequence[Cut], features: Dict[str, "np.ndarray"], labels: "np.ndarray", dataset_size: int,
@@ -485,25 +487,14 @@ def measure(cuts: Sequence[Cut], features: Dict[str, "np.ndarray"], labels: "np.
     return measured
 
 
-def class_counts_of(source: DataSource) -> Optional[Dict[int, int]]:
-    """Images per label of an image list (None for an LMDB: the sample's counts stand in)."""
-    if source.is_lmdb:
-        return None
-    counts: Dict[int, int] = {}
-    for _, label in source.entries:
-        counts[label] = counts.get(label, 0) + 1
-    return counts
-
-
 def advise(net_path: str, weights: str, train_data: str, *, schema: Optional[Schema] = None,
            root_folder: Optional[str] = None, transform: Optional[Dict[str, Any]] = None, sample: int = SAMPLE,
            batch_size: int = 16, seed: int = 0, engine: str = "pycaffe") -> Advice:
     """Measure ``train_data`` with the net's frozen trunk (run by ``engine``,
     pycaffe or torch) and recommend a strategy."""
     schema = schema or load_schema()
-    cuts, features, labels, size = collect(net_path, weights, train_data, schema=schema, root_folder=root_folder,
-                                           transform=transform, sample=sample, batch_size=batch_size, seed=seed,
-                                           engine=engine)
-    source = DataSource.open(train_data, root_folder or "")
-    measured = measure(cuts, features, labels, size, class_counts_of(source), sample, seed)
+    cuts, features, labels, counts = collect(net_path, weights, train_data, schema=schema, root_folder=root_folder,
+                                             transform=transform, sample=sample, batch_size=batch_size, seed=seed,
+                                             engine=engine)
+    measured = measure(cuts, features, labels, sum(counts.values()), counts, sample, seed)
     return recommend(measured)
