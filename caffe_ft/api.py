@@ -135,12 +135,11 @@ def export_onnx(net_path: str, weights: Optional[str], output: str, options: "Ex
     from .recipe.rewrite import is_deploy, to_deploy
     from .formats import files
     from .formats.caffemodel import load_model
+    from .formats.upgrade import current_net
     from .net.graph import find_heads
 
     files.check_output(output, [net_path, weights], force)
     schema = schema or load_schema()
-    from .formats.upgrade import current_net
-
     net = current_net(files.load_text(net_path, schema, files.NET).message, net_path)
     model = load_model(weights, schema) if weights else None
     try:
@@ -148,11 +147,9 @@ def export_onnx(net_path: str, weights: Optional[str], output: str, options: "Ex
             shapes = {name: tuple(shape) for name, shape in options.input_shapes.items()}
             net = to_deploy(schema, net, find_heads(net).heads, input_shapes=shapes)
             out.write(f"{net_path}: not a deploy net: exporting the deploy net derived from it\n")
-        result = to_onnx.export(net, model, options, to_onnx.source_metadata(net_path, weights, options))
+        return to_onnx.write(net, model, options, output, net_path, weights)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
-    files.write_atomic(output, to_onnx.serialize(result))
-    return result
 
 
 def train(options: "TrainOptions", *, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "TrainResult":

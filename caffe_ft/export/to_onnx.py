@@ -824,3 +824,15 @@ def serialize(model: "onnx.ModelProto") -> bytes:
     data = bytes(model.SerializeToString())
     onnx.checker.check_model(data)  # bytes: the checker would serialize a ModelProto once more
     return data
+
+
+def write(net: Message, model: Optional[Model], options: ExportOptions, output: str, net_path: str,
+          weights_path: Optional[str]) -> "onnx.ModelProto":
+    """Export ``net`` (read from ``net_path``) with ``model`` (from
+    ``weights_path``), their files' metadata recorded, and write it to
+    ``output`` whole or not at all."""
+    from ..formats.files import write_atomic
+
+    result = export(net, model, options, source_metadata(net_path, weights_path, options))
+    write_atomic(output, serialize(result))
+    return result

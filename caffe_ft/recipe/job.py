@@ -196,9 +196,7 @@ def _export_onnx(schema: Schema, plan: RewritePlan, final: str, out: IO[str]) ->
     path = os.path.join(plan.outdir, ONNX)
     options = to_onnx.ExportOptions()
     try:
-        model = to_onnx.export(files.load_net(deploy, schema), load_model(final, schema), options,
-                               to_onnx.source_metadata(deploy, final, options))
-        files.write_atomic(path, to_onnx.serialize(model))
+        to_onnx.write(files.load_net(deploy, schema), load_model(final, schema), options, path, deploy, final)
     except CaffeFtError as exc:
         out.write(f"warning: {ONNX} not written: {exc.located(deploy)}\n")
         return f"{ONNX} not written: {exc}"
