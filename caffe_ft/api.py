@@ -70,15 +70,10 @@ def init(net_path: str, weights: str, output: str, *, seed: int = 0, phase: str 
     """Write the caffemodel the net starts from (``weights``' blobs where they fit,
     Caffe's fillers elsewhere) to ``output``; returns the check it rests on.
     ``output`` is never one of the inputs; an existing one is replaced only with ``force``."""
-    import os
-
     from .formats.caffemodel import save_model
+    from .formats.files import check_output
     from .net import weights as wt
 
-    from .formats.files import check_output, same_file
-
-    if os.path.exists(output) and same_file(output, weights):
-        raise CaffeFtError("-o names the input weights; write the new caffemodel elsewhere", output)
     check_output(output, [net_path, weights], force)  # never an input; an existing file only with force
     schema = schema or load_schema()
     net, model = load_net_and_model(net_path, weights, schema)

@@ -182,10 +182,8 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
     if in_place and output:
         raise click.UsageError("-o and --in-place exclude each other")
     target = file if in_place else output
-    if target is not None and not in_place and _same_file(target, file):
-        raise CaffeFtError("-o names the input file; use --in-place to overwrite it", file)
     if target is not None and not in_place:
-        files.check_output(target, [file, ctx.obj.get("proto")], force)
+        _check_output(ctx, target, [file], force, instead="use --in-place to overwrite it")
     schema = _schema(ctx)
     if files.is_binary(files.read_head(file)):
         from .formats.caffemodel import load_model, save_model, upgrade_model
@@ -208,19 +206,13 @@ def upgrade(ctx: click.Context, file: str, output: Optional[str], in_place: bool
         files.write_atomic(target, text)
 
 
-def _same_file(a: str, b: str) -> bool:
-    from .formats.files import same_file
-
-    return same_file(a, b)
-
-
 def _check_output(ctx: click.Context, target: Optional[str], inputs: List[Optional[str]], force: bool = False,
-                  option: str = "-o") -> None:
+                  option: str = "-o", instead: str = "write elsewhere") -> None:
     """The output policy for one file: never an input (nor --proto), existing only with --force."""
     from .formats.files import check_output
 
     if target is not None:
-        check_output(target, [*inputs, ctx.obj.get("proto")], force, option)
+        check_output(target, [*inputs, ctx.obj.get("proto")], force, option, instead)
 
 
 def _input_shapes(values: Any) -> Dict[str, Tuple[int, ...]]:

@@ -91,6 +91,8 @@ def test_init_never_overwrites_its_net_and_needs_force_for_an_existing_output(sm
     before = open(net, "rb").read()
     assert "names an input" in one_line_error(run("init", net, "--weights", weights, "-o", net))
     assert open(net, "rb").read() == before
+    assert "names an input" in one_line_error(run("init", net, "--weights", weights, "-o", weights, "--force"))
+    assert "use --in-place to overwrite it" in one_line_error(run("upgrade", weights, "-o", weights, "--force"))
     # A hard link to the net is the same file by inode.
     link = str(tmp_path / "hard.prototxt")
     os.link(net, link)

@@ -193,17 +193,19 @@ def same_file(a: str, b: str) -> bool:
 
 
 def check_output(
-    target: str, inputs: Iterable[Optional[str]] = (), force: bool = False, option: str = "-o"
+    target: str, inputs: Iterable[Optional[str]] = (), force: bool = False, option: str = "-o",
+    instead: str = "write elsewhere",
 ) -> str:
     """Refuse writing ``target`` when it is an input, or exists without ``force``.
 
     ``inputs`` are the command's input paths (None entries are skipped);
-    ``option`` names the option that gave the target, for the message.
-    Returns the real path the write will go to.
+    ``option`` names the option that gave the target, and ``instead`` what to
+    do when it names an input, for the message.  Returns the real path the
+    write will go to.
     """
     for source in inputs:
         if source and same_file(target, source):
-            raise CaffeFtError(f"{option} names an input of this command ({source}); write elsewhere", target)
+            raise CaffeFtError(f"{option} names an input of this command ({source}); {instead}", target)
     if os.path.isdir(target):
         raise CaffeFtError("is a directory, not a file", target)
     if not force and os.path.lexists(target):
