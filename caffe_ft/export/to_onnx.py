@@ -255,15 +255,6 @@ def _axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
 
-def _pair(param: Message, name: str, default: int) -> List[int]:
-    """Pooling's ``name`` for (h, w): ``name_h``/``name_w`` or ``name``."""
-    if param.HasField(f"{name}_h"):
-        return [getattr(param, f"{name}_h"), getattr(param, f"{name}_w")]
-    if param.HasField(name):
-        return [getattr(param, name)] * 2
-    return [default] * 2
-
-
 def _conv_dims(param: Message, name: str, axes: int, default: int, h_w: bool = True) -> List[int]:
     """ConvolutionParameter's per-axis ``name`` (``_h``/``_w``, once, or once per axis)."""
     if h_w and param.HasField(f"{name}_h"):
@@ -340,8 +331,7 @@ def _pooling(g: _Graph, layer: _Layer) -> None:
     if param.global_pooling:
         g.node("GlobalMaxPool" if param.pool == _MAX else "GlobalAveragePool", [x], [out], name)
         return
-    kernel = [param.kernel_size] * 2 if param.HasField("kernel_size") else [param.kernel_h, param.kernel_w]
-    stride, pad = _pair(param, "stride", 1), _pair(param, "pad", 0)
+    kernel, stride, pad, _ = shapes.pooling_geometry(message, layer.bottoms_a[0])
     sizes, outs = layer.bottoms_a[0][2:], layer.tops_a[0][2:]
     ends, divisors = [], []
     for size, o, k, s, p in zip(sizes, outs, kernel, stride, pad):
