@@ -95,6 +95,23 @@ def test_errors_are_one_line_with_location_and_exit_2(tmp_path, content, words):
         assert lines[0] == f"caffe-ft: error: {path}{words}" or lines[0].startswith(f"caffe-ft: error: {path}{words}")
 
 
+@pytest.mark.parametrize("compress, name, undo", [("gzip", "gzip", "gunzip"), ("bz2", "bzip2", "bunzip2"),
+                                                  ("lzma", "xz", "unxz")])
+def test_compressed_files_are_named_as_such(net, tmp_path, compress, name, undo):
+    """caffe-doc ships its prototxts gzipped: a compressed net or model is
+    called compressed by every reader, not 'binary' or 'not a valid caffemodel'."""
+    import importlib
+
+    packed = tmp_path / "train_val.prototxt.z"
+    packed.write_bytes(importlib.import_module(compress).compress(net.read_bytes()))
+    for command in (["fmt", str(packed)], ["inspect", str(packed)], ["upgrade", str(packed)],
+                    ["diff", str(net), str(packed)], ["check", str(net), "--weights", str(packed)]):
+        result = run(*command)
+        assert result.exit_code == 2, (command, result.output)
+        assert stderr_of(result).strip() == (f"caffe-ft: error: {packed}: this file is {name}-compressed; "
+                                             f"decompress it first (e.g. with {undo})"), (command, result.output)
+
+
 def test_missing_file_and_directory(tmp_path):
     result = run("fmt", str(tmp_path / "nope.prototxt"))
     assert result.exit_code == 2 and "nope.prototxt: no such file" in stderr_of(result)
