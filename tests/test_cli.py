@@ -242,6 +242,20 @@ def test_finetune_needs_data_and_writes_nothing_without_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_finetune_names_a_bad_list_from_where_the_user_stands(schema, tmp_path, monkeypatch):
+    """Training runs in OUTDIR, whose train_val names the list '../train.txt':
+    the error names it as the user gave it."""
+    deploy = os.path.join(EXAMPLE, "deploy.prototxt")
+    _pretrained(schema, deploy, tmp_path / "w.caffemodel")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.txt").write_text("nope.png 0\nnope.png 1\n")
+    (tmp_path / "val.txt").write_text("nope.png 2\n")
+    result = run("finetune", deploy, "--weights", "w.caffemodel", "--strategy", "last-fc", "--num-classes", "3",
+                 "--train-data", "train.txt", "--val-data", "val.txt", "--max-iter", "1", "-o", "out")
+    assert result.exit_code == 2, result.output
+    assert stderr_of(result).strip().splitlines()[-1].startswith("caffe-ft: error: train.txt:1: cannot load image")
+
+
 def test_rewrite_fits_test_iter_to_the_new_validation_list(tmp_path):
     (tmp_path / "train.txt").write_text("a.png 0\nb.png 1\n")
     (tmp_path / "val.txt").write_text("c.png 0\nd.png 1\ne.png 2\n")
