@@ -21,7 +21,9 @@ import functools
 import math
 import re
 from array import array
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from itertools import accumulate, repeat
+from operator import attrgetter, contains, itemgetter
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from typing import TYPE_CHECKING
 
@@ -37,21 +39,35 @@ if TYPE_CHECKING:
 
 # Protobuf 3.12's C++ ``io::Tokenizer`` as ``TextFormat`` (and so Caffe's
 # ReadProtoFromTextFile) sets it up: ``#`` comments, floats may end in ``f``.
-# One token per match, the white space before it included; what this does
-# not match is looked at by ``_bad_token`` to say what Caffe would say.
-_TOKEN = re.compile(
-    rb"""[ \t\r\n\f\v]*(?:
-      (\#[^\n\x00]*)
-    | ((?:0[xX][0-9a-fA-F]+|0[0-7]*(?![0-9.xX])|(?:(?:[1-9][0-9]*|0)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[fF]?)(?![A-Za-z0-9_.]))
-    | ([A-Za-z_][A-Za-z0-9_]*)
-    | ("(?:[^"\\\n\x00]|\\(?:[abfnrtv\\?'"0-7]|x[0-9a-fA-F]|u[0-9a-fA-F]{4}|U00[01][0-9a-fA-F]{5}))*"
-      |'(?:[^'\\\n\x00]|\\(?:[abfnrtv\\?'"0-7]|x[0-9a-fA-F]|u[0-9a-fA-F]{4}|U00[01][0-9a-fA-F]{5}))*')
-    | ([!$-&(-/:-@\[-^`{-\x7f])
+# One group: ``re.split`` cuts the text into gaps and tokens in one C loop
+# (the text decoded as Latin-1, one character per byte, so that offsets are
+# byte offsets); a gap that is not white space is looked at by ``_bad_token``
+# to say what Caffe would say.  The kinds of token start with different
+# characters but for ".": a number when one follows (".5"), else the symbol;
+# so the most frequent kinds go first, the lone "." last.
+_SPLIT = re.compile(
+    r"""(
+      [!$-&(-\-/:-@\[-^`{-\x7f]
+    | [A-Za-z_][A-Za-z0-9_]*
+    | (?:0[xX][0-9a-fA-F]+|0[0-7]*(?![0-9.xX])|(?:(?:[1-9][0-9]*|0)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[fF]?)(?![A-Za-z0-9_.])
+    | "(?:[^"\\\n\x00]|\\(?:[abfnrtv\\?'"0-7]|x[0-9a-fA-F]|u[0-9a-fA-F]{4}|U00[01][0-9a-fA-F]{5}))*"
+    | '(?:[^'\\\n\x00]|\\(?:[abfnrtv\\?'"0-7]|x[0-9a-fA-F]|u[0-9a-fA-F]{4}|U00[01][0-9a-fA-F]{5}))*'
+    | \#[^\n\x00]*
+    | \.
     )""",
     re.VERBOSE,
 )
 _KINDS = ("", "comment", "number", "ident", "string", "symbol")
 _TOKEN_KINDS = (*_KINDS, "eof")  # by a token's kind index (see _Tokens)
+_COMMENT, _NUMBER, _IDENT, _STRING, _SYMBOL, _EOF = range(1, 7)
+_DOT = 7  # a token starting with ".": a number (".5") or the symbol "."
+# A token's kind from its first byte (the regular expression has already told a token from what is not one).
+_FIRST_KIND = bytes(
+    _COMMENT if byte == 0x23 else _NUMBER if 0x30 <= byte <= 0x39 else _DOT if byte == 0x2E
+    else _IDENT if byte == 0x5F or 0x41 <= byte <= 0x5A or 0x61 <= byte <= 0x7A
+    else _STRING if byte in (0x22, 0x27) else _SYMBOL
+    for byte in range(256)
+)
 _SPACE = b" \t\r\n\f\v"
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b"abfnrtv\\?'\"01234567")
@@ -161,18 +177,29 @@ class _Lines:
 
 
 class Token:
-    __slots__ = ("kind", "text", "start", "end", "lines")
+    """Token ``at`` of a file's tokens: its kind and text; its byte offsets,
+    line and column are worked out when asked for (see :class:`_Tokens`)."""
 
-    def __init__(self, kind: str, text: str, start: int, end: int, lines: _Lines) -> None:
-        self.kind, self.text, self.start, self.end, self.lines = kind, text, start, end, lines
+    __slots__ = ("kind", "text", "at", "source")
+
+    def __init__(self, kind: str, text: str, at: int, source: "_Tokens") -> None:
+        self.kind, self.text, self.at, self.source = kind, text, at, source
+
+    @property
+    def start(self) -> int:
+        return self.source.starts[self.at]
+
+    @property
+    def end(self) -> int:
+        return self.source.ends[self.at]
 
     @property
     def line(self) -> int:
-        return self.lines.locate(self.start)[0]
+        return self.source.lines.locate(self.start)[0]
 
     @property
     def column(self) -> int:
-        return self.lines.locate(self.start)[1]
+        return self.source.lines.locate(self.start)[1]
 
     def __repr__(self) -> str:
         return f"Token({self.kind}, {self.text!r}, {self.line}:{self.column})"
@@ -194,7 +221,7 @@ class Node:
 
     __slots__ = (
         "name", "values", "value_tokens", "children", "before", "after", "closing",
-        "closing_after", "token", "end", "header_end", "number", "canonical", "colon", "listed",
+        "closing_after", "source", "at", "end_at", "header_at", "number", "canonical", "colon", "listed",
     )
 
     def __init__(self, name: str, children: Optional[List["Node"]] = None) -> None:
@@ -209,27 +236,47 @@ class Node:
         self.after: Optional[str] = None
         self.closing: List[str] = _NONE
         self.closing_after: Optional[str] = None
-        self.token: Optional[Token] = None  # the field name, for parsed nodes
+        # A parsed node's field name is token ``at`` of ``source`` (made a Token
+        # only when asked for); its last token is ``end_at``, a message's ``{`` is ``header_at``.
+        self.source: Optional[_Tokens] = None
+        self.at = 0
+        self.end_at = -1
+        self.header_at = -1
         # Filled by to_message: the field's number and its values as Caffe prints them.
         self.number = 0
         self.canonical: Optional[List[str]] = None
-        self.end = 0  # byte offset just past the value or the closing brace
-        self.header_end = 0  # for a message: just past its opening brace
         self.colon = True  # written with ':' after the name
         self.listed = False  # a scalar written in the ``name: [a, b]`` list form
 
     @property
+    def token(self) -> Optional[Token]:
+        """The field name's token, for parsed nodes."""
+        return self.source.token(self.at) if self.source is not None else None
+
+    @property
     def start(self) -> int:
         """Byte offset of the field name."""
-        return self.token.start if self.token is not None else 0
+        return self.source.starts[self.at] if self.source is not None else 0
+
+    @property
+    def end(self) -> int:
+        """Byte offset just past the value or the closing brace."""
+        return self.source.ends[self.end_at] if self.source is not None and self.end_at >= 0 else 0
+
+    @property
+    def header_end(self) -> int:
+        """For a message: byte offset just past its opening brace."""
+        return self.source.ends[self.header_at] if self.source is not None and self.header_at >= 0 else 0
 
     @property
     def line(self) -> int:
-        return self.token.line if self.token is not None else 0
+        token = self.token
+        return token.line if token is not None else 0
 
     @property
     def column(self) -> int:
-        return self.token.column if self.token is not None else 0
+        token = self.token
+        return token.column if token is not None else 0
 
     @property
     def is_message(self) -> bool:
@@ -257,106 +304,146 @@ class Node:
 # ---------------------------------------------------------------------------
 
 
-class _Tokens(NamedTuple):
-    """A file's tokens in columns: a kind index (into ``_TOKEN_KINDS``), a text
-    (one str per distinct text), a start and an end per token.  The parser
-    makes a :class:`Token` of each only as it reaches it, so the punctuation
-    it only steps over never lives as objects (a token costs ~25 bytes here
-    instead of ~140 as an object with two int objects)."""
+class _Tokens:
+    """A file's tokens in columns: a kind index (into ``_TOKEN_KINDS``) and a
+    text (one str per distinct text) per token.  The parser makes a
+    :class:`Token` of one only where it keeps it (a value) or is asked for it
+    (a node's position), so the names and punctuation it only steps over never
+    live as objects.  Byte offsets (``starts``, ``ends``) are worked out on
+    the first question (an error, a rewrite that edits the text): printing or
+    inspecting a file never needs them.  ``breaks[i]`` says whether a newline
+    comes before token ``i`` since the previous one, where comments need it."""
 
-    kinds: bytearray
-    texts: List[str]
-    starts: "array[int]"
-    ends: "array[int]"
-    lines: _Lines
+    __slots__ = ("kinds", "texts", "data", "lines", "breaks", "_starts", "_ends")
+
+    def __init__(self, kinds: bytearray, texts: List[str], data: bytes, lines: _Lines, breaks: bytes) -> None:
+        self.kinds, self.texts, self.data, self.lines, self.breaks = kinds, texts, data, lines, breaks
+        self._starts: Optional["array[int]"] = None
+        self._ends: Optional["array[int]"] = None
+
+    @property
+    def starts(self) -> "array[int]":
+        if self._starts is None:
+            self._starts, self._ends = _positions(self.data)
+        return self._starts
+
+    @property
+    def ends(self) -> "array[int]":
+        if self._ends is None:
+            self._starts, self._ends = _positions(self.data)
+        return self._ends
+
+    def token(self, index: int) -> Token:
+        return Token(_TOKEN_KINDS[self.kinds[index]], self.texts[index], index, self)
+
+
+def _offsets(parts: List[str]) -> "array[int]":
+    """Where each of ``re.split``'s parts starts, and the end of the last."""
+    return array("q", accumulate(map(len, parts), initial=0))
+
+
+def _positions(data: bytes) -> Tuple["array[int]", "array[int]"]:
+    """Start and end of every token of ``data`` (valid text), end of file included."""
+    offsets = _offsets(_SPLIT.split(data.decode("latin-1")))
+    starts, ends = offsets[1:-1:2], offsets[2::2]
+    starts.append(len(data))
+    ends.append(len(data))
+    return starts, ends
 
 
 def _tokenize(data: bytes, path: str) -> _Tokens:
+    """Cut ``data`` into tokens, or say where and why Caffe's tokenizer refuses it.
+
+    All per-token work runs in C (``re.split``, ``map``, ``bytes.translate``);
+    Python looks only at the rare tokens that start with a dot."""
     lines = _Lines(data)
-    kinds = bytearray()
-    texts: List[str] = []
-    starts, ends = array("q"), array("q")
-    add_kind, add_text, add_start, add_end = kinds.append, texts.append, starts.append, ends.append
-    pos = 0
-    previous = 0
-    number, ident, comment = _KINDS.index("number"), _KINDS.index("ident"), _KINDS.index("comment")
+    parts = _SPLIT.split(data.decode("latin-1"))  # gap, token, gap, token, ..., gap
     # One str per distinct token text: a net repeats its few field names, braces
     # and small numbers over and over (1.5 M ``layer {}`` are three texts, not 4.5 M).
-    known: Dict[bytes, str] = {}
-    for match in _TOKEN.finditer(data):
-        if match.start() != pos:
-            break
-        kind = match.lastindex or 0
-        start, pos = match.span(kind)
-        if kind == number and previous == ident and data[start:start + 1] == b"." and ends[-1] == start:
-            line, column = lines.locate(start)
-            raise CaffeFtError("Need space between identifier and decimal point.", path, line, column)
-        raw = data[start:pos]
-        text = known.get(raw)
-        if text is None:
-            text = known[raw] = raw.decode("utf-8", "surrogateescape")
-        add_kind(kind)
-        add_text(text)
-        add_start(start)
-        add_end(pos)
-        if kind != comment:
-            previous = kind
-    if data[pos:].strip(_SPACE):
-        bad, message = _bad_token(data, pos)
-        line, column = lines.locate(bad)
+    known: Dict[str, str] = {}
+    found = parts[1::2]
+    texts = list(map(known.setdefault, found, found))
+    del found
+    gaps = parts[0::2]  # gaps[i] comes before token i
+    bad = -1
+    if "".join(gaps).strip(" \t\r\n\f\v"):
+        index = next(i for i, gap in enumerate(gaps) if gap.strip(" \t\r\n\f\v"))
+        bad = _offsets(parts)[2 * index]
+    del parts
+    kinds = bytearray("".join(map(itemgetter(0), texts)).encode("latin-1").translate(_FIRST_KIND))
+    index = kinds.find(_DOT)
+    while index >= 0:
+        if len(texts[index]) == 1:
+            kinds[index] = _SYMBOL
+        elif index > 0 and kinds[index - 1] == _IDENT and not gaps[index]:
+            where = sum(map(len, gaps[:index + 1])) + sum(map(len, texts[:index]))  # Latin-1: one char a byte
+            if bad < 0 or where < bad:
+                line, column = lines.locate(where)
+                raise CaffeFtError("Need space between identifier and decimal point.", path, line, column)
+        else:
+            kinds[index] = _NUMBER
+        index = kinds.find(_DOT, index + 1)
+    if bad >= 0:
+        where, message = _bad_token(data, bad)
+        line, column = lines.locate(where)
         raise CaffeFtError(message, path, line, column)
-    add_kind(_TOKEN_KINDS.index("eof"))
-    add_text("")
-    add_start(len(data))
-    add_end(len(data))
-    return _Tokens(kinds, texts, starts, ends, lines)
+    breaks = bytes(map(contains, gaps, repeat("\n"))) if kinds.find(_COMMENT) >= 0 else b""
+    del gaps
+    if not data.isascii():  # Latin-1 back to what the bytes say (strings and comments only)
+        fixed = {text: text.encode("latin-1").decode("utf-8", "surrogateescape")
+                 for text in known if not text.isascii()}
+        if fixed:
+            texts = [fixed.get(text, text) for text in texts]
+    kinds.append(_EOF)
+    texts.append("")
+    return _Tokens(kinds, texts, data, lines, breaks)
 
 
 class _Parser:
+    """Text to tree.  :meth:`fields` walks the common forms (``name {``,
+    ``name: value``, ``}``, comments) in one loop over the token columns with
+    its own stack; every other form, and every error, goes through
+    :meth:`field` and the methods below it, which read :class:`Token`s."""
+
     def __init__(self, data: bytes, path: str) -> None:
         self.path = path
-        self.tokens = _tokenize(data, path)
+        self.tokens = tokens = _tokenize(data, path)
+        self.kinds, self.texts = tokens.kinds, tokens.texts
         self.data = data
         self.pos = 0
-        self.current: Optional[Token] = None  # the token at ``pos``, once made
-        self.last_end = -1  # end of the last significant token consumed
         self.last_owner: Optional[Tuple[Node, str]] = None  # who takes a trailing comment
 
     def error(self, message: str, token: Token) -> CaffeFtError:
         return CaffeFtError(message, self.path, token.line, token.column)
 
     def peek(self) -> Token:
-        token = self.current
-        if token is None:
-            pos, tokens = self.pos, self.tokens
-            token = self.current = Token(_TOKEN_KINDS[tokens.kinds[pos]], tokens.texts[pos], tokens.starts[pos],
-                                         tokens.ends[pos], tokens.lines)
-        return token
+        return self.tokens.token(self.pos)
 
     def take(self) -> Token:
-        token = self.current or self.peek()
+        token = self.tokens.token(self.pos)
         self.pos += 1
-        self.current = None
-        if token.kind != "comment":
-            self.last_end = token.end
         return token
 
     def comments(self) -> List[str]:
         """Consume comments; attach trailing ones, return whole-line ones."""
         own_lines: List[str] = _NONE
-        while self.peek().kind == "comment":
-            token = self.peek()
-            self.pos += 1
-            self.current = None
-            same_line = self.last_end >= 0 and self.data.find(b"\n", self.last_end, token.start) < 0
+        kinds, pos, breaks = self.kinds, self.pos, self.tokens.breaks
+        # Comments are consumed only here, so a comment right after a significant
+        # token (no newline between) is the first of its run, and has a token before it.
+        first = pos
+        while kinds[pos] == _COMMENT:
+            text = self.texts[pos]
+            same_line = pos == first and pos > 0 and not breaks[pos]
+            pos += 1
             if same_line and self.last_owner is not None and not own_lines:
                 node, slot = self.last_owner
-                setattr(node, slot, token.text)
+                setattr(node, slot, text)
                 self.last_owner = None
             else:
                 if not own_lines:
                     own_lines = []
-                own_lines.append(token.text)
+                own_lines.append(text)
+        self.pos = pos
         return own_lines
 
     def parse(self) -> Node:
@@ -366,18 +453,78 @@ class _Parser:
         return root
 
     def fields(self, parent: Node, closer: str, depth: int = 0) -> List[str]:
-        """Parse fields into ``parent`` until ``closer``; return dangling comments."""
-        assert parent.children is not None
+        """Parse fields into ``parent`` until ``closer``; return dangling comments.
+
+        Messages opened with ``{`` are parsed here too, on ``stack`` (their
+        parents' state), not by recursion: the loop and its locals are most
+        of what a big file costs."""
+        kinds, texts, tokens = self.kinds, self.texts, self.tokens
+        children = parent.children
+        assert children is not None
+        stack: List[Tuple[Node, str]] = []
+        pos = self.pos
         while True:
-            pending = self.comments()
-            token = self.peek()
-            if token.kind == "eof" or (closer and token.text == closer):
-                if token.kind == "eof" and closer:
-                    raise self.error(f'Expected "{closer}", found end of file.', token)
-                return pending
+            pending: List[str] = _NONE
+            kind = kinds[pos]
+            if kind == _COMMENT:
+                self.pos = pos
+                pending = self.comments()
+                pos = self.pos
+                kind = kinds[pos]
+            text = texts[pos]
+            if kind == _EOF or (closer and text == closer):
+                if kind == _EOF and closer:
+                    raise self.error(f'Expected "{closer}", found end of file.', tokens.token(pos))
+                if not stack:
+                    self.pos = pos
+                    return pending
+                parent.closing = pending
+                parent.end_at = pos
+                self.last_owner = (parent, "closing_after")
+                pos += 1
+                parent, closer = stack.pop()
+                children = parent.children
+                depth -= 1
+                if texts[pos] in (";", ","):
+                    pos += 1
+                continue
+            if kind == _IDENT:
+                after = pos + 1
+                value = texts[after]
+                colon = value == ":"
+                if colon:
+                    after += 1
+                    value = texts[after]
+                if value == "{":
+                    if depth >= MAX_DEPTH:
+                        raise self.error(f"Message is too deep: nested more than {MAX_DEPTH} levels",
+                                         tokens.token(after))
+                    node = Node(text, [])
+                    node.source, node.at, node.colon, node.before = tokens, pos, colon, pending
+                    node.header_at = after
+                    children.append(node)
+                    self.last_owner = (node, "after")
+                    stack.append((parent, closer))
+                    parent, closer, children = node, "}", node.children
+                    depth += 1
+                    pos = after + 1
+                    continue
+                if colon and _NUMBER <= kinds[after] <= _STRING and kinds[after + 1] != _STRING:
+                    node = Node(text)
+                    node.source, node.at, node.before = tokens, pos, pending
+                    node.values, node.value_tokens = [value], [[tokens.token(after)]]
+                    node.end_at = after
+                    children.append(node)
+                    self.last_owner = (node, "after")
+                    pos = after + 1
+                    if texts[pos] in (";", ","):
+                        pos += 1
+                    continue
+            self.pos = pos  # any other form, or an error
             nodes = self.field(depth)
             nodes[0].before = pending
-            parent.children.extend(nodes)
+            children.extend(nodes)
+            pos = self.pos
 
     def field(self, depth: int) -> List[Node]:
         """One field: a node, or one per message of a ``name: [{...}, {...}]`` list."""
@@ -388,7 +535,7 @@ class _Parser:
             found = name_token.text or "end of file"
             raise self.error(f"Expected identifier, got: {found}", name_token)
         node = Node(name_token.text)
-        node.token = name_token
+        node.source, node.at = self.tokens, self.pos - 1
         node.colon = self.peek().text == ":"
         if node.colon:
             self.take()
@@ -410,11 +557,11 @@ class _Parser:
                         raise self.error(f'Expected ",", found "{self.peek().text}".', self.peek())
                     self.take()
             close = self.take()
-            nodes[-1].end = close.end
+            nodes[-1].end_at = close.at
             self.last_owner = (nodes[-1], "closing_after" if nodes[-1].is_message else "after")
         elif node.colon:
             self.scalar(node)
-            node.end = node.value_tokens[-1][-1].end
+            node.end_at = node.value_tokens[-1][-1].at
             self.last_owner = (node, "after")
         else:
             raise self.error(f'Expected ":", found "{opener.text}".', opener)
@@ -427,7 +574,7 @@ class _Parser:
         nodes: List[Node] = []
         while True:
             node = first if not nodes else Node(first.name)
-            node.token, node.colon = first.token, first.colon
+            node.source, node.at, node.colon = first.source, first.at, first.colon
             if self.peek().text not in ("{", "<"):
                 raise self.error(f'Expected "{{", found "{self.peek().text}".', self.peek())
             self.message_body(node, depth)
@@ -442,13 +589,13 @@ class _Parser:
         opener = self.take()
         if depth >= MAX_DEPTH:
             raise self.error(f"Message is too deep: nested more than {MAX_DEPTH} levels", opener)
-        node.header_end = opener.end
+        node.header_at = opener.at
         node.children = []
         self.last_owner = (node, "after")
         closer = "}" if opener.text == "{" else ">"
         node.closing = self.fields(node, closer, depth + 1)
         close = self.take()
-        node.end = close.end
+        node.end_at = close.at
         self.last_owner = (node, "closing_after")
 
     def scalar(self, node: Node) -> None:
@@ -607,11 +754,13 @@ class _Converter:
                     found = "[" if child.listed else child.values[0]
                     raise self.error(f'Expected "{{", found "{found}" ({child.name} is a message).', child)
                 if message is None:
-                    self.fill(child, field.message_type, None)
+                    if child.children:  # an empty message (``layer {}``) has nothing to check
+                        self.fill(child, field.message_type, None)
                     continue
                 sub = getattr(message, child.name).add() if repeated else getattr(message, child.name)
                 sub.SetInParent()
-                self.fill(child, field.message_type, sub)
+                if child.children:
+                    self.fill(child, field.message_type, sub)
                 continue
             if not child.colon:
                 found = "[" if child.listed else "{"
@@ -819,33 +968,41 @@ def render(root: Node) -> str:
         return f"  {comment}" if comment else ""
 
     # A message's opening and closing lines repeat (``layer {`` thousands of
-    # times): one str each, shared, keeps the list of lines small.
-    shared: Dict[str, str] = {}
+    # times): one str each, shared, keeps the list of lines small.  By indent:
+    # the opening line of each field name, and the closing line.
+    levels: Dict[str, Tuple[Dict[str, str], str]] = {}
 
-    def line(text: str) -> str:
-        return shared.setdefault(text, text)
+    def emit(children: List[Node], indent: str) -> None:
+        level = levels.get(indent)
+        if level is None:
+            level = levels[indent] = ({}, f"{indent}}}\n")
+        openings, closing = level
+        for node in children:
+            if node.before:
+                comment_lines(node.before, indent)
+            name = node.name
+            inner = node.children
+            if inner is None:
+                if node.after and node.values:  # (``name: []`` prints nothing, not even its comment)
+                    out.append(f"{indent}{name}: {node.values[0]}{trailing(node.after)}\n")
+                    out.extend(f"{indent}{name}: {value}\n" for value in node.values[1:])
+                else:
+                    out.extend(f"{indent}{name}: {value}\n" for value in node.values)
+                continue
+            if node.after:
+                out.append(f"{indent}{name} {{{trailing(node.after)}\n")
+            else:
+                opening = openings.get(name)
+                if opening is None:
+                    opening = openings[name] = f"{indent}{name} {{\n"
+                out.append(opening)
+            if inner:
+                emit(inner, indent + "  ")
+            if node.closing:
+                comment_lines(node.closing, indent + "  ")
+            out.append(f"{indent}}}{trailing(node.closing_after)}\n" if node.closing_after else closing)
 
-    def emit(node: Node, indent: str) -> None:
-        if node.before:
-            comment_lines(node.before, indent)
-        if node.children is None:
-            for i, value in enumerate(node.values):
-                comment = node.after if i == 0 else None
-                out.append(f"{indent}{node.name}: {value}{trailing(comment)}\n")
-            return
-        if node.after:
-            out.append(f"{indent}{node.name} {{{trailing(node.after)}\n")
-        else:
-            out.append(line(f"{indent}{node.name} {{\n"))
-        inner = indent + "  "
-        for child in node.children:
-            emit(child, inner)
-        if node.closing:
-            comment_lines(node.closing, inner)
-        out.append(f"{indent}}}{trailing(node.closing_after)}\n" if node.closing_after else line(f"{indent}}}\n"))
-
-    for child in root.children or ():
-        emit(child, "")
+    emit(root.children or [], "")
     comment_lines(root.closing, "")
     return "".join(out)
 
@@ -857,13 +1014,20 @@ def canonicalize(root: Node) -> Node:
     and values take Caffe's spelling, so ``render(canonicalize(tree))`` is
     the C++ printout of the message plus the tree's comments.
     """
-    for child in root.children or ():
+    children = root.children
+    if not children:
+        return root
+    for child in children:
         if child.canonical is not None:
             child.values = child.canonical
-        canonicalize(child)
-    if root.children:
-        root.children.sort(key=lambda child: child.number)
+        if child.children:
+            canonicalize(child)
+    if len(children) > 1:
+        children.sort(key=_NUMBER_OF)
     return root
+
+
+_NUMBER_OF = attrgetter("number")
 
 
 @pausing
