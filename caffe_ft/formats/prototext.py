@@ -727,6 +727,12 @@ def _string_record(field: FieldDescriptor, raw: bytes) -> bytes:
 class _Converter:
     def __init__(self, path: str) -> None:
         self.path = path
+        # A one-token value of a field always reads the same: its value and
+        # canonical text, by (field, token text).  A net repeats its values
+        # (``kernel_size: 3``, ``type: "ReLU"``) thousands of times.
+        self.known: Dict[Tuple[Any, str], Tuple[Any, str]] = {}
+        # By message type, by field name: the field, whether repeated, whether a message.
+        self.fields: Dict[Any, Dict[str, Tuple[Any, bool, bool]]] = {}
 
     def error(self, message: str, token: Any) -> CaffeFtError:
         return CaffeFtError(message, self.path, token.line, token.column)
@@ -735,18 +741,25 @@ class _Converter:
         """Check ``node``'s fields against ``descriptor`` (a protobuf ``Descriptor``
         or a :class:`TableMessage`), setting canonical values; fill ``message`` unless None."""
         seen: Dict[str, Node] = {}
+        fields = self.fields.get(descriptor)
+        if fields is None:
+            fields = self.fields[descriptor] = {}
         for child in node.children or ():
-            field = descriptor.fields_by_name.get(child.name)
-            if field is None:
-                raise self.error(
-                    f'Message type "{descriptor.full_name}" has no field named "{child.name}"; {FORK_HINT}', child
-                )
-            repeated = is_repeated(field)
-            if not repeated and child.name in seen:
-                raise self.error(f'Non-repeated field "{child.name}" is specified multiple times.', child)
-            seen[child.name] = child
+            about = fields.get(child.name)
+            if about is None:
+                field = descriptor.fields_by_name.get(child.name)
+                if field is None:
+                    raise self.error(
+                        f'Message type "{descriptor.full_name}" has no field named "{child.name}"; {FORK_HINT}', child
+                    )
+                about = fields[child.name] = (field, is_repeated(field), field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP))
+            field, repeated, is_message = about
+            if not repeated:
+                if child.name in seen:
+                    raise self.error(f'Non-repeated field "{child.name}" is specified multiple times.', child)
+                seen[child.name] = child
             child.number = field.number
-            if field.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+            if is_message:
                 if not child.is_message:
                     if child.listed and not child.values and repeated:
                         child.canonical = []
@@ -757,8 +770,11 @@ class _Converter:
                     if child.children:  # an empty message (``layer {}``) has nothing to check
                         self.fill(child, field.message_type, None)
                     continue
-                sub = getattr(message, child.name).add() if repeated else getattr(message, child.name)
-                sub.SetInParent()
+                if repeated:
+                    sub = getattr(message, child.name).add()  # present once added
+                else:
+                    sub = getattr(message, child.name)
+                    sub.SetInParent()
                 if child.children:
                     self.fill(child, field.message_type, sub)
                 continue
@@ -770,8 +786,24 @@ class _Converter:
                 raise self.error(f"Expected {expected}, got: {{ ({child.name} takes a value)", child)
             if child.listed and not repeated:
                 raise self.error(f"Expected {expected}, got: [ ({child.name} is not repeated)", child)
-            values = [self.scalar(field, tokens) for tokens in child.value_tokens]
-            child.canonical = [format_value(field, value) for value in values]
+            values = []
+            canonical = []
+            for tokens in child.value_tokens:
+                key = (field, tokens[0].text) if len(tokens) == 1 else None
+                known = self.known.get(key) if key is not None else None
+                if known is None:
+                    text = tokens[0].text
+                    if (key is not None and field.type == FD.TYPE_STRING and text[0] == '"'
+                            and _PLAIN_TEXT.fullmatch(text, 1, len(text) - 1)):
+                        known = (text[1:-1], text)  # printable ASCII, no escapes: prints as written
+                    else:
+                        value = self.scalar(field, tokens)
+                        known = (value, format_value(field, value))
+                    if key is not None:
+                        self.known[key] = known
+                values.append(known[0])
+                canonical.append(known[1])
+            child.canonical = canonical
             if message is None:
                 continue
             if repeated:
@@ -887,6 +919,7 @@ def check_tree(root: Node, table: TableMessage, path: str = "<text>") -> Node:
 
 # Bytes that print as themselves: printable ASCII but for the quotes and the backslash.
 _PLAIN = re.compile(rb"[ !#-&(-\[\]-~]*")
+_PLAIN_TEXT = re.compile(_PLAIN.pattern.decode("ascii"))
 
 
 def _escape(raw: bytes) -> str:

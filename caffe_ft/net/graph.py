@@ -105,11 +105,13 @@ def find_heads(net: Message) -> HeadSearch:
     loss, Softmax or Accuracy layer through parameter-free layers only.
     """
     layers = list(net.layer)
+    stack = [i for i, layer in enumerate(layers) if layer.type in SINK_TYPES]
+    if not stack:
+        return HeadSearch((), ())
     sources = producers(layers)
     heads: set = set()
     blocked: set = set()
     seen: set = set()
-    stack = [i for i, layer in enumerate(layers) if layer.type in SINK_TYPES]
     for start in list(stack):
         seen.add(start)
     while stack:

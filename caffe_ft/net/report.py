@@ -58,20 +58,22 @@ def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]
     steps = iter(inferred.layers) if inferred is not None else iter(())
     layers = []
     for layer in net.layer:
-        count = graph.param_blob_count(layer)
-        mults = graph.lr_mults(layer)
         params = []
-        for i in range(count):
-            spec = layer.param[i] if i < len(layer.param) else None
-            params.append({"lr_mult": mults[i], "decay_mult": spec.decay_mult if spec is not None else 1.0})
+        learnable = False
+        if graph.param_blob_count(layer):  # most layers have no parameters: nothing more to ask
+            mults = graph.lr_mults(layer)
+            specs = layer.param
+            for i, mult in enumerate(mults):
+                params.append({"lr_mult": mult, "decay_mult": specs[i].decay_mult if i < len(specs) else 1.0})
+            learnable = any(mult != 0 for mult in mults)  # graph.is_learnable
         entry: Dict[str, Any] = {
             "name": layer.name,
             "type": layer.type,
             "bottom": list(layer.bottom),
             "top": list(layer.top),
-            "phase": _rules(layer),
+            "phase": _rules(layer) if layer.include or layer.exclude else "",
             "params": params,
-            "learnable": graph.is_learnable(layer),
+            "learnable": learnable,
         }
         if inferred is not None and is_included(layer, "TEST"):
             step = next(steps)
@@ -89,13 +91,12 @@ def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]
     return info
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns two spaces apart, trailing spaces cut (one format
+    call a row: a net may have a million layers)."""
+    widths = [max(map(len, map(str, column))) for column in zip(header, *rows)]
+    line = "  ".join(f"{{!s:<{width}}}" for width in widths).format
+    return "\n".join([line(*row).rstrip() for row in [header, *rows]])
 
 
 def _mult(value: float) -> str:
@@ -120,7 +121,7 @@ def format_net(info: Dict[str, Any]) -> str:
     rows = []
     for layer in info["layers"]:
         params = layer["params"]
-        mults = "/".join(f"{_mult(p['lr_mult'])}:{_mult(p['decay_mult'])}" for p in params) or "-"
+        mults = "/".join(f"{_mult(p['lr_mult'])}:{_mult(p['decay_mult'])}" for p in params) if params else "-"
         flow = f"{','.join(layer['bottom']) or '-'} -> {','.join(layer['top']) or '-'}"
         learn = "yes" if layer["learnable"] else ("frozen" if params else "")
         row = [layer["name"], layer["type"], flow, layer["phase"], mults, learn]

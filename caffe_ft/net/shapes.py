@@ -143,7 +143,10 @@ def filter_layers(
     to ``caffe.Net`` to those of the net's own ``state``, and :func:`infer`
     does the same.
     """
-    return [layer for layer in net.layer if is_included(layer, phase, level, stages)]
+    number = _phase_number(phase)
+    # Most layers have no rules: kept without looking further (a net may have a million layers).
+    return [layer for layer in net.layer
+            if not (layer.include or layer.exclude) or is_included(layer, number, level, stages)]
 
 
 # --------------------------------------------------------------------------
