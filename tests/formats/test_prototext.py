@@ -276,3 +276,103 @@ def test_parsing_runs_no_cyclic_collection_and_leaves_the_collector_on():
     # At most one as each pause ends (the allocations it held back), not one per 700 allocations.
     assert len(collections) <= 3
     assert gc.isenabled()
+
+
+# The tokenizer cuts the text in one re.split and works out byte offsets only when asked; the
+# parser walks the common forms in one loop and the others through its general methods.
+POSITIONS_TEXT = (
+    "# head \xe9\n"
+    "name: 'n\xe9t'  # after name\n"
+    "layer {\t# after open\n"
+    "\tname: \"a\" type: 'ReLU'; bottom: \"x\" top: \"x\"\n"
+    "  # closing comment\n"
+    "} # after close\n"
+    "layer < name: \"b\" include: [{ phase: TEST }, <stage: 's'>] > ;\n"
+    "input_dim: [1, 2] input_dim: -3 layer: { name: \"c\" \"d\" param { lr_mult: .5 decay_mult: 1e1f } }\n"
+    "# tail\n"
+).encode("utf-8")
+
+
+def _line_column(data: bytes, pos: int):
+    """1-based line and column of byte ``pos``, tabs to multiples of 8 (an independent count)."""
+    line_start = data.rfind(b"\n", 0, pos) + 1
+    column = 0
+    for byte in data[line_start:pos]:
+        column = (column // 8 + 1) * 8 if byte == 9 else column + 1
+    return data.count(b"\n", 0, pos) + 1, column + 1
+
+
+def _walk(node):
+    yield node
+    for child in node.children or ():
+        yield from _walk(child)
+
+
+def test_nodes_and_tokens_point_at_their_bytes():
+    data = POSITIONS_TEXT
+    root = prototext.parse(data, "t.prototxt")
+    nodes = list(_walk(root))[1:]
+    assert [n.name for n in nodes if n.name == "layer"] == ["layer"] * 3
+    for node in nodes:
+        assert data[node.start:node.start + len(node.name)] == node.name.encode()
+        assert (node.line, node.column) == _line_column(data, node.start)
+        if node.is_message:
+            assert data[node.header_end - 1:node.header_end] in (b"{", b"<")
+            assert data[node.end - 1:node.end] in (b"}", b">", b"]")
+        else:
+            for tokens in node.value_tokens:
+                for token in tokens:
+                    assert data[token.start:token.end].decode("utf-8") == token.text
+                    assert (token.line, token.column) == _line_column(data, token.start)
+            assert data[node.end - 1:node.end] in (b'"', b"'", b"]") or data[node.end - 1:node.end].isalnum()
+    values = {n.name: n.values for n in nodes if not n.is_message}
+    assert values["input_dim"] == ["-3"] and values["lr_mult"] == [".5"] and values["decay_mult"] == ["1e1f"]
+    assert [n.values for n in nodes if n.name == "name"][-1] == ['"c""d"']
+
+
+def test_comments_attach_by_line_with_fast_and_general_forms():
+    root = prototext.parse(POSITIONS_TEXT, "t.prototxt")
+    name, first, second, dims, dims2, third = root.children
+    assert name.before == ["# head \xe9"] and name.after == "# after name"
+    assert first.after == "# after open" and first.closing == ["# closing comment"]
+    assert first.closing_after == "# after close"
+    assert second.is_message and [c.name for c in second.children] == ["name", "include", "include"]
+    assert root.closing == ["# tail"]
+    assert third.children[0].values == ['"c""d"']
+
+
+def test_non_ascii_text_keeps_its_bytes():
+    data = b"name: '\xc3\xa9\\x41' # \xff latin-1\nlayer {}\n"
+    root = prototext.parse(data, "t.prototxt")
+    assert root.children[0].values == ["'\xe9\\x41'"]
+    assert root.children[0].after == "# \udcff latin-1"
+    assert root.children[1].start == data.index(b"layer")
+
+
+@pytest.mark.parametrize(
+    "text, message, where",
+    [
+        (b"name: 'x'\nlayer.5 {}", "Need space between identifier and decimal point.", (2, 6)),
+        (b"name: 'x' \x01 a.5", "Invalid control characters encountered in text.", (1, 11)),
+        (b"a.5 \x01", "Need space between identifier and decimal point.", (1, 2)),
+        (b"name: 'x'\n\tlayer { name: \xc3\xa9 }", "Interpreting non ascii codepoint 195.", (2, 23)),
+        (b"layer { name: 'x' ", 'Expected "}", found end of file.', (1, 19)),
+        (b"layer { name: 'x' }\n}", "Expected identifier, got: }", (2, 1)),
+    ],
+)
+def test_token_errors_name_the_first_problem(text, message, where):
+    with pytest.raises(CaffeFtError) as info:
+        prototext.parse(text, "t.prototxt")
+    assert message in str(info.value)
+    assert f"t.prototxt:{where[0]}:{where[1]}" in str(info.value)
+
+
+def test_repeated_values_read_alike_and_strings_keep_their_escapes(schema):
+    text = ("".join(f'layer {{ name: "l{i}" type: "ReLU" bottom: "x" top: "x" }}\n' for i in range(3))
+            + "layer { name: 'q\\'s' type: \"a\\x41\\n\" }\n")
+    root = prototext.parse(text.encode(), "t.prototxt")
+    net = prototext.to_message(root, schema.new("NetParameter"), "t.prototxt")
+    assert [layer.type for layer in net.layer] == ["ReLU"] * 3 + ["aA\n"]
+    assert net.layer[3].name == "q's"
+    out = prototext.render(prototext.canonicalize(root))
+    assert 'name: "q\\\'s"' in out and 'type: "aA\\n"' in out and out.count('type: "ReLU"') == 3
