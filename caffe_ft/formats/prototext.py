@@ -1016,11 +1016,12 @@ def render(root: Node) -> str:
             name = node.name
             inner = node.children
             if inner is None:
-                if node.after and node.values:  # (``name: []`` prints nothing, not even its comment)
-                    out.append(f"{indent}{name}: {node.values[0]}{trailing(node.after)}\n")
-                    out.extend(f"{indent}{name}: {value}\n" for value in node.values[1:])
-                else:
-                    out.extend(f"{indent}{name}: {value}\n" for value in node.values)
+                values = node.values
+                if len(values) == 1 and not node.after:
+                    out.append(f"{indent}{name}: {values[0]}\n")
+                    continue
+                for i, value in enumerate(values):  # (``name: []`` prints nothing, not even its comment)
+                    out.append(f"{indent}{name}: {value}{trailing(node.after) if i == 0 else ''}\n")
                 continue
             if node.after:
                 out.append(f"{indent}{name} {{{trailing(node.after)}\n")
