@@ -459,9 +459,9 @@ class _Parser:
         parents' state), not by recursion: the loop and its locals are most
         of what a big file costs."""
         kinds, texts, tokens = self.kinds, self.texts, self.tokens
-        children = parent.children
-        assert children is not None
-        stack: List[Tuple[Node, str]] = []
+        assert parent.children is not None
+        children: List[Node] = parent.children
+        stack: List[Tuple[Node, str, List[Node]]] = []
         pos = self.pos
         while True:
             pending: List[str] = _NONE
@@ -482,8 +482,7 @@ class _Parser:
                 parent.end_at = pos
                 self.last_owner = (parent, "closing_after")
                 pos += 1
-                parent, closer = stack.pop()
-                children = parent.children
+                parent, closer, children = stack.pop()
                 depth -= 1
                 if texts[pos] in (";", ","):
                     pos += 1
@@ -499,13 +498,14 @@ class _Parser:
                     if depth >= MAX_DEPTH:
                         raise self.error(f"Message is too deep: nested more than {MAX_DEPTH} levels",
                                          tokens.token(after))
-                    node = Node(text, [])
+                    inner: List[Node] = []
+                    node = Node(text, inner)
                     node.source, node.at, node.colon, node.before = tokens, pos, colon, pending
                     node.header_at = after
                     children.append(node)
                     self.last_owner = (node, "after")
-                    stack.append((parent, closer))
-                    parent, closer, children = node, "}", node.children
+                    stack.append((parent, closer, children))
+                    parent, closer, children = node, "}", inner
                     depth += 1
                     pos = after + 1
                     continue
