@@ -474,9 +474,12 @@ def _names(layers: Sequence[Message], indices: Set[int]) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(layers[i].name for i in sorted(indices)))
 
 
-def _listing(names: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+def _listing(names: Sequence[str], limit: int = 8) -> str:
+    """``names`` joined, or their first and last few where there are more than ``limit``."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    half = limit // 2
+    return f"{', '.join(names[:half])}, ..., {', '.join(names[-half:])} ({len(names)} in all)"
 
 
 def _decide(
@@ -510,7 +513,7 @@ def _set_body_multipliers(
     if frozen:
         bn = "; BatchNorm: use_global_stats" if any(layers[i].type == "BatchNorm" for i in frozen) else ""
         notes.append(
-            f"froze {len(frozen)} layer(s): {', '.join(_names(layers, frozen))} "
+            f"froze {len(frozen)} layer(s): {_listing(_names(layers, frozen))} "
             f"(lr_mult {options.frozen_lr_mult:g}, decay_mult 0{bn})"
         )
     kept = frozen | skip  # built once: a union inside the comprehension would make this quadratic
