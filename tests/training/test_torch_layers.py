@@ -3,7 +3,8 @@ and backward: InfogainLoss (H from a .binaryproto or a bottom), HDF5Data,
 DummyData, Reduction, MVN, Tile, Embed, Parameter, BatchReindex, SPP,
 ContrastiveLoss, HingeLoss, MultinomialLogisticLoss, Filter, Im2col,
 HDF5Output (the file it writes), LSTM and RNN (cont resets, the state carried
-from one pass to the next, a static input, exposed hidden states).
+from one pass to the next, a static input, exposed hidden states), WindowData
+(windows with context padding, square crops, mean file or values).
 
 Small nets made here run in pycaffe (tests/training/torch_layers_ref.py, in the
 reference environment) and in the torch engine on the host: every blob after
@@ -166,6 +167,20 @@ def _nets() -> List[Dict[str, Any]]:
         + 'layer { name: "out" type: "HDF5Output" bottom: "x" bottom: "label" hdf5_output_param { '
         'file_name: "written.h5" } }\n' + _ip("x", "f"),
         inputs={"data": _values(rng, 3, 2, 2), "label": [2, 0, 1]}, written=["written.h5"])
+    # One foreground and one background window (a third, between the thresholds, is dropped): the draws
+    # cannot differ from Caffe's.  Context padding past the image's edge; a square crop with a mean file.
+    add("window_data",
+        'layer { name: "w1" type: "WindowData" top: "data1" top: "label1" transform_param { crop_size: 10 '
+        'mean_value: 100 } window_data_param { source: "windows.txt" batch_size: 4 fg_fraction: 0.5 '
+        'bg_threshold: 0.2 context_pad: 2 scale: 0.5 } }\n'
+        'layer { name: "w2" type: "WindowData" top: "data2" top: "label2" transform_param { crop_size: 9 '
+        'mean_file: "window_mean.binaryproto" } window_data_param { source: "windows.txt" batch_size: 3 '
+        'fg_fraction: 0.34 bg_threshold: 0.2 crop_mode: "square" } }\n' + _ip("data1", "f1") + _ip("data2", "f2"),
+        passes=2, text_files={"windows.txt": "# 0\nimg0.png\n3 20 16\n2\n3 0.9 2 3 12 17\n1 0.3 0 0 5 5\n"
+                                             "# 1\nimg1.png\n3 12 18\n1\n0 0.1 4 1 15 10\n"},
+        images={"img0.png": rng.integers(0, 256, (20, 16, 3)).tolist(),
+                "img1.png": rng.integers(0, 256, (12, 18, 3)).tolist()},
+        binaryproto={"window_mean.binaryproto": np.round(rng.uniform(0, 255, (1, 3, 12, 12)), 2).tolist()})
     # Streams 0 and 1 start sequences inside the batch; stream 2 carries its state over from the pass before.
     cont = [[0, 0, 1], [1, 1, 1], [1, 0, 1], [1, 1, 0]]
     for kind in ("LSTM", "RNN"):
@@ -192,13 +207,23 @@ def _nets() -> List[Dict[str, Any]]:
 NETS = _nets()
 
 
+def _png(pixels: List[Any]) -> bytes:
+    import cv2
+
+    ok, data = cv2.imencode(".png", np.asarray(pixels, np.uint8))
+    assert ok
+    return bytes(data.tobytes())
+
+
 @pytest.fixture(scope="module")
 def reference() -> str:
-    files = {"nets.json": dumps([{key: value for key, value in net.items() if key not in ("text", "text_files")}
+    files = {"nets.json": dumps([{key: value for key, value in net.items()
+                                  if key not in ("text", "text_files", "images")}
                                  for net in NETS])}
     for net in NETS:
         files[net["prototxt"]] = net["text"].encode()
         files.update({name: text.encode() for name, text in net.get("text_files", {}).items()})
+        files.update({name: _png(pixels) for name, pixels in net.get("images", {}).items()})
     return cached_dir("layers", files, helper=HELPER)
 
 
@@ -220,7 +245,7 @@ def test_layer_matches_pycaffe_forward_and_backward(reference: str, schema, name
     if entry.get("written"):  # files the net writes: ours go elsewhere, beside pycaffe's
         shutil.copy(entry["prototxt"], tmp_path)
         monkeypatch.chdir(tmp_path)
-    sources = [layer for layer in param.layer if layer.type in ("HDF5Data", "DummyData")]
+    sources = [layer for layer in param.layer if layer.type in ("HDF5Data", "DummyData", "WindowData")]
     net = CaffeNet(param, entry.get("phase", "TEST"),
                    input_shapes=input_shapes(sources, schema, entry.get("phase", "TEST")) or None)
     net.load_blobs(load_model(os.path.join(reference, name, "weights.caffemodel"), schema).layer_blobs(), strict=True)
@@ -278,9 +303,6 @@ def _refused(schema, text: str) -> str:  # type: ignore[no-untyped-def]
      "the torch engine has none of: train with --engine pycaffe, or feed the net through an Input layer"),
     ('layer { name: "src" type: "Python" top: "data" python_param { module: "m" layer: "L" } }',
      "a Python layer runs a caffe.Layer subclass, which needs pycaffe: train with --engine pycaffe"),
-    ('layer { name: "src" type: "WindowData" top: "data" top: "label" window_data_param { source: "w.txt" '
-     'batch_size: 2 } }',
-     "the torch engine does not read R-CNN window files (WindowData): train with --engine pycaffe"),
     ('layer { name: "src" type: "LSTMUnit" bottom: "x" top: "data" }', "the torch engine has no 'LSTMUnit' layer"),
 ])
 def test_layers_the_engine_cannot_run_are_refused_saying_why(schema, layer: str,  # type: ignore[no-untyped-def]
@@ -300,6 +322,32 @@ def test_a_filter_feeds_only_layers_that_take_any_number_of_items(schema) -> Non
             'layer { name: "bn" type: "BatchNorm" bottom: "fx" top: "bn" }\n')
     assert _refused(schema, text) == ("layer 'bn': the torch engine runs 'BatchNorm' on a fixed number of items, "
                                       "not on the items Filter 'filter' selects")
+
+
+@pytest.mark.parametrize("windows, says", [
+    ("# 0\nimg.png\n3 8 8\n1\n2 0.9 0 0 5 5\n",
+     "windows.txt: WindowData needs both foreground and background windows"),
+    ("# 0\nimg.png\n3 8 8\n2\n0 0.9 0 0 5 5\n0 0.1 0 0 5 5\n",
+     "windows.txt: not a window file: a foreground window of image 0 has label 0"),
+    ("# 0\nimg.png\n1 8 8\n1\n0 0.1 0 0 5 5\n",
+     "windows.txt: not a window file: image 0 has 1 channels; WindowData reads colour images (3)"),
+    ("# 0\nimg.png\n3 8 8\n2\n1 0.9 0 0 5 5\n", "windows.txt: not a window file: it ends inside an entry"),
+    ("0\nimg.png\n", "windows.txt: not a window file: expected '#' where '0' is"),
+])
+def test_window_files_caffe_would_refuse_are_errors(schema, tmp_path, monkeypatch,  # type: ignore[no-untyped-def]
+                                                    windows: str, says: str) -> None:
+    from caffe_ft.errors import CaffeFtError
+    from caffe_ft.formats import prototext
+    from caffe_ft.training.torch.data import WindowDataSource
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "windows.txt").write_text(windows)
+    text = ('layer { name: "w" type: "WindowData" top: "data" top: "label" transform_param { crop_size: 4 } '
+            'window_data_param { source: "windows.txt" batch_size: 2 } }')
+    layer = prototext.to_message(prototext.parse(text.encode()), schema.new("NetParameter")).layer[0]
+    with pytest.raises(CaffeFtError) as caught:
+        WindowDataSource(layer, schema, "TRAIN")
+    assert str(caught.value) == says
 
 
 def _stochastic_net(schema, phase: str):  # type: ignore[no-untyped-def]

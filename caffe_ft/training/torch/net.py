@@ -13,8 +13,8 @@ Parameters live per layer in Caffe's blob order and shapes
 from them exactly; ``param { name: ... }`` shares one ``nn.Parameter`` between
 layers, as Caffe shares one blob.  A layer type the engine lacks is refused
 before anything is built, with one line naming the layer and its type; so are
-the three Caffe 1.0 layers it cannot give a meaning to (:data:`REFUSED`:
-MemoryData, Python, WindowData), saying why and what to do instead.
+the two Caffe 1.0 layers it cannot give a meaning to (:data:`REFUSED`:
+MemoryData, Python), saying why and what to do instead.
 
 The loss is Caffe's: the sum over every top with a loss weight of the
 weight times the sum of the top.
@@ -43,13 +43,12 @@ _LOG_THRESHOLD = 1e-20
 _LOSSES = frozenset({"SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "InfogainLoss",
                      "ContrastiveLoss", "HingeLoss", "MultinomialLogisticLoss"})
 #: Layers that make data without bottoms and that the engine feeds from outside.
-_SOURCES = frozenset({"Input", "ImageData", "Data", "HDF5Data", "DummyData"})
+_SOURCES = frozenset({"Input", "ImageData", "Data", "HDF5Data", "DummyData", "WindowData"})
 #: Caffe 1.0 layers the engine cannot give a meaning to, and what to do instead.
 REFUSED = {
     "MemoryData": "MemoryData is filled by a pycaffe caller (MemoryDataLayer.set_input_arrays), which the torch "
                   "engine has none of: train with --engine pycaffe, or feed the net through an Input layer",
     "Python": "a Python layer runs a caffe.Layer subclass, which needs pycaffe: train with --engine pycaffe",
-    "WindowData": "the torch engine does not read R-CNN window files (WindowData): train with --engine pycaffe",
 }
 #: Layers that work on however many items (axis 0) their bottoms hold, so may follow a Filter.
 _ANY_BATCH = frozenset({
