@@ -350,6 +350,37 @@ def test_window_files_caffe_would_refuse_are_errors(schema, tmp_path, monkeypatc
     assert str(caught.value) == says
 
 
+def test_window_data_mirrors_at_random_in_either_phase(schema, tmp_path,  # type: ignore[no-untyped-def]
+                                                       monkeypatch) -> None:
+    """With mirror, each window comes out as it is or flipped left to right, both
+    seen over a few batches, in TEST as in TRAIN (Caffe's WindowData ignores the phase)."""
+    import cv2
+
+    from caffe_ft.formats import prototext
+    from caffe_ft.training.torch.data import WindowDataSource
+
+    monkeypatch.chdir(tmp_path)
+    cv2.imwrite("img.png", np.random.default_rng(3).integers(0, 256, (10, 12, 3)).astype(np.uint8))
+    (tmp_path / "windows.txt").write_text("# 0\nimg.png\n3 10 12\n2\n1 0.9 1 2 9 8\n0 0.1 0 0 11 9\n")
+    layers = {}
+    for mirror in ("false", "true"):
+        text = ('layer { name: "w" type: "WindowData" top: "data" top: "label" transform_param { crop_size: 6 '
+                f'mirror: {mirror} }} window_data_param {{ source: "windows.txt" batch_size: 4 fg_fraction: 0.5 }} }}')
+        layers[mirror] = prototext.to_message(prototext.parse(text.encode()), schema.new("NetParameter")).layer[0]
+    plain = WindowDataSource(layers["false"], schema, "TEST").next()["data"]
+    assert np.array_equal(plain[0], plain[1]) and np.array_equal(plain[2], plain[3])
+    flips = 0
+    reader = WindowDataSource(layers["true"], schema, "TEST")
+    for _ in range(5):
+        batch = reader.next()
+        for item, expected in zip(batch["data"], plain):
+            flipped = np.array_equal(item, expected[:, :, ::-1])
+            assert flipped or np.array_equal(item, expected)
+            flips += flipped
+        assert batch["label"].tolist() == [0, 0, 1, 1]
+    assert 0 < flips < 20
+
+
 def _stochastic_net(schema, phase: str):  # type: ignore[no-untyped-def]
     from caffe_ft.formats import prototext
     from caffe_ft.training.torch.net import CaffeNet
