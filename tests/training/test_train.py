@@ -1193,3 +1193,12 @@ def test_every_solver_type(dataset, tmp_path, kind):
     assert done.returncode == 0, done.stderr
     assert len(train_records(os.path.join(run, "m.jsonl"))) == 6
     assert os.path.exists(os.path.join(run, "snap", "run_iter_6.solverstate"))
+
+
+def test_divergence_advice_follows_the_rate():
+    from caffe_ft.training.stop import diverged_message
+
+    assert diverged_message(math.nan, 12, 0.01, 0.001).endswith(
+        "at iteration 12 (learning rate 0.001): training diverged; lower base_lr (now 0.01; try 0.001)")
+    assert diverged_message(math.inf, 3, -1).endswith(
+        "training diverged; base_lr is -1, negative: every update climbs the loss; make it positive")
