@@ -2,6 +2,10 @@
 
 :class:`DataSource` reads either, in order, and yields transformed batches;
 its fingerprint changes whenever the list or any image it names changes.
+This module holds the one reader of image lists (:func:`read_image_list`, as
+Caffe's ``ImageData`` reads them) and of image headers (:func:`read_header`)
+that pre-flight, the data sources, planning and the torch engine share, and
+:func:`summarize`, what planning reads of a source, once.
 """
 
 from __future__ import annotations
