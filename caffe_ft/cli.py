@@ -8,9 +8,7 @@ nothing is written when a command fails.
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
@@ -116,6 +114,8 @@ def main(ctx: click.Context, proto: Optional[str]) -> None:
 def _json(value: Any) -> str:
     """``value`` as JSON (indented, one trailing newline); non-finite numbers,
     which JSON cannot hold, become the strings "nan", "inf" and "-inf"."""
+    import json
+
     from .net.report import json_safe
 
     return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
@@ -833,6 +833,8 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         keep_best=keep_best, patience=patience,
     )
     if chosen == "torch":
+        from dataclasses import replace
+
         options = replace(options, engine="torch")
     result = api.train(options, schema=_schema(ctx), out=sys.stderr)
     if result.status == "diverged":
@@ -909,7 +911,12 @@ def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json
                           root_folder=root_folder, class_names=names, mistakes=mistakes, save_predictions=predictions,
                           transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
                           schema=_schema(ctx), engine=_chosen_engine(engine, "cpu"))
-    _emit(json.dumps(result.as_json(), indent=2) + "\n" if as_json else result.report())
+    if as_json:
+        import json
+
+        _emit(json.dumps(result.as_json(), indent=2) + "\n")
+    else:
+        _emit(result.report())
 
 
 @main.command()
@@ -951,6 +958,8 @@ def doctor(ctx: click.Context, engine: str, as_json: bool) -> None:
 
     report = diagnose(engine)
     if as_json:
+        import json
+
         _emit(json.dumps(report.as_dict(), indent=2) + "\n")
     else:
         _emit("".join(line + "\n" for line in report.lines()))

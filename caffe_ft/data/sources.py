@@ -6,7 +6,6 @@ its fingerprint changes whenever the list or any image it names changes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple
@@ -88,6 +87,8 @@ class DataSource:
 
     def fingerprint(self) -> str:
         """Digest of the list and of each image's size and mtime (LMDB: of data.mdb's)."""
+        import hashlib
+
         digest = hashlib.sha256()
         if self.is_lmdb:
             stat = os.stat(os.path.join(self.path, "data.mdb"))
