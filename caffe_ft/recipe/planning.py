@@ -80,14 +80,14 @@ def class_count(schema: Schema, options: RewriteOptions, say: Say) -> Optional[i
     """``--num-classes``, or the number of distinct labels of ``--train-data``
     (which must be 0..K-1, as Caffe's SoftmaxWithLoss needs); None without either
     (the heads then keep their ``num_output``).  A given count must exceed every label."""
-    from ..data.sources import labels_of
-
     given = options.head.num_classes
     train = options.data.train
     if given is not None and given < 2:
         raise OptionError(f"--num-classes must be at least 2, not {given}")
     if not train or (given is not None and not os.path.exists(train)):
         return given
+    from ..data.sources import labels_of  # only with data: its import is a few ms of every rewrite
+
     try:
         labels = sorted(set(labels_of(train, schema)))
     except CaffeFtError as exc:

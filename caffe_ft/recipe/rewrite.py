@@ -195,6 +195,26 @@ def _render_layers(schema: Schema, template: str, **context: object) -> List[Mes
     return list(fragment.layer)
 
 
+def _input_layer(schema: Schema, name: str, top: str, shape: Sequence[int]) -> Message:
+    """The Input layer a deploy net has instead of its data layers."""
+    layer = schema.new("LayerParameter")
+    layer.name, layer.type = name, "Input"
+    layer.top.append(top)
+    layer.input_param.shape.add().dim.extend(shape)
+    return layer
+
+
+def _softmax_layer(schema: Schema, name: str, scores: str) -> Message:
+    """The Softmax a deploy net has on a head whose loss it lost (built here, not from
+    a template: a rewrite without data renders no template, and jinja2's import
+    would be a tenth of its run)."""
+    layer = schema.new("LayerParameter")
+    layer.name, layer.type = name, "Softmax"
+    layer.bottom.append(scores)
+    layer.top.append(name)
+    return layer
+
+
 def _default_resize(size: int) -> int:
     """ImageNet-style: resize to 256 and crop large inputs, resize small ones to fit."""
     return max(256, size) if size >= 200 else size
@@ -326,7 +346,7 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
     scores = [blob for _, blob in _head_scores(net, heads)]
     sources = data_layers(net)
     data_tops = {top for i in sources for top in net.layer[i].top[1:]}  # labels
-    input_message = None
+    new_layers: List[Message] = []
     if sources:
         first = net.layer[sources[0]]
         try:
@@ -335,14 +355,13 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
             given = (input_shapes or {}).get(first.top[0])
             shape = list(given) if given else _shape_from_transform(first, item, crop)
         shape[0] = 1
-        input_message = {"name": first.name, "top": first.top[0], "shape": shape}
+        new_layers.append(_input_layer(schema, first.name, first.top[0], shape))
     drop = set(sources)
     for i, layer in enumerate(net.layer):
         if layer.type.endswith(LOSS_SUFFIX) or layer.type == "Accuracy" or set(layer.bottom) & data_tops:
             drop.add(i)
     insert_at = min(drop) if drop else 0
-    new_layers = _render_layers(schema, "deploy_layers.prototxt.j2", input=input_message, softmax=[])
-    _replace_layers(net, sorted(drop), insert_at if input_message else 0, new_layers)
+    _replace_layers(net, sorted(drop), insert_at if new_layers else 0, new_layers)
     for layer in net.layer:
         del layer.include[:]
         del layer.exclude[:]
@@ -355,8 +374,8 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
         name = "prob" if len(heads) == 1 else f"{heads[index]}/prob"
         if name in existing:
             name = f"{top}/prob"
-        softmax.append({"name": name, "scores": top})
-    net.layer.extend(_render_layers(schema, "deploy_layers.prototxt.j2", input=None, softmax=softmax))
+        softmax.append(_softmax_layer(schema, name, top))
+    net.layer.extend(softmax)
     return net
 
 
@@ -473,12 +492,12 @@ def _images_root(data: DataOptions, outdir: str) -> Optional[str]:
     entries to resolve from ``outdir`` (where training runs): the given
     ``--root-folder``, else the folder the first entry exists under (the working
     directory, as Caffe reads it, or the list's own folder)."""
-    from ..data.sources import read_image_list
-
     if data.root_folder:
         return relative_to(data.root_folder.rstrip("/") + "/", outdir)
     if not data.train or os.path.isdir(data.train):
         return None
+    from ..data.sources import read_image_list  # only with data: its import is a few ms of every rewrite
+
     try:
         name = read_image_list(data.train)[0][0]
     except CaffeFtError:
@@ -510,8 +529,6 @@ def data_item(schema: Schema, net: Message, data: DataOptions,
     """What one example of the net's input is, from what exists: ``--input-shape``,
     the first example of ``--train-data`` (an image's header, an LMDB's first
     Datum), the mean file; ``--gray``/``--color`` decide the channels."""
-    from ..data.sources import first_item_shape
-
     kinds = {phase: _source_kind(source) for phase, source in (("TRAIN", data.train), ("TEST", data.val)) if source}
     shape: Optional[Tuple[int, int, int]] = None
     origin = ""
@@ -520,6 +537,8 @@ def data_item(schema: Schema, net: Message, data: DataOptions,
     if given is not None and len(given) == 4:
         shape, origin = (int(given[1]), int(given[2]), int(given[3])), "--input-shape"
     if shape is None and data.train:
+        from ..data.sources import first_item_shape  # only with data: its import is a few ms of every rewrite
+
         found = first_item_shape(data.train, schema, data.root_folder or "")
         if found is not None:
             shape, origin = found, f"the first example of {data.train}"
@@ -555,7 +574,6 @@ def plan(
 
     Paths in the written files are relative to ``outdir`` (where they are
     written, and where training runs), except where the input gave them absolute."""
-    from ..data.sources import count_items
     from .solver import Schedule, looks_like_finetuning, rewrite_solver, solver_originals
 
     if bool(data.train) != bool(data.val):
@@ -619,7 +637,11 @@ def plan(
                                     deploy_source.data.decode("utf-8", "replace") if deploy_source else None)
     net_path = "train_val.prototxt"  # beside the solver: training runs in outdir
     prefix = (net.name or "finetune").replace(" ", "_").lower()
-    train_size = count_items(data.train) if data.train else 0
+    train_size = 0
+    if data.train:
+        from ..data.sources import count_items  # only with data: its import is a few ms of every rewrite
+
+        train_size = count_items(data.train)
     schedule = None
     if train_size:
         schedule = Schedule(train_size, data.batch_size, count_items(data.val) if data.val else 0,
