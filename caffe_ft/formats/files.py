@@ -15,8 +15,7 @@ import contextlib
 import os
 # shutil, tempfile, fcntl, time and hashlib are imported where they are used: the commands
 # that only read (fmt, inspect, diff) never need them, and every start would pay for them.
-from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from typing import TYPE_CHECKING
 
@@ -108,9 +107,11 @@ def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     return NET
 
 
-@dataclass
-class TextFile:
-    """A parsed text prototxt: its path, bytes, syntax tree and message."""
+class TextFile(NamedTuple):
+    """A parsed text prototxt: its path, bytes, syntax tree and message.
+
+    (A named tuple, not a dataclass: ``fmt`` and ``diff`` would import
+    ``dataclasses``, and with it ``inspect``, for this one class: ~4 ms a start.)"""
 
     path: str
     data: bytes
