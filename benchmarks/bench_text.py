@@ -21,6 +21,10 @@ work, single wall-clock runs of several seconds moved by 2x; the wall-clock
 growth is printed beside it); at 10 MB ``fmt`` and ``inspect`` <= 3x the C++
 tool's time, peak memory <= the C++ tool's.
 
+caffe-ft runs as users get it: an editable checkout is installed into a
+temporary folder first (``measure.caffe_ft_command``; ``--as-installed-here``
+measures the install as it is).
+
 Each figure is a ratio of two measurements made in this run.  Exit status 1
 when a target is missed (all are still printed); ``--quick`` skips the 50k
 chain and the 10 MB file.

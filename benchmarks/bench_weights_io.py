@@ -13,6 +13,10 @@ Targets, each a ratio of two figures measured in this run:
   resident memory <= 1.1x the file (blobs go from the map to the output with
   at most one copy).
 
+caffe-ft runs as users get it: an editable checkout is installed into a
+temporary folder first (``measure.caffe_ft_command``; ``--as-installed-here``
+measures the install as it is).
+
 Best time and largest peak of ``--runs`` runs, interleaved so that every
 command sees the same page cache.  Exit status 1 when a target is missed.
 """
