@@ -34,6 +34,7 @@ from ..formats.numbers import format_float
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:
+    from ..data.sources import DataSummary
     from .solver import Schedule
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
@@ -487,21 +488,17 @@ def relative_to(path: Optional[str], folder: str) -> Optional[str]:
     return relative + ("/" if path.endswith("/") and not relative.endswith("/") else "")
 
 
-def _images_root(data: DataOptions, outdir: str) -> Optional[str]:
+def _images_root(data: DataOptions, outdir: str, train: Optional[DataSummary]) -> Optional[str]:
     """The root_folder the written ImageData layers need for the list's relative
     entries to resolve from ``outdir`` (where training runs): the given
-    ``--root-folder``, else the folder the first entry exists under (the working
-    directory, as Caffe reads it, or the list's own folder)."""
+    ``--root-folder``, else the folder the first entry (of ``train``, the list's
+    summary) exists under (the working directory, as Caffe reads it, or the
+    list's own folder)."""
     if data.root_folder:
         return relative_to(data.root_folder.rstrip("/") + "/", outdir)
-    if not data.train or os.path.isdir(data.train):
+    if not data.train or train is None or train.first_name is None:
         return None
-    from ..data.sources import read_image_list  # only with data: its import is a few ms of every rewrite
-
-    try:
-        name = read_image_list(data.train)[0][0]
-    except CaffeFtError:
-        return None
+    name = train.first_name
     if os.path.isabs(name):
         return None
     for base in (".", os.path.dirname(data.train) or "."):
@@ -511,11 +508,12 @@ def _images_root(data: DataOptions, outdir: str) -> Optional[str]:
     return None
 
 
-def written_data(data: DataOptions, outdir: str) -> DataOptions:
-    """``data`` with its paths as the files written to ``outdir`` must name them."""
+def written_data(data: DataOptions, outdir: str, train: Optional[DataSummary] = None) -> DataOptions:
+    """``data`` with its paths as the files written to ``outdir`` must name them
+    (``train``: the summary of ``data.train``, whose first entry tells the root)."""
     return dataclasses.replace(
         data, train=relative_to(data.train, outdir), val=relative_to(data.val, outdir),
-        mean_file=relative_to(data.mean_file, outdir), root_folder=_images_root(data, outdir),
+        mean_file=relative_to(data.mean_file, outdir), root_folder=_images_root(data, outdir, train),
     )
 
 
@@ -525,10 +523,11 @@ def _data_top(net: Message) -> Optional[str]:
 
 
 def data_item(schema: Schema, net: Message, data: DataOptions,
-              input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Item:
+              input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None, train: Optional[DataSummary] = None) -> Item:
     """What one example of the net's input is, from what exists: ``--input-shape``,
-    the first example of ``--train-data`` (an image's header, an LMDB's first
-    Datum), the mean file; ``--gray``/``--color`` decide the channels."""
+    the first example of ``--train-data`` (``train``, its summary: an image's
+    header, an LMDB's first Datum), the mean file; ``--gray``/``--color`` decide
+    the channels."""
     kinds = {phase: _source_kind(source) for phase, source in (("TRAIN", data.train), ("TEST", data.val)) if source}
     shape: Optional[Tuple[int, int, int]] = None
     origin = ""
@@ -536,12 +535,8 @@ def data_item(schema: Schema, net: Message, data: DataOptions,
     given = (input_shapes or {}).get(top or "")
     if given is not None and len(given) == 4:
         shape, origin = (int(given[1]), int(given[2]), int(given[3])), "--input-shape"
-    if shape is None and data.train:
-        from ..data.sources import first_item_shape  # only with data: its import is a few ms of every rewrite
-
-        found = first_item_shape(data.train, schema, data.root_folder or "")
-        if found is not None:
-            shape, origin = found, f"the first example of {data.train}"
+    if shape is None and data.train and train is not None and train.first_shape is not None:
+        shape, origin = train.first_shape, f"the first example of {data.train}"
     mean_file = data.mean_file or next((net.layer[i].transform_param.mean_file for i in data_layers(net)
                                         if net.layer[i].transform_param.mean_file), "")
     if shape is None and mean_file and os.path.exists(mean_file):
@@ -569,11 +564,16 @@ def plan(
     deploy_file: Optional[TextFile] = None,
     solver_options: SolverOptions = SolverOptions(),
     input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+    train: Optional[DataSummary] = None,
+    val: Optional[DataSummary] = None,
 ) -> RewritePlan:
     """Everything a rewrite writes, without writing it.
 
     Paths in the written files are relative to ``outdir`` (where they are
-    written, and where training runs), except where the input gave them absolute."""
+    written, and where training runs), except where the input gave them absolute.
+    ``train`` and ``val`` summarize ``data.train`` and ``data.val`` (read once
+    by the caller, :func:`caffe_ft.data.sources.summarize`): the first example,
+    the example counts the schedule is measured in."""
     from .solver import Schedule, looks_like_finetuning, rewrite_solver, solver_originals
 
     if bool(data.train) != bool(data.val):
@@ -585,8 +585,8 @@ def plan(
     heads = [result.heads.get(name, name) for name in result.heads]
     files: Dict[str, Tuple[str, Optional[str], Optional[str]]] = {}
     deploy_input = is_deploy(net)
-    item = data_item(schema, net, data, input_shapes)
-    written = written_data(data, outdir)
+    item = data_item(schema, net, data, input_shapes, train)
+    written = written_data(data, outdir, train)
     if item.shape is not None and data.train:
         summary.append(f"input example {'x'.join(map(str, item.shape))} (C x H x W) from {item.origin}")
     train_val: Optional[Message] = None
@@ -637,14 +637,9 @@ def plan(
                                     deploy_source.data.decode("utf-8", "replace") if deploy_source else None)
     net_path = "train_val.prototxt"  # beside the solver: training runs in outdir
     prefix = (net.name or "finetune").replace(" ", "_").lower()
-    train_size = 0
-    if data.train:
-        from ..data.sources import count_items  # only with data: its import is a few ms of every rewrite
-
-        train_size = count_items(data.train)
     schedule = None
-    if train_size:
-        schedule = Schedule(train_size, data.batch_size, count_items(data.val) if data.val else 0,
+    if data.train and train is not None and train.count:
+        schedule = Schedule(train.count, data.batch_size, val.count if data.val and val is not None else 0,
                             data.val_batch_size, solver_options.epochs, strategy)
     if solver_file is not None:
         originals = read_originals(solver_file)
