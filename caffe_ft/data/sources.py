@@ -10,7 +10,6 @@ that pre-flight, the data sources, planning and the torch engine share, and
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -102,6 +101,8 @@ class DataSource:
 
     def fingerprint(self) -> str:
         """Digest of the list and of each image's size and mtime (LMDB: of data.mdb's)."""
+        import hashlib
+
         digest = hashlib.sha256()
         if self.is_lmdb:
             stat = os.stat(os.path.join(self.path, "data.mdb"))

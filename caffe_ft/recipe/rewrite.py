@@ -196,6 +196,26 @@ def _render_layers(schema: Schema, template: str, **context: object) -> List[Mes
     return list(fragment.layer)
 
 
+def _input_layer(schema: Schema, name: str, top: str, shape: Sequence[int]) -> Message:
+    """The Input layer a deploy net has instead of its data layers."""
+    layer = schema.new("LayerParameter")
+    layer.name, layer.type = name, "Input"
+    layer.top.append(top)
+    layer.input_param.shape.add().dim.extend(shape)
+    return layer
+
+
+def _softmax_layer(schema: Schema, name: str, scores: str) -> Message:
+    """The Softmax a deploy net has on a head whose loss it lost (built here, not from
+    a template: a rewrite without data renders no template, and jinja2's import
+    would be a tenth of its run)."""
+    layer = schema.new("LayerParameter")
+    layer.name, layer.type = name, "Softmax"
+    layer.bottom.append(scores)
+    layer.top.append(name)
+    return layer
+
+
 def _default_resize(size: int) -> int:
     """ImageNet-style: resize to 256 and crop large inputs, resize small ones to fit."""
     return max(256, size) if size >= 200 else size
@@ -327,7 +347,7 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
     scores = [blob for _, blob in _head_scores(net, heads)]
     sources = data_layers(net)
     data_tops = {top for i in sources for top in net.layer[i].top[1:]}  # labels
-    input_message = None
+    new_layers: List[Message] = []
     if sources:
         first = net.layer[sources[0]]
         try:
@@ -336,14 +356,13 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
             given = (input_shapes or {}).get(first.top[0])
             shape = list(given) if given else _shape_from_transform(first, item, crop)
         shape[0] = 1
-        input_message = {"name": first.name, "top": first.top[0], "shape": shape}
+        new_layers.append(_input_layer(schema, first.name, first.top[0], shape))
     drop = set(sources)
     for i, layer in enumerate(net.layer):
         if layer.type.endswith(LOSS_SUFFIX) or layer.type == "Accuracy" or set(layer.bottom) & data_tops:
             drop.add(i)
     insert_at = min(drop) if drop else 0
-    new_layers = _render_layers(schema, "deploy_layers.prototxt.j2", input=input_message, softmax=[])
-    _replace_layers(net, sorted(drop), insert_at if input_message else 0, new_layers)
+    _replace_layers(net, sorted(drop), insert_at if new_layers else 0, new_layers)
     for layer in net.layer:
         del layer.include[:]
         del layer.exclude[:]
@@ -356,8 +375,8 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
         name = "prob" if len(heads) == 1 else f"{heads[index]}/prob"
         if name in existing:
             name = f"{top}/prob"
-        softmax.append({"name": name, "scores": top})
-    net.layer.extend(_render_layers(schema, "deploy_layers.prototxt.j2", input=None, softmax=softmax))
+        softmax.append(_softmax_layer(schema, name, top))
+    net.layer.extend(softmax)
     return net
 
 
