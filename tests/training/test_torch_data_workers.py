@@ -290,3 +290,6 @@ def test_cli_data_workers_train_to_the_model_of_reading_in_one_process(data, sch
     np.testing.assert_array_equal(weights[0], weights[1])
     refused = cli_runner().invoke(main, ["train", "solver.prototxt", "--engine", "pycaffe", "--data-workers", "2"])
     assert refused.exit_code == 2 and "--data-workers need --engine torch" in refused.stderr
+    refused = cli_runner().invoke(main, ["finetune", "net.prototxt", "--weights", "small_iter_6.caffemodel",
+                                         "--engine", "pycaffe", "--data-workers", "2"])
+    assert refused.exit_code == 2 and "--data-workers needs --engine torch" in refused.stderr
