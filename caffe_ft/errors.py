@@ -7,7 +7,7 @@ single ``path:line:col: message`` line and exits with status 2.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class CaffeFtError(Exception):
@@ -47,3 +47,13 @@ class CaffeFtError(Exception):
         if self.layer is not None:
             text = f"layer '{self.layer}': {text}"
         return f"{prefix}: {text}" if prefix else text
+
+
+def listing(names: Sequence[str], limit: int = 8) -> str:
+    """``names`` joined by commas for a message, or their first and last few
+    and a count where there are more than ``limit``: a message naming every
+    layer of a ResNet-50 is one line of 4 KB."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    half = limit // 2
+    return f"{', '.join(names[:half])}, ..., {', '.join(names[-half:])} ({len(names)} in all)"

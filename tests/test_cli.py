@@ -95,6 +95,23 @@ def test_errors_are_one_line_with_location_and_exit_2(tmp_path, content, words):
         assert lines[0] == f"caffe-ft: error: {path}{words}" or lines[0].startswith(f"caffe-ft: error: {path}{words}")
 
 
+@pytest.mark.parametrize("compress, name, undo", [("gzip", "gzip", "gunzip"), ("bz2", "bzip2", "bunzip2"),
+                                                  ("lzma", "xz", "unxz")])
+def test_compressed_files_are_named_as_such(net, tmp_path, compress, name, undo):
+    """caffe-doc ships its prototxts gzipped: a compressed net or model is
+    called compressed by every reader, not 'binary' or 'not a valid caffemodel'."""
+    import importlib
+
+    packed = tmp_path / "train_val.prototxt.z"
+    packed.write_bytes(importlib.import_module(compress).compress(net.read_bytes()))
+    for command in (["fmt", str(packed)], ["inspect", str(packed)], ["upgrade", str(packed)],
+                    ["diff", str(net), str(packed)], ["check", str(net), "--weights", str(packed)]):
+        result = run(*command)
+        assert result.exit_code == 2, (command, result.output)
+        assert stderr_of(result).strip() == (f"caffe-ft: error: {packed}: this file is {name}-compressed; "
+                                             f"decompress it first (e.g. with {undo})"), (command, result.output)
+
+
 def test_missing_file_and_directory(tmp_path):
     result = run("fmt", str(tmp_path / "nope.prototxt"))
     assert result.exit_code == 2 and "nope.prototxt: no such file" in stderr_of(result)
@@ -223,6 +240,20 @@ def test_finetune_needs_data_and_writes_nothing_without_it(tmp_path):
                  "--num-classes", "3", "-o", str(tmp_path / "out"))
     assert result.exit_code == 2 and "--train-data" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_names_a_bad_list_from_where_the_user_stands(schema, tmp_path, monkeypatch):
+    """Training runs in OUTDIR, whose train_val names the list '../train.txt':
+    the error names it as the user gave it."""
+    deploy = os.path.join(EXAMPLE, "deploy.prototxt")
+    _pretrained(schema, deploy, tmp_path / "w.caffemodel")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.txt").write_text("nope.png 0\nnope.png 1\n")
+    (tmp_path / "val.txt").write_text("nope.png 2\n")
+    result = run("finetune", deploy, "--weights", "w.caffemodel", "--strategy", "last-fc", "--num-classes", "3",
+                 "--train-data", "train.txt", "--val-data", "val.txt", "--max-iter", "1", "-o", "out")
+    assert result.exit_code == 2, result.output
+    assert stderr_of(result).strip().splitlines()[-1].startswith("caffe-ft: error: train.txt:1: cannot load image")
 
 
 def test_rewrite_fits_test_iter_to_the_new_validation_list(tmp_path):

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 
 from ..data.sources import DataSource, input_shape
 from ..data.transform import default_transform, mean_array, net_data_layer, net_root_folder, override
-from ..errors import CaffeFtError
+from ..errors import CaffeFtError, listing
 from ..formats.files import load_net
 from ..formats.schema import Schema
 from ..heads.trunk import cut_net, net_at_test
@@ -148,7 +148,7 @@ def check_weights(net: Message, weights: str, schema: Schema) -> None:
         raise CaffeFtError(f"Caffe cannot load these weights into the net: {report.abort}", weights)
     fresh = [layer.name for layer in report.by_status(FRESH)]
     if fresh:
-        raise CaffeFtError(f"no weights for layer{'s' if len(fresh) > 1 else ''} {', '.join(fresh)} "
+        raise CaffeFtError(f"no weights for layer{'s' if len(fresh) > 1 else ''} {listing(fresh)} "
                            "(they would keep random values)", weights)
 
 

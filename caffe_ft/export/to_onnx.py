@@ -37,7 +37,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from ..version import __version__
-from ..errors import CaffeFtError
+from ..errors import CaffeFtError, listing
 from ..formats.caffemodel import Model
 from ..net import shapes, weights
 
@@ -148,7 +148,7 @@ def layer_blobs(net: Message, model: Optional[Model], input_shapes: Mapping[str,
     fresh = [layer.name for layer in report.by_status(weights.FRESH)]
     if fresh:
         raise CaffeFtError(
-            f"the weights have no blobs for {', '.join(fresh)}: Caffe would run them with random filler values"
+            f"the weights have no blobs for {listing(fresh)}: Caffe would run them with random filler values"
         )
     loaded = weights.init(net, model, phase="TEST", input_shapes=input_shapes, report=report)
     return {

@@ -52,6 +52,7 @@ from .wire import (
     records,
     varint_bytes,
 )
+from .files import compression_error
 from .limits import shape_problem
 from .schema import Schema
 
@@ -355,6 +356,9 @@ def _looks_like_text(head: bytes) -> bool:
 def _corrupt_error(path: str, buf: Buffer, kind: str, exc: Corrupt) -> CaffeFtError:
     """The user's error for a malformed file, guessing what the file is instead."""
     head = bytes(buf[:4096])
+    compressed = compression_error(head, path)
+    if compressed is not None:
+        return compressed
     if head.startswith(b"\x89HDF"):
         return CaffeFtError(f"this is an HDF5 file; caffe-ft reads only binary protobuf {kind} files", path)
     if _looks_like_text(head):

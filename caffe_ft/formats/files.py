@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -57,7 +58,8 @@ def read_bytes(path: str) -> bytes:
 def read_head(path: str) -> bytes:
     """The first bytes of ``path``, enough for :func:`is_binary` to tell text
     from wire format, with the errors :func:`read_bytes` gives (a missing,
-    unreadable or empty file).  A caffemodel is never read whole to sniff it."""
+    unreadable or empty file) and a compressed file's.  A caffemodel is never
+    read whole to sniff it."""
     if os.path.isdir(path):
         raise CaffeFtError("is a directory, not a file", path)
     try:
@@ -69,6 +71,9 @@ def read_head(path: str) -> bytes:
         raise CaffeFtError(f"cannot read: {exc.strerror}", path) from None
     if not head.strip():
         return read_bytes(path)  # all white space so far: empty, or text
+    compressed = compression_error(head, path)
+    if compressed is not None:
+        raise compressed
     return head
 
 
@@ -92,7 +97,32 @@ def is_binary(data: bytes) -> bool:
     return bad * 4 > len(head)
 
 
+#: Magic numbers of the compressors Caffe files travel in (caffe-doc ships
+#: its prototxts gzipped), with the command that undoes each.
+_COMPRESSORS = (
+    (b"\x1f\x8b", "gzip", "gunzip"),
+    (b"\xfd7zXZ\x00", "xz", "unxz"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
+    (b"PK\x03\x04", "zip", "unzip"),
+)
+
+
+def compression_error(head: bytes, path: str) -> Optional[CaffeFtError]:
+    """The error for a compressed file (by its first bytes), or None: neither
+    Caffe nor caffe-ft reads one, and 'binary file' would not say why."""
+    kinds = [(name, undo) for magic, name, undo in _COMPRESSORS if head.startswith(magic)]
+    if re.match(rb"BZh[1-9]1AY&SY", head):  # bzip2's magic, block size, block header
+        kinds.append(("bzip2", "bunzip2"))
+    if not kinds:
+        return None
+    name, undo = kinds[0]
+    return CaffeFtError(f"this file is {name}-compressed; decompress it first (e.g. with {undo})", path)
+
+
 def require_text(data: bytes, path: str) -> None:
+    compressed = compression_error(data[:16], path)
+    if compressed is not None:
+        raise compressed
     if is_binary(data):
         raise CaffeFtError(
             "this is a binary file (a caffemodel or binaryproto?); a text prototxt is expected here", path

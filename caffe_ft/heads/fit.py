@@ -459,6 +459,7 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
     from ..training.plot import plot_quietly
     from ..training.progress import MetricsWriter, make_reporter
     from ..training.schedule import final_test_due, learning_rate, test_due
+    from ..training.stop import diverged_message
 
     train, train_reused = _features(job.net_path, init, job.train, job.feature_layer, "TRAIN",
                                     os.path.join(outdir, TRAIN_FEATURES), schema, out, engine)
@@ -517,8 +518,7 @@ def train_cached(job: Job, schema: Schema, init: str, outdir: str, final: str, m
     plot_quietly(metrics_path, plot_path, out)
     if diverged is not None:
         iteration, loss, lr = diverged
-        return Trained(2, None, last, f"the loss became {loss} at iteration {iteration} (learning rate {lr:g}): "
-                       f"training diverged; lower base_lr (now {sgd.base_lr:g}; try {sgd.base_lr / 10:g})")
+        return Trained(2, None, last, diverged_message(loss, iteration, sgd.base_lr, lr))
     save_with_head(schema, init, job.head, head.params, final)
     pycaffe, saving = _forward_counts(job, passes, computed)
     notes = [f"trained the head '{job.head}' on cached features ({saving}): the trunk ran over {computed} images, "

@@ -275,7 +275,8 @@ def layer_fillers(layer: Message) -> List[Message]:
     Unset ``weight_filler``/``bias_filler``/``filler`` fields read as
     FillerParameter's defaults (constant 0), as in Caffe, except where the
     layer has its own default: Scale's factor is constant 1, PReLU's slope
-    constant 0.25.  BatchNorm and Parameter blobs start at zero.  A layer
+    constant 0.25.  BatchNorm and Parameter blobs start at zero.  RNN and
+    LSTM fill their unrolled net's blobs from recurrent_param's fillers.  A layer
     without parameters gives ``[]``; so does a type Caffe-ft does not know
     the fillers of.
     """
@@ -294,6 +295,14 @@ def layer_fillers(layer: Message) -> List[Message]:
         return [layer.bias_param.filler] if len(layer.bottom) == 1 else []
     if kind == "PReLU":
         return [_given_or_constant(layer.prelu_param, "filler", 0.25)]
+    if kind in ("RNN", "LSTM"):
+        # The unrolled net's InnerProducts: x (weight, bias), the static input, the hidden state;
+        # an RNN's output projection (weight, bias) last.
+        param = layer.recurrent_param
+        states = 2 if kind == "LSTM" else 1
+        static = len(layer.bottom) > 2 + (states if param.expose_hidden else 0)
+        weight, bias = param.weight_filler, param.bias_filler
+        return [weight, bias, *([weight] if static else []), weight, *([weight, bias] if kind == "RNN" else [])]
     # Reading an unset sub-message leaves it unset; here it only lends its class.
     zero = _new_filler(layer.prelu_param.filler, "constant", 0.0)
     if kind == "BatchNorm":

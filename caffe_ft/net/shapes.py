@@ -671,6 +671,90 @@ def _batch_reindex(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
     return Inferred(((bottoms[1][0], *bottoms[0][1:]),))
 
 
+def _filter(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
+    """Filter: the last bottom selects items (axis 0) of the others.  How many is
+    known only from its values, so each top is shaped as Caffe's first Reshape
+    shapes it: like its bottom, every item kept."""
+    _bottoms(layer, bottoms, 2)
+    selector = bottoms[-1]
+    if len(layer.top) != len(bottoms) - 1:
+        raise _fail(layer, f"Filter makes one top per bottom but the selector: {len(bottoms) - 1}, "
+                           f"not {len(layer.top)}")
+    if not selector or any(dim != 1 for dim in selector[1:]):
+        raise _fail(layer, f"the selector (last bottom) must be (N, 1, ...), got {selector}")
+    for shape in bottoms[:-1]:
+        if not shape or shape[0] != selector[0]:
+            raise _fail(layer, f"each bottom must have the selector's {selector[0]} items, got {shape}")
+    return Inferred(tuple(bottoms[:-1]))
+
+
+def _im2col(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
+    """Im2col: each window of the convolution's geometry as a column, (channels x
+    kernel) values per output position."""
+    _bottoms(layer, bottoms, 1, 1)
+    param = layer.convolution_param
+    shape = bottoms[0]
+    axis = _axis(layer, param.axis, len(shape))
+    spatial_axes = len(shape) - axis - 1
+    if spatial_axes < 1:
+        raise _fail(layer, "Im2col needs at least one spatial axis after the channel axis")
+    kernel = _spatial(layer, param, "kernel_size", spatial_axes, None, ("kernel_h", "kernel_w"))
+    stride = _spatial(layer, param, "stride", spatial_axes, 1, ("stride_h", "stride_w"))
+    pad = _spatial(layer, param, "pad", spatial_axes, 0, ("pad_h", "pad_w"))
+    dilation = _spatial(layer, param, "dilation", spatial_axes, 1, None)
+    if any(k <= 0 for k in kernel) or any(s <= 0 for s in stride):
+        raise _fail(layer, "kernel and stride dimensions must be nonzero")
+    spatial = [_trunc_div(i + 2 * p - (d * (k - 1) + 1), s) + 1
+               for i, k, s, p, d in zip(shape[axis + 1:], kernel, stride, pad, dilation)]
+    return Inferred((_checked(layer, (*shape[:axis], shape[axis] * count(kernel), *spatial)),))
+
+
+def recurrent_blobs(layer: Message) -> Tuple[int, bool]:
+    """RNN/LSTM: how many hidden-state blobs it carries (1 or 2: h, and c for an
+    LSTM), and whether it takes a static input (a bottom beyond x, cont and the
+    exposed hidden states), as RecurrentLayer::LayerSetUp decides."""
+    states = 2 if layer.type == "LSTM" else 1
+    exposed = states if layer.recurrent_param.expose_hidden else 0
+    return states, len(layer.bottom) > 2 + exposed
+
+
+def _recurrent(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
+    """RNN and LSTM over x (T, N, ...) with the continuation markers cont (T, N):
+    top (T, N, num_output), with expose_hidden the last hidden states (1, N,
+    num_output) too.  The blobs, in the order of Caffe's unrolled net: LSTM
+    W_xc, b_c, [W_xc_static], W_hc (four gates each); RNN W_xh, b_h,
+    [W_xh_static], W_hh, W_ho, b_o."""
+    param = layer.recurrent_param
+    states, static = recurrent_blobs(layer)
+    exposed = states if param.expose_hidden else 0
+    _bottoms(layer, bottoms, 2 + exposed, 3 + exposed)
+    x, cont = bottoms[0], bottoms[1]
+    if len(x) < 2:
+        raise _fail(layer, f"bottom 0 must be (timesteps, streams, ...), got {x}")
+    steps, streams = x[0], x[1]
+    if tuple(cont) != (steps, streams):
+        raise _fail(layer, f"bottom 1 (cont) must be ({steps}, {streams}), got {cont}")
+    hidden = param.num_output
+    if hidden <= 0:
+        raise _fail(layer, "num_output must be positive")
+    if static and (not bottoms[2] or bottoms[2][0] != streams):
+        raise _fail(layer, f"the static input (bottom 2) must have {streams} items, got {bottoms[2]}")
+    state = (1, streams, hidden)
+    for shape in bottoms[2 + int(static):]:
+        if tuple(shape) != state:
+            raise _fail(layer, f"each initial hidden state must be {state}, got {shape}")
+    if len(layer.top) != 1 + exposed:
+        raise _fail(layer, f"{layer.type} makes {1 + exposed} tops here, {len(layer.top)} are named")
+    gates = 4 * hidden if layer.type == "LSTM" else hidden
+    weights = [(gates, count(x, 2)), (gates,)]
+    if static:
+        weights.append((gates, count(bottoms[2], 1)))
+    weights.append((gates, hidden))
+    if layer.type == "RNN":
+        weights += [(hidden, hidden), (hidden,)]
+    return Inferred(((steps, streams, hidden), *(state for _ in range(exposed))), tuple(weights))
+
+
 # --------------------------------------------------------------------------
 # Rules: losses and metrics
 
@@ -809,13 +893,16 @@ RULES: Dict[str, Rule] = {
     "DummyData": _dummy_data,
     "Eltwise": _eltwise,
     "Embed": _embed,
+    "Filter": _filter,
     "Flatten": _flatten,
     "HDF5Data": _hdf5_data,
     "HDF5Output": _silence,
     "ImageData": _image_data,
+    "Im2col": _im2col,
     "InnerProduct": _inner_product,
     "Input": _input,
     "LRN": _four_axes,
+    "LSTM": _recurrent,
     "MemoryData": _memory_data,
     "Parameter": _parameter,
     "Pooling": _pooling,
@@ -823,6 +910,7 @@ RULES: Dict[str, Rule] = {
     "Python": _unknown_tops,
     "Reduction": _reduction,
     "Reshape": _reshape,
+    "RNN": _recurrent,
     "Scale": _scale,
     "Silence": _silence,
     "Slice": _slice,

@@ -39,7 +39,7 @@ from google.protobuf.message import Message
 
 from . import fillers, shapes
 from ..formats.caffemodel import Blob, Model, text
-from ..errors import CaffeFtError
+from ..errors import CaffeFtError, listing
 from ..formats.upgrade import net_needs_upgrade, upgrade_net_with_map
 
 Shape = Tuple[int, ...]
@@ -638,7 +638,7 @@ def init_checked(
     targets = _targets(current, phase, input_shapes, stages, level)
     report = report if report is not None else _check(targets, model, phase)
     if not report.ok:
-        mismatched = ", ".join(layer.name for layer in report.by_status(MISMATCH))
+        mismatched = listing([layer.name for layer in report.by_status(MISMATCH)])
         where = f" (mismatched: {mismatched}; rename or fix them first)" if mismatched else ""
         raise CaffeFtError(f"Caffe would abort loading these weights: {report.abort}{where}")
     if report.nonfinite:

@@ -57,7 +57,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tup
 from google.protobuf.message import Message
 
 from ..net import graph
-from ..errors import CaffeFtError
+from ..errors import CaffeFtError, listing
 
 #: What a derived head name ends with (``fc8`` -> ``fc8_ft``).
 HEAD_SUFFIX = "_ft"
@@ -474,11 +474,6 @@ def _names(layers: Sequence[Message], indices: Set[int]) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(layers[i].name for i in sorted(indices)))
 
 
-def _listing(names: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def _decide(
     layers: Sequence[Message], heads: _Heads, plan: _Plan
 ) -> Tuple[Set[int], Set[int], List[int], List[str]]:
@@ -510,7 +505,7 @@ def _set_body_multipliers(
     if frozen:
         bn = "; BatchNorm: use_global_stats" if any(layers[i].type == "BatchNorm" for i in frozen) else ""
         notes.append(
-            f"froze {len(frozen)} layer(s): {', '.join(_names(layers, frozen))} "
+            f"froze {len(frozen)} layer(s): {listing(_names(layers, frozen))} "
             f"(lr_mult {options.frozen_lr_mult:g}, decay_mult 0{bn})"
         )
     kept = frozen | skip  # built once: a union inside the comprehension would make this quadratic
@@ -519,7 +514,7 @@ def _set_body_multipliers(
         _set_multipliers(layers[index], _caffe_convention)
     if thawed:
         notes.append(
-            f"{_listing(_names(layers, thawed))}: had lr_mult 0 but must train; "
+            f"{listing(_names(layers, thawed))}: had lr_mult 0 but must train; "
             "now weights 1 (decay 1), biases 2 (decay 0)"
         )
     return notes
@@ -674,7 +669,7 @@ def _run(strategy: str, planner: Planner, net: Message, options: StrategyOptions
     pointless = _pointless_accuracies(layers, replaced, options.num_classes) - removed
     if pointless:
         notes.append(
-            f"removed {_listing(_names(layers, pointless))}: a top-k accuracy with k >= "
+            f"removed {listing(_names(layers, pointless))}: a top-k accuracy with k >= "
             f"{options.num_classes} classes is always 1 (Caffe aborts when k exceeds the classes)"
         )
         removed = removed | pointless
@@ -682,7 +677,7 @@ def _run(strategy: str, planner: Planner, net: Message, options: StrategyOptions
     for index in sorted(removed, reverse=True):
         del out.layer[index]
     if removed:
-        notes.append(f"removed {len(removed_names)} layer(s): {_listing(removed_names)}")
+        notes.append(f"removed {len(removed_names)} layer(s): {listing(removed_names)}")
     return Result(out, tuple(notes), renames, frozen_names, removed_names)
 
 

@@ -27,6 +27,8 @@ Output = Union[float, List[float]]
 
 _FLUSH_SECONDS = 1.0
 _RATE_WINDOW = 50  # iterations the it/s (and so the ETA) is measured over
+#: -ln(FLT_MIN): Caffe's SoftmaxWithLoss of a label whose probability underflowed to 0.
+SATURATED_LOSS = -math.log(1.17549435e-38)
 
 
 # ---------------------------------------------------------------- formatting --
@@ -223,9 +225,19 @@ class Reporter:
         self.smoothed = SmoothedLoss(average_loss)
         self.meter = RateMeter()
         self.meter.mark(start)
+        self._warned = False
 
     def train(self, iteration: int, loss: float, lr: float) -> None:
         raise NotImplementedError
+
+    def watch(self, iteration: int, loss: float) -> None:
+        """Say once when the loss is Caffe's famous 87.3365: every label's
+        probability is 0, the net has diverged while the loss stays finite."""
+        if not self._warned and abs(loss - SATURATED_LOSS) < 1e-3:
+            self._warned = True
+            self.message(f"warning: iter {iteration}: loss {loss:.4f} = -ln(FLT_MIN): the probability of every "
+                         "label has underflowed to 0, the net has diverged (lower base_lr; check the labels "
+                         "and the input's scale)")
 
     def test(self, iteration: int, net: int, outputs: Mapping[str, Output]) -> None:
         self.message(format_test_line(iteration, net, outputs))
@@ -247,6 +259,7 @@ class LineReporter(Reporter):
 
     def train(self, iteration: int, loss: float, lr: float) -> None:
         smoothed = self.smoothed.add(loss)
+        self.watch(iteration, loss)
         done = iteration + 1
         self.meter.mark(done)
         if iteration % self.every == 0 or done == self.max_iter:
@@ -271,6 +284,7 @@ class BarReporter(Reporter):
 
     def train(self, iteration: int, loss: float, lr: float) -> None:
         smoothed = self.smoothed.add(loss)
+        self.watch(iteration, loss)
         self.bar.set_postfix_str(f"loss {format_number(smoothed)}  lr {format_number(lr)}", refresh=False)
         self.bar.update(1)
 

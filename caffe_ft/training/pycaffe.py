@@ -74,7 +74,7 @@ from .schedule import (
     snapshot_due,
     test_due,
 )
-from .stop import LocalVote, NonFiniteLoss, SharedVote, StopRequest
+from .stop import LocalVote, NonFiniteLoss, SharedVote, StopRequest, diverged_message
 
 #: What Caffe is told instead of the real test_interval: testing is done here.
 _NO_CAFFE_TESTS = 2 ** 31 - 1
@@ -487,8 +487,7 @@ class _Run:
         options, param, iteration = self.plan.options, self.param, divergence.iteration
         lr = learning_rate(param, iteration)
         where = " on another GPU" if divergence.elsewhere else ""
-        message = (f"the loss became {divergence.loss}{where} at iteration {iteration} (learning rate {lr:g}): "
-                   f"training diverged; lower base_lr (now {param.base_lr:g}; try {param.base_lr / 10:g})")
+        message = diverged_message(divergence.loss, iteration, param.base_lr, lr, where)
         good = snapshots.last_good(iteration)
         if good is None:
             return TrainResult("diverged", iteration, 2, None, None, message + "; no earlier state was saved",

@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from ..errors import CaffeFtError
 from .progress import Output
 from .snapshots import Snapshotter
 
@@ -161,14 +162,22 @@ def absolute_options(options: TrainOptions) -> TrainOptions:
 def working_directory(folder: str) -> Iterator[None]:
     """Run the body in ``folder`` (Caffe opens every relative path from the working directory).
 
-    Caffe's data layers read ahead in threads for as long as their net lives, so
-    the nets the body made are collected (their threads joined) before leaving."""
+    An error raised inside that names a file by a relative path (an image list
+    the net names from ``folder``) names it from the caller's directory
+    instead: the user stands there.  Caffe's data layers read ahead in threads
+    for as long as their net lives, so the nets the body made are collected
+    (their threads joined) before leaving."""
     import gc
 
     before = os.getcwd()
     os.chdir(folder)
+    inside = os.getcwd()
     try:
         yield
+    except CaffeFtError as exc:
+        if exc.path and not os.path.isabs(exc.path):
+            exc.path = os.path.relpath(os.path.join(inside, exc.path), before)
+        raise
     finally:
         gc.collect()
         os.chdir(before)

@@ -16,6 +16,7 @@ from ..errors import CaffeFtError
 
 #: Learning-rate policies of Caffe's SGD family (SGDSolver::GetLearningRate).
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 
 #: A ``SolverParameter``, or anything with the same fields (:class:`Settings`,
 #: the cached-feature SGD's settings).
@@ -82,7 +83,11 @@ def learning_rate(solver: SolverLike, iteration: int) -> float:
 
 
 def check_solver(solver: SolverLike) -> None:
-    """Refuse settings Caffe would abort on in the middle of a run."""
+    """Refuse settings Caffe would abort on, at the start or in the middle of a run."""
+    if solver.type not in SOLVER_TYPES:
+        raise CaffeFtError(f"unknown solver type '{solver.type}'; Caffe knows {', '.join(SOLVER_TYPES)}")
+    if solver.regularization_type not in ("L1", "L2"):
+        raise CaffeFtError(f"unknown regularization_type '{solver.regularization_type}' (L1 or L2)")
     if solver.lr_policy not in LR_POLICIES:
         shown = f"'{solver.lr_policy}'" if solver.lr_policy else "unset"
         raise CaffeFtError(f"lr_policy is {shown}; Caffe knows {', '.join(LR_POLICIES)}")

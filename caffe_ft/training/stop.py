@@ -21,6 +21,17 @@ class NonFiniteLoss(Exception):
         self.elsewhere = elsewhere  # another GPU's loss, not this process's
 
 
+def diverged_message(loss: float, iteration: int, base_lr: float, lr: Optional[float] = None,
+                     where: str = "") -> str:
+    """What a run that diverged says: the loss, where, and what to change."""
+    rate = f" (learning rate {lr:g})" if lr is not None else ""
+    if base_lr < 0:
+        advice = f"base_lr is {base_lr:g}, negative: every update climbs the loss; make it positive"
+    else:
+        advice = f"lower base_lr (now {base_lr:g}; try {base_lr / 10:g})"
+    return f"the loss became {loss}{where} at iteration {iteration}{rate}: training diverged; {advice}"
+
+
 class StopRequest:
     """A stop asked for by a signal (or ``--stop-after``, which goes the same way).
 

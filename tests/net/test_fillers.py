@@ -186,6 +186,14 @@ def test_default_fillers_per_layer_type(parse_net):
         "constant 0.1"]
     assert _described(parse_net, 'name: "bn" type: "BatchNorm"') == ["constant 0"] * 3
     assert _described(parse_net, 'name: "r" type: "ReLU"') == []
+    # RNN/LSTM: recurrent_param's weight filler for every matrix, its bias filler for every bias.
+    recurrent = 'recurrent_param { weight_filler { type: "uniform" min: -0.1 max: 0.1 } } bottom: "x" bottom: "cont"'
+    assert _described(parse_net, f'name: "l" type: "LSTM" {recurrent}') == [
+        "uniform [-0.1, 0.1]", "constant 0", "uniform [-0.1, 0.1]"]
+    assert _described(parse_net, f'name: "l" type: "LSTM" {recurrent} bottom: "static"') == [
+        "uniform [-0.1, 0.1]", "constant 0", "uniform [-0.1, 0.1]", "uniform [-0.1, 0.1]"]
+    assert _described(parse_net, f'name: "r" type: "RNN" {recurrent}') == [
+        "uniform [-0.1, 0.1]", "constant 0", "uniform [-0.1, 0.1]", "uniform [-0.1, 0.1]", "constant 0"]
 
 
 def test_fill_layer_prelu_shared_is_a_scalar(parse_net):

@@ -315,6 +315,34 @@ CASES = [
           memory_data_param { batch_size: 8 channels: 1 height: 9 width: 10 } }""",
         {"a": (2, 3, 5, 6), "b": (2, 4, 5, 6), "c": (7, 2), "m": (8, 1, 9, 10), "ml": (8,)},
     ),
+    Case(
+        "recurrent-im2col-filter",
+        _input("x", 5, 2, 3, 2)
+        + _input("cont", 5, 2)
+        + _input("xs", 2, 7)
+        + _input("h0", 1, 2, 4)
+        + _input("c0", 1, 2, 4)
+        + _input("img", 2, 3, 7, 6)
+        + _input("keep", 2, 1)
+        + """layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" top: "h"
+                recurrent_param { num_output: 4 } }
+        layer { name: "lstm_all" type: "LSTM" bottom: "x" bottom: "cont" bottom: "xs" bottom: "h0" bottom: "c0"
+                top: "h2" top: "hT" top: "cT" recurrent_param { num_output: 4 expose_hidden: true } }
+        layer { name: "rnn" type: "RNN" bottom: "x" bottom: "cont" bottom: "xs" top: "o"
+                recurrent_param { num_output: 3 } }
+        layer { name: "im" type: "Im2col" bottom: "img" top: "im"
+                convolution_param { kernel_h: 2 kernel_w: 3 stride: 2 pad: 1 dilation: 2 } }
+        layer { name: "f" type: "Filter" bottom: "img" bottom: "xs" bottom: "keep" top: "fimg" top: "fxs" }""",
+        # LSTM blobs: W_xc (4H, 3*2), b_c, [W_xc_static (4H, 7)], W_hc (4H, H); RNN adds W_ho, b_o.
+        # Im2col: 3*2*3 columns; (7 + 2 - 3) // 2 + 1 = 4 rows, (6 + 2 - 5) // 2 + 1 = 2 columns.
+        {"h": (5, 2, 4), "h2": (5, 2, 4), "hT": (1, 2, 4), "cT": (1, 2, 4), "o": (5, 2, 3), "im": (2, 18, 4, 2),
+         "fimg": (2, 3, 7, 6), "fxs": (2, 7)},
+        {
+            "lstm": [(16, 6), (16,), (16, 4)],
+            "lstm_all": [(16, 6), (16,), (16, 7), (16, 4)],
+            "rnn": [(3, 6), (3,), (3, 7), (3, 3), (3, 3), (3,)],
+        },
+    ),
 ]
 
 
@@ -533,6 +561,32 @@ ERROR_CASES = [
         + 'layer { name: "l" type: "SoftmaxWithLoss" bottom: "x" bottom: "y" top: "l" top: "p"'
         " loss_weight: 1 loss_weight: 0 }",
         "cannot set up SoftmaxWithLoss with two tops",
+    ),
+    (
+        _input("x", 4, 2, 3) + _input("cont", 4, 3)
+        + 'layer { name: "l" type: "LSTM" bottom: "x" bottom: "cont" top: "h" recurrent_param { num_output: 2 } }',
+        "bottom 1 (cont) must be (4, 2), got (4, 3)",
+    ),
+    (
+        _input("x", 4, 2, 3) + _input("cont", 4, 2)
+        + 'layer { name: "r" type: "RNN" bottom: "x" bottom: "cont" top: "h" }',
+        "num_output must be positive",
+    ),
+    (
+        _input("x", 4, 2, 3) + _input("cont", 4, 2) + _input("h0", 1, 2, 3)
+        + 'layer { name: "r" type: "RNN" bottom: "x" bottom: "cont" bottom: "h0" top: "h" top: "hT" '
+        "recurrent_param { num_output: 2 expose_hidden: true } }",
+        "each initial hidden state must be (1, 2, 2), got (1, 2, 3)",
+    ),
+    (
+        _input("x", 4, 3) + _input("keep", 4, 2)
+        + 'layer { name: "f" type: "Filter" bottom: "x" bottom: "keep" top: "y" }',
+        "the selector (last bottom) must be (N, 1, ...), got (4, 2)",
+    ),
+    (
+        _input("x", 1, 3, 2, 2)
+        + 'layer { name: "i" type: "Im2col" bottom: "x" top: "i" convolution_param { kernel_size: 5 } }',
+        "negative dimension",
     ),
 ]
 

@@ -700,3 +700,17 @@ def test_caffe_trains_exactly_the_unfrozen_layers(tmp_path, text, strategy, fiel
     changed = json.loads(run.stdout.strip().splitlines()[-1])
     assert {name for name, moved in changed.items() if moved} == trained
     assert set(changed) - trained == {name for name in result.frozen}
+
+
+def test_long_layer_lists_show_where_they_start_and_end(parse_net):
+    """A frozen trunk of many layers is named by its first and last layers and
+    a count, not by every one of them on a single line."""
+    convs = "".join(
+        f'layer {{ name: "c{i}" type: "Convolution" bottom: "{"data" if i == 0 else f"c{i - 1}"}" top: "c{i}" '
+        'convolution_param { num_output: 4 kernel_size: 1 } }\n' for i in range(12))
+    net = parse_net('input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n' + convs
+                    + 'layer { name: "fc" type: "InnerProduct" bottom: "c11" top: "fc" '
+                    'inner_product_param { num_output: 10 } }\n'
+                    'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n')
+    note = next(note for note in rewrite(net, "last-fc").notes if note.startswith("froze "))
+    assert note == "froze 12 layer(s): c0, c1, c2, c3, ..., c8, c9, c10, c11 (12 in all) (lr_mult 0, decay_mult 0)"

@@ -96,12 +96,13 @@ def test_interrupted_and_resumed_run_ends_with_the_same_model(workdir) -> None: 
 
 def test_a_layer_the_engine_lacks_is_refused_before_any_work(workdir) -> None:  # type: ignore[no-untyped-def]
     text = (workdir / "net.prototxt").read_text()
-    text = text.replace('type: "ReLU"', 'type: "Im2col"')
+    text = text.replace('type: "ReLU"', 'type: "Python"')
     (workdir / "net.prototxt").write_text(text)
     result = _train()
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1] == \
-        "caffe-ft: error: layer 'relu1': the torch engine has no 'Im2col' layer"
+        "caffe-ft: error: layer 'relu1': a Python layer runs a caffe.Layer subclass, which needs pycaffe: " \
+        "train with --engine pycaffe"
     assert not list(workdir.glob("snap/*"))
 
 

@@ -268,3 +268,69 @@ def test_every_layer_trains_as_in_caffe(schema) -> None:  # type: ignore[no-unty
     for layer in ("conv1", "deconv", "bias", "ip", "ip_axis"):
         assert relative_error(initial[layer][0], expected[f"{layer}/0"]) > 1e-4, layer
     assert relative_error(initial["fixed"][0], expected["fixed/0"]) == 0
+
+
+# LSTM and RNN over sequences read from HDF5 (3 steps of 2 streams per batch): the
+# hidden state carries from one iteration to the next where cont says so, in both engines.
+RECURRENT_NET = """
+name: "recurrent"
+layer { name: "data" type: "HDF5Data" top: "x" top: "cont" top: "label"
+  hdf5_data_param { source: "seq.txt" batch_size: 6 } }
+layer { name: "x_steps" type: "Reshape" bottom: "x" top: "x_steps" reshape_param { shape { dim: 3 dim: 2 dim: -1 } } }
+layer { name: "cont_steps" type: "Reshape" bottom: "cont" top: "cont_steps" reshape_param { shape { dim: 3 dim: 2 } } }
+layer { name: "lstm" type: "LSTM" bottom: "x_steps" bottom: "cont_steps" top: "h"
+  recurrent_param { num_output: 4 weight_filler { type: "uniform" min: -0.5 max: 0.5 }
+    bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "rnn" type: "RNN" bottom: "x_steps" bottom: "cont_steps" top: "o"
+  recurrent_param { num_output: 3 weight_filler { type: "uniform" min: -0.5 max: 0.5 } } }
+layer { name: "both" type: "Concat" bottom: "h" bottom: "o" top: "both" concat_param { axis: 2 } }
+layer { name: "score" type: "InnerProduct" bottom: "both" top: "score"
+  inner_product_param { num_output: 3 axis: 2 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "flat" type: "Reshape" bottom: "score" top: "flat" reshape_param { shape { dim: -1 dim: 3 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "flat" bottom: "label" top: "loss" }
+"""
+RECURRENT_SOLVER = {"sgd_recurrent": 'max_iter: 20 type: "SGD" base_lr: 0.1 momentum: 0.9 lr_policy: "fixed" '
+                                     "weight_decay: 0.001"}
+
+
+def _sequences() -> bytes:
+    """15 rows (not a multiple of the batch: reading wraps mid-batch); a row is (step, stream)."""
+    import io
+
+    import h5py
+
+    rng = np.random.default_rng(6)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        handle.create_dataset("x", data=rng.normal(0, 1, (15, 2, 2)).astype(np.float32))
+        handle.create_dataset("cont", data=(rng.uniform(0, 1, 15) < 0.7).astype(np.float32))
+        handle.create_dataset("label", data=rng.integers(0, 3, 15).astype(np.float32))
+    return buffer.getvalue()
+
+
+def test_recurrent_nets_train_as_in_caffe(schema, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from caffe_ft.formats import prototext
+    from caffe_ft.training.nets import solver_nets
+    from caffe_ft.training.torch.engine import Trainer
+
+    empty = io.BytesIO()
+    np.savez(empty)
+    reference = cached_dir("train", {"net.prototxt": RECURRENT_NET.encode(), "data.npz": empty.getvalue(),
+                                     "solvers.json": dumps(RECURRENT_SOLVER), "seq.txt": b"seq.h5\n",
+                                     "seq.h5": _sequences()})
+    monkeypatch.chdir(reference)
+    text = 'net: "net.prototxt" ' + RECURRENT_SOLVER["sgd_recurrent"]
+    solver = prototext.to_message(prototext.parse(text.encode()), schema.new("SolverParameter"))
+    train, tests = solver_nets(solver, schema)
+    trainer = Trainer(solver, schema, train, tests)
+    trainer.copy_from("init.caffemodel")
+    initial = trainer.net.blob_arrays()
+    while trainer.iter < ITERATIONS:
+        trainer.step()
+    expected = load_blobs(os.path.join(reference, "sgd_recurrent", "params.npz"))
+    _compare(trainer, expected)
+    for layer in ("lstm", "rnn"):
+        for index, blob in enumerate(initial[layer]):
+            assert relative_error(blob, expected[f"{layer}/{index}"]) > 1e-3, f"{layer}/{index} did not train"

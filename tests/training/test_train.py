@@ -61,6 +61,8 @@ def test_learning_rate_policies(parse_net, policy, extra, expected):
     ('base_lr: 0.1 lr_policy: "cosine"', "lr_policy is 'cosine'"),
     ('base_lr: 0.1 lr_policy: "step"', "positive stepsize"),
     ('base_lr: 0.1 lr_policy: "poly" power: 1', "positive max_iter"),
+    ('base_lr: 0.1 lr_policy: "fixed" type: "Adamm"', "unknown solver type 'Adamm'; Caffe knows SGD, Nesterov"),
+    ('base_lr: 0.1 lr_policy: "fixed" regularization_type: "L3"', "unknown regularization_type 'L3'"),
 ])
 def test_solver_settings_caffe_would_abort_on(parse_net, text, complaint):
     with pytest.raises(CaffeFtError, match=re.escape(complaint)):
@@ -335,6 +337,19 @@ def test_plain_lines_when_not_a_terminal():
     # display: 0 still gives some lines
     reporter = progress.make_reporter(Stream(False), start=100, max_iter=300, display=0)
     assert reporter.every == 10
+
+
+def test_a_saturated_loss_is_called_divergence_once():
+    """87.3365 = -ln(FLT_MIN), Caffe's loss when every label's probability is
+    0: finite, so nothing stops, but the run is lost; said once, in lines and bar."""
+    for tty in (False, True):
+        stream = Stream(tty=tty)
+        reporter = progress.make_reporter(stream, start=0, max_iter=4, display=1, bar=tty)
+        for iteration, loss in enumerate([2.3, 87.33654, 87.33654, 87.3]):
+            reporter.train(iteration, loss, 0.1)
+        reporter.close()
+        warnings = [line for line in re.split(r"[\r\n]", stream.text) if line.startswith("warning:")]
+        assert len(warnings) == 1 and warnings[0].startswith("warning: iter 1: loss 87.3365 = -ln(FLT_MIN)"), warnings
 
 
 def test_a_bar_on_a_terminal():
@@ -1178,3 +1193,12 @@ def test_every_solver_type(dataset, tmp_path, kind):
     assert done.returncode == 0, done.stderr
     assert len(train_records(os.path.join(run, "m.jsonl"))) == 6
     assert os.path.exists(os.path.join(run, "snap", "run_iter_6.solverstate"))
+
+
+def test_divergence_advice_follows_the_rate():
+    from caffe_ft.training.stop import diverged_message
+
+    assert diverged_message(math.nan, 12, 0.01, 0.001).endswith(
+        "at iteration 12 (learning rate 0.001): training diverged; lower base_lr (now 0.01; try 0.001)")
+    assert diverged_message(math.inf, 3, -1).endswith(
+        "training diverged; base_lr is -1, negative: every update climbs the loss; make it positive")

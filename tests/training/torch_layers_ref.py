@@ -74,6 +74,7 @@ def layers(out):
                 for i, blob in enumerate(blobs):
                     saved["grad:%s/%d" % (name, i)] = blob.diff.copy()
             np.savez(os.path.join(where, "pass_%d.npz" % index), **saved)
+        del net  # closes what the net writes (HDF5Output's file)
 
 
 def params_of(net):

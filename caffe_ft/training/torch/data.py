@@ -23,6 +23,9 @@ the end, untransformed (Caffe gives HDF5Data no transform).
 ``DummyData`` fills its tops with its fillers: constant ones once, the others
 at every batch (numpy's generator: the values differ from Caffe's draws).
 
+``WindowData`` cuts R-CNN windows out of the images its window file lists
+(see :class:`WindowDataSource`).
+
 ``Input`` tops come from the caller (:class:`Feed`); other source layers are
 refused before any work.
 
@@ -436,8 +439,168 @@ class DummyDataSource:
         return {top: self.fixed[top] if top in self.fixed else self._fill(i) for i, top in enumerate(self.layer.top)}
 
 
+def _c_round(value: np.float32) -> int:
+    """C's round(): halves away from zero (Python's round() takes them to even)."""
+    return int(np.sign(value) * np.floor(np.abs(value) + np.float32(0.5)))
+
+
+class WindowDataSource:
+    """One WindowData layer (R-CNN windows): ``next()`` -> {data: (N, C, crop, crop), label: (N,)}.
+
+    The window file lists, per image, ``# index``, its path (after
+    ``root_folder``), channels, height, width, a window count and the windows
+    ``label overlap x1 y1 x2 y2``: at least ``fg_threshold`` overlap makes a
+    foreground window, under ``bg_threshold`` a background one (label 0).  A
+    batch holds ``N - int(N * fg_fraction)`` background windows then the
+    foreground ones, each drawn at random (numpy's generator, not Caffe's),
+    cut out with ``context_pad`` (``crop_mode: square``: the tightest square),
+    clipped to the image, warped bilinearly to ``crop_size`` (the clipped part
+    zero), mirrored at random when ``mirror`` is set (in either phase, as
+    Caffe), less the mean, times ``window_data_param.scale``: WindowDataLayer's
+    arithmetic, float32 and C rounding included.
+    """
+
+    def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        from ...data.transform import Transform, mean_array
+
+        p, t = layer.window_data_param, layer.transform_param
+        self.layer, self.batch, self.crop, self.mirror = layer, p.batch_size, t.crop_size, t.mirror
+        self.scale, self.context_pad, self.square = np.float32(p.scale), p.context_pad, p.crop_mode == "square"
+        if not p.source:
+            raise CaffeFtError("WindowData needs window_data_param.source", layer=layer.name)
+        if self.crop <= 0:
+            raise CaffeFtError("WindowData needs transform_param.crop_size", layer=layer.name)
+        if 2 * self.context_pad >= self.crop:
+            raise CaffeFtError("context_pad must be less than half of crop_size", layer=layer.name)
+        self.images: List[str] = []
+        self.windows: Tuple[List[Tuple[int, int, int, int, int, int]], ...] = ([], [])  # background, foreground
+        self.channels = 3
+        self._read_windows(p.source, p.root_folder, p.fg_threshold, p.bg_threshold)
+        if not self.windows[0] or not self.windows[1]:
+            raise CaffeFtError("WindowData needs both foreground and background windows", p.source)
+        self.fg = int(np.float32(self.batch) * np.float32(p.fg_fraction))
+        self.mean = mean_array(Transform(mean_values=tuple(t.mean_value), mean_file=t.mean_file or None), schema)
+        if self.mean is not None and self.mean.shape[1:] != (1, 1):
+            if self.mean.shape[1] < self.crop or self.mean.shape[2] < self.crop:
+                raise CaffeFtError(f"the mean is smaller than crop_size {self.crop}", t.mean_file)
+        self.rng = np.random.default_rng(seed + 1 + rank)
+
+    def _read_windows(self, source: str, root: str, fg_threshold: float, bg_threshold: float) -> None:
+        try:
+            with open(source, encoding="utf-8") as handle:
+                tokens = handle.read().split()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CaffeFtError(f"cannot read the window file ({getattr(exc, 'strerror', None) or exc})",
+                               source) from None
+        at = 0
+        try:
+            while at < len(tokens):
+                if tokens[at] != "#":
+                    raise ValueError(f"expected '#' where '{tokens[at]}' is")
+                index, path = int(tokens[at + 1]), tokens[at + 2]
+                channels, count = int(tokens[at + 3]), int(tokens[at + 6])
+                if channels != 3:
+                    raise ValueError(f"image {index} has {channels} channels; WindowData reads colour images (3)")
+                if index != len(self.images):
+                    raise ValueError(f"image {index} is listed as number {len(self.images)}")
+                self.images.append(root + path)
+                at += 7
+                for _ in range(count):
+                    label, overlap = int(tokens[at]), float(np.float32(tokens[at + 1]))
+                    box = tuple(int(value) for value in tokens[at + 2:at + 6])
+                    if len(box) != 4:
+                        raise ValueError("a window needs label, overlap, x1, y1, x2, y2")
+                    at += 6
+                    if overlap >= np.float32(fg_threshold):
+                        if label <= 0:
+                            raise ValueError(f"a foreground window of image {index} has label {label}")
+                        self.windows[1].append((index, label, *box))
+                    elif overlap < np.float32(bg_threshold):
+                        self.windows[0].append((index, 0, *box))
+        except (ValueError, IndexError) as exc:
+            reason = str(exc) if isinstance(exc, ValueError) and str(exc) else "it ends inside an entry"
+            raise CaffeFtError(f"not a window file: {reason}", source) from None
+        if not self.images:
+            raise CaffeFtError("the window file is empty", source)
+
+    def _window(self, window: Tuple[int, int, int, int, int, int]) -> np.ndarray:
+        import cv2
+
+        path = self.images[window[0]]
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise CaffeFtError("cannot read this image", path)
+        crop, f32 = self.crop, np.float32
+        x1, y1, x2, y2 = window[2:]
+        do_mirror = bool(self.mirror and self.rng.integers(0, 2))
+        size_w = size_h = crop
+        pad_w = pad_h = 0
+        if self.context_pad > 0 or self.square:
+            context = f32(crop) / f32(crop - 2 * self.context_pad)
+            half_h, half_w = f32((y2 - y1 + 1) / 2.0), f32((x2 - x1 + 1) / 2.0)
+            centre_x, centre_y = f32(x1) + half_w, f32(y1) + half_h
+            if self.square:
+                half_h = half_w = max(half_h, half_w)
+            x1, x2 = _c_round(centre_x - half_w * context), _c_round(centre_x + half_w * context)
+            y1, y2 = _c_round(centre_y - half_h * context), _c_round(centre_y + half_h * context)
+            unclipped_h, unclipped_w = y2 - y1 + 1, x2 - x1 + 1
+            pad_x1, pad_y1 = max(0, -x1), max(0, -y1)
+            pad_x2, pad_y2 = max(0, x2 - image.shape[1] + 1), max(0, y2 - image.shape[0] + 1)
+            x1, x2, y1, y2 = x1 + pad_x1, x2 - pad_x2, y1 + pad_y1, y2 - pad_y2
+            scale_x, scale_y = f32(crop) / f32(unclipped_w), f32(crop) / f32(unclipped_h)
+            size_w, size_h = _c_round(f32(x2 - x1 + 1) * scale_x), _c_round(f32(y2 - y1 + 1) * scale_y)
+            pad_h = _c_round(f32(pad_y1) * scale_y)
+            pad_w = _c_round(f32(pad_x2 if do_mirror else pad_x1) * scale_x)
+            size_h, size_w = min(size_h, crop - pad_h), min(size_w, crop - pad_w)
+        if not (0 <= x1 <= x2 < image.shape[1] and 0 <= y1 <= y2 < image.shape[0]) or size_w < 1 or size_h < 1:
+            raise CaffeFtError(f"window ({window[2]}, {window[3]}, {window[4]}, {window[5]}) does not fit "
+                               f"its {image.shape[1]}x{image.shape[0]} image", path)
+        warped = cv2.resize(image[y1:y2 + 1, x1:x2 + 1], (size_w, size_h), interpolation=cv2.INTER_LINEAR)
+        if do_mirror:
+            warped = warped[:, ::-1]
+        values = warped.transpose(2, 0, 1).astype(np.float32)
+        if self.mean is not None:
+            mean = self.mean
+            if mean.shape[1:] != (1, 1):
+                top = (mean.shape[2] - crop) // 2 + pad_h  # Caffe offsets both axes by the width's margin
+                left = (mean.shape[2] - crop) // 2 + pad_w
+                mean = mean[:, top:top + size_h, left:left + size_w]
+            values = values - mean
+        out = np.zeros((self.channels, crop, crop), np.float32)
+        out[:, pad_h:pad_h + size_h, pad_w:pad_w + size_w] = values * self.scale
+        return out
+
+    def next(self, alloc: Optional[Alloc] = None) -> Dict[str, np.ndarray]:
+        alloc = alloc or np.empty
+        tops = list(self.layer.top)
+        out = {tops[0]: alloc((self.batch, self.channels, self.crop, self.crop), np.float32)}
+        labels: List[int] = []
+        for foreground, count in ((0, self.batch - self.fg), (1, self.fg)):
+            pool = self.windows[foreground]
+            for _ in range(count):
+                window = pool[int(self.rng.integers(0, len(pool)))]
+                out[tops[0]][len(labels)] = self._window(window)
+                labels.append(window[1])
+        if len(tops) > 1:
+            out[tops[1]] = alloc((self.batch,), np.float32)
+            out[tops[1]][...] = labels
+        return out
+
+    def skip_batch(self) -> None:
+        """What ``next()`` draws (the windows, their mirrors; neither depends on the images), without
+        reading an image."""
+        for foreground, count in ((0, self.batch - self.fg), (1, self.fg)):
+            for _ in range(count):
+                self.rng.integers(0, len(self.windows[foreground]))
+                if self.mirror:
+                    self.rng.integers(0, 2)
+
+
 _READERS: Dict[str, Any] = {"ImageData": ImageDataSource, "Data": LmdbDataSource, "HDF5Data": Hdf5DataSource,
-                            "DummyData": DummyDataSource}
+                            "WindowData": WindowDataSource, "DummyData": DummyDataSource}
+#: The layers worker processes read (DummyData, made from nothing, is made in ``next()`` itself).
+POOLED = ("ImageData", "Data", "HDF5Data", "WindowData")
 
 
 # ------------------------------------------------------------- worker processes --
@@ -753,7 +916,7 @@ class WorkerPool:
 class NetFeeder:
     """Every source layer of one net, read together: ``next()`` gives one pass's inputs.
 
-    With ``workers`` > 0 the data layers (ImageData, Data, HDF5Data) are read
+    With ``workers`` > 0 the data layers (ImageData, Data, HDF5Data, WindowData) are read
     by that many worker processes (:class:`WorkerPool`, started at the first
     batch); otherwise here, and with ``prefetch`` one batch ahead in a
     background thread while the caller trains on this one (OpenCV decoding and
@@ -783,7 +946,7 @@ class NetFeeder:
             if layer.type in _READERS:
                 # Built here in any case: a missing list, LMDB or file is said before any work.
                 reader = _READERS[layer.type](layer, schema, phase, seed, rank, world)
-                if workers > 0 and layer.type in SOURCES_WITH_DATA:
+                if workers > 0 and layer.type in POOLED:
                     self._pooled.append(layer)
                 else:
                     self.readers.append(reader)
@@ -791,7 +954,7 @@ class NetFeeder:
                 self.inputs.extend(layer.top)
             else:
                 raise CaffeFtError(f"the torch engine cannot read '{layer.type}' data (ImageData, Data (LMDB), "
-                                   "HDF5Data, DummyData and Input only)", layer=layer.name)
+                                   "HDF5Data, DummyData, WindowData and Input only)", layer=layer.name)
         if self.inputs and feed is None:
             raise CaffeFtError(f"the net reads its data from Input layers ({', '.join(self.inputs)}), "
                                "which only a caller can feed; train with a data layer (ImageData)")
@@ -856,6 +1019,10 @@ def input_shapes(sources: Sequence[Message], schema: Schema, phase: str) -> Dict
     """Top shapes of ImageData, Data and HDF5Data layers whose size only the data tell (first item's)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
     for layer in sources:
+        if layer.type == "WindowData":
+            windows = WindowDataSource(layer, schema, phase)
+            shapes[layer.top[0]] = (windows.batch, windows.channels, windows.crop, windows.crop)
+            continue
         if layer.type == "HDF5Data":
             files = Hdf5DataSource(layer, schema, phase)
             for top, array in zip(layer.top, files.arrays()):

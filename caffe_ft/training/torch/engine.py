@@ -36,8 +36,8 @@ from .. import snapshots as snap
 from ..nets import NetSpec, check_data, check_weights, solver_nets
 from ..progress import MetricsWriter, Output, Reporter, make_reporter, summarize_outputs
 from ..run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, ended_run, resume_command
-from ..schedule import Settings, check_solver, final_test_due, resume_skips, snapshot_due, test_due
-from ..stop import StopRequest
+from ..schedule import Settings, check_solver, final_test_due, learning_rate, resume_skips, snapshot_due, test_due
+from ..stop import StopRequest, diverged_message
 from .data import Feed, NetFeeder, default_workers, input_shapes
 from .net import CaffeNet
 from .solver import CaffeSolver, current_step
@@ -477,8 +477,8 @@ def _finish(loop: _Loop, options: TrainOptions, status: str, iteration: int, sec
     snapshots, settings = loop.snapshots, loop.settings
     assert snapshots is not None
     if status == "diverged":
-        message = (f"the loss became {loop.trainer.loss} at iteration {iteration}: training diverged; lower "
-                   f"base_lr (now {settings.base_lr:g}; try {settings.base_lr / 10:g})")
+        message = diverged_message(loop.trainer.loss, iteration, settings.base_lr,
+                                   learning_rate(loop.trainer.param, iteration))
         good = snapshots.last_good(iteration)
         if good is None:
             return TrainResult("diverged", iteration, 2, None, None, message + "; no earlier state was saved",

@@ -12,7 +12,9 @@ Parameters live per layer in Caffe's blob order and shapes
 (:attr:`CaffeNet.blobs_of`), so a caffemodel is read into them and written back
 from them exactly; ``param { name: ... }`` shares one ``nn.Parameter`` between
 layers, as Caffe shares one blob.  A layer type the engine lacks is refused
-before anything is built, with one line naming the layer and its type.
+before anything is built, with one line naming the layer and its type; so are
+the two Caffe 1.0 layers it cannot give a meaning to (:data:`REFUSED`:
+MemoryData, Python), saying why and what to do instead.
 
 The loss is Caffe's: the sum over every top with a loss weight of the
 weight times the sum of the top.
@@ -31,14 +33,30 @@ from google.protobuf.message import Message
 from torch import Tensor, nn
 
 from ...errors import CaffeFtError
-from ...net.shapes import LayerShapes, Shape, infer, pooling_geometry, spp_levels
+from ...net.shapes import LayerShapes, Shape, infer, pooling_geometry, recurrent_blobs, spp_levels
 
 #: Caffe's FLT_MIN, the floor of probabilities inside log() in the losses.
 _FLT_MIN = 1.17549435e-38
+#: Caffe's kLOG_THRESHOLD, the floor of MultinomialLogisticLoss's probabilities.
+_LOG_THRESHOLD = 1e-20
 #: Loss layers: their first top weighs 1 unless loss_weight says otherwise.
-_LOSSES = frozenset({"SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "InfogainLoss"})
+_LOSSES = frozenset({"SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "InfogainLoss",
+                     "ContrastiveLoss", "HingeLoss", "MultinomialLogisticLoss"})
 #: Layers that make data without bottoms and that the engine feeds from outside.
-_SOURCES = frozenset({"Input", "ImageData", "Data", "HDF5Data", "MemoryData", "DummyData"})
+_SOURCES = frozenset({"Input", "ImageData", "Data", "HDF5Data", "DummyData", "WindowData"})
+#: Caffe 1.0 layers the engine cannot give a meaning to, and what to do instead.
+REFUSED = {
+    "MemoryData": "MemoryData is filled by a pycaffe caller (MemoryDataLayer.set_input_arrays), which the torch "
+                  "engine has none of: train with --engine pycaffe, or feed the net through an Input layer",
+    "Python": "a Python layer runs a caffe.Layer subclass, which needs pycaffe: train with --engine pycaffe",
+}
+#: Layers that work on however many items (axis 0) their bottoms hold, so may follow a Filter.
+_ANY_BATCH = frozenset({
+    "AbsVal", "BNLL", "Concat", "ContrastiveLoss", "Convolution", "Deconvolution", "Dropout", "ELU", "Eltwise",
+    "EuclideanLoss", "Exp", "Filter", "HDF5Output", "HingeLoss", "Im2col", "InnerProduct", "Log", "LRN",
+    "MultinomialLogisticLoss", "Pooling", "Power", "PReLU", "ReLU", "Sigmoid", "Silence", "Softmax",
+    "SoftmaxWithLoss", "Split", "TanH", "Threshold",
+})
 
 
 # ------------------------------------------------------------------ helpers --
@@ -190,15 +208,15 @@ class _Builder:
         params = self.param(layer, s.params)
         bottom = s.bottoms[0]
         axis = _canonical(p.axis, len(bottom))
-        lead = bottom[:axis]
+        inputs = int(np.prod(bottom[axis:], dtype=np.int64))
         weight, bias, transpose = params[0], params[1] if p.bias_term else None, p.transpose
 
         def run(b: List[Tensor]) -> List[Tensor]:
-            x = b[0].reshape(int(np.prod(lead, dtype=np.int64)), -1)
+            x = b[0].reshape(-1, inputs)  # the leading axes as run (a Filter's top varies)
             y = x @ weight if transpose else x @ weight.t()
             if bias is not None:
                 y = y + bias
-            return [y.reshape(*lead, -1)]
+            return [y.reshape(*b[0].shape[:axis], -1)]
 
         return Step(layer, s, run, params)
 
@@ -463,10 +481,10 @@ class _Builder:
         ignore = layer.loss_param.ignore_label if layer.loss_param.HasField("ignore_label") else None
         normalization = _normalization(layer)
         shape = s.bottoms[0]
-        outer = int(np.prod(shape[:axis], dtype=np.int64))
         inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
 
         def run(b: List[Tensor]) -> List[Tensor]:
+            outer = int(np.prod(b[0].shape[:axis], dtype=np.int64))  # as run (a Filter's top varies)
             prob = torch.softmax(b[0], axis)
             prob = prob.reshape(outer, shape[axis], inner)
             label = b[1].reshape(outer, inner).to(torch.int64)
@@ -501,8 +519,7 @@ class _Builder:
         return Step(layer, s, run)
 
     def EuclideanLoss(self, layer: Message, s: LayerShapes) -> Step:
-        num = s.bottoms[0][0]
-        return Step(layer, s, lambda b: [((b[0] - b[1].reshape(b[0].shape)) ** 2).sum() / (2 * num)])
+        return Step(layer, s, lambda b: [((b[0] - b[1].reshape(b[0].shape)) ** 2).sum() / (2 * b[0].shape[0])])
 
     def Accuracy(self, layer: Message, s: LayerShapes) -> Step:
         p = layer.accuracy_param
@@ -693,6 +710,201 @@ class _Builder:
 
         return Step(layer, s, run)
 
+    def ContrastiveLoss(self, layer: Message, s: LayerShapes) -> Step:
+        """Pairs (a, b) with a similarity label: ``d^2`` for similar pairs,
+        ``max(margin - d, 0)^2`` for the others (legacy_version: ``max(margin - d^2, 0)``),
+        summed over ``2 N``.  As Caffe's backward, the dissimilar gradient divides by
+        ``d + 1e-4``, not ``d`` (so a pair at distance 0 gets a finite one)."""
+        p = layer.contrastive_loss_param
+        margin, legacy = p.margin, p.legacy_version
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            num = b[0].shape[0]
+            diff = b[0].reshape(num, -1) - b[1].reshape(num, -1)
+            dist_sq = (diff * diff).sum(1)
+            similar = torch.trunc(b[2].detach().reshape(num)) != 0  # Caffe: static_cast<int>(label)
+            if legacy:
+                apart = F.relu(margin - dist_sq)
+            else:
+                dist = torch.sqrt(dist_sq.detach())
+                gap = (margin - dist).clamp(min=0)
+                # Value gap^2; gradient -gap / (d + 1e-4) * 2 diff, Caffe's, through a zero-valued term.
+                pull = -(gap / (dist + 1e-4)) * dist_sq
+                apart = gap * gap + (pull - pull.detach())
+            return [torch.where(similar, dist_sq, apart).sum() / (2 * num)]
+
+        return Step(layer, s, run)
+
+    def HingeLoss(self, layer: Message, s: LayerShapes) -> Step:
+        """``max(0, 1 - x)`` at each item's label, ``max(0, 1 + x)`` elsewhere, summed
+        (L1) or squared and summed (L2), over the number of items."""
+        p = layer.hinge_loss_param
+        squared = p.norm == p.L2
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            num = b[0].shape[0]
+            x = b[0].reshape(num, -1)
+            label = _labels(layer, b[1], num, x.shape[1])
+            sign = torch.ones_like(x).scatter(1, label.unsqueeze(1), -1.0)
+            margins = F.relu(1 + sign * x)
+            return [(margins * margins if squared else margins).sum() / num]
+
+        return Step(layer, s, run)
+
+    def MultinomialLogisticLoss(self, layer: Message, s: LayerShapes) -> Step:
+        """``-log(max(p[label], 1e-20))`` over the number of items (bottom 0 holds
+        probabilities); the gradient ``-1 / max(p, 1e-20)`` also below the floor, as Caffe's."""
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            num = b[0].shape[0]
+            prob = b[0].reshape(num, -1)
+            picked = prob.gather(1, _labels(layer, b[1], num, prob.shape[1]).unsqueeze(1)).squeeze(1)
+            floor = picked.detach().clamp(min=_LOG_THRESHOLD)
+            return [(-torch.log(floor) - (picked - picked.detach()) / floor).sum() / num]
+
+        return Step(layer, s, run)
+
+    def Filter(self, layer: Message, s: LayerShapes) -> Step:
+        """The items (axis 0) of each bottom whose selector (the last bottom) is
+        nonzero; gradients flow back to those items, zero to the rest."""
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            keep = torch.nonzero(b[-1].detach().reshape(-1) != 0).reshape(-1)
+            return [x.index_select(0, keep) for x in b[:-1]]
+
+        return Step(layer, s, run)
+
+    def Im2col(self, layer: Message, s: LayerShapes) -> Step:
+        """Each window of the convolution geometry as a column: channel-major, then
+        the kernel offsets, as Caffe's im2col (the values a Convolution multiplies)."""
+        p = layer.convolution_param
+        bottom, top = s.bottoms[0], s.tops[0]
+        axis = _canonical(p.axis, len(bottom))
+        n = len(bottom) - axis - 1
+        h = lambda name: getattr(p, name) if p.HasField(name) else None  # noqa: E731
+        kernel = _pair(p.kernel_size, h("kernel_h"), h("kernel_w"), 1, n)
+        stride = _pair(p.stride, h("stride_h"), h("stride_w"), 1, n)
+        pad = _pair(p.pad, h("pad_h"), h("pad_w"), 0, n)
+        dilation = _pair(p.dilation, None, None, 1, n)
+        padding = [side for value in reversed(pad) for side in (value, value)]
+        order = [0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n)]
+        every: Any = (Ellipsis, *(slice(None, None, d) for d in dilation))
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            x = b[0].reshape(-1, *b[0].shape[axis:])
+            x = F.pad(x, padding) if any(padding) else x
+            for i in range(n):
+                x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
+            x = x[every] if any(d != 1 for d in dilation) else x
+            # (items, channels, outputs..., kernel...) -> (items, channels x kernel, outputs...)
+            return [x.permute(order).reshape(*b[0].shape[:axis], *top[axis:])]
+
+        return Step(layer, s, run)
+
+    def HDF5Output(self, layer: Message, s: LayerShapes) -> Step:
+        """Writes its two bottoms to ``file_name`` as the datasets "data" and "label"
+        (each item's values in Caffe's legacy 4-axis shape) at each forward pass.  Caffe
+        creates the file when the net is made and fails at a second pass (the datasets
+        exist); here each pass replaces the file, atomically, with the latest batch."""
+        file_name = layer.hdf5_output_param.file_name
+        if len(s.bottoms) < 2:
+            raise _fail(layer, "HDF5Output needs two bottoms (data and label)")
+        if not file_name:
+            raise _fail(layer, "HDF5Output needs hdf5_output_param.file_name")
+        if any(len(shape) > 4 or not shape for shape in s.bottoms[:2]):
+            raise _fail(layer, "HDF5Output writes blobs of 1 to 4 axes")
+        try:
+            import h5py
+        except ImportError:
+            raise _fail(layer, "writing HDF5 files needs the Python 'h5py' module: pip install h5py") from None
+
+        def legacy(x: Tensor) -> np.ndarray:
+            array = x.detach().to("cpu", torch.float32).numpy()
+            return array.reshape(*array.shape, *(1,) * (4 - array.ndim))
+
+        def save(data: Optional[np.ndarray], label: Optional[np.ndarray]) -> None:
+            import io
+
+            from ...formats.files import write_atomic
+
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as handle:
+                if data is not None and label is not None:
+                    handle.create_dataset("data", data=data)
+                    handle.create_dataset("label", data=label)
+            write_atomic(file_name, buffer.getvalue())
+
+        save(None, None)  # Caffe creates (empties) the file when it sets the layer up
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            if b[0].shape[0] != b[1].shape[0]:
+                raise _fail(layer, f"data and label have {b[0].shape[0]} and {b[1].shape[0]} items")
+            save(legacy(b[0]), legacy(b[1]))
+            return []
+
+        return Step(layer, s, run)
+
+    def _recurrent(self, layer: Message, s: LayerShapes, lstm: bool) -> Step:
+        """Caffe's RecurrentLayer, its unrolled net in one loop over the T timesteps of
+        x (T, N, ...).  The hidden state entering step t is multiplied by cont_t (0
+        starts a new sequence).  LSTM: gates [i, f, o, g] = W_hc (cont_t h_{t-1}) +
+        W_xc x_t + b_c (+ W_xc_static x_static), c_t = cont_t sigmoid(f) c_{t-1} +
+        sigmoid(i) tanh(g), h_t = sigmoid(o) tanh(c_t); top h.  RNN: h_t = tanh(W_hh
+        (cont_t h_{t-1}) + W_xh x_t + b_h (+ W_xh_static x_static)), top o_t = tanh(W_ho
+        h_t + b_o).  The first state is the exposed bottoms (expose_hidden) or else the
+        previous pass's last state, zero at first; as in Caffe no gradient reaches the
+        first state, the cont markers or the exposed last-state tops.  (Caffe's LSTM
+        backward takes cont to be 0 or 1, as does the gradient here.)"""
+        params = self.param(layer, s.params)
+        states, static = recurrent_blobs(layer)
+        exposed = layer.recurrent_param.expose_hidden
+        hidden = layer.recurrent_param.num_output
+        w_x, b_x = params[0], params[1]
+        w_static = params[2] if static else None
+        w_h = params[3 if static else 2]
+        w_o, b_o = (params[-2], params[-1]) if not lstm else (None, None)
+        carried: List[Tensor] = []
+
+        def run(b: List[Tensor]) -> List[Tensor]:
+            x, cont = b[0], b[1].detach().to(b[0].dtype)
+            steps, streams = x.shape[0], x.shape[1]
+            inputs = x.reshape(steps, streams, -1) @ w_x.t() + b_x
+            if w_static is not None:
+                inputs = inputs + (b[2].reshape(streams, -1) @ w_static.t()).unsqueeze(0)
+            if exposed:
+                first = [state.detach().reshape(streams, hidden) for state in b[2 + int(static):]]
+            elif carried and carried[0].shape == (streams, hidden):
+                first = list(carried)
+            else:
+                first = [x.new_zeros(streams, hidden) for _ in range(states)]
+            h, c = first[0], first[-1]
+            outputs = []
+            for t in range(steps):
+                keep = cont[t].reshape(streams, 1)
+                total = inputs[t] + (h * keep) @ w_h.t()
+                if lstm:
+                    i, f, o, g = total.split(hidden, 1)
+                    c = keep * torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    outputs.append(h)
+                else:
+                    assert w_o is not None and b_o is not None
+                    h = torch.tanh(total)
+                    outputs.append(torch.tanh(h @ w_o.t() + b_o))
+            last = [h.detach(), c.detach()][:states]
+            if not exposed:
+                carried[:] = last
+            tops = [torch.stack(outputs)]
+            return tops + [state.reshape(1, streams, hidden) for state in last] if exposed else tops
+
+        return Step(layer, s, run, params)
+
+    def LSTM(self, layer: Message, s: LayerShapes) -> Step:
+        return self._recurrent(layer, s, lstm=True)
+
+    def RNN(self, layer: Message, s: LayerShapes) -> Step:
+        return self._recurrent(layer, s, lstm=False)
+
 
 def _normalization(layer: Message) -> str:
     """LossLayer's normalization mode, honouring the legacy ``normalize`` flag."""
@@ -700,6 +912,14 @@ def _normalization(layer: Message) -> str:
     if not p.HasField("normalization") and p.HasField("normalize"):
         return "VALID" if p.normalize else "BATCH_SIZE"
     return str(p.DESCRIPTOR.fields_by_name["normalization"].enum_type.values_by_number[p.normalization].name)
+
+
+def _labels(layer: Message, label: Tensor, num: int, classes: int) -> Tensor:
+    """One class index per item (Caffe truncates the float labels), each in ``[0, classes)``."""
+    index = label.detach().reshape(num).to(torch.int64)
+    if bool(((index < 0) | (index >= classes)).any()):
+        raise _fail(layer, f"labels must lie in [0, {classes})")
+    return index
 
 
 def _normalizer(mode: str, outer: int, inner: int, valid: Optional[Tensor]) -> Any:
@@ -724,8 +944,21 @@ SUPPORTED = frozenset(
 def check_supported(layers: Sequence[Message]) -> None:
     """Refuse, before any work, a net with a layer the engine lacks."""
     for layer in layers:
+        if layer.type in REFUSED:
+            raise CaffeFtError(REFUSED[layer.type], layer=layer.name)
         if layer.type not in SUPPORTED:
             raise CaffeFtError(f"the torch engine has no '{layer.type}' layer", layer=layer.name)
+    filtered: Dict[str, str] = {}  # blob -> the Filter whose choice of items it carries
+    for layer in layers:
+        source = next((filtered[name] for name in layer.bottom if name in filtered), None)
+        if layer.type == "Filter":
+            source = layer.name
+        elif source is None:
+            continue
+        if layer.type not in _ANY_BATCH:
+            raise CaffeFtError(f"the torch engine runs '{layer.type}' on a fixed number of items, not on the "
+                               f"items Filter '{source}' selects", layer=layer.name)
+        filtered.update((name, source) for name in layer.top)
 
 
 def fuse_scales(steps: Sequence[Step], loss_weights: Mapping[Tuple[int, int], float]) -> int:

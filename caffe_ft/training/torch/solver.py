@@ -27,7 +27,7 @@ from ...errors import CaffeFtError
 from ..schedule import learning_rate
 from .net import LearnableSpec
 
-#: Solver types and how many history blobs each keeps per learnable blob.
+#: Solver types (schedule.SOLVER_TYPES) and how many history blobs each keeps per learnable blob.
 TYPES = {"SGD": 1, "Nesterov": 1, "AdaGrad": 1, "RMSProp": 1, "AdaDelta": 2, "Adam": 2}
 
 
@@ -35,11 +35,7 @@ class CaffeSolver:
     """The update of one solver type over a net's learnable blobs."""
 
     def __init__(self, param: Message, learnable: Sequence[LearnableSpec]) -> None:
-        kind = param.type
-        if kind not in TYPES:
-            raise CaffeFtError(f"unknown solver type '{kind}'; Caffe knows {', '.join(TYPES)}")
-        if param.regularization_type not in ("L1", "L2"):
-            raise CaffeFtError(f"unknown regularization_type '{param.regularization_type}' (L1 or L2)")
+        kind = param.type  # a known one: schedule.check_solver has seen the solver
         self.param = param
         self.kind = kind
         self.learnable = list(learnable)
