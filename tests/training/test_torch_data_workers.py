@@ -1,7 +1,8 @@
 """The torch engine's data layers read by worker processes give what reading in one process gives.
 
 One net with an ImageData (shuffled, randomly cropped and mirrored), an LMDB
-Data (cropped and mirrored) and an HDF5Data (two files, shuffled) layer, each
+Data (cropped and mirrored), an HDF5Data (two files, shuffled) and a
+WindowData (windows drawn and mirrored at random) layer, each
 smaller than a few batches so that they wrap around mid-batch, is read with 0
 and with 2 workers: the same batches in the same order, after a resume's skip
 and as one rank of two too.  An unreadable image or a record that is no Datum
@@ -34,6 +35,23 @@ layer { name: "records" type: "Data" top: "rdata" top: "rlabel"
   data_param { source: "records_lmdb" batch_size: 2 backend: LMDB } }
 layer { name: "h5" type: "HDF5Data" top: "hdata" top: "hlabel"
   hdf5_data_param { source: "h5.txt" batch_size: 4 shuffle: true } }
+layer { name: "windows" type: "WindowData" top: "wdata" top: "wlabel"
+  transform_param { crop_size: 8 mirror: true mean_value: 90 }
+  window_data_param { source: "windows.txt" batch_size: 4 fg_fraction: 0.5 fg_threshold: 0.5 bg_threshold: 0.3 } }
+"""
+WINDOWS = """# 0
+0.png
+3 16 18
+3
+1 0.9 2 3 12 14
+2 0.8 0 0 17 15
+0 0.1 4 1 15 10
+# 1
+1.png
+3 16 18
+2
+1 0.7 1 1 9 9
+0 0.05 3 2 16 13
 """
 
 
@@ -48,7 +66,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def data(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
-    """Seven images (the fifth one unreadable with ``broken``), nine LMDB records, two HDF5 files."""
+    """Seven images, nine LMDB records, two HDF5 files, a window file."""
     import cv2
     import h5py
     import lmdb
@@ -77,6 +95,7 @@ def data(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
             handle.create_dataset("hdata", data=np.asarray([[r, -r, 2 * r] for r in rows], np.float32))
             handle.create_dataset("hlabel", data=np.asarray(list(rows), np.float32))
     (tmp_path / "h5.txt").write_text("a.h5\nb.h5\n")
+    (tmp_path / "windows.txt").write_text(WINDOWS)
     return tmp_path
 
 
@@ -108,15 +127,15 @@ def test_two_workers_give_the_batches_of_one_process(data, schema, skip: int, ra
     here = _read(schema, 0, skip, 7, rank, world)
     pooled = _read(schema, 2, skip, 7, rank, world)
     assert [sorted(batch) for batch in pooled] == [sorted(["data", "label", "rdata", "rlabel", "hdata",
-                                                           "hlabel"])] * 7
+                                                           "hlabel", "wdata", "wlabel"])] * 7
     for index, (ours, theirs) in enumerate(zip(pooled, here)):
         for top in theirs:
             assert ours[top].dtype == theirs[top].dtype and ours[top].shape == theirs[top].shape, (index, top)
             np.testing.assert_array_equal(ours[top], theirs[top], err_msg=f"batch {index}, {top}")
     # The comparison could fail: shuffles, crops and mirrors make every batch different.
-    for top in ("data", "rdata", "hlabel"):
+    for top in ("data", "rdata", "hlabel", "wdata"):
         assert not any(np.array_equal(here[i][top], here[i + 1][top]) for i in range(6)), top
-    # The HDF5 rows come whole, each once per pass (11 rows, 28 read from position 4 * skip * world + rank).
+    # The HDF5 rows come whole.
     assert all(np.array_equal(batch["hdata"][:, 0], batch["hlabel"]) for batch in pooled)
 
 
