@@ -60,7 +60,8 @@ SOURCES_WITH_DATA = ("ImageData", "Data", "HDF5Data")
 
 
 def default_workers() -> int:
-    """Worker processes per net when not told: one fewer than the usable cores (at most 4), at least one.
+    """Worker processes per net when not told: ``min(4, usable cores) - 1``, at least one (1 to 3),
+    leaving a core to the training process.
 
     Under torchrun the cores are shared out between the machine's processes first."""
     try:
