@@ -21,6 +21,10 @@ work, single wall-clock runs of several seconds moved by 2x; the wall-clock
 growth is printed beside it); at 10 MB ``fmt`` and ``inspect`` <= 3x the C++
 tool's time, peak memory <= the C++ tool's.
 
+caffe-ft runs as users get it: an editable checkout is installed into a
+temporary folder first (``measure.caffe_ft_command``; ``--as-installed-here``
+measures the install as it is).
+
 Each figure is a ratio of two measurements made in this run.  Exit status 1
 when a target is missed (all are still printed); ``--quick`` skips the 50k
 chain and the 10 MB file.
@@ -39,7 +43,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
-from measure import measure_process, measure_process_cpu
+from measure import caffe_ft_command, measure_process, measure_process_cpu
 
 DOC = "/usr/share/doc/caffe-doc"
 MIB = 1 << 20
@@ -79,9 +83,9 @@ def measure(command: List[str], runs: int) -> Tuple[float, float]:
 class Tools:
     """Runs caffe-ft and Caffe's C++ tool on the same file."""
 
-    def __init__(self, workdir: str, cxx_root: Optional[str]) -> None:
+    def __init__(self, workdir: str, cxx_root: Optional[str], as_is: bool = False) -> None:
         self.cxx_root = cxx_root
-        self.caffe_ft = [sys.executable, "-m", "caffe_ft.cli"] if not shutil.which("caffe-ft") else ["caffe-ft"]
+        self.caffe_ft = caffe_ft_command(workdir, as_is)
         self.workdir = workdir
         if cxx_root:
             self.cxx_dir = tempfile.mkdtemp(prefix="bench-text-", dir=os.path.join(cxx_root, "tmp"))
@@ -200,13 +204,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10, help="runs per GoogLeNet command (default 10)")
     parser.add_argument("--quick", action="store_true", help="1k and 10k chains only")
     parser.add_argument("--part", choices=("all", "googlenet", "scale"), default="all")
+    parser.add_argument("--as-installed-here", dest="as_is", action="store_true",
+                        help="run caffe-ft as installed here even when editable (by default an editable "
+                             "checkout is installed into a temporary folder first, as users get it)")
     args = parser.parse_args()
     global DOC
     if args.cxx_root:
         DOC = os.path.join(args.cxx_root, DOC.lstrip("/"))
     misses: List[str] = []
     workdir = tempfile.mkdtemp(prefix="bench-text-")
-    tools = Tools(workdir, args.cxx_root)
+    tools = Tools(workdir, args.cxx_root, args.as_is)
+    print(f"caffe-ft: {' '.join(tools.caffe_ft)}")
     try:
         if args.part in ("all", "googlenet"):
             part_googlenet(tools, workdir, args.runs, misses)

@@ -13,6 +13,10 @@ Targets, each a ratio of two figures measured in this run:
   resident memory <= 1.1x the file (blobs go from the map to the output with
   at most one copy).
 
+caffe-ft runs as users get it: an editable checkout is installed into a
+temporary folder first (``measure.caffe_ft_command``; ``--as-installed-here``
+measures the install as it is).
+
 Best time and largest peak of ``--runs`` runs, interleaved so that every
 command sees the same page cache.  Exit status 1 when a target is missed.
 """
@@ -28,7 +32,7 @@ import tempfile
 import time
 from typing import Dict, List, Tuple
 
-from measure import measure_process
+from measure import caffe_ft_command, measure_process
 
 MIB = 1 << 20
 INPUTS, FC1, FC2 = 8192, 8192, 7800  # (8192*8192 + 7800*8192) floats: 500 MiB
@@ -78,13 +82,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--make", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--as-installed-here", dest="as_is", action="store_true",
+                        help="run caffe-ft as installed here even when editable (see measure.caffe_ft_command)")
     args = parser.parse_args()
     if args.make:  # in a child, so that the weights' memory is not this process's
         make_model(args.make)
         return 0
-    caffe_ft = ["caffe-ft"] if shutil.which("caffe-ft") else [sys.executable, "-m", "caffe_ft.cli"]
     misses: List[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-weights-io-") as directory:
+        caffe_ft = caffe_ft_command(directory, args.as_is)
+        print(f"caffe-ft: {' '.join(caffe_ft)}")
         subprocess.run([sys.executable, __file__, "--make", directory], check=True)
         proto, weights = os.path.join(directory, "big.prototxt"), os.path.join(directory, "big.caffemodel")
         size = os.path.getsize(weights) / MIB

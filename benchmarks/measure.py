@@ -3,10 +3,13 @@ pycaffe-saved caffemodel with random weights."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from typing import Dict, List, Tuple
 
@@ -85,3 +88,43 @@ def measure_process_cpu(command: List[str]) -> Tuple[float, float, float, int]:
                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
     seconds, cpu, peak, status = done.stdout.decode().split()[-4:]
     return float(seconds), float(cpu), int(peak) / 1024, int(status)
+
+
+def caffe_ft_command(workdir: str, as_is: bool = False) -> List[str]:
+    """How to run caffe-ft the way users get it: installed, not editable.
+
+    An editable install (a development checkout) adds an import hook that every
+    Python start loads (~10 ms of pathlib, importlib.util...), which an
+    installed caffe-ft does not pay; the reference root installs caffe-ft with
+    ``pip install`` (scripts/caffe-env).  So when this checkout is installed
+    editable, it is installed into ``workdir`` with ``pip install --target``
+    (with its bytecode, as pip installs), and run by an interpreter whose site
+    has that folder first, then this interpreter's site-packages (its ``.pth``
+    files too, except the editable install's hook).  ``as_is``: the command
+    found on PATH (or ``python -m caffe_ft.cli``), whatever its install.
+    """
+    installed = shutil.which("caffe-ft")
+    fallback = [installed] if installed else [sys.executable, "-m", "caffe_ft.cli"]
+    import caffe_ft
+
+    site_dirs = [path for path in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+                 if os.path.isdir(path)]
+    editable = bool(glob.glob(os.path.join(site_dirs[0], "__editable__*caffe_ft*"))) if site_dirs else False
+    if as_is or not editable:
+        return fallback
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(caffe_ft.__file__)))
+    target, venv = os.path.join(workdir, "installed"), os.path.join(workdir, "venv")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", target, checkout], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = os.path.join(venv, "bin", "python")
+    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    # Read first (.pth files are read in name order): the install, then this one's dependencies.
+    with open(os.path.join(venv_site, "00-caffe-ft-bench.pth"), "w") as handle:
+        handle.write("\n".join([target, *site_dirs]) + "\n")
+    for site_dir in site_dirs:
+        for pth in glob.glob(os.path.join(site_dir, "*.pth")):
+            if not os.path.basename(pth).startswith("__editable__"):
+                shutil.copy(pth, venv_site)
+    return [python, os.path.join(target, "bin", "caffe-ft")]

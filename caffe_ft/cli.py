@@ -8,9 +8,7 @@ nothing is written when a command fails.
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
@@ -116,20 +114,17 @@ def main(ctx: click.Context, proto: Optional[str]) -> None:
 def _json(value: Any) -> str:
     """``value`` as JSON (indented, one trailing newline); non-finite numbers,
     which JSON cannot hold, become the strings "nan", "inf" and "-inf"."""
+    import json
+
     from .net.report import json_safe
 
     return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
 
 
 def _emit(text: str) -> None:
-    """Print ``text``; bytes of the input that are not UTF-8 (in comments and
-    strings, kept as surrogates) go out as they came in."""
-    try:
-        sys.stdout.write(text)
-    except UnicodeEncodeError:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
-    sys.stdout.flush()
+    from .commands import emit
+
+    emit(text)
 
 
 @main.command()
@@ -139,19 +134,14 @@ def _emit(text: str) -> None:
 @click.pass_context
 def fmt(ctx: click.Context, files: List[str], check: bool, in_place: bool) -> None:
     """Lay prototxt FILEs out as Caffe's own tools print them, comments kept."""
-    from .formats.layout import format_tree
-    from .formats.files import load_checked_tree, write_atomic
+    from .commands import format_files
+    from .formats.files import write_atomic
 
     if check and in_place:
         raise click.UsageError("--check and --in-place exclude each other")
     if len(files) > 1 and not (check or in_place):
         raise click.UsageError("several files need --check or --in-place")
-    schema = _schema(ctx)
-    # Parse everything first, so one bad file means nothing is written.
-    results = []
-    for path in files:
-        data, tree = load_checked_tree(path, schema)  # no message: fmt needs none (nor protobuf)
-        results.append((path, data, format_tree(tree)))
+    results = format_files(files, _schema(ctx))  # every file parsed first: one bad file means nothing is written
     changed = [path for path, data, text in results if text.encode("utf-8", "surrogateescape") != data]
     if check:
         for path in changed:
@@ -245,37 +235,10 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     (.binaryproto): its shape and per-channel means.  A .solverstate: the
     iteration and the history blobs.  An .onnx model: inputs, outputs, opset, size.
     """
-    from .formats import files
-    from .net import report
+    from .commands import describe_file
 
     schema = _schema(ctx)
-    head = files.read_head(file)  # never the whole file: a caffemodel is mapped, not read
-    format_info: Callable[[Any], str]
-    if file.endswith(".onnx"):
-        from .export import onnx_info
-
-        info, format_info = onnx_info.describe_onnx(file), onnx_info.format_onnx
-    elif file.endswith(".binaryproto"):
-        from .formats.caffemodel import load_blob
-
-        info, format_info = report.describe_blob(load_blob(file, schema)), report.format_blob
-    elif file.endswith(".solverstate"):
-        from .formats.caffemodel import load_solverstate
-
-        info, format_info = report.describe_solverstate(load_solverstate(file, schema)), report.format_solverstate
-    elif files.is_binary(head):
-        from .formats.caffemodel import load_model
-
-        info, format_info = report.describe_model(load_model(file, schema)), report.format_model
-    else:
-        parsed = files.parse_text(files.read_bytes(file), file, schema)
-        if parsed.kind == files.SOLVER:
-            info, format_info = report.describe_solver(parsed.message), report.format_solver
-        else:
-            from .formats.upgrade import current_net
-
-            net = current_net(parsed.message, file)
-            info, format_info = report.describe_net(net, _input_shapes(input_shapes)), report.format_net
+    info, format_info = describe_file(file, lambda: _input_shapes(input_shapes), schema)
     if as_json:
         _emit(_json(info))
     else:
@@ -552,15 +515,15 @@ def diff(ctx: click.Context, file_a: str, file_b: str, as_json: bool) -> None:
     the same place counts as renamed.  Comments, layout and values set to
     their defaults do not count.  Exit status: 0 same, 1 different, 2 error.
     """
-    from .formats import files
-    from .net import diff
+    from .commands import diff_files, format_changes
 
-    schema = _schema(ctx)
-    changes = diff.diff_files(files.load_text(file_a, schema), files.load_text(file_b, schema))
+    changes = diff_files(file_a, file_b, _schema(ctx))
     if as_json:
-        _emit(_json(diff.to_json(changes)))
+        from .net.diff import to_json
+
+        _emit(_json(to_json(changes)))
     else:
-        _emit(diff.format_changes(changes))
+        _emit(format_changes(changes))
     ctx.exit(1 if changes else 0)
 
 
@@ -845,6 +808,8 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         keep_best=keep_best, patience=patience, data_workers=data_workers,
     )
     if chosen == "torch":
+        from dataclasses import replace
+
         options = replace(options, engine="torch")
     result = api.train(options, schema=_schema(ctx), out=sys.stderr)
     if result.status == "diverged":
@@ -921,7 +886,12 @@ def evaluate(ctx: click.Context, net_path: str, weights: str, data: str, as_json
                           root_folder=root_folder, class_names=names, mistakes=mistakes, save_predictions=predictions,
                           transform=_transform_overrides(crop_size, resize, mean_values, mean_file, scale),
                           schema=_schema(ctx), engine=_chosen_engine(engine, "cpu"))
-    _emit(json.dumps(result.as_json(), indent=2) + "\n" if as_json else result.report())
+    if as_json:
+        import json
+
+        _emit(json.dumps(result.as_json(), indent=2) + "\n")
+    else:
+        _emit(result.report())
 
 
 @main.command()
@@ -946,10 +916,6 @@ def report(runs: Tuple[str, ...], output: Optional[str]) -> None:
         write_atomic(output, rep.render_html(first) if len(loaded) == 1 else rep.render_compare(first, second))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 @main.command()
 @click.option("--engine", type=click.Choice(["auto", "pycaffe", "torch"]), default="auto", show_default=True,
               help="The engine to check (auto: both; fails only when neither can train).")
@@ -963,7 +929,13 @@ def doctor(ctx: click.Context, engine: str, as_json: bool) -> None:
 
     report = diagnose(engine)
     if as_json:
+        import json
+
         _emit(json.dumps(report.as_dict(), indent=2) + "\n")
     else:
         _emit("".join(line + "\n" for line in report.lines()))
     ctx.exit(0 if report.can_run else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -7,9 +7,12 @@ not fit the batch, and on an empty list; a label outside ``[0, num_output)``
 does not abort at all but trains on garbage.  :func:`check_nets` looks at
 every ``ImageData`` layer of the nets a run builds, before any engine starts:
 
-* every line parses (a path, a space, an integer label), and there is one;
+* every line parses (a path, a space, an integer label; no blank lines),
+  and there is one (the list read as :func:`~caffe_ft.data.sources.read_image_list`
+  reads it, for every command);
 * every image opens: its header is read (PNG, JPEG, BMP, GIF, PNM give their
-  size; other formats must at least be readable), many files at a time;
+  size, :func:`~caffe_ft.data.sources.read_header`; other formats must at least
+  be readable), many files at a time;
 * unless the layer resizes (``new_height``/``new_width``), the sizes fit:
   at least ``crop_size`` when it crops, otherwise all the same;
 * labels lie in ``[0, num_output)`` of the classifier the loss reads (its
@@ -21,19 +24,16 @@ list, the line and the file.
 
 from __future__ import annotations
 
-import os
-import re
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
+from .sources import DamagedHeader, read_header, read_image_list
 
 Size = Tuple[int, int]  # height, width
-_LABEL = re.compile(r"[+-]?\d+")
 _WORKERS = 16
 
 
@@ -53,135 +53,41 @@ class ListCheck:
 # ------------------------------------------------------------- image headers --
 
 
-def _png(handle: BinaryIO, head: bytes) -> Optional[Size]:
-    if head[12:16] != b"IHDR":
-        return None
-    width, height = struct.unpack(">II", head[16:24])
-    return height, width
-
-
-def _gif(handle: BinaryIO, head: bytes) -> Optional[Size]:
-    width, height = struct.unpack("<HH", head[6:10])
-    return height, width
-
-
-def _bmp(handle: BinaryIO, head: bytes) -> Optional[Size]:
-    if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 header
-        width, height = struct.unpack("<HH", head[18:22])
-    else:
-        width, height = struct.unpack("<ii", head[18:26])
-    return abs(height), width
-
-
-def _jpeg(handle: BinaryIO, head: bytes) -> Optional[Size]:
-    handle.seek(2)
-    while True:
-        marker = handle.read(2)
-        while marker[:1] == b"\xff" and marker[1:2] == b"\xff":  # fill bytes
-            marker = marker[1:] + handle.read(1)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        kind = marker[1]
-        if kind in (0xD8, 0x01) or 0xD0 <= kind <= 0xD7:
-            continue
-        length_bytes = handle.read(2)
-        if len(length_bytes) < 2:
-            return None
-        length = struct.unpack(">H", length_bytes)[0]
-        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
-            frame = handle.read(5)
-            if len(frame) < 5:
-                return None
-            height, width = struct.unpack(">HH", frame[1:5])
-            return height, width
-        if length < 2:
-            return None
-        handle.seek(length - 2, os.SEEK_CUR)
-
-
-def _pnm(handle: BinaryIO, head: bytes) -> Optional[Size]:
-    text = re.sub(rb"#[^\n]*", b" ", head[2:])
-    numbers = text.split()
-    if len(numbers) < 2 or not (numbers[0].isdigit() and numbers[1].isdigit()):
-        return None
-    return int(numbers[1]), int(numbers[0])
-
-
-_FORMATS = [
-    (b"\x89PNG\r\n\x1a\n", _png),
-    (b"\xff\xd8", _jpeg),
-    (b"GIF8", _gif),
-    (b"BM", _bmp),
-    (b"P5", _pnm), (b"P6", _pnm), (b"P2", _pnm), (b"P3", _pnm),
-]
-
-
 def image_size(path: str) -> Tuple[Optional[Size], Optional[str]]:
     """(height, width) from the image's header (None for a format not read
-    here), or (None, why the file cannot be an image)."""
+    here, :func:`~caffe_ft.data.sources.read_header`), or (None, why the file
+    cannot be an image)."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(64)
-            if not head:
+            if not handle.read(1):
                 return None, "the file is empty"
-            for magic, reader in _FORMATS:
-                if head.startswith(magic):
-                    try:
-                        size = reader(handle, head)
-                    except (struct.error, OSError, ValueError):
-                        size = None
-                    if size is None or min(size) <= 0:
-                        return None, "its header is damaged"
-                    return size, None
+            handle.seek(0)
+            header = read_header(handle)
+    except DamagedHeader as exc:
+        return None, str(exc)
     except IsADirectoryError:
         return None, "it is a directory"
     except OSError as exc:
         return None, exc.strerror or str(exc)
-    return None, None
+    return (None if header is None else header[1:]), None
 
 
 # ---------------------------------------------------------------- the lists --
 
 
-def read_list(check: ListCheck) -> List[Tuple[int, str, int]]:
-    """(line number, image path, label) for each line, refusing what Caffe misreads."""
-    try:
-        with open(check.source, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise CaffeFtError(f"cannot read the image list of layer '{check.layer}': {exc.strerror}",
-                           check.source) from None
-    text = data.decode("utf-8", "surrogateescape")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline ending the last line starts no line of its own
-    entries = []
-    for number, line in enumerate(lines, 1):
-        line = line.rstrip("\r")
-        name, space, label = line.rpartition(" ")
-        if not line.strip():
-            raise CaffeFtError("empty line (Caffe would try to load an image named '')", check.source, number)
-        if not space or not name or not _LABEL.fullmatch(label):
-            raise CaffeFtError(f"expected 'path label' with an integer label, found {line!r}", check.source, number)
-        entries.append((number, name, int(label)))
-    if not entries:
-        raise CaffeFtError(f"the image list of layer '{check.layer}' is empty (Caffe aborts on it)", check.source)
-    return entries
-
-
 def check_list(check: ListCheck) -> int:
     """Check one list as :mod:`this module <caffe_ft.data.preflight>` says; the number of images."""
-    entries = read_list(check)
+    entries = read_image_list(check.source, f"the image list of layer '{check.layer}'")
     if check.num_classes is not None:
-        for number, _, label in entries:
+        for number, (_, label) in enumerate(entries, 1):
             if label != check.ignore_label and not 0 <= label < check.num_classes:
                 raise CaffeFtError(f"label {label} is outside 0..{check.num_classes - 1} (the classifier of layer "
                                    f"'{check.layer}'s net has {check.num_classes} outputs)", check.source, number)
-    paths = [check.root + name for _, name, _ in entries]
+    paths = [check.root + name for name, _ in entries]
     with ThreadPoolExecutor(_WORKERS) as pool:
         results = list(pool.map(image_size, paths, chunksize=64))
     first: Optional[Tuple[int, str, Size]] = None
-    for (number, _, _), path, (size, problem) in zip(entries, paths, results):
+    for number, (path, (size, problem)) in enumerate(zip(paths, results), 1):
         if problem is not None:
             raise CaffeFtError(f"cannot load image '{path}': {problem}", check.source, number)
         if size is None or check.resize:

@@ -2,14 +2,20 @@
 
 :class:`DataSource` reads either, in order, and yields transformed batches;
 its fingerprint changes whenever the list or any image it names changes.
+This module holds the one reader of image lists (:func:`read_image_list`, as
+Caffe's ``ImageData`` reads them) and of image headers (:func:`read_header`)
+that pre-flight, the data sources, planning and the torch engine share, and
+:func:`summarize`, what planning reads of a source, once.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import os
+import re
+import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, List, Optional, Tuple
 
 from ..errors import CaffeFtError
 from ..formats.files import sha256_file
@@ -18,6 +24,8 @@ from .transform import Transform, decode_datum, read_image, transform_image
 
 if TYPE_CHECKING:
     import numpy as np
+
+_LABEL = re.compile(r"[+-]?\d+")
 
 
 def image_path(root: str, name: str) -> str:
@@ -28,29 +36,34 @@ def image_path(root: str, name: str) -> str:
     return root + name
 
 
-def read_image_list(path: str) -> List[Tuple[str, int]]:
-    """The ``path label`` lines of an image list (split at the last space, as Caffe does)."""
+def read_image_list(path: str, what: str = "the image list") -> List[Tuple[str, int]]:
+    """The ``(path, label)`` entries of a Caffe image list, line ``n`` entry ``n - 1``.
+
+    Read as Caffe's ``ImageData`` reads it: each line (a final newline starts
+    none; a trailing carriage return is dropped) split at its last space, the
+    label an integer.  Caffe knows no comments and no blank lines: it would
+    load an image named ``''`` (or ``'# ...'``) and abort, or train a line
+    without a label as class 0, so such lines are refused here, naming the
+    line.  ``what`` names the list in messages (preflight names its layer)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as exc:
-        raise CaffeFtError(f"cannot read: {exc.strerror}", path) from None
-    except UnicodeDecodeError:
-        raise CaffeFtError("an image list must be UTF-8 text", path) from None
+        raise CaffeFtError(f"cannot read {what}: {exc.strerror}", path) from None
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline ending the last line starts no line of its own
     entries = []
     for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line:
-            continue
-        name, _, label = line.rpartition(" ")
-        try:
-            entries.append((name.strip(), int(label)))
-        except ValueError:
-            raise CaffeFtError("expected 'path label' with an integer label", path, number) from None
-        if not name.strip():
-            raise CaffeFtError("expected 'path label' with an integer label", path, number)
+        line = line[:-1] if line.endswith("\r") else line
+        name, space, label = line.rpartition(" ")
+        if not line.strip():
+            raise CaffeFtError("empty line (Caffe would try to load an image named '')", path, number)
+        if not space or not name or not _LABEL.fullmatch(label):
+            raise CaffeFtError(f"expected 'path label' with an integer label, found {line!r}", path, number)
+        entries.append((name, int(label)))
     if not entries:
-        raise CaffeFtError("the image list is empty", path)
+        raise CaffeFtError(f"{what} is empty (Caffe aborts on it)", path)
     return entries
 
 
@@ -88,6 +101,8 @@ class DataSource:
 
     def fingerprint(self) -> str:
         """Digest of the list and of each image's size and mtime (LMDB: of data.mdb's)."""
+        import hashlib
+
         digest = hashlib.sha256()
         if self.is_lmdb:
             stat = os.stat(os.path.join(self.path, "data.mdb"))
@@ -192,32 +207,85 @@ def labels_of(path: str, schema: Schema) -> List[int]:
     return labels
 
 
-def count_items(path: str) -> int:
-    """Examples in an image list (its entries) or an LMDB (its record count, when the
-    ``lmdb`` module is there); 0 when that cannot be told."""
-    if os.path.isdir(path):
-        try:
-            return len(DataSource.open(path))
-        except CaffeFtError:
-            return 0
+#: (channels, height, width): channels 1 for a grey-scale file, else 3 (how Caffe loads it in colour mode).
+Header = Tuple[int, int, int]
+
+
+class DamagedHeader(ValueError):
+    """A file that starts like an image of a known format but whose header does not hold."""
+
+
+def read_header(handle: BinaryIO) -> Optional[Header]:
+    """The :data:`Header` of an image file open at its start, read from its
+    header (PNG, JPEG, GIF, BMP, PNM) without decoding the pixels.  A JPEG's
+    markers are followed to its frame header wherever it lies (APP segments,
+    an EXIF thumbnail or an ICC profile, can hold hundreds of kilobytes before
+    it).  None for a format not read here; :class:`DamagedHeader` for a file
+    that starts like one of these formats but breaks off or holds no size."""
+    head = handle.read(64)
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return sum(1 for line in handle if line.strip())
-    except OSError:
-        return 0
+        found = _read_header(handle, head)
+    except struct.error:
+        raise DamagedHeader("its header is damaged") from None
+    if found is not None and min(found[1:]) <= 0:
+        raise DamagedHeader("its header is damaged")
+    return found
 
 
-def image_header(path: str) -> Optional[Tuple[int, int, int]]:
-    """(channels, height, width) of an image as Caffe's ImageData would load it
-    in colour mode, read from the file's header (PNG, JPEG, BMP, PNM) without
-    decoding the pixels; channels is 1 for grey-scale files, else 3.  Other
-    formats are decoded with OpenCV when it is there; None if nothing can tell."""
+def _read_header(handle: BinaryIO, head: bytes) -> Optional[Header]:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        if head[12:16] != b"IHDR":
+            raise DamagedHeader("its header is damaged")
+        width, height = struct.unpack(">II", head[16:24])
+        return (1 if head[25] in (0, 4) else 3, height, width)  # colour types 0, 4: grey (+ alpha)
+    if head.startswith(b"\xff\xd8"):
+        return _jpeg_header(handle)
+    if head.startswith(b"GIF8"):
+        width, height = struct.unpack("<HH", head[6:10])
+        return (3, height, width)
+    if head.startswith(b"BM"):
+        if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 header
+            width, height = struct.unpack("<HH", head[18:22])
+        else:
+            width, height = struct.unpack("<ii", head[18:26])
+        return (3, abs(height), width)
+    if head[:1] == b"P" and head[1:2] in (b"2", b"3", b"5", b"6"):
+        numbers = re.sub(rb"#[^\n]*", b" ", head[2:] + handle.read(1024)).split()
+        if len(numbers) < 2 or not (numbers[0].isdigit() and numbers[1].isdigit()):
+            raise DamagedHeader("its header is damaged")
+        return (1 if head[1:2] in (b"2", b"5") else 3, int(numbers[1]), int(numbers[0]))
+    return None
+
+
+def _jpeg_header(handle: BinaryIO) -> Header:
+    """Follow a JPEG's markers from its start to the first frame header (SOFn)."""
+    handle.seek(2)
+    while True:
+        marker = handle.read(2)
+        while marker == b"\xff\xff":  # fill bytes
+            marker = marker[1:] + handle.read(1)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            raise DamagedHeader("its header is damaged")
+        kind = marker[1]
+        if kind in (0xD8, 0x01) or 0xD0 <= kind <= 0xD7:  # markers without a length
+            continue
+        length = struct.unpack(">H", handle.read(2))[0]
+        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):  # SOFn, not DHT, JPG, DAC
+            _, height, width, components = struct.unpack(">BHHB", handle.read(6))
+            return (1 if components == 1 else 3, height, width)
+        if length < 2:
+            raise DamagedHeader("its header is damaged")
+        handle.seek(length - 2, os.SEEK_CUR)
+
+
+def image_header(path: str) -> Optional[Header]:
+    """The :data:`Header` of an image file (:func:`read_header`); other formats
+    are decoded with OpenCV when it is there; None if nothing can tell."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(64 * 1024)
-    except OSError:
+            found = read_header(handle)
+    except (OSError, DamagedHeader):
         return None
-    found = _header_shape(head)
     if found is not None:
         return found
     try:
@@ -230,66 +298,60 @@ def image_header(path: str) -> Optional[Tuple[int, int, int]]:
     return (1 if image.ndim == 2 else 3, int(image.shape[0]), int(image.shape[1]))
 
 
-def _header_shape(head: bytes) -> Optional[Tuple[int, int, int]]:
-    import struct
+@dataclass(frozen=True)
+class DataSummary:
+    """What planning needs of a data source, read once (:func:`summarize`) and
+    passed to all who ask: the labels (so the count), the first entry of an
+    image list and the first example's :data:`Header`.  ``problem`` says why
+    the source could not be read (it is missing, or an LMDB without the
+    ``lmdb`` module); then it holds no examples."""
 
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", head[16:24])
-        colour_type = head[25]
-        return (1 if colour_type in (0, 4) else 3, height, width)
-    if head[:2] == b"\xff\xd8":
-        index = 2
-        while index + 9 < len(head):
-            if head[index] != 0xFF:
-                index += 1
-                continue
-            marker = head[index + 1]
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                index += 1 if marker == 0xFF else 2
-                continue
-            length = struct.unpack(">H", head[index + 2:index + 4])[0]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                height, width = struct.unpack(">HH", head[index + 5:index + 9])
-                components = head[index + 9] if index + 9 < len(head) else 3
-                return (1 if components == 1 else 3, height, width)
-            index += 2 + length
-        return None
-    if head[:2] == b"BM" and len(head) >= 30:
-        width, height = struct.unpack("<ii", head[18:26])
-        return (3, abs(height), width)
-    if head[:1] == b"P" and head[1:2] in (b"2", b"3", b"5", b"6"):
-        tokens: List[bytes] = []
-        for line in head[2:].split(b"\n"):
-            tokens.extend(line.split(b"#")[0].split())
-            if len(tokens) >= 2:
-                break
-        if len(tokens) >= 2:
-            return (1 if head[1:2] in (b"2", b"5") else 3, int(tokens[1]), int(tokens[0]))
-    return None
+    path: str
+    labels: Tuple[int, ...] = ()
+    first_name: Optional[str] = None  # an image list's first entry, as written
+    first_shape: Optional[Header] = None
+    problem: Optional[str] = None
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
 
 
-def first_item_shape(path: str, schema: Schema, root: str = "") -> Optional[Tuple[int, int, int]]:
-    """(C, H, W) of the first example of an image list (its image's header) or of
-    an LMDB (its first Datum); None when it cannot be told."""
-    if os.path.isdir(path):
-        try:
-            env = _lmdb_env(path)
-        except CaffeFtError:
-            return None
-        datum = schema.new("Datum")
-        with env, env.begin() as txn:
-            for _, value in txn.cursor():
-                datum.ParseFromString(bytes(value))
-                if datum.encoded:
-                    return _header_shape(bytes(datum.data[:64 * 1024]))
-                return (int(datum.channels), int(datum.height), int(datum.width))
-        return None
-    try:
+def summarize(path: str, schema: Schema, root: str = "") -> DataSummary:
+    """Read an image list (its first image's header too, found under ``root``
+    or beside the list) or an LMDB (its Datums' labels, the first one's shape)
+    once.  A list Caffe would misread raises (:func:`read_image_list`); a source
+    that cannot be read at all is summarized with its ``problem``."""
+    if not os.path.exists(path):
+        return DataSummary(path, problem="cannot read: No such file or directory")
+    if not os.path.isdir(path):
         entries = read_image_list(path)
-    except CaffeFtError:
+        name = entries[0][0]
+        image = next((candidate for candidate in (image_path(root, name), os.path.join(os.path.dirname(path), name))
+                      if os.path.exists(candidate)), None)
+        return DataSummary(path, tuple(label for _, label in entries), name,
+                           image_header(image) if image is not None else None)
+    try:
+        env = _lmdb_env(path)
+    except CaffeFtError as exc:
+        return DataSummary(path, problem=exc.message)
+    datum = schema.new("Datum")
+    labels: List[int] = []
+    first: Optional[Header] = None
+    with env, env.begin() as txn:
+        for _, value in txn.cursor():
+            datum.ParseFromString(bytes(value))
+            labels.append(int(datum.label))
+            if len(labels) == 1:
+                first = _datum_shape(datum)
+    return DataSummary(path, tuple(labels), None, first)
+
+
+def _datum_shape(datum: Any) -> Optional[Header]:
+    """An LMDB Datum's (C, H, W): an encoded image's header, else its fields."""
+    if not datum.encoded:
+        return (int(datum.channels), int(datum.height), int(datum.width))
+    try:
+        return read_header(io.BytesIO(bytes(datum.data)))
+    except DamagedHeader:
         return None
-    name = entries[0][0]
-    for candidate in (image_path(root, name), os.path.join(os.path.dirname(path), name)):
-        if os.path.exists(candidate):
-            return image_header(candidate)
-    return None

@@ -689,12 +689,51 @@ def _file_range(array: np.ndarray, dtype: np.dtype) -> Optional[Tuple[int, int]]
 _NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 
 
+#: The buffer of :func:`_buffered_copy`: small enough to stay in the CPU's cache.
+_COPY_BUFFER = 1 << 19
+
+
+def _buffered_copy(src: int, offset: int, count: int, dst: int) -> int:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to ``dst``'s position
+    through one small buffer; the number of bytes copied (fewer at the source's end)."""
+    buffer = memoryview(bytearray(min(_COPY_BUFFER, count)))
+    done = 0
+    while done < count:
+        want = buffer[:min(len(buffer), count - done)]
+        got = os.preadv(src, [want], offset + done) if hasattr(os, "preadv") else _pread_into(src, want, offset + done)
+        if got <= 0:
+            break
+        written = 0
+        while written < got:
+            written += os.write(dst, buffer[written:got])
+        done += got
+    return done
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    data = os.pread(fd, len(buffer), offset)
+    buffer[:len(data)] = data
+    return len(data)
+
+
 def _kernel_copy(src: int, offset: int, count: int, unit: int, handle: BinaryIO) -> int:
     """Copy ``count`` bytes of ``src`` from ``offset`` to the end of ``handle``
-    in the kernel; the number of bytes copied, a multiple of ``unit`` (fewer
-    than ``count`` when the kernel cannot copy them all)."""
+    file to file, never through the process's memory whole; the number of bytes
+    copied, a multiple of ``unit`` (fewer than ``count`` when the kernel cannot
+    copy them all).
+
+    Where the two files' offsets differ within a page (``init``'s output has
+    other layer headers than its input), the kernel's copy shifts every page
+    and takes twice the time of an aligned one (0.3-0.8 s for 500 MB on these
+    machines); reading and writing through a buffer that stays in the CPU's
+    cache takes about the aligned copy's time, so it is done that way there."""
     handle.flush()
     dst, start = handle.fileno(), handle.tell()
+    if (offset - start) % mmap.PAGESIZE:
+        done = _buffered_copy(src, offset, count, dst)
+        done -= done % unit
+        handle.seek(start + done)
+        return done
     done = 0
     for how in ("copy_file_range", "sendfile"):
         if not hasattr(os, how):

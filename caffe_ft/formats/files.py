@@ -12,15 +12,12 @@ a temporary file that is renamed over the target, so nothing is half-written.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
 import re
-import shutil
-import tempfile
-import time
-from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+# shutil, tempfile, fcntl, time and hashlib are imported where they are used: the commands
+# that only read (fmt, inspect, diff) never need them, and every start would pay for them.
+from typing import BinaryIO, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from typing import TYPE_CHECKING
 
@@ -141,9 +138,11 @@ def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     return NET
 
 
-@dataclass
-class TextFile:
-    """A parsed text prototxt: its path, bytes, syntax tree and message."""
+class TextFile(NamedTuple):
+    """A parsed text prototxt: its path, bytes, syntax tree and message.
+
+    (A named tuple, not a dataclass: ``fmt`` and ``diff`` would import
+    ``dataclasses``, and with it ``inspect``, for this one class: ~4 ms a start.)"""
 
     path: str
     data: bytes
@@ -263,6 +262,8 @@ def make_dirs(directory: str) -> None:
 
 def _try_lock(fd: int) -> bool:
     """Take an exclusive ``flock`` on ``fd`` without waiting; whether it was free."""
+    import fcntl
+
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -277,6 +278,10 @@ def locked_temp(directory: str, prefix: str, suffix: str = "", folder: bool = Fa
     It is created under a pending name and renamed once locked, so a run
     cleaning up (:func:`remove_stale`) never sees it unlocked.
     """
+    import fcntl
+    import shutil
+    import tempfile
+
     if folder:
         pending = tempfile.mkdtemp(prefix=_PENDING, dir=directory)
         fd = os.open(pending, os.O_RDONLY)
@@ -304,6 +309,9 @@ def remove_stale(directory: str, prefix: str, suffix: str = "") -> List[str]:
     """Remove the temporary files and folders ``prefix*suffix`` in ``directory``
     left by killed runs: those nobody holds a lock on (and pending ones over a
     minute old).  Returns what went."""
+    import shutil
+    import time
+
     removed: List[str] = []
     try:
         names = os.listdir(directory)
@@ -430,6 +438,8 @@ def staged_outputs(
     written into a staging folder beside them and moved in only when the
     block ends without an error.  Staging folders of killed runs are removed.
     """
+    import shutil
+
     make_dirs(directory)
     inputs = [source for source in inputs if source]
     try:
@@ -502,6 +512,8 @@ def load_net(path: str, schema: Schema) -> Message:
 
 def sha256_file(path: str) -> str:
     """Hex SHA-256 of a file's content."""
+    import hashlib
+
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
@@ -513,4 +525,6 @@ def sha256_file(path: str) -> str:
 
 
 def sha256_text(text: str) -> str:
+    import hashlib
+
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -208,7 +208,9 @@ def _bilinear(param: Message, shape: Shape, rng: np.random.Generator) -> np.ndar
     return np.ascontiguousarray(np.broadcast_to(kernel, shape), dtype=np.float32)
 
 
-Maker = Callable[[Message, Shape, np.random.Generator], np.ndarray]
+# The generator's type named, not looked up: numpy >= 2 imports numpy.random on first
+# use (~10 ms), and ``init`` of a net whose layers are all copied never draws a value.
+Maker = Callable[[Message, Shape, "np.random.Generator"], np.ndarray]
 Check = Callable[[Message, Shape], Optional[str]]
 
 #: Filler type -> (what Caffe refuses, how to make the values).

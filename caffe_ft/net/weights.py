@@ -648,7 +648,7 @@ def init_checked(
         copied.setdefault(checked.name, checked)  # rows are in net order: the first layer of a name
     _check_memory(sum(shapes.count(shape) for target in targets if target.layer.name not in copied
                       for shape in target.params) * 4)
-    rng = np.random.default_rng(seed)
+    rng: Optional[np.random.Generator] = None  # made at the first fresh layer: numpy.random's import is ~10 ms
     out = type(current)()
     out.name = current.name
     blobs: List[List[Blob]] = []
@@ -662,6 +662,8 @@ def init_checked(
         if row is not None:
             blobs.append([_written(blob, shape) for blob, shape in zip(row.source_blobs, target.params)])
         elif target.params:
+            if rng is None:
+                rng = np.random.default_rng(seed)
             arrays = fillers.fill_layer(target.layer, target.params, rng)
             blobs.append([Blob(tuple(shape), array) for shape, array in zip(target.params, arrays)])
         else:

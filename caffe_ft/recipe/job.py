@@ -179,8 +179,8 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     try:
         # In OUTDIR, as training: the test net names its data from there (and the report its files).
         with working_directory(here.outdir):
-            html = _write_report(schema, dataclasses.replace(plan, outdir="."), outcome, weights,
-                                 {"engine": engine, "device": device, "seed": seed, "cached features": cached}, out)
+            html = _write_report(schema, dataclasses.replace(plan, outdir="."), outcome, weights, engine,
+                                 {"device": device, "seed": seed, "cached features": cached}, out)
     except CaffeFtError as exc:  # the model is trained and saved: a report problem does not fail the job
         out.write(f"note: no report: {exc}\n")
     else:
@@ -213,17 +213,18 @@ def _export_onnx(schema: Schema, plan: RewritePlan, final: str, out: IO[str]) ->
     return f"ONNX model: {ONNX} (opset {options.opset}, batch axis N); onnx.checker passed; {agreement}"
 
 
-def _write_report(schema: Schema, plan: RewritePlan, outcome: FinetuneResult, weights: str,
-                  options: Dict[str, Any], out: IO[str]) -> str:
-    """report.html/report.json in OUTDIR: the job's settings, curves and the final model on the validation images."""
+def _write_report(schema: Schema, plan: RewritePlan, outcome: FinetuneResult, weights: str, engine: str,
+                  shown: Dict[str, Any], out: IO[str]) -> str:
+    """report.html/report.json in OUTDIR: the job's settings (``shown`` too), curves and the
+    final model on the validation images, evaluated through ``engine`` as it was trained."""
     from ..evaluation import report
     from ..evaluation.runs import solver_settings, try_evaluation
 
     train_val = os.path.join(plan.outdir, "train_val.prototxt")
-    evaluation, predictions, notes = try_evaluation(train_val, outcome.final_model, schema, out,
-                                                    options.get("engine", "pycaffe"))
+    evaluation, predictions, notes = try_evaluation(train_val, outcome.final_model, schema, out, engine)
     settings: Dict[str, Any] = {"pretrained weights": weights, "strategy": plan.strategy,
-                                "heads": ", ".join(f"{old} -> {new}" for old, new in plan.heads.items()), **options}
+                                "heads": ", ".join(f"{old} -> {new}" for old, new in plan.heads.items()),
+                                "engine": engine, **shown}
     solver = files.load_text(os.path.join(plan.outdir, "solver.prototxt"), schema, files.SOLVER).message
     settings.update(solver_settings(solver))
     metrics = os.path.join(plan.outdir, METRICS)

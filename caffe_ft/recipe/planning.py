@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 from ..errors import CaffeFtError
 from ..formats import files, prototext
 from ..formats.schema import Schema
 from . import rewrite, strategies
 from .options import RewriteOptions
+
+if TYPE_CHECKING:
+    from ..data.sources import DataSummary
 
 Say = Callable[[str], None]
 
@@ -39,15 +42,14 @@ def current_file(parsed: files.TextFile, schema: Schema, say: Say) -> files.Text
     return files.parse_text(text.encode("utf-8", "surrogateescape"), parsed.path, schema, files.NET)
 
 
-def choose(schema: Schema, net_path: str, weights: Optional[str], options: RewriteOptions,
-           say: Say, engine: str = "auto") -> Tuple[str, strategies.StrategyOptions]:
-    """``--strategy auto``: the size x similarity rule, measuring similarity when not
+def choose(schema: Schema, net_path: str, weights: Optional[str], options: RewriteOptions, say: Say,
+           engine: str = "auto", train: Optional[DataSummary] = None) -> Tuple[str, strategies.StrategyOptions]:
+    """``--strategy auto``: the size x similarity rule (the size counted in
+    ``train``, the summary of ``--train-data``), measuring similarity when not
     given (:func:`advise`, through ``engine``; ``auto``: pycaffe where it is
     installed, else torch)."""
-    from ..data.sources import count_items
-
     data = options.data
-    size = options.dataset_size or (count_items(data.train) if data.train else 0)
+    size = options.dataset_size or (train.count if train else 0)
     if not size:
         raise OptionError("--strategy auto needs --dataset-size N, or --train-data and --val-data to count")
     similarity = options.similarity
@@ -76,25 +78,23 @@ def choose(schema: Schema, net_path: str, weights: Optional[str], options: Rewri
     return strategy, head
 
 
-def class_count(schema: Schema, options: RewriteOptions, say: Say) -> Optional[int]:
+def class_count(options: RewriteOptions, say: Say, summary: Optional[DataSummary]) -> Optional[int]:
     """``--num-classes``, or the number of distinct labels of ``--train-data``
-    (which must be 0..K-1, as Caffe's SoftmaxWithLoss needs); None without either
-    (the heads then keep their ``num_output``).  A given count must exceed every label."""
-    from ..data.sources import labels_of
-
+    (``summary``; they must be 0..K-1, as Caffe's SoftmaxWithLoss needs); None
+    without either (the heads then keep their ``num_output``).  A given count
+    must exceed every label."""
     given = options.head.num_classes
-    train = options.data.train
     if given is not None and given < 2:
         raise OptionError(f"--num-classes must be at least 2, not {given}")
-    if not train or (given is not None and not os.path.exists(train)):
+    if summary is None:
         return given
-    try:
-        labels = sorted(set(labels_of(train, schema)))
-    except CaffeFtError as exc:
+    train = summary.path
+    if summary.problem is not None:
         if given is not None:
             return given
-        raise CaffeFtError(f"cannot count the classes of --train-data ({exc.message}); give --num-classes",
-                           train) from None
+        raise CaffeFtError(f"cannot count the classes of --train-data ({summary.problem}); give --num-classes",
+                           train)
+    labels = sorted(set(summary.labels))
     if not labels:
         raise CaffeFtError("the training data holds no examples", train)
     if labels[0] < 0:
@@ -147,7 +147,15 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
     solver_file = files.load_text(options.solver_path, schema, files.SOLVER) if options.solver_path else None
     deploy_file = (current_file(files.load_text(options.deploy_path, schema, files.NET), schema, say)
                    if options.deploy_path else None)
-    count = class_count(schema, options, say)
+    # The data are read here once; their summaries go to all below who need them.
+    data, root = options.data, options.data.root_folder or ""
+    train = val = None
+    if data.train or data.val:
+        from ..data.sources import summarize  # only with data: its import is ~5 ms of every rewrite
+
+        train = summarize(data.train, schema, root) if data.train else None
+        val = summarize(data.val, schema, root) if data.val else None
+    count = class_count(options, say, train)
     if count != options.head.num_classes:
         options = dataclasses.replace(options, head=dataclasses.replace(options.head, num_classes=count))
     if weights and options.data.train and options.data.channels is None and os.path.exists(weights):
@@ -157,7 +165,7 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
             options = dataclasses.replace(options, data=dataclasses.replace(options.data, channels=found[0]))
     strategy, head = options.strategy, options.head
     if strategy == "auto":
-        strategy, head = choose(schema, net_path, weights, options, say, engine)
+        strategy, head = choose(schema, net_path, weights, options, say, engine, train)
     outdir = options.outdir or os.path.join(os.path.dirname(net_path) or ".", f"ft-{strategy}")
     solver_options, net_strategy = options.solver, strategy
     if strategy == "lp-ft":
@@ -166,7 +174,7 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
         solver_options = dataclasses.replace(solver_options, lr_scale=solver_options.lr_scale * LP_FT_LR)
     try:
         planned = rewrite.plan(schema, net_file, net_strategy, head, outdir, options.data, solver_file, deploy_file,
-                               solver_options, options.input_shapes)
+                               solver_options, options.input_shapes, train, val)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
     if strategy == "lp-ft":
@@ -175,7 +183,7 @@ def plan_rewrite(schema: Schema, net_path: str, options: RewriteOptions, weights
                                   f"into the starting weights, then fine-tunes as '{options.then}' with the head at "
                                   f"lr_mult 1 and base_lr x{LP_FT_LR:g} more (Kumar et al., ICLR 2022)")
     if options.class_weights is not None:
-        weigh_classes(schema, planned, options, head.num_classes, say)
+        weigh_classes(schema, planned, options, head.num_classes, say, train)
     return planned
 
 
@@ -184,21 +192,22 @@ LP_FT_LR = 0.1
 
 
 def weigh_classes(schema: Schema, planned: rewrite.RewritePlan, options: RewriteOptions,
-                  num_classes: Optional[int], say: Say) -> None:
-    """``--class-weights``: the new heads' losses become InfogainLoss with a diagonal H beside the nets."""
-    from ..data.sources import labels_of
+                  num_classes: Optional[int], say: Say, train: Optional[DataSummary]) -> None:
+    """``--class-weights``: the new heads' losses become InfogainLoss with a diagonal H
+    beside the nets (``auto``: weights from the labels ``train`` summarizes)."""
     from . import class_weights as cw
 
     name = "train_val.prototxt"
     if name not in planned.files:
         raise CaffeFtError("--class-weights needs a train_val net (a net with its loss layers)")
-    train = options.data.train
     if num_classes is None:
         raise CaffeFtError("--class-weights needs the class count: give --train-data or --num-classes")
-    counts = cw.label_counts(labels_of(train, schema), num_classes) if train else None
+    counts = cw.label_counts(train.labels, num_classes) if train is not None and train.problem is None else None
     if options.class_weights == "auto":
         if counts is None:
-            raise CaffeFtError("--class-weights auto counts the labels of --train-data: give it, or a file of weights")
+            raise CaffeFtError("--class-weights auto counts the labels of --train-data: give it, or a file of weights"
+                               if train is None else f"--class-weights auto cannot count the labels of --train-data "
+                               f"({train.problem})", train.path if train else None)
         weights, how = cw.balanced(counts), "auto: N / (K n_k)"
     else:
         weights, how = cw.read_weights(options.class_weights or "", num_classes), options.class_weights or ""

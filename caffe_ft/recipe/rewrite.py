@@ -34,6 +34,7 @@ from ..formats.numbers import format_float
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:
+    from ..data.sources import DataSummary
     from .solver import Schedule
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
@@ -195,6 +196,26 @@ def _render_layers(schema: Schema, template: str, **context: object) -> List[Mes
     return list(fragment.layer)
 
 
+def _input_layer(schema: Schema, name: str, top: str, shape: Sequence[int]) -> Message:
+    """The Input layer a deploy net has instead of its data layers."""
+    layer = schema.new("LayerParameter")
+    layer.name, layer.type = name, "Input"
+    layer.top.append(top)
+    layer.input_param.shape.add().dim.extend(shape)
+    return layer
+
+
+def _softmax_layer(schema: Schema, name: str, scores: str) -> Message:
+    """The Softmax a deploy net has on a head whose loss it lost (built here, not from
+    a template: a rewrite without data renders no template, and jinja2's import
+    would be a tenth of its run)."""
+    layer = schema.new("LayerParameter")
+    layer.name, layer.type = name, "Softmax"
+    layer.bottom.append(scores)
+    layer.top.append(name)
+    return layer
+
+
 def _default_resize(size: int) -> int:
     """ImageNet-style: resize to 256 and crop large inputs, resize small ones to fit."""
     return max(256, size) if size >= 200 else size
@@ -326,7 +347,7 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
     scores = [blob for _, blob in _head_scores(net, heads)]
     sources = data_layers(net)
     data_tops = {top for i in sources for top in net.layer[i].top[1:]}  # labels
-    input_message = None
+    new_layers: List[Message] = []
     if sources:
         first = net.layer[sources[0]]
         try:
@@ -335,14 +356,13 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
             given = (input_shapes or {}).get(first.top[0])
             shape = list(given) if given else _shape_from_transform(first, item, crop)
         shape[0] = 1
-        input_message = {"name": first.name, "top": first.top[0], "shape": shape}
+        new_layers.append(_input_layer(schema, first.name, first.top[0], shape))
     drop = set(sources)
     for i, layer in enumerate(net.layer):
         if layer.type.endswith(LOSS_SUFFIX) or layer.type == "Accuracy" or set(layer.bottom) & data_tops:
             drop.add(i)
     insert_at = min(drop) if drop else 0
-    new_layers = _render_layers(schema, "deploy_layers.prototxt.j2", input=input_message, softmax=[])
-    _replace_layers(net, sorted(drop), insert_at if input_message else 0, new_layers)
+    _replace_layers(net, sorted(drop), insert_at if new_layers else 0, new_layers)
     for layer in net.layer:
         del layer.include[:]
         del layer.exclude[:]
@@ -355,8 +375,8 @@ def to_deploy(schema: Schema, train_val: Message, heads: Sequence[str], item: Op
         name = "prob" if len(heads) == 1 else f"{heads[index]}/prob"
         if name in existing:
             name = f"{top}/prob"
-        softmax.append({"name": name, "scores": top})
-    net.layer.extend(_render_layers(schema, "deploy_layers.prototxt.j2", input=None, softmax=softmax))
+        softmax.append(_softmax_layer(schema, name, top))
+    net.layer.extend(softmax)
     return net
 
 
@@ -468,21 +488,17 @@ def relative_to(path: Optional[str], folder: str) -> Optional[str]:
     return relative + ("/" if path.endswith("/") and not relative.endswith("/") else "")
 
 
-def _images_root(data: DataOptions, outdir: str) -> Optional[str]:
+def _images_root(data: DataOptions, outdir: str, train: Optional[DataSummary]) -> Optional[str]:
     """The root_folder the written ImageData layers need for the list's relative
     entries to resolve from ``outdir`` (where training runs): the given
-    ``--root-folder``, else the folder the first entry exists under (the working
-    directory, as Caffe reads it, or the list's own folder)."""
-    from ..data.sources import read_image_list
-
+    ``--root-folder``, else the folder the first entry (of ``train``, the list's
+    summary) exists under (the working directory, as Caffe reads it, or the
+    list's own folder)."""
     if data.root_folder:
         return relative_to(data.root_folder.rstrip("/") + "/", outdir)
-    if not data.train or os.path.isdir(data.train):
+    if not data.train or train is None or train.first_name is None:
         return None
-    try:
-        name = read_image_list(data.train)[0][0]
-    except CaffeFtError:
-        return None
+    name = train.first_name
     if os.path.isabs(name):
         return None
     for base in (".", os.path.dirname(data.train) or "."):
@@ -492,11 +508,12 @@ def _images_root(data: DataOptions, outdir: str) -> Optional[str]:
     return None
 
 
-def written_data(data: DataOptions, outdir: str) -> DataOptions:
-    """``data`` with its paths as the files written to ``outdir`` must name them."""
+def written_data(data: DataOptions, outdir: str, train: Optional[DataSummary] = None) -> DataOptions:
+    """``data`` with its paths as the files written to ``outdir`` must name them
+    (``train``: the summary of ``data.train``, whose first entry tells the root)."""
     return dataclasses.replace(
         data, train=relative_to(data.train, outdir), val=relative_to(data.val, outdir),
-        mean_file=relative_to(data.mean_file, outdir), root_folder=_images_root(data, outdir),
+        mean_file=relative_to(data.mean_file, outdir), root_folder=_images_root(data, outdir, train),
     )
 
 
@@ -506,12 +523,11 @@ def _data_top(net: Message) -> Optional[str]:
 
 
 def data_item(schema: Schema, net: Message, data: DataOptions,
-              input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Item:
+              input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None, train: Optional[DataSummary] = None) -> Item:
     """What one example of the net's input is, from what exists: ``--input-shape``,
-    the first example of ``--train-data`` (an image's header, an LMDB's first
-    Datum), the mean file; ``--gray``/``--color`` decide the channels."""
-    from ..data.sources import first_item_shape
-
+    the first example of ``--train-data`` (``train``, its summary: an image's
+    header, an LMDB's first Datum), the mean file; ``--gray``/``--color`` decide
+    the channels."""
     kinds = {phase: _source_kind(source) for phase, source in (("TRAIN", data.train), ("TEST", data.val)) if source}
     shape: Optional[Tuple[int, int, int]] = None
     origin = ""
@@ -519,10 +535,8 @@ def data_item(schema: Schema, net: Message, data: DataOptions,
     given = (input_shapes or {}).get(top or "")
     if given is not None and len(given) == 4:
         shape, origin = (int(given[1]), int(given[2]), int(given[3])), "--input-shape"
-    if shape is None and data.train:
-        found = first_item_shape(data.train, schema, data.root_folder or "")
-        if found is not None:
-            shape, origin = found, f"the first example of {data.train}"
+    if shape is None and data.train and train is not None and train.first_shape is not None:
+        shape, origin = train.first_shape, f"the first example of {data.train}"
     mean_file = data.mean_file or next((net.layer[i].transform_param.mean_file for i in data_layers(net)
                                         if net.layer[i].transform_param.mean_file), "")
     if shape is None and mean_file and os.path.exists(mean_file):
@@ -550,12 +564,16 @@ def plan(
     deploy_file: Optional[TextFile] = None,
     solver_options: SolverOptions = SolverOptions(),
     input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+    train: Optional[DataSummary] = None,
+    val: Optional[DataSummary] = None,
 ) -> RewritePlan:
     """Everything a rewrite writes, without writing it.
 
     Paths in the written files are relative to ``outdir`` (where they are
-    written, and where training runs), except where the input gave them absolute."""
-    from ..data.sources import count_items
+    written, and where training runs), except where the input gave them absolute.
+    ``train`` and ``val`` summarize ``data.train`` and ``data.val`` (read once
+    by the caller, :func:`caffe_ft.data.sources.summarize`): the first example,
+    the example counts the schedule is measured in."""
     from .solver import Schedule, looks_like_finetuning, rewrite_solver, solver_originals
 
     if bool(data.train) != bool(data.val):
@@ -567,8 +585,8 @@ def plan(
     heads = [result.heads.get(name, name) for name in result.heads]
     files: Dict[str, Tuple[str, Optional[str], Optional[str]]] = {}
     deploy_input = is_deploy(net)
-    item = data_item(schema, net, data, input_shapes)
-    written = written_data(data, outdir)
+    item = data_item(schema, net, data, input_shapes, train)
+    written = written_data(data, outdir, train)
     if item.shape is not None and data.train:
         summary.append(f"input example {'x'.join(map(str, item.shape))} (C x H x W) from {item.origin}")
     train_val: Optional[Message] = None
@@ -619,10 +637,9 @@ def plan(
                                     deploy_source.data.decode("utf-8", "replace") if deploy_source else None)
     net_path = "train_val.prototxt"  # beside the solver: training runs in outdir
     prefix = (net.name or "finetune").replace(" ", "_").lower()
-    train_size = count_items(data.train) if data.train else 0
     schedule = None
-    if train_size:
-        schedule = Schedule(train_size, data.batch_size, count_items(data.val) if data.val else 0,
+    if data.train and train is not None and train.count:
+        schedule = Schedule(train.count, data.batch_size, val.count if data.val and val is not None else 0,
                             data.val_batch_size, solver_options.epochs, strategy)
     if solver_file is not None:
         originals = read_originals(solver_file)

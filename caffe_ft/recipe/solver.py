@@ -13,6 +13,7 @@ the same solver instead of shrinking it again.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
@@ -21,6 +22,7 @@ from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
 from ..formats.numbers import format_float
+from ..training.schedule import epoch_iters
 
 #: The settings that are scaled (and whose original values are recorded).
 SCALED_FIELDS = ("base_lr", "stepsize", "stepvalue", "max_iter")
@@ -41,9 +43,10 @@ MAX_TESTS = 10
 @dataclass(frozen=True)
 class Schedule:
     """What the data says about the run's length: a run of ``epochs`` passes
-    over ``train_size`` examples in batches of ``batch`` (``iter_size`` included),
-    tested on ``val_size`` examples in batches of ``val_batch``.  ``epochs`` None:
-    :data:`DEFAULT_EPOCHS` for ``strategy``."""
+    over ``train_size`` examples in batches of ``batch``, ``iter_size`` of them
+    an iteration (the solver's gradient accumulation), tested on ``val_size``
+    examples in batches of ``val_batch``.  ``epochs`` None: :data:`DEFAULT_EPOCHS`
+    for ``strategy``."""
 
     train_size: int
     batch: int
@@ -51,10 +54,12 @@ class Schedule:
     val_batch: int = 50
     epochs: Optional[int] = None
     strategy: str = "last-fc"
+    iter_size: int = 1
 
     @property
     def epoch_iters(self) -> int:
-        return max(1, -(-self.train_size // self.batch))
+        """Iterations an epoch takes (:func:`caffe_ft.training.schedule.epoch_iters`)."""
+        return epoch_iters(self.train_size, self.batch, self.iter_size)
 
     def default_epochs(self) -> Tuple[int, str]:
         from .strategies import LARGE_DATASET, SMALL_DATASET
@@ -189,15 +194,15 @@ def _fit_schedule(out: Message, source: Mapping[str, Original], schedule: Schedu
                   max_iter: Optional[int]) -> List[str]:
     """The run measured in epochs of the new data (see :func:`rewrite_solver`)."""
     notes = []
-    batch = schedule.batch * max(1, out.iter_size)
-    epoch_iters = max(1, -(-schedule.train_size // batch))
+    schedule = dataclasses.replace(schedule, iter_size=max(1, out.iter_size))
+    batch, per_epoch = schedule.batch * schedule.iter_size, schedule.epoch_iters
     if max_iter is not None:
         new_max, why = max_iter, "given"
     else:
         epochs, reason = schedule.default_epochs()
-        new_max = epochs * epoch_iters
+        new_max = epochs * per_epoch
         why = (f"{epochs} epochs ({reason}) of {schedule.train_size} examples in batches of {batch}: "
-               f"{epoch_iters} iterations each")
+               f"{per_epoch} iterations each")
     old_max = int(source.get("max_iter", out.max_iter) or 0)  # type: ignore[arg-type]
     if new_max != out.max_iter or "max_iter" in source:
         notes.append(f"max_iter: {old_max} -> {new_max} ({why})")
@@ -218,9 +223,9 @@ def _fit_schedule(out: Message, source: Mapping[str, Original], schedule: Schedu
         notes.append(f"stepvalue: {', '.join(map(str, values))} -> {', '.join(map(str, scaled))} "
                      "(the same fractions of the run)")
     if len(out.test_iter) or schedule.val_size:
-        interval = test_interval_for(new_max, epoch_iters)
+        interval = test_interval_for(new_max, per_epoch)
         if interval != out.test_interval:
-            epochs_apart = interval / epoch_iters
+            epochs_apart = interval / per_epoch
             notes.append(f"test_interval: {out.test_interval} -> {interval} ({epochs_apart:.3g} epoch(s); "
                          f"the last test at max_iter scores the final weights)")
             out.test_interval = interval

@@ -6,20 +6,25 @@ engine write ``best.caffemodel`` each time a test pass beats every earlier
 one; ``--patience N`` stops the run once N test passes in a row have not.
 Ties are not improvements, so the best model is the earliest with the best
 value.  The engines (:mod:`caffe_ft.training.pycaffe`, the torch engine)
-only report each test pass here and act on :class:`Verdict`.  A resumed run
-carries the best over the stop (:func:`carry_over`): the test passes before it
-are in the --metrics file and their best weights in ``best.caffemodel`` (without
---metrics it says that it cannot).
+each hold a :class:`KeepBest`, report each test pass to it (:func:`record_tests`)
+and stop when it says so.  A resumed run carries the best over the stop
+(:meth:`KeepBest.carry_over`): the test passes before it are in the --metrics
+file and their best weights in ``best.caffemodel`` (without --metrics it says
+that it cannot).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequence
 
 from ..errors import CaffeFtError
-from .progress import Output, read_metrics
+from .progress import MetricsWriter, Output, Reporter, read_metrics
+from .stop import StopRequest
+
+if TYPE_CHECKING:
+    from .run import TrainResult
 
 #: The file the best weights go to, beside the run's snapshots unless given.
 BEST = "best.caffemodel"
@@ -155,30 +160,82 @@ def check_output(keep_best: str, outputs: List[str]) -> None:
                            f"(its outputs: {', '.join(sorted(outputs))})")
 
 
-def record_tests(owner: Any, iteration: int, counts: Sequence[int],
+@dataclass
+class KeepBest:
+    """One run's keep-best, as both engines hold it: the :class:`Tracker`
+    (None without ``--keep-best``, and in a process that does not test), where
+    the best weights go, whether they were written, and whether the patience
+    ran out at the last test pass (the engine then stops)."""
+
+    tracker: Optional[Tracker]
+    path: str
+    written: bool = False
+    stop: bool = False
+
+    @classmethod
+    def of(cls, keep_best: Optional[str], patience: Optional[int], best_model: Optional[str], prefix: str,
+           tests: bool = True) -> "KeepBest":
+        """What ``--keep-best``/``--patience`` ask of a run whose snapshots are ``prefix``_iter_N
+        (``best_model``: where best.caffemodel goes instead of beside them)."""
+        return cls(tracker(keep_best, patience) if tests else None, best_model or best_path(prefix))
+
+    def check(self, outputs: List[str]) -> None:
+        """Refuse, before training, an output the first test net does not have (:func:`check_output`)."""
+        if self.tracker is not None:
+            check_output(self.tracker.output, outputs)
+
+    def carry_over(self, metrics: Optional[str], resume_at: int) -> Optional[str]:
+        """A resumed run's earlier test passes replayed (:func:`carry_over`); the line to show, if any."""
+        return carry_over(self.tracker, metrics, resume_at, self.path)
+
+    def weigh(self, iteration: int, outputs: Dict[str, Output], save: Callable[[str], None]) -> None:
+        """The first test net's ``outputs`` at ``iteration``: ``save(path)`` writes the
+        weights (atomically, to :attr:`path`) when they are the best yet."""
+        if self.tracker is None:
+            return
+        verdict = self.tracker.update(iteration, outputs)
+        if verdict.new_best:
+            save_atomically(self.path, save)
+            self.written = True
+        self.stop = verdict.stop
+
+    def report(self, result: "TrainResult") -> None:
+        """Tell ``result`` the best model (when one was written) and the best and last results."""
+        if self.tracker is not None:
+            result.best_model = self.path if self.written else None
+            result.best_notes = self.tracker.notes(result.best_model)
+
+
+class TestingLoop(Protocol):
+    """What :func:`record_tests` needs of an engine's training loop."""
+
+    stop: StopRequest
+    tests: List[Dict[str, Output]]
+    reporter: Optional[Reporter]
+    metrics: Optional[MetricsWriter]
+    best: KeepBest
+
+    def say(self, text: str) -> None: ...
+
+
+def record_tests(loop: TestingLoop, iteration: int, counts: Sequence[int],
                  run_one: Callable[[int, int, Callable[[], bool]], Optional[Dict[str, Output]]],
                  save_best: Callable[[str], None], abortable: bool) -> bool:
     """One test pass of every test net, as both engines do it: each net's
     outputs reported, written to the metrics, and the first net's weighed by
-    the keep-best tracker (``save_best`` writes the weights when they are the
-    best yet).  ``owner`` is the engine's loop, holding ``stop``, ``say``,
-    ``tests``, ``reporter``, ``metrics``, ``best``, ``best_model``,
-    ``best_written`` and ``early_stop``.  False when a stop cut a pass short."""
-    abort = (lambda: owner.stop.requested is not None) if abortable else (lambda: False)
+    the loop's :class:`KeepBest` (``save_best`` writes the weights when they
+    are the best yet).  False when a stop cut a pass short."""
+    abort = (lambda: loop.stop.requested is not None) if abortable else (lambda: False)
     for index, count in enumerate(counts):
         outputs = run_one(index, count, abort)
         if outputs is None:
-            owner.say(f"iter {iteration}  test #{index}: interrupted")
+            loop.say(f"iter {iteration}  test #{index}: interrupted")
             return False
-        owner.tests.append(outputs)
-        if owner.reporter is not None:
-            owner.reporter.test(iteration, index, outputs)
-        if owner.metrics is not None:
-            owner.metrics.test(iteration, index, outputs)
-        if index == 0 and owner.best is not None:
-            verdict = owner.best.update(iteration, outputs)
-            if verdict.new_best:
-                save_atomically(owner.best_model, save_best)
-                owner.best_written = True
-            owner.early_stop = verdict.stop
+        loop.tests.append(outputs)
+        if loop.reporter is not None:
+            loop.reporter.test(iteration, index, outputs)
+        if loop.metrics is not None:
+            loop.metrics.test(iteration, index, outputs)
+        if index == 0:
+            loop.best.weigh(iteration, outputs, save_best)
     return True

@@ -21,7 +21,7 @@ import struct
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeFtError
 
@@ -159,41 +159,47 @@ def resolve_library(name: str, origin: str, search_path: Sequence[str]) -> Optio
     return None
 
 
-def needed_libraries(paths: Iterable[str], until: Optional[Callable[[str], bool]] = None) -> Optional[List[str]]:
-    """Every library the files in ``paths`` and the Caffe libraries they link
-    need, in the order met (None when a Caffe library cannot be found or
-    read); with ``until``, the walk stops at the first name it accepts."""
-    todo, seen, needed = list(paths), set(), []
+class _Unresolved(Exception):
+    """A Caffe library that a file needs cannot be found."""
+
+
+def _needed(paths: Iterable[str]) -> Iterator[str]:
+    """The ``DT_NEEDED`` names of the files in ``paths`` and of the Caffe
+    libraries they link, in the order met, read lazily: a caller that stops
+    early reads no further library.  Raises :class:`NotElf` or :class:`_Unresolved`."""
+    todo, seen = list(paths), set()
     while todo:
         path = os.path.realpath(todo.pop())
         if path in seen:
             continue
         seen.add(path)
-        try:
-            deps = read_elf_deps(path)
-        except NotElf:
-            return None
+        deps = read_elf_deps(path)
         for name in deps.needed:
-            if name not in needed:
-                needed.append(name)
-            if until is not None and until(name):
-                return needed
+            yield name
             if "caffe" in name:
                 found = resolve_library(name, os.path.dirname(path), deps.search_path)
                 if found is None:
-                    return None
+                    raise _Unresolved(name)
                 todo.append(found)
-    return needed
+
+
+def needed_libraries(paths: Iterable[str]) -> Optional[List[str]]:
+    """Every library the files in ``paths`` and the Caffe libraries they link
+    need, in the order met (None when a Caffe library cannot be found or read)."""
+    try:
+        return list(dict.fromkeys(_needed(paths)))
+    except (NotElf, _Unresolved):
+        return None
 
 
 def linked_cuda(paths: Iterable[str]) -> Optional[str]:
     """The first CUDA library that the files in ``paths`` (and the Caffe
     libraries they link) need, ``""`` when none does, None when a Caffe
-    library they need cannot be found or read."""
-    needed = needed_libraries(paths, until=lambda name: bool(CUDA_LIBRARY.match(name)))
-    if needed is None:
+    library they need, before any CUDA one, cannot be found or read."""
+    try:
+        return next((name for name in _needed(paths) if CUDA_LIBRARY.match(name)), "")
+    except (NotElf, _Unresolved):
         return None
-    return next((name for name in needed if CUDA_LIBRARY.match(name)), "")
 
 
 def pycaffe_extensions() -> List[str]:

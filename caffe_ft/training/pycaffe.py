@@ -332,10 +332,8 @@ class _Run:
         self.reporter: Optional[Reporter] = None
         self.tests: List[Dict[str, Output]] = []
         self.snapshots: Optional[snap.Snapshotter] = None
-        self.best = keep.tracker(plan.options.keep_best, plan.options.patience) if ctx.root else None
-        self.best_model = plan.options.best_model or keep.best_path(plan.prefix)
-        self.best_written = False
-        self.early_stop = False
+        options = plan.options
+        self.best = keep.KeepBest.of(options.keep_best, options.patience, options.best_model, plan.prefix, ctx.root)
 
     def say(self, text: str) -> None:
         if self.reporter is not None:
@@ -405,7 +403,7 @@ class _Run:
             if root and test_due(param, iteration):
                 if not self.test_all(solver, iteration, abortable=not self.ctx.multi):
                     return "interrupted", iteration, None
-                if self.early_stop:
+                if self.best.stop:
                     return "done", iteration, None
             try:
                 solver.step(1)
@@ -435,8 +433,7 @@ class _Run:
         plan, root = self.plan, self.ctx.root
         solver = self.build()
         start = solver.iter
-        if self.best is not None:
-            keep.check_output(self.best.output, list(solver.test_nets[0].outputs) if solver.test_nets else [])
+        self.best.check(list(solver.test_nets[0].outputs) if solver.test_nets else [])
         if root:
             # weights plus up to two history blobs each (Adam), float32
             params = getattr(solver.net, "params", {})
@@ -449,7 +446,7 @@ class _Run:
             if plan.options.metrics or plan.options.plot:
                 self.metrics = MetricsWriter(plan.metrics_path, resume_at=start if plan.resume else None)
             if plan.resume is not None:
-                carried = keep.carry_over(self.best, plan.options.metrics, start, self.best_model)
+                carried = self.best.carry_over(plan.options.metrics, start)
                 if carried is not None:
                     self.ctx.out.write(carried + "\n")
             self.reporter = make_reporter(self.ctx.out, start, self.param.max_iter, self.param.display,
@@ -466,9 +463,7 @@ class _Run:
         if not root:
             return TrainResult(status, iteration, 0)
         result = self._finish(solver, status, iteration, divergence, time.monotonic() - began, start)
-        if self.best is not None:
-            result.best_model = self.best_model if self.best_written else None
-            result.best_notes = self.best.notes(result.best_model)
+        self.best.report(result)
         return result
 
     def _finish(self, solver: Any, status: str, iteration: int, divergence: Optional[NonFiniteLoss],

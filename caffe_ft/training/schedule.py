@@ -58,6 +58,13 @@ class Settings:
         return cls(**values)
 
 
+def epoch_iters(train_size: int, batch: int, iter_size: int = 1) -> int:
+    """Iterations one pass over ``train_size`` examples takes, as Caffe reads
+    them: each iteration (one update) reads ``iter_size`` batches of ``batch``,
+    so ``ceil(train_size / (batch * iter_size))``, and at least 1."""
+    return max(1, -(-train_size // (batch * max(1, iter_size))))
+
+
 def learning_rate(solver: SolverLike, iteration: int) -> float:
     """The rate Caffe's SGD-family solvers use for the update at ``iteration``."""
     policy, base = solver.lr_policy, solver.base_lr

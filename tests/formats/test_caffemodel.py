@@ -293,6 +293,29 @@ def test_unchanged_blobs_are_copied_file_to_file_as_a_full_re_encode_writes_them
     assert (tmp_path / "streamed.caffemodel").read_bytes() == (tmp_path / "encoded.caffemodel").read_bytes()
 
 
+def test_blobs_at_other_page_offsets_go_through_a_small_buffer(tmp_path, schema, monkeypatch):
+    """A longer header before the blobs (init's output names other layers than
+    its input) puts every blob at another offset within a page than in the
+    input: those are copied through a buffer that stays in the CPU's cache
+    (the kernel's copy would shift every page), byte for byte as a re-encode."""
+    path, _ = _mixed_model_file(tmp_path, schema)
+    model = load_model(path, schema)
+    model.net.name = "a longer name shifts every blob by a few bytes"
+
+    def shifted(*args):
+        raise AssertionError("a kernel copy across page offsets")
+
+    monkeypatch.setattr(os, "copy_file_range", shifted)
+    monkeypatch.setattr(os, "sendfile", shifted)
+    monkeypatch.setattr(caffemodel, "_COPY_BUFFER", 16)  # many rounds, and a last short one
+    save_model(model, str(tmp_path / "streamed.caffemodel"))
+    monkeypatch.undo()
+    save_model(_copied(model), str(tmp_path / "encoded.caffemodel"))
+    streamed = (tmp_path / "streamed.caffemodel").read_bytes()
+    assert streamed == (tmp_path / "encoded.caffemodel").read_bytes()
+    assert load_model(str(tmp_path / "streamed.caffemodel"), schema).net.name == model.net.name
+
+
 @pytest.mark.parametrize("missing", [("copy_file_range",), ("copy_file_range", "sendfile")])
 def test_kernels_without_file_to_file_copies(tmp_path, schema, monkeypatch, missing):
     """Where the kernel refuses copy_file_range (and sendfile), the blobs are written from the map."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import marshal
+
 import pytest
 
 from caffe_ft.formats import prototext
@@ -140,11 +142,80 @@ def test_schema_caches_are_rebuilt_when_damaged(tmp_path, monkeypatch):
     fresh = Schema("caffe.proto", text)
     assert fresh.new("NetParameter").DESCRIPTOR.full_name == "caffe.NetParameter"
     (parsed,) = glob.glob(str(tmp_path / "schema-*.pb"))
-    (table,) = glob.glob(str(tmp_path / "fields-*.json"))
-    good = open(parsed, "rb").read()
+    (table,) = glob.glob(str(tmp_path / "fields-*.marshal"))
+    good, good_table = open(parsed, "rb").read(), open(table, "rb").read()
     open(parsed, "wb").write(good[:40])  # the name survives, the messages do not
-    open(table, "w").write("{")
+    open(table, "wb").write(good_table[:len(good_table) // 2])
     again = Schema("caffe.proto", text)
     assert again.table("LayerParameter").fields_by_name["convolution_param"].number == 106
     assert again.new("LayerParameter").DESCRIPTOR.fields_by_name["convolution_param"].number == 106
     assert open(parsed, "rb").read() == good
+    assert open(table, "rb").read() == good_table
+    for damaged in (b"{", marshal.dumps({"package": "caffe"}), marshal.dumps({"package": "caffe", "enums": {},
+                    "messages": {"caffe.A": ["A", [["b", 1, 11, False, "caffe.Missing"]]]}})):
+        open(table, "wb").write(damaged)  # not marshal's format; not a table; a table that does not link up
+        assert Schema("caffe.proto", text).table("LayerParameter").fields_by_name["name"].number == 1
+        assert open(table, "rb").read() == good_table
+
+
+def test_schema_cache_follows_an_edited_schema(tmp_path, monkeypatch):
+    """A schema edited in place (a fork's caffe.proto gaining a field) gets new
+    cache files: the stale table of the old text is not used for the new one."""
+    import glob
+
+    from caffe_ft.formats.schema import Schema, default_proto_path
+
+    monkeypatch.setenv("CAFFE_FT_CACHE", str(tmp_path))
+    text = open(default_proto_path(), encoding="utf-8").read()
+    assert "fork_field" not in Schema("fork.proto", text).table("LayerParameter").fields_by_name
+    edited = text.replace("message LayerParameter {", "message LayerParameter {\n  optional int32 fork_field = 9999;", 1)
+    assert edited != text
+    table = Schema("fork.proto", edited).table("LayerParameter")
+    assert table.fields_by_name["fork_field"].number == 9999
+    assert Schema("fork.proto", edited).new("LayerParameter").DESCRIPTOR.fields_by_name["fork_field"].number == 9999
+    assert len(glob.glob(str(tmp_path / "fields-*.marshal"))) == 2
+    assert "fork_field" not in Schema("fork.proto", text).table("LayerParameter").fields_by_name
+
+
+def test_schema_works_without_a_writable_cache(tmp_path, monkeypatch):
+    """A read-only cache location (an installed system, a read-only home) only
+    costs deriving the tables again each run: nothing is written, nothing fails."""
+    import os
+
+    from caffe_ft.formats.schema import Schema, default_proto_path
+
+    if os.geteuid() == 0:
+        monkeypatch.setenv("CAFFE_FT_CACHE", "/proc/caffe-ft-cache")  # not creatable, even by root
+    else:
+        cache = tmp_path / "cache"
+        cache.mkdir(mode=0o500)
+        monkeypatch.setenv("CAFFE_FT_CACHE", str(cache))
+    text = open(default_proto_path(), encoding="utf-8").read()
+    for _ in range(2):
+        schema = Schema("caffe.proto", text)
+        assert schema.table("LayerParameter").fields_by_name["convolution_param"].number == 106
+        assert schema.new("NetParameter").DESCRIPTOR.full_name == "caffe.NetParameter"
+    assert not os.path.exists("/proc/caffe-ft-cache") and not any(tmp_path.rglob("*.marshal"))
+
+
+def test_schema_cache_concurrent_writers(tmp_path):
+    """Several processes starting together on an empty cache each write the
+    tables under a temporary name and rename it: every one of them gets a
+    whole table, and the files left are whole."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    probe = ("from caffe_ft.formats.schema import load_schema; s = load_schema(); "
+             "print(s.table('LayerParameter').fields_by_name['convolution_param'].number, "
+             "s.new('NetParameter').DESCRIPTOR.full_name)")
+    env = dict(os.environ, CAFFE_FT_CACHE=str(tmp_path))
+    runs = [subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(6)]
+    outputs = [run.communicate()[0] for run in runs]
+    assert [run.returncode for run in runs] == [0] * 6
+    assert outputs == ["106 caffe.NetParameter\n"] * 6
+    assert sorted(os.path.basename(name).split("-")[0] for name in os.listdir(tmp_path)) == ["fields", "schema"]
+    (table,) = glob.glob(str(tmp_path / "fields-*.marshal"))
+    assert marshal.loads(open(table, "rb").read())["package"] == "caffe"

@@ -160,3 +160,21 @@ def test_a_run_shorter_than_one_test_interval_is_still_tested(parse_net):
     assert out.test_interval == 150 and any("test_interval: 1000 -> 150" in note for note in notes)
     out, _ = rewrite_solver(solver, net_path="o/n.prototxt", snapshot_prefix="o/s")  # 8000 iterations: kept
     assert out.test_interval == 1000 and out.max_iter == 8000
+
+
+def test_an_epoch_counts_iter_size_batches_an_iteration(parse_net):
+    """Caffe reads iter_size batches per iteration: 100 examples in batches of 10 with iter_size 2
+    are 5 iterations an epoch, for the fitted solver and for the schedule alike."""
+    from caffe_ft.recipe.solver import Schedule
+    from caffe_ft.training.schedule import epoch_iters
+
+    assert [epoch_iters(100, 10), epoch_iters(100, 10, 2), epoch_iters(101, 10, 2), epoch_iters(0, 10)] == [10, 5, 6, 1]
+    schedule = Schedule(100, 10, val_size=20, val_batch=10, strategy="full")
+    assert (schedule.epoch_iters, Schedule(100, 10, iter_size=2).epoch_iters) == (10, 5)
+    accumulating = solver(parse_net, CAFFENET_SOLVER + "iter_size: 2\n")
+    out, notes = rewrite_solver(accumulating, schedule=schedule, **PATHS)
+    assert (out.max_iter, out.test_interval, out.iter_size) == (30, 5, 2)  # 6 epochs (full, small data) of 5
+    assert "max_iter: 450000 -> 30 (6 epochs (full on a small data set) of 100 examples in batches of 20: " \
+           "5 iterations each)" in notes
+    plain, _ = rewrite_solver(solver(parse_net, CAFFENET_SOLVER), schedule=schedule, **PATHS)
+    assert (plain.max_iter, plain.test_interval) == (60, 10)

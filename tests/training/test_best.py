@@ -70,6 +70,42 @@ def test_carry_over_needs_the_metrics_and_the_best_model(tmp_path) -> None:  # t
     assert note == f"keep-best: before iteration 30, best accuracy 0.8000 at iteration 10 ({model}), 1 test(s) since"
 
 
+def test_keep_best_writes_only_improvements_and_tells_the_result(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The object both engines hold: a better test writes the weights (atomically, where asked),
+    the patience raises ``stop``, the result learns the model and the notes; without --keep-best
+    (or in a process that does not test) it does nothing."""
+    from caffe_ft.training.run import TrainResult
+
+    written: List[int] = []
+
+    def save(iteration: int):  # type: ignore[no-untyped-def]
+        def write(path: str) -> None:
+            with open(path, "w") as handle:
+                handle.write(str(iteration))
+            written.append(iteration)
+        return write
+
+    keep = best.KeepBest.of("accuracy", 1, None, str(tmp_path / "snaps" / "digits"))
+    assert keep.path == str(tmp_path / "snaps" / "best.caffemodel")
+    for iteration, accuracy in [(0, 0.5), (10, 0.7), (20, 0.6)]:
+        keep.weigh(iteration, {"accuracy": accuracy}, save(iteration))
+        assert keep.stop == (iteration == 20)
+    assert written == [0, 10] and (tmp_path / "snaps" / "best.caffemodel").read_text() == "10"
+    assert os.listdir(tmp_path / "snaps") == ["best.caffemodel"]  # no temporary left behind
+    result = TrainResult("done", 20, 0)
+    keep.report(result)
+    assert result.best_model == keep.path and result.best_notes[0].startswith("best accuracy: 0.7000 at iteration 10")
+    with pytest.raises(CaffeFtError, match="no such output"):
+        keep.check(["loss"])
+    for idle in (best.KeepBest.of(None, None, "b.caffemodel", "x"), best.KeepBest.of("accuracy", 2, None, "x", False)):
+        idle.weigh(0, {"accuracy": 1.0}, save(99))
+        idle.check([])
+        unchanged = TrainResult("done", 0, 0)
+        idle.report(unchanged)
+        assert 99 not in written and not idle.written and not idle.stop and unchanged.best_model is None
+    assert best.KeepBest.of(None, None, "b.caffemodel", "x").path == "b.caffemodel"
+
+
 # --------------------------------------------------------- real training runs --
 
 

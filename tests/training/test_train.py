@@ -470,6 +470,22 @@ def test_gpu_build_is_detected_from_the_libraries(tmp_path, monkeypatch):
     assert devices.gpu_support() is True
 
 
+def test_the_walk_stops_at_the_first_cuda_library(tmp_path, monkeypatch):
+    """A CUDA library the extension itself needs answers before its Caffe library is looked for;
+    the full list needs that library."""
+    ext = tmp_path / "_caffe.so"
+    ext.write_bytes(elf_bytes(["libcudart.so.10.1", "libcaffe.so.1", "libcudnn.so.7"], "$ORIGIN/nowhere"))
+    monkeypatch.setattr(devices, "_DEFAULT_DIRS", ())
+    monkeypatch.setattr(devices, "_ld_conf_dirs", lambda: [])
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    assert devices.linked_cuda([str(ext)]) == "libcudart.so.10.1"
+    assert devices.needed_libraries([str(ext)]) is None
+    (tmp_path / "nowhere").mkdir()
+    (tmp_path / "nowhere" / "libcaffe.so.1").write_bytes(elf_bytes(["libglog.so.0", "libcudnn.so.7"]))
+    assert devices.needed_libraries([str(ext)]) == ["libcudart.so.10.1", "libcaffe.so.1", "libcudnn.so.7",
+                                                    "libglog.so.0"]
+
+
 def test_unreadable_libraries_fall_back_to_a_probe(tmp_path, monkeypatch):
     ext = fake_pycaffe(tmp_path, [])
     os.unlink(tmp_path / "lib" / "libcaffe.so.1")

@@ -302,10 +302,7 @@ class _Loop:
         self.tests: List[Dict[str, Output]] = []
         self.metrics: Optional[MetricsWriter] = None
         self.reporter: Optional[Reporter] = None
-        self.best = keep.tracker(options.keep_best, options.patience) if self.root else None
-        self.best_model = options.best_model or keep.best_path(prefix)
-        self.best_written = False
-        self.early_stop = False
+        self.best = keep.KeepBest.of(options.keep_best, options.patience, options.best_model, prefix, self.root)
 
     def _write(self) -> None:
         assert self.staging is not None
@@ -331,7 +328,7 @@ class _Loop:
                                                                                  abortable=trainer.world == 1):
                 return "interrupted", iteration, None
             # Every process learns the first one's verdict, so that they all stop at the same test.
-            if self.options.patience is not None and test_due(settings, iteration) and trainer.agree(self.early_stop):
+            if self.options.patience is not None and test_due(settings, iteration) and trainer.agree(self.best.stop):
                 return "done", iteration, None
             loss = trainer.forward_backward()
             if not math.isfinite(loss):
@@ -438,7 +435,7 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
             metrics_path = options.metrics or os.path.join(workdir, "metrics.jsonl")
             loop.metrics = MetricsWriter(metrics_path, resume_at=first if resume else None)
         if resume is not None:
-            carried = keep.carry_over(loop.best, options.metrics, first, loop.best_model)
+            carried = loop.best.carry_over(options.metrics, first)
             if carried is not None:
                 out.write(carried + "\n")
         loop.reporter = make_reporter(out, first, solver.max_iter, solver.display, solver.average_loss, options.bar)
@@ -456,9 +453,7 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
             return TrainResult(status, iteration, 0 if status == "done" else (
                 2 if status == "diverged" else EXIT_SIGNAL_BASE + (stop.requested or signal.SIGINT)))
         result = _finish(loop, options, status, iteration, time.monotonic() - began, first)
-        if loop.best is not None:
-            result.best_model = loop.best_model if loop.best_written else None
-            result.best_notes = loop.best.notes(result.best_model)
+        loop.best.report(result)
         if options.plot:
             from ..plot import plot_quietly
 
