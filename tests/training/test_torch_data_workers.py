@@ -312,3 +312,19 @@ def test_cli_data_workers_train_to_the_model_of_reading_in_one_process(data, sch
     refused = cli_runner().invoke(main, ["finetune", "net.prototxt", "--weights", "small_iter_6.caffemodel",
                                          "--engine", "pycaffe", "--data-workers", "2"])
     assert refused.exit_code == 2 and "--data-workers needs --engine torch" in refused.stderr
+
+
+def test_root_folder_is_joined_as_caffe_joins_it(data, schema) -> None:  # type: ignore[no-untyped-def]
+    """Caffe prefixes root_folder as a string: 'im' + 'ages/0.png' is images/0.png,
+    and the torch engine reads what Caffe reads (no '/' put in between)."""
+    import cv2
+
+    os.mkdir("images")
+    for index in range(2):
+        os.rename(f"{index}.png", f"images/{index}.png")
+    (data / "split.txt").write_text("ages/0.png 0\nages/1.png 1\n")
+    text = ('layer { name: "images" type: "ImageData" top: "data" top: "label" image_data_param { '
+            'source: "split.txt" root_folder: "im" batch_size: 2 } }')
+    batch = _read(schema, 0, 0, 1, layers=_layers(schema, text))[0]
+    expected = np.stack([cv2.imread(f"images/{index}.png").transpose(2, 0, 1) for index in range(2)])
+    np.testing.assert_array_equal(batch["data"], expected.astype(np.float32))

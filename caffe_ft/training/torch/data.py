@@ -249,7 +249,7 @@ class ImageDataSource:
 
     def __init__(self, layer: Message, schema: Schema, phase: str, seed: int = 0, rank: int = 0,
                  world: int = 1) -> None:
-        from ...data.sources import image_path, read_image_list
+        from ...data.sources import read_image_list
         from ...data.transform import Transform
 
         p = layer.image_data_param
@@ -257,7 +257,7 @@ class ImageDataSource:
         if not p.source:
             raise CaffeFtError("ImageData needs image_data_param.source", layer=layer.name)
         self.entries = read_image_list(p.source)
-        self.paths = [image_path(p.root_folder, name) for name, _ in self.entries]
+        self.paths = [p.root_folder + name for name, _ in self.entries]  # Caffe joins the two strings as they are
         self.batch = p.batch_size
         self.shuffle = p.shuffle
         self.rank, self.world = rank, world
