@@ -118,7 +118,7 @@ def finetune(net_path: str, weights: str, options: FinetuneOptions, *, schema: O
                    input_shapes=options.rewrite.input_shapes or plan.input_shapes or None, cached=options.cached,
                    resume=options.resume, keep_best=options.keep_best, patience=options.patience,
                    export_onnx=options.export_onnx, engine=options.engine,
-                   out=out)
+                   data_workers=options.data_workers, out=out)
 
 def export_onnx(net_path: str, weights: Optional[str], output: str, options: "ExportOptions", *,
                 force: bool = False, schema: Optional[Schema] = None, out: IO[str] = sys.stderr) -> "onnx.ModelProto":

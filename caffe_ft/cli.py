@@ -413,6 +413,13 @@ def _engine_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., An
                         "(pycaffe where it can run on the device, else torch).")
 
 
+def _data_workers_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--data-workers N`` (torch engine) for a command that trains."""
+    return click.option("--data-workers", type=click.IntRange(min=0), metavar="N",
+                        help="Torch engine: processes that read, decode and transform each net's data "
+                        "(0: in the training process; default: one fewer than the cores, 1 to 3).")(function)
+
+
 def _chosen_engine(engine: str, device: str) -> str:
     """The engine ``--engine`` asks for on ``device``; for ``auto``, say which was picked and why."""
     from .training.run import choose_engine
@@ -440,10 +447,11 @@ def _chosen_engine(engine: str, device: str) -> str:
 @click.option("--export-onnx", is_flag=True, help="Also write final.onnx (the deploy net, final weights), "
               "checked against pycaffe.")
 @_engine_option("trains and computes cached features")
+@_data_workers_option
 @click.pass_context
 def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str], cpu: bool, seed: int,
              force: bool, cached: bool, resume: Optional[str], keep_best: Optional[str], patience: Optional[int],
-             export_onnx: bool, engine: str, **params: Any) -> None:
+             export_onnx: bool, engine: str, data_workers: Optional[int], **params: Any) -> None:
     """Fine-tune NET from WEIGHTS on new data: rewrite + check + init + train.
 
     OUTDIR receives the prototxts, init.caffemodel, Caffe's snapshots,
@@ -459,9 +467,12 @@ def finetune(ctx: click.Context, net_path: str, weights: str, gpu: Optional[str]
     if gpu is not None and cpu:
         raise click.UsageError("--gpu and --cpu exclude each other")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
+    chosen = _chosen_engine(engine, device)
+    if chosen == "pycaffe" and data_workers is not None:
+        raise click.UsageError("--data-workers needs --engine torch")
     options = FinetuneOptions(_options_of(params), device=device, seed=seed, force=force, cached=cached,
                               resume=resume, keep_best=keep_best, patience=patience, export_onnx=export_onnx,
-                              engine=_chosen_engine(engine, device))
+                              engine=chosen, data_workers=data_workers)
     outcome = _usage_errors(lambda: api.finetune(net_path, weights, options, schema=_schema(ctx), out=sys.stderr))
     results = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.test_outputs.items()))
     tested = "the final weights' test" if outcome.final_model else "the last test"
@@ -762,12 +773,13 @@ def advise(ctx: click.Context, net_path: str, weights: str, train_data: str, sam
               help="Torch engine on a GPU: tf32 or bf16 trade exactness for speed.")
 @click.option("--channels-last/--no-channels-last", default=None,
               help="Torch engine: channels-last memory format (default: on the CPU only).")
+@_data_workers_option
 @click.pass_context
 def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional[str], cpu: bool,
           resume: Optional[str], metrics: Optional[str], plot: Optional[str], snapshot_on_exit: bool,
           caffe_log: bool, report: Optional[str], tensorboard: Optional[str], stop_after: Optional[int],
           engine: str, precision: str, channels_last: Optional[bool], keep_best: Optional[str],
-          patience: Optional[int]) -> None:
+          patience: Optional[int], data_workers: Optional[int]) -> None:
     """Train with SOLVER through pycaffe or torch: progress, metrics, safe snapshots.
 
     Ctrl-C (or SIGTERM) finishes the iteration, snapshots and prints the
@@ -786,14 +798,14 @@ def train(ctx: click.Context, solver: str, weights: Optional[str], gpu: Optional
         _check_output(ctx, plot, inputs + [metrics], force=True, option="--plot")
     device = "cpu" if cpu else (gpu if gpu is not None else "solver")
     chosen = _chosen_engine(engine, device)
-    if chosen == "pycaffe" and (precision != "fp32" or channels_last is not None):
-        raise click.UsageError("--precision and --channels-last need --engine torch")
+    if chosen == "pycaffe" and (precision != "fp32" or channels_last is not None or data_workers is not None):
+        raise click.UsageError("--precision, --channels-last and --data-workers need --engine torch")
     options = TrainOptions(
         solver=solver, weights=weights, device=device,
         resume=resume, metrics=metrics, plot=plot, snapshot_on_exit=snapshot_on_exit, stop_after=stop_after,
         caffe_log=caffe_log, proto=ctx.obj.get("proto"), report=report, tensorboard=tensorboard,
         engine=engine if engine != "auto" else "pycaffe", precision=precision, channels_last=channels_last,
-        keep_best=keep_best, patience=patience,
+        keep_best=keep_best, patience=patience, data_workers=data_workers,
     )
     if chosen == "torch":
         from dataclasses import replace

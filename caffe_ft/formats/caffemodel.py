@@ -370,6 +370,11 @@ def _parse_into(message: Message, data: bytes, offset: int, what: str) -> None:
     try:
         message.MergeFromString(data)
     except (DecodeError, ValueError) as exc:
+        if "codec can't decode" in str(exc):  # only protobuf's pure-Python runtime checks proto2 strings
+            field = str(exc).rpartition("in field: ")[2] or "a string"
+            raise Corrupt(offset, f"{what}: {field} is not UTF-8, which protobuf's pure-Python runtime refuses "
+                                  "(Caffe and protobuf's C runtimes read it): unset "
+                                  "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION") from None
         raise Corrupt(offset, f"{what} does not parse ({exc})") from None
 
 

@@ -193,10 +193,19 @@ class _Parser:
             if self.peek().kind == "eof":
                 raise self.error("unterminated option")
 
+    def define(self, scope: str, token: _Token, kind: int) -> str:
+        """Register type ``token`` in ``scope``; its full name.  protobuf's C++ and upb
+        pools refuse a name defined twice, its pure-Python pool does not: refused here."""
+        full = f"{scope}.{token.text}" if scope else token.text
+        if "." + full in self.types:
+            raise self.error(f"'{full}' is defined twice", token)
+        self.types["." + full] = kind
+        return full
+
     def message(self, msg: descriptor_pb2.DescriptorProto, scope: str) -> None:
-        msg.name = self.ident("a message name").text
-        full = f"{scope}.{msg.name}" if scope else msg.name
-        self.types["." + full] = FDP.TYPE_MESSAGE
+        name = self.ident("a message name")
+        msg.name = name.text
+        full = self.define(scope, name, FDP.TYPE_MESSAGE)
         self.expect("{")
         while not self.accept("}"):
             token = self.peek()
@@ -264,12 +273,18 @@ class _Parser:
         else:
             type_token = first
         field.label = label if label is not None else FDP.LABEL_OPTIONAL
-        field.name = self.ident("a field name").text
+        name_token = self.ident("a field name")
+        field.name = name_token.text
         self.expect("=")
         number_token = self.peek()
         field.number = self.integer()
         if not 0 < field.number <= MAX_FIELD_NUMBER:
             raise self.error(f"field number {field.number} out of range", number_token)
+        earlier = msg.field[:-1]
+        if any(other.name == field.name for other in earlier):
+            raise self.error(f"field '{field.name}' is defined twice in '{msg.name}'", name_token)
+        if any(other.number == field.number for other in earlier):
+            raise self.error(f"field number {field.number} is used twice in '{msg.name}'", number_token)
         if type_token.text in SCALAR_TYPES:
             field.type = SCALAR_TYPES[type_token.text]
         else:
@@ -327,9 +342,9 @@ class _Parser:
             raise self.error(f"invalid default value '{text}'", token) from None
 
     def enum(self, enum: descriptor_pb2.EnumDescriptorProto, scope: str) -> None:
-        enum.name = self.ident("an enum name").text
-        full = f"{scope}.{enum.name}" if scope else enum.name
-        self.types["." + full] = FDP.TYPE_ENUM
+        name = self.ident("an enum name")
+        enum.name = name.text
+        full = self.define(scope, name, FDP.TYPE_ENUM)
         names: List[str] = []
         self.expect("{")
         while not self.accept("}"):

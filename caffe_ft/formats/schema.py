@@ -70,15 +70,26 @@ def _new_pool() -> Any:
     return descriptor_pool.DescriptorPool()
 
 
+_UPB_CLASSES: List[type] = []
+
+
 def _message_class(descriptor):  # type: ignore[no-untyped-def]
     upb = _upb()
-    if upb is not None:  # what message_factory.GetMessageClass does under upb (sub-messages' classes come lazily)
+    if upb is not None:  # what message_factory.GetMessageClass does under upb
         from google.protobuf import message
 
         cached = getattr(descriptor, "_concrete_class", None)
         if cached is not None:
             return cached
-        return upb.MessageMeta(descriptor.name, (message.Message,), {"DESCRIPTOR": descriptor, "__module__": None})
+        made = upb.MessageMeta(descriptor.name, (message.Message,), {"DESCRIPTOR": descriptor, "__module__": None})
+        # Held for the process's life, with every sub-message's class, as
+        # message_factory holds them: upb 4.21 frees a class nothing else
+        # holds and then crashes on the messages of its type.
+        _UPB_CLASSES.append(made)
+        for field in descriptor.fields:
+            if field.message_type is not None:
+                _message_class(field.message_type)
+        return made
     from google.protobuf import message_factory
 
     get_class = getattr(message_factory, "GetMessageClass", None)

@@ -113,7 +113,8 @@ def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out:
 def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
         force: bool = False, input_shapes: Optional[Dict[str, Any]] = None, cached: bool = True,
         resume: Optional[str] = None, keep_best: Optional[str] = None, patience: Optional[int] = None,
-        export_onnx: bool = False, engine: str = "pycaffe", out: IO[str]) -> FinetuneResult:
+        export_onnx: bool = False, engine: str = "pycaffe", data_workers: Optional[int] = None,
+        out: IO[str]) -> FinetuneResult:
     """Write ``plan``, start from ``weights`` and train; returns the outcome.
 
     ``cached``: let ``last-fc`` train the head on cached features where that
@@ -125,7 +126,8 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
     (:mod:`caffe_ft.training.best`); training then goes through pycaffe.
     ``export_onnx``: also write ``final.onnx`` and say in the summary how it was checked.
     ``engine``: who trains and computes cached features, ``pycaffe`` or ``torch``
-    (the caller resolves ``auto`` and says which it picked)."""
+    (the caller resolves ``auto`` and says which it picked); ``data_workers``: the
+    torch engine's data reading processes per net (None: its choice)."""
     from ..heads import fit
     from ..training.best import tracker
 
@@ -158,14 +160,15 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
             trained = fit.fit_features(os.path.join(here.outdir, "train_val.prototxt"), schema, _single_head(plan),
                                        start, here.outdir, final, seed, out, engine)
         elif plan.strategy == "lp-ft" and resume is None:
-            trained = _linear_probe_then_finetune(schema, here, start, final, device, seed, out, best, engine)
+            trained = _linear_probe_then_finetune(schema, here, start, final, device, seed, out, best, engine,
+                                                  data_workers)
         elif resume is not None:
             solver = os.path.join(here.outdir, "solver.prototxt")
             trained = _train_solver(schema, solver, start, device, os.path.join(here.outdir, METRICS),
                                     os.path.join(here.outdir, PLOT), final, out, resume=True, best=best,
-                                    engine=engine)
+                                    engine=engine, data_workers=data_workers)
         else:
-            trained = _train(schema, here, start, final, device, seed, cached, out, best, engine)
+            trained = _train(schema, here, start, final, device, seed, cached, out, best, engine, data_workers)
     if export_onnx and trained.final_model:
         trained.notes.append(_export_onnx(schema, here, trained.final_model, out))
     # Snapshot paths are the solver's, relative to OUTDIR where it ran; the user's are relative to here.
@@ -245,7 +248,8 @@ def _single_head(plan: RewritePlan) -> str:
 
 
 def _linear_probe_then_finetune(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int,
-                                out: IO[str], best: "Best", engine: str = "pycaffe") -> "Trained":
+                                out: IO[str], best: "Best", engine: str = "pycaffe",
+                                data_workers: Optional[int] = None) -> "Trained":
     """lp-ft: the head fitted on cached features (the ``features`` path) into PROBE, then
     Caffe fine-tunes from PROBE; the notes give the probe's accuracy and the fine-tuned one."""
     from ..heads import fit
@@ -255,7 +259,7 @@ def _linear_probe_then_finetune(schema: Schema, plan: RewritePlan, start: str, f
                              plan.outdir, probe_path, seed, out, engine)
     out.write(f"lp-ft: linear probe validation accuracy {probe.test_outputs['accuracy']:.4f}; fine-tuning from "
               f"{PROBE}\n")
-    trained = _train(schema, plan, probe_path, final, device, seed, False, out, best, engine)
+    trained = _train(schema, plan, probe_path, final, device, seed, False, out, best, engine, data_workers)
     tuned = trained.test_outputs.get("accuracy")
     trained.notes[:0] = [f"linear probe (the head on cached features, {PROBE}): validation accuracy "
                          f"{probe.test_outputs['accuracy']:.4f}",
@@ -274,7 +278,7 @@ class Best:
 
 
 def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: str, seed: int, cached: bool,
-           out: IO[str], best: Best = Best(), engine: str = "pycaffe") -> "Trained":
+           out: IO[str], best: Best = Best(), engine: str = "pycaffe", data_workers: Optional[int] = None) -> "Trained":
     """last-fc on cached features where that gives what pycaffe gives, else the solver run by ``engine`` (saying why)."""
     from ..heads import fit
 
@@ -290,13 +294,15 @@ def _train(schema: Schema, plan: RewritePlan, start: str, final: str, device: st
     notes = [f"trained with {engine}, not on cached features: {'; '.join(reasons)}"] if reasons else []
     for note in notes:
         out.write(f"note: {note}\n")
-    trained = _train_solver(schema, solver, start, device, metrics, plot, final, out, best=best, engine=engine)
+    trained = _train_solver(schema, solver, start, device, metrics, plot, final, out, best=best, engine=engine,
+                            data_workers=data_workers)
     trained.notes[:0] = notes
     return trained
 
 
 def _train_solver(schema: Schema, solver: str, start: str, device: str, metrics: str, plot: str, final: str,
-                  out: IO[str], resume: bool = False, best: Best = Best(), engine: str = "pycaffe") -> "Trained":
+                  out: IO[str], resume: bool = False, best: Best = Best(), engine: str = "pycaffe",
+                  data_workers: Optional[int] = None) -> "Trained":
     """The solver run by ``engine``: Caffe's own training through pycaffe
     (:mod:`caffe_ft.training.pycaffe`) or the torch engine with Caffe's semantics
     (:mod:`caffe_ft.training.torch.engine`), from the weights ``start`` (with
@@ -313,7 +319,7 @@ def _train_solver(schema: Schema, solver: str, start: str, device: str, metrics:
         from ..training.pycaffe import train
     options = TrainOptions(solver=solver, weights=None if resume else start, resume=start if resume else None,
                            device=device, metrics=metrics, plot=plot, keep_best=best.output,
-                           patience=best.patience, engine=engine,
+                           patience=best.patience, engine=engine, data_workers=data_workers,
                            best_model=os.path.join(os.path.dirname(final), BEST) if best.output else None)
     result = train(options, schema, out)
     copied = None

@@ -51,6 +51,7 @@ class FinetuneOptions:
     the snapshot a stopped job left (its message names it); the job continues from it.
     ``export_onnx``: also write ``final.onnx``, checked against pycaffe.
     ``engine``: ``pycaffe`` or ``torch``, who trains and computes cached features.
+    ``data_workers``: torch: the processes that read each net's data (None: the engine's choice).
     """
 
     rewrite: RewriteOptions
@@ -63,3 +64,4 @@ class FinetuneOptions:
     patience: Optional[int] = None  # stop after this many tests without a better keep_best value
     export_onnx: bool = False
     engine: str = "pycaffe"
+    data_workers: Optional[int] = None

@@ -51,6 +51,7 @@ class TrainOptions:
     keep_best: Optional[str] = None  # the test output whose best value keeps best.caffemodel (training.best)
     patience: Optional[int] = None  # stop after this many tests without a better keep_best value
     best_model: Optional[str] = None  # where best.caffemodel goes (default: beside the snapshots)
+    data_workers: Optional[int] = None  # torch: processes reading each net's data; None = the engine's choice
 
 
 @dataclass
@@ -80,6 +81,8 @@ def resume_command(options: TrainOptions, state: str) -> str:
         words += ["--precision", options.precision]
     if options.channels_last is not None:
         words.append("--channels-last" if options.channels_last else "--no-channels-last")
+    if options.data_workers is not None:
+        words += ["--data-workers", str(options.data_workers)]
     if options.device == "cpu":
         words.append("--cpu")
     elif options.device != "solver":

@@ -60,7 +60,10 @@ def test_fork_schema_reads_its_own_layers():
         ("message A {\n optional int32 m = 1 [default = x];\n}", "2:34", "invalid default"),
         ("import \"other.proto\";", "1:1", "imports are not supported"),
         ("message A {", "1:12", "not closed"),
-        ("message A { optional int32 m = 1; }\nmessage A { }", None, "invalid schema"),
+        ("message A { optional int32 m = 1; }\nmessage A { }", "2:9", "'A' is defined twice"),
+        ("package p;\nmessage A { enum E { X = 0; } message E { } }", "2:39", "'p.A.E' is defined twice"),
+        ("message A {\n optional int32 m = 1;\n optional float m = 2;\n}", "3:17", "field 'm' is defined twice in 'A'"),
+        ("message A {\n optional int32 m = 1;\n optional float n = 1;\n}", "3:21", "field number 1 is used twice"),
     ],
 )
 def test_schema_errors_are_located(text, where, words):

@@ -38,7 +38,7 @@ from ..progress import MetricsWriter, Output, Reporter, make_reporter, summarize
 from ..run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, ended_run, resume_command
 from ..schedule import Settings, check_solver, final_test_due, learning_rate, resume_skips, snapshot_due, test_due
 from ..stop import StopRequest, diverged_message
-from .data import Feed, NetFeeder, input_shapes
+from .data import Feed, NetFeeder, default_workers, input_shapes
 from .net import CaffeNet
 from .solver import CaffeSolver, current_step
 
@@ -73,13 +73,15 @@ class Trainer:
 
     ``feeds`` gives the Input tops of each net (train first, then the test
     nets) for callers that hold the data themselves (tests, the library);
-    data layers (ImageData) read their own.
+    data layers (ImageData) read their own: in ``data_workers`` worker
+    processes per net, or with 0 in this one (a thread reading one batch
+    ahead).  :meth:`close` stops the workers.
     """
 
     def __init__(self, solver: Message, schema: Schema, train: NetSpec, tests: Sequence[NetSpec],
                  device: Optional[torch.device] = None, feeds: Sequence[Optional[Feed]] = (),
                  precision: str = "fp32", channels_last: Optional[bool] = None, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, data_workers: int = 0) -> None:
         if precision not in PRECISIONS:
             raise CaffeFtError(f"unknown precision '{precision}' ({', '.join(PRECISIONS)})")
         self.param = solver
@@ -91,6 +93,7 @@ class Trainer:
         # even), opt-in on GPUs, where it pays with bf16 or TF32 only.
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         self.rank, self.world = rank, world
+        self.data_workers = data_workers
         feeds = list(feeds) + [None] * (1 + len(tests) - len(feeds))
         self.net, self.feeder = self._build(train, None, feeds[0])
         built = [self._build(spec, self.net, feed) for spec, feed in zip(tests, feeds[1:])]
@@ -113,8 +116,9 @@ class Trainer:
         sources = [layer for layer in layers if not len(layer.bottom) and layer.type != "Parameter"]
         # Only the train net's data is split between processes; the first one alone tests.
         shard = (self.rank, self.world) if share is None else (0, 1)
-        # The data layers read ahead in a thread while the net computes.
-        feeder = NetFeeder(sources, self.schema, spec.phase, feed, 0, *shard, prefetch=True)
+        # The data layers read ahead (in worker processes, or a thread) while the net computes.
+        feeder = NetFeeder(sources, self.schema, spec.phase, feed, 0, *shard, prefetch=True,
+                           workers=self.data_workers)
         shapes = input_shapes(sources, self.schema, spec.phase)
         net = CaffeNet(spec.net, spec.phase, spec.stages, spec.level, input_shapes=shapes or None, share_from=share)
         net.to(self.device)
@@ -123,6 +127,11 @@ class Trainer:
     @property
     def iter(self) -> int:
         return self.solver.iter
+
+    def close(self) -> None:
+        """Stop the nets' data workers (and read-ahead threads)."""
+        for feeder in [self.feeder, *self.test_feeders]:
+            feeder.close()
 
     def _inputs(self, feeder: NetFeeder) -> Dict[str, torch.Tensor]:
         arrays = feeder.next()
@@ -382,8 +391,9 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
         if rank != 0:
             out = open(os.devnull, "w")
     precision = options.precision
+    workers = default_workers() if options.data_workers is None else options.data_workers
     trainer = Trainer(solver, schema, train_spec, test_specs, device, precision=precision,
-                      channels_last=options.channels_last, rank=rank, world=world)
+                      channels_last=options.channels_last, rank=rank, world=world, data_workers=workers)
     if options.keep_best:
         keep.check_output(options.keep_best, list(trainer.test_nets[0].output_names) if trainer.test_nets else [])
     prefix = snap.effective_prefix(options.solver, solver.snapshot_prefix)
@@ -403,8 +413,9 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
         start = f"resuming at iteration {trainer.iter}" if resume else (
             f"from {options.weights}" if options.weights else "from the fillers")
         where = f"{world} processes, " if world > 1 else ""
+        readers = f"{workers} data worker process{'es' if workers != 1 else ''} per net" if workers else "data read in this process"
         out.write(f"train {options.solver} on torch ({where}{device}, {precision}), {start}, to iteration "
-                  f"{solver.max_iter}; snapshots {prefix}_iter_N\n")
+                  f"{solver.max_iter}; snapshots {prefix}_iter_N; {readers}\n")
         batch = _source_batch(trainer)
         if batch is not None and (world > 1 or solver.iter_size > 1):
             out.write(f"global batch {batch * solver.iter_size * world} = batch {batch} x iter_size "
@@ -450,6 +461,7 @@ def train(options: TrainOptions, schema: Schema, out: IO[str] = sys.stderr) -> T
                 out.write(f"plot: {options.plot}\n")
         return result
     finally:
+        trainer.close()
         if staging is not None:
             staging.remove()
         shutil.rmtree(workdir, ignore_errors=True)
