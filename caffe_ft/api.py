@@ -70,19 +70,16 @@ def init(net_path: str, weights: str, output: str, *, seed: int = 0, phase: str 
     """Write the caffemodel the net starts from (``weights``' blobs where they fit,
     Caffe's fillers elsewhere) to ``output``; returns the check it rests on.
     ``output`` is never one of the inputs; an existing one is replaced only with ``force``."""
-    from .formats.caffemodel import save_model
     from .formats.files import check_output
     from .net import weights as wt
 
     check_output(output, [net_path, weights], force)  # never an input; an existing file only with force
     schema = schema or load_schema()
     net, model = load_net_and_model(net_path, weights, schema)
-    try:
-        report, result = wt.init_checked(net, model, seed, phase, input_shapes or None)
+    try:  # the copied blobs' NaN/inf check runs inside the copy: one pass over the weights
+        return wt.init_and_save(net, model, output, seed, phase, input_shapes or None)
     except CaffeFtError as exc:
         raise exc.located(net_path) from None
-    save_model(result, output)
-    return report
 
 
 def rewrite(net_path: str, options: RewriteOptions, *, weights: Optional[str] = None, write: bool = True,

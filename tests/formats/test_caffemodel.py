@@ -621,3 +621,59 @@ def test_nsfw_model_matches_pycaffe(tmp_path, schema, caffe):
     out = str(tmp_path / "nsfw.caffemodel")
     save_model(model, out)
     assert open(out, "rb").read() == open(weights, "rb").read()
+
+
+@pytest.mark.parametrize("path_taken", ["kernel copy", "buffered copy", "from memory"])
+def test_blobs_named_finite_are_checked_on_every_write_path(tmp_path, schema, monkeypatch, path_taken):
+    """save_model(finite=...) refuses a NaN in a named blob whichever way its
+    bytes go out (file to file at the same page offset, through the buffer at
+    another one, or from memory), leaving no file; other blobs are not checked."""
+    net, _ = _current_net(schema)
+    net.layer[3].blobs[0].data[-1] = float("nan")
+    path = _write(tmp_path, "m.caffemodel", net.SerializeToString())
+    model = load_model(path, schema)
+    if path_taken == "buffered copy":
+        model.net.name = "a longer name shifts every blob by a few bytes"
+        monkeypatch.setattr(caffemodel, "_COPY_BUFFER", 16)
+    elif path_taken == "from memory":
+        model = _copied(model)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(caffemodel.NotFinite) as refused:
+        save_model(model, str(out / "o.caffemodel"), finite={(1, 0), (3, 0)})
+    assert (refused.value.layer_index, refused.value.blob_index) == (3, 0)
+    assert os.listdir(out) == []
+    save_model(model, str(out / "o.caffemodel"), finite={(1, 0), (1, 1), (3, 1)})  # the NaN's blob not named
+    save_model(_copied(model), str(tmp_path / "encoded.caffemodel"))
+    assert (out / "o.caffemodel").read_bytes() == (tmp_path / "encoded.caffemodel").read_bytes()
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_copies_hand_their_bytes_to_the_disk_as_they_go(tmp_path, schema, monkeypatch, shift):
+    """Both copies start the writeback of every range they copy (so that the
+    final fsync does not wait for all of it), and a kernel that refuses the
+    advice changes nothing in what is written."""
+    path, data = _mixed_model_file(tmp_path, schema)
+    model = load_model(path, schema)
+    if shift:
+        model.net.name = "a longer name shifts every blob by a few bytes"
+    monkeypatch.setattr(caffemodel, "_FLUSH_EVERY", 24)
+    monkeypatch.setattr(caffemodel, "_COPY_BUFFER", 16)
+    advised = []
+
+    def refuse(fd, offset, count, advice):
+        advised.append((offset, count, advice))
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    save_model(model, str(tmp_path / "out.caffemodel"))
+    monkeypatch.undo()
+    save_model(_copied(model), str(tmp_path / "encoded.caffemodel"))
+    written = (tmp_path / "out.caffemodel").read_bytes()
+    assert written == (tmp_path / "encoded.caffemodel").read_bytes()
+    arrays = [a for blobs in model.blobs for blob in blobs for a in (blob.data, blob.diff) if a is not None]
+    assert sum(count for _, count, _ in advised) == sum(a.nbytes for a in arrays)
+    assert all(advice == os.POSIX_FADV_DONTNEED and 0 < count < 24 + 16 for _, count, advice in advised)
+    for offset, count, _ in advised:  # each range is a run of some array's bytes in the output
+        assert any(written[offset:offset + count] in a.astype(a.dtype.newbyteorder("<")).tobytes()
+                   for a in arrays)

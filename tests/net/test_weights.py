@@ -606,7 +606,9 @@ def test_init_for_a_new_nsfw_head_loads_in_pycaffe_and_opencv(tmp_path, schema):
 def test_all_finite_sees_every_nan_and_inf_without_a_full_size_temporary():
     """The one-pass float64 sum says "finite" only when every value is; a sum
     that overflows on finite float64 values is confirmed chunk by chunk."""
-    data = np.arange(3 * weights._CHUNK + 5, dtype=np.float32)
+    from caffe_ft.formats import caffemodel
+
+    data = np.arange(3 * caffemodel._CHUNK + 5, dtype=np.float32)
     assert weights._all_finite(data)
     for bad in (np.nan, np.inf, -np.inf):
         spoiled = data.copy()
@@ -636,3 +638,44 @@ def test_inspect_and_upgrade_sniff_a_caffemodel_without_reading_it_whole(write_m
     upgraded = cli_runner().invoke(main, ["upgrade", path, "-o", str(tmp_path / "out.caffemodel")])
     assert upgraded.exit_code == 0, upgraded.output
     assert open(tmp_path / "out.caffemodel", "rb").read() == open(path, "rb").read()
+
+
+@pytest.mark.parametrize("where", [0, 1439])  # the first value, and the last one, many buffers in
+def test_init_and_save_checks_copied_blobs_while_copying_them(parse_net, write_model, tmp_path, monkeypatch, where):
+    """``init -o`` checks the copied weights for NaN/inf in the buffer it copies
+    them through (one pass, not a scan then a copy): the refusal is
+    init_checked's, word for word, and no file (nor temporary) is left."""
+    from caffe_ft.formats import caffemodel
+
+    arrays = source_arrays()
+    arrays["fc"][0][-1 if where else 0, -1 if where else 0] = np.nan
+    _, model = write_model(pretrained(arrays))
+    with pytest.raises(CaffeFtError) as scanned_first:
+        weights.init_checked(parse_net(NET), model)
+    monkeypatch.setattr(caffemodel, "_COPY_BUFFER", 64)  # many rounds of the buffered copy
+    monkeypatch.setattr(caffemodel, "all_finite", lambda data: pytest.fail("scanned outside the copy"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(CaffeFtError) as scanned_in_copy:
+        weights.init_and_save(parse_net(NET), model, str(out_dir / "init.caffemodel"))
+    assert str(scanned_in_copy.value) == str(scanned_first.value)
+    assert "layer 'fc' blob 0: 1 NaN and 0 inf of 1,440 values" in str(scanned_in_copy.value)
+    assert os.listdir(out_dir) == []
+
+
+def test_init_and_save_writes_what_init_and_save_model_write(parse_net, write_model, tmp_path, schema):
+    """The one-pass path writes the same bytes and reports the same check as init_checked + save_model,
+    float64 sources (converted, so scanned before the write) included."""
+    arrays = source_arrays()
+    arrays["conv1"] = [values.astype(np.float64) for values in arrays["conv1"]]
+    _, model = write_model(pretrained(arrays))
+    report = weights.init_and_save(parse_net(NET), model, str(tmp_path / "one-pass.caffemodel"), seed=3)
+    expected_report, expected = weights.init_checked(parse_net(NET), model, seed=3)
+    save_model(expected, str(tmp_path / "two-pass.caffemodel"))
+    assert (tmp_path / "one-pass.caffemodel").read_bytes() == (tmp_path / "two-pass.caffemodel").read_bytes()
+    assert report == expected_report and report.usable
+    arrays["conv1"][0][0, 0, 0, 0] = np.inf  # a float64 source is still scanned before anything is written
+    _, model = write_model(pretrained(arrays))
+    with pytest.raises(CaffeFtError, match="layer 'conv1' blob 0: 0 NaN and 1 inf of 108 values"):
+        weights.init_and_save(parse_net(NET), model, str(tmp_path / "nan.caffemodel"))
+    assert not (tmp_path / "nan.caffemodel").exists()
