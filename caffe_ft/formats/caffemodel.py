@@ -18,8 +18,9 @@ disk.  So a caffemodel that Caffe wrote, read and written back, is
 byte-identical to the input.  An array that is still an unchanged view on a
 mapped file is copied from that file by the kernel (``copy_file_range``, else
 ``sendfile``), so ``upgrade``/``init`` of a big model cost about what ``cp``
-does and never read its weights into this process.  Files are written
-atomically (temp file in the same directory, fsync, rename).
+does and never read its weights into this process; the copies start the
+output's writeback as they go, so the final fsync waits for little.  Files
+are written atomically (temp file in the same directory, fsync, rename).
 """
 
 from __future__ import annotations
