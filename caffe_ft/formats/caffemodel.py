@@ -601,8 +601,8 @@ def _blob_pieces(blob: Blob, what: str, finite: Optional[Tuple[int, int]] = None
             raise CaffeFtError(f"{what}: its {name} has {array.size} values but its shape {shape} holds {math.prod(shape)}")
         dtype = _wire_dtype(array, f"{what}: its {name}")
         if array.size:
-            tag = finite if name == "data" else None
-            fields[_ARRAY_FIELD[(name, dtype)]] = _delimited(_ARRAY_FIELD[(name, dtype)], [_Array(array, dtype, tag)])
+            number = _ARRAY_FIELD[(name, dtype)]
+            fields[number] = _delimited(number, [_Array(array, dtype, finite if name == "data" else None)])
     return [piece for number in sorted(fields) for piece in fields[number]]
 
 
