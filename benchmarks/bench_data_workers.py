@@ -6,7 +6,7 @@ mean subtracted, batch 32, shuffled.  Contestants, in the same run:
 
 - ``0 workers``: the batches read in the caller, one after the other (the baseline);
 - ``0 + thread``: the same with the read-ahead thread (``--data-workers 0`` as the engine runs it);
-- ``N workers``: :class:`~caffe_ft.training.torch.data.WorkerPool` with N processes;
+- ``N workers``: :class:`~caffe_ft.training.torch.feed.WorkerPool` with N processes;
 - ``N pickled``: the same, with the batches handed over pickled through the pipe
   instead of through the shared-memory slots (what the slots save).
 
@@ -66,9 +66,9 @@ def write_images(folder: str, count: int) -> str:
 
 def contestants(layer: Any, schema: Any, workers: List[int]) -> Dict[str, Callable[[], Any]]:
     """name -> a function making a fresh reader (an object with next() and close())."""
-    from caffe_ft.training.torch import data
+    from caffe_ft.training.torch import feed
 
-    class Pickled(data.WorkerPool):
+    class Pickled(feed.WorkerPool):
         def _size(self, index: int, size: int, back: int) -> None:
             pass  # no slot ever: every batch comes pickled
 
@@ -76,11 +76,11 @@ def contestants(layer: Any, schema: Any, workers: List[int]) -> Dict[str, Callab
         return lambda: cls([layer], schema, "TRAIN", 0, 0, 1, count)
 
     made: Dict[str, Callable[[], Any]] = {
-        "0 workers": lambda: data.NetFeeder([layer], schema, "TRAIN"),
-        "0 + thread": lambda: data.NetFeeder([layer], schema, "TRAIN", prefetch=True),
+        "0 workers": lambda: feed.NetFeeder([layer], schema, "TRAIN"),
+        "0 + thread": lambda: feed.NetFeeder([layer], schema, "TRAIN", prefetch=True),
     }
     for count in workers:
-        made[f"{count} worker{'s' if count > 1 else ''}"] = pool(count, data.WorkerPool)
+        made[f"{count} worker{'s' if count > 1 else ''}"] = pool(count, feed.WorkerPool)
     for count in workers[-1:]:
         made[f"{count} pickled"] = pool(count, Pickled)
     return made
@@ -112,7 +112,7 @@ class Step:
 def rate(make: Callable[[], Any], batches: int, step: Step) -> Dict[str, float]:
     """Images/s over ``batches`` batches after warming up (each consumed by ``step``), the
     caller's CPU time per batch beyond the step's, and the hand-over time per batch."""
-    from caffe_ft.training.torch.data import DEPTH
+    from caffe_ft.training.torch.feed import DEPTH
 
     reader = make()
     try:

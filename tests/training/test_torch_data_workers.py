@@ -107,7 +107,7 @@ def _layers(schema, text: str = NET):  # type: ignore[no-untyped-def]
 
 def _read(schema, workers: int, skip: int, count: int, rank: int = 0, world: int = 1,
           layers=None) -> List[Dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
-    from caffe_ft.training.torch.data import NetFeeder
+    from caffe_ft.training.torch.feed import NetFeeder
 
     feeder = NetFeeder(layers or _layers(schema), schema, "TRAIN", seed=4, rank=rank, world=world, workers=workers)
     try:
@@ -141,7 +141,7 @@ def test_two_workers_give_the_batches_of_one_process(data, schema, skip: int, ra
 
 def test_a_skipped_resume_reads_on_where_reading_in_turn_was(data, schema) -> None:  # type: ignore[no-untyped-def]
     """``skip`` before the workers start (they skip by themselves) and after (read and dropped) agree."""
-    from caffe_ft.training.torch.data import NetFeeder
+    from caffe_ft.training.torch.feed import NetFeeder
 
     straight = _read(schema, 0, 0, 6)
     feeder = NetFeeder(_layers(schema), schema, "TRAIN", seed=4, workers=2)
@@ -159,7 +159,7 @@ def test_a_skipped_resume_reads_on_where_reading_in_turn_was(data, schema) -> No
 
 def _first_error(schema, layers, workers: int):  # type: ignore[no-untyped-def]
     """How many batches come before the error, the error, and the workers' process ids."""
-    from caffe_ft.training.torch.data import NetFeeder
+    from caffe_ft.training.torch.feed import NetFeeder
 
     feeder = NetFeeder(layers, schema, "TRAIN", seed=4, workers=workers)
     good = 0
@@ -197,7 +197,7 @@ def test_an_error_in_a_worker_fails_its_own_batch_in_one_line_and_stops_the_work
 def test_no_worker_outlives_a_run_or_its_end(data, schema) -> None:  # type: ignore[no-untyped-def]
     import multiprocessing
 
-    from caffe_ft.training.torch.data import DEPTH, NetFeeder
+    from caffe_ft.training.torch.feed import DEPTH, NetFeeder
 
     feeder = NetFeeder(_layers(schema), schema, "TRAIN", workers=2)
     feeder.next()

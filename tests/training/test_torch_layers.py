@@ -236,7 +236,8 @@ def test_layer_matches_pycaffe_forward_and_backward(reference: str, schema, name
 
     from caffe_ft.formats.caffemodel import load_model
     from caffe_ft.formats.files import load_net
-    from caffe_ft.training.torch.data import NetFeeder, input_shapes
+    from caffe_ft.training.torch.data import input_shapes
+    from caffe_ft.training.torch.feed import NetFeeder
     from caffe_ft.training.torch.net import CaffeNet
 
     entry = next(net for net in NETS if net["name"] == name)

@@ -44,7 +44,7 @@ def _layer(tmp_path, schema, broken: int = -1):  # type: ignore[no-untyped-def]
 
 
 def _batches(layer, schema, prefetch: bool, skip: int, count: int) -> List[Dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
-    from caffe_ft.training.torch.data import NetFeeder
+    from caffe_ft.training.torch.feed import NetFeeder
 
     feeder = NetFeeder([layer], schema, "TRAIN", prefetch=prefetch)
     feeder.skip(skip)
@@ -65,7 +65,7 @@ def test_read_ahead_gives_the_same_batches_in_the_same_order(tmp_path, schema, s
 
 
 def test_an_unreadable_image_fails_its_own_batch(tmp_path, schema) -> None:  # type: ignore[no-untyped-def]
-    from caffe_ft.training.torch.data import NetFeeder
+    from caffe_ft.training.torch.feed import NetFeeder
 
     layer = _layer(tmp_path, schema, broken=5)
     plain = NetFeeder([layer], schema, "TRAIN")

@@ -38,7 +38,8 @@ from ..progress import MetricsWriter, Output, Reporter, make_reporter, summarize
 from ..run import EXIT_SIGNAL_BASE, TrainOptions, TrainResult, ended_run, resume_command
 from ..schedule import Settings, check_solver, final_test_due, learning_rate, resume_skips, snapshot_due, test_due
 from ..stop import StopRequest, diverged_message
-from .data import Feed, NetFeeder, default_workers, input_shapes
+from .data import input_shapes
+from .feed import Feed, NetFeeder, default_workers
 from .net import CaffeNet
 from .solver import CaffeSolver, current_step
 
