@@ -377,3 +377,16 @@ def test_input_shape_and_channels_from_what_exists(tmp_path, schema, magic, extr
     deploy = (tmp_path / "out" / "deploy.prototxt").read_text()
     assert f"shape {{ dim: 1 dim: {channels} dim: 12 dim: 20 }}" in deploy, deploy
     assert ("is_color: false" in (tmp_path / "out" / "train_val.prototxt").read_text()) == (channels == 1)
+
+
+@pytest.mark.parametrize("case", sorted(os.listdir(os.path.join(HERE, "fuzz_cases"))))
+def test_json_output_of_every_fuzz_case_is_json_or_an_error(case):
+    """Odd input (a name that is not UTF-8, odd numbers) gives JSON or a one-line
+    error, never a traceback: ``--json`` once crashed on bytes."""
+    path = os.path.join(HERE, "fuzz_cases", case)
+    for args in (["inspect", "--json", path], ["diff", "--json", path, path]):
+        result = run(*args)  # an uncaught exception fails the test (catch_exceptions=False)
+        if result.exit_code == 0:
+            json.loads(result.output)
+        else:
+            assert result.exit_code == 2 and len(stderr_of(result).strip().splitlines()) == 1, result.output

@@ -180,9 +180,12 @@ def _size(nbytes: int) -> str:
 
 def json_safe(value: Any) -> Any:
     """``value`` with every non-finite float replaced by "nan", "inf" or "-inf"
-    (JSON has no such numbers; ``json.dumps`` would write invalid ``NaN``)."""
+    (JSON has no such numbers; ``json.dumps`` would write invalid ``NaN``) and
+    every ``bytes`` (a string field that is not UTF-8) shown as :func:`text` shows it."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, bytes):
+        return text(value)
     if isinstance(value, dict):
         return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
