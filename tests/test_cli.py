@@ -243,8 +243,8 @@ def test_finetune_needs_data_and_writes_nothing_without_it(tmp_path):
 
 
 def test_finetune_names_a_bad_list_from_where_the_user_stands(schema, tmp_path, monkeypatch):
-    """Training runs in OUTDIR, whose train_val names the list '../train.txt':
-    the error names it as the user gave it."""
+    """OUTDIR's train_val names the list '../train.txt': the error names it as
+    the user gave it, and comes before OUTDIR is written."""
     deploy = os.path.join(EXAMPLE, "deploy.prototxt")
     _pretrained(schema, deploy, tmp_path / "w.caffemodel")
     monkeypatch.chdir(tmp_path)
@@ -254,6 +254,7 @@ def test_finetune_names_a_bad_list_from_where_the_user_stands(schema, tmp_path, 
                  "--train-data", "train.txt", "--val-data", "val.txt", "--max-iter", "1", "-o", "out")
     assert result.exit_code == 2, result.output
     assert stderr_of(result).strip().splitlines()[-1].startswith("caffe-ft: error: train.txt:1: cannot load image")
+    assert not (tmp_path / "out").exists()  # refused before anything was written: the retry needs no --force
 
 
 def test_rewrite_fits_test_iter_to_the_new_validation_list(tmp_path):

@@ -98,16 +98,47 @@ def check_plan(schema: Schema, plan: RewritePlan, weights: str, input_shapes: Op
     return net, model, report
 
 
-def _write_init(schema: Schema, plan: RewritePlan, weights: str, seed: int, out: IO[str],
+def _write_init(plan: RewritePlan, checked: Tuple["Message", "Model", "CheckReport"], seed: int,
                 input_shapes: Optional[Dict[str, Any]]) -> str:
-    """Check the pretrained weights against the new net and write its starting caffemodel."""
+    """Write the new net's starting caffemodel from the weights :func:`check_plan` checked."""
     from ..formats.caffemodel import save_model
     from ..net.weights import init
 
-    net, model, report = check_plan(schema, plan, weights, input_shapes, out)
+    net, model, report = checked
     path = os.path.join(plan.outdir, INIT)
     save_model(init(net, model, seed=seed, input_shapes=input_shapes, report=report), path)
     return path
+
+
+def preflight_plan(schema: Schema, plan: RewritePlan) -> None:
+    """Pre-flight the image lists the new train_val reads, in both phases, as
+    training will (:mod:`caffe_ft.data.preflight`), before OUTDIR is written:
+    the net names them from OUTDIR, which need not exist yet, so they are
+    found from it by their path's text, and named from here in errors."""
+    from ..data.preflight import check_list, list_checks
+
+    if "train_val.prototxt" not in plan.files:
+        return
+    text = plan.files["train_val.prototxt"][0]
+    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), "train_val.prototxt"),
+                               schema.new(files.NET), "train_val.prototxt")
+    seen = set()
+    for phase in ("TRAIN", "TEST"):
+        for check in list_checks(net, phase):
+            check = dataclasses.replace(check, source=_from_outdir(plan.outdir, check.source),
+                                        root=_from_outdir(plan.outdir, check.root) if check.root else "")
+            if check not in seen:
+                seen.add(check)
+                check_list(check)
+
+
+def _from_outdir(outdir: str, path: str) -> str:
+    """``path``, which OUTDIR's files name relative to OUTDIR, as named from here
+    (a trailing '/' kept: a root folder is a prefix)."""
+    if os.path.isabs(path):
+        return path
+    found = os.path.relpath(os.path.normpath(os.path.join(outdir, path)))
+    return found + "/" if path.endswith("/") and not found.endswith("/") else found
 
 
 def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
@@ -144,12 +175,17 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
         if not os.path.exists(resume):
             raise CaffeFtError("no such snapshot", resume)
         resume = os.path.abspath(resume)
+    # Everything that can refuse the job, before anything is written: a refused
+    # job leaves no folder that its retry would need --force to write over.
+    checked = check_plan(schema, plan, weights, input_shapes, out) if resume is None else None
+    preflight_plan(schema, plan)
     write_plan(plan, force=force or resume is not None, inputs=[weights])
     metrics = os.path.join(plan.outdir, METRICS)
-    if resume is not None:
+    if checked is None:
+        assert resume is not None
         start = resume
     else:
-        start = _write_init(schema, plan, weights, seed, out, input_shapes)
+        start = _write_init(plan, checked, seed, input_shapes)
         if os.path.exists(metrics):
             os.unlink(metrics)  # a fresh run: no stale records from an earlier one
     # Training runs in OUTDIR: its files name each other and their data from there.
