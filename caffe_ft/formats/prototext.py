@@ -810,13 +810,23 @@ class _Converter:
                 target = getattr(message, child.name)
                 for value in values:
                     if isinstance(value, bytes) and field.type == FD.TYPE_STRING:
-                        message.MergeFromString(_string_record(field, value))
+                        self.merge_bytes(message, field, value, child)
                     else:
                         target.append(value)
             elif isinstance(values[0], bytes) and field.type == FD.TYPE_STRING:
-                message.MergeFromString(_string_record(field, values[0]))
+                self.merge_bytes(message, field, values[0], child)
             else:
                 setattr(message, child.name, values[0])
+
+    def merge_bytes(self, message: Message, field: FieldDescriptor, value: bytes, child: Node) -> None:
+        """Set string ``field`` to bytes that are not UTF-8, as Caffe keeps them
+        (through the wire format: only there does protobuf take such a string)."""
+        try:
+            message.MergeFromString(_string_record(field, value))
+        except ValueError:  # UnicodeDecodeError: only protobuf's pure-Python runtime checks proto2 strings
+            raise self.error(f"{field.full_name} is not UTF-8, which protobuf's pure-Python runtime refuses "
+                             "(Caffe and protobuf's C runtimes read it): unset "
+                             "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", child) from None
 
     def scalar(self, field: FieldDescriptor, tokens: List[Token]) -> Any:
         """One value, read as protobuf's ``TextFormat`` parser reads a field of its type."""

@@ -67,10 +67,10 @@ def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]
                 params.append({"lr_mult": mult, "decay_mult": specs[i].decay_mult if i < len(specs) else 1.0})
             learnable = any(mult != 0 for mult in mults)  # graph.is_learnable
         entry: Dict[str, Any] = {
-            "name": layer.name,
-            "type": layer.type,
-            "bottom": list(layer.bottom),
-            "top": list(layer.top),
+            "name": text(layer.name),  # bytes where the file's string is not UTF-8
+            "type": text(layer.type),
+            "bottom": list(map(text, layer.bottom)),
+            "top": list(map(text, layer.top)),
             "phase": _rules(layer) if layer.include or layer.exclude else "",
             "params": params,
             "learnable": learnable,
@@ -82,7 +82,7 @@ def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]
             entry["param_count"] = step.param_count
             entry["flops"] = step.flops
         layers.append(entry)
-    info: Dict[str, Any] = {"kind": "net", "name": net.name, "layers": layers, "heads": list(graph.find_heads(net).heads)}
+    info: Dict[str, Any] = {"kind": "net", "name": text(net.name), "layers": layers, "heads": list(graph.find_heads(net).heads)}
     if inferred is not None:
         info["param_count"] = sum(step.param_count for step in inferred.layers)
         info["flops"] = sum(step.flops or 0 for step in inferred.layers)
