@@ -434,7 +434,7 @@ def _check(targets: Sequence[_Target], model: Model, phase: str, scan_floats: bo
     ]
     problems = _filler_problems(targets)
     nonfinite = tuple(
-        f"layer '{row.name}' blob {index}: {note}"
+        _blob_note(row.name, index, note)
         for row in rows if row.status == COPIED
         for index, blob in enumerate(row.source_blobs)
         if scan_floats or blob.data.dtype != np.float32
@@ -450,13 +450,19 @@ def _check(targets: Sequence[_Target], model: Model, phase: str, scan_floats: bo
     )
 
 
-_all_finite = all_finite  # chunked isfinite; lives with the writer, which checks blobs as it copies
+def _blob_note(layer: str, index: int, note: str) -> str:
+    return f"layer '{layer}' blob {index}: {note}"
+
+
+def _diverging(where: str) -> CaffeFtError:
+    """The refusal of weights that hold NaN or inf (``where``: :func:`_blob_note`)."""
+    return CaffeFtError(f"the weights hold NaN or inf values ({where}); training from them diverges")
 
 
 def _nonfinite(blob: Blob) -> Optional[str]:
     """How many NaN and inf values ``blob`` holds, or None when all are finite."""
     data = blob.data
-    if data.size == 0 or _all_finite(data):
+    if data.size == 0 or all_finite(data):  # chunked (it lives with the writer, which checks as it copies)
         return None
     nans = int(np.isnan(data).sum())
     infs = int(np.isinf(data).sum())
@@ -652,8 +658,7 @@ def init_and_save(
         save_model(out, path, deferred)
     except NotFinite as exc:
         name, index, blob = deferred[(exc.layer_index, exc.blob_index)]
-        raise CaffeFtError(f"the weights hold NaN or inf values (layer '{name}' blob {index}: "
-                           f"{_nonfinite(blob)}); training from them diverges") from None
+        raise _diverging(_blob_note(name, index, _nonfinite(blob) or "")) from None
     return report
 
 
@@ -680,7 +685,7 @@ def _init(
         where = f" (mismatched: {mismatched}; rename or fix them first)" if mismatched else ""
         raise CaffeFtError(f"Caffe would abort loading these weights: {report.abort}{where}")
     if report.nonfinite:
-        raise CaffeFtError(f"the weights hold NaN or inf values ({report.nonfinite[0]}); training from them diverges")
+        raise _diverging(report.nonfinite[0])
     copied: Dict[str, LayerCheck] = {}
     for checked in report.by_status(COPIED):
         copied.setdefault(checked.name, checked)  # rows are in net order: the first layer of a name

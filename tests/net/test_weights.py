@@ -609,17 +609,17 @@ def test_all_finite_sees_every_nan_and_inf_without_a_full_size_temporary():
     from caffe_ft.formats import caffemodel
 
     data = np.arange(3 * caffemodel._CHUNK + 5, dtype=np.float32)
-    assert weights._all_finite(data)
+    assert caffemodel.all_finite(data)
     for bad in (np.nan, np.inf, -np.inf):
         spoiled = data.copy()
         spoiled[-1] = bad  # in the last, partial chunk
-        assert not weights._all_finite(spoiled)
+        assert not caffemodel.all_finite(spoiled)
     big = np.full(8, 1e308)  # finite, but its sum overflows
-    assert weights._all_finite(big)
+    assert caffemodel.all_finite(big)
     big[3] = np.inf
-    assert not weights._all_finite(big)
+    assert not caffemodel.all_finite(big)
     huge = np.full((4, 4), 3.4e38, dtype=np.float32)  # float32 maxima sum finitely in float64
-    assert weights._all_finite(huge)
+    assert caffemodel.all_finite(huge)
 
 
 def test_inspect_and_upgrade_sniff_a_caffemodel_without_reading_it_whole(write_model, tmp_path, monkeypatch):
