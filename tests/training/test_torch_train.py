@@ -215,7 +215,12 @@ def _lmdb_bytes(schema, tmp: str) -> bytes:  # type: ignore[no-untyped-def]
         return handle.read()
 
 
-def test_data_layers_read_and_transform_an_lmdb_as_caffe(schema, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def _reference_trainer(schema, monkeypatch, net: str, solvers: Dict[str, str], name: str,
+                       files: Dict[str, bytes]):  # type: ignore[no-untyped-def]
+    """pycaffe's run of solver ``name`` over ``net`` reading ``files`` (its data, no
+    fed arrays; made once in the reference environment), and the torch engine's
+    trainer of the same solver in that folder, from the same initial weights:
+    ``(trainer, folder)``."""
     import io
 
     from caffe_ft.formats import prototext
@@ -224,15 +229,20 @@ def test_data_layers_read_and_transform_an_lmdb_as_caffe(schema, tmp_path, monke
 
     empty = io.BytesIO()
     np.savez(empty)
-    reference = cached_dir("train", {"net.prototxt": LMDB_NET.encode(), "data.npz": empty.getvalue(),
-                                     "solvers.json": dumps(LMDB_SOLVER),
-                                     "items_lmdb/data.mdb": _lmdb_bytes(schema, str(tmp_path))})
+    reference = cached_dir("train", {"net.prototxt": net.encode(), "data.npz": empty.getvalue(),
+                                     "solvers.json": dumps(solvers), **files})
     monkeypatch.chdir(reference)
-    text = 'net: "net.prototxt" ' + LMDB_SOLVER["sgd_lmdb"]
+    text = 'net: "net.prototxt" ' + solvers[name]
     solver = prototext.to_message(prototext.parse(text.encode()), schema.new("SolverParameter"))
     train, tests = solver_nets(solver, schema)
     trainer = Trainer(solver, schema, train, tests)
     trainer.copy_from("init.caffemodel")
+    return trainer, reference
+
+
+def test_data_layers_read_and_transform_an_lmdb_as_caffe(schema, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    trainer, reference = _reference_trainer(schema, monkeypatch, LMDB_NET, LMDB_SOLVER, "sgd_lmdb",
+                                            {"items_lmdb/data.mdb": _lmdb_bytes(schema, str(tmp_path))})
     while trainer.iter < ITERATIONS:
         trainer.step()
     _compare(trainer, load_blobs(os.path.join(reference, "sgd_lmdb", "params.npz")))
@@ -309,23 +319,8 @@ def _sequences() -> bytes:
 
 
 def test_recurrent_nets_train_as_in_caffe(schema, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import io
-
-    from caffe_ft.formats import prototext
-    from caffe_ft.training.nets import solver_nets
-    from caffe_ft.training.torch.engine import Trainer
-
-    empty = io.BytesIO()
-    np.savez(empty)
-    reference = cached_dir("train", {"net.prototxt": RECURRENT_NET.encode(), "data.npz": empty.getvalue(),
-                                     "solvers.json": dumps(RECURRENT_SOLVER), "seq.txt": b"seq.h5\n",
-                                     "seq.h5": _sequences()})
-    monkeypatch.chdir(reference)
-    text = 'net: "net.prototxt" ' + RECURRENT_SOLVER["sgd_recurrent"]
-    solver = prototext.to_message(prototext.parse(text.encode()), schema.new("SolverParameter"))
-    train, tests = solver_nets(solver, schema)
-    trainer = Trainer(solver, schema, train, tests)
-    trainer.copy_from("init.caffemodel")
+    trainer, reference = _reference_trainer(schema, monkeypatch, RECURRENT_NET, RECURRENT_SOLVER, "sgd_recurrent",
+                                            {"seq.txt": b"seq.h5\n", "seq.h5": _sequences()})
     initial = trainer.net.blob_arrays()
     while trainer.iter < ITERATIONS:
         trainer.step()
