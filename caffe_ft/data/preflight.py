@@ -24,6 +24,8 @@ list, the line and the file.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -144,16 +146,30 @@ def list_checks(net: Message, phase: str, level: int = 0, stages: Iterable[str] 
     return checks
 
 
-def check_nets(specs: Iterable[Tuple[Message, str, int, Sequence[str]]]) -> int:
+def check_nets(specs: Iterable[Tuple[Message, str, int, Sequence[str]]], folder: str = "") -> int:
     """Pre-flight every ``ImageData`` list of the nets (net, phase, level, stages);
-    each list is checked once.  Returns the number of images seen."""
+    each list is checked once.  Returns the number of images seen.  ``folder``:
+    where the nets' relative paths start (the directory they will run in, which
+    need not exist yet); errors name the files from here."""
     done = set()
     total = 0
     for net, phase, level, stages in specs:
         for check in list_checks(net, phase, level, stages):
+            if folder:
+                check = dataclasses.replace(check, source=_from(folder, check.source),
+                                            root=_from(folder, check.root) if check.root else "")
             key = (check.source, check.root, check.resize, check.crop, check.num_classes)
             if key in done:
                 continue
             done.add(key)
             total += check_list(check)
     return total
+
+
+def _from(folder: str, path: str) -> str:
+    """``path``, named relative to ``folder``, as named from here, by its text
+    (``folder`` need not exist); a trailing '/' is kept: a root folder is a prefix."""
+    if os.path.isabs(path):
+        return path
+    found = os.path.relpath(os.path.normpath(os.path.join(folder, path)))
+    return found + "/" if path.endswith("/") and not found.endswith("/") else found

@@ -76,6 +76,12 @@ def last_test_outputs(metrics_path: str) -> Dict[str, float]:
     return outputs
 
 
+def _planned_net(schema: Schema, plan: RewritePlan, name: str) -> "Message":
+    """The net the plan writes as ``name``, parsed from its text."""
+    data = plan.files[name][0].encode("utf-8", "surrogateescape")
+    return prototext.to_message(prototext.parse(data, name), schema.new(files.NET), name)
+
+
 def check_plan(schema: Schema, plan: RewritePlan, weights: str, input_shapes: Optional[Dict[str, Any]],
                out: IO[str]) -> Tuple["Message", "Model", "CheckReport"]:
     """Print what Caffe will copy from ``weights`` into the rewritten net (its
@@ -84,10 +90,7 @@ def check_plan(schema: Schema, plan: RewritePlan, weights: str, input_shapes: Op
     from ..formats.caffemodel import load_model
     from ..net.weights import check, format_check, with_new_heads
 
-    name = "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt"
-    text = plan.files[name][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), name),
-                               schema.new(files.NET), name)
+    net = _planned_net(schema, plan, "train_val.prototxt" if "train_val.prototxt" in plan.files else "deploy.prototxt")
     model = load_model(weights, schema)
     report = with_new_heads(check(net, model, input_shapes=input_shapes or None),
                             {new: old for old, new in plan.heads.items()})
@@ -111,34 +114,21 @@ def _write_init(plan: RewritePlan, checked: Tuple["Message", "Model", "CheckRepo
 
 
 def preflight_plan(schema: Schema, plan: RewritePlan) -> None:
-    """Pre-flight the image lists the new train_val reads, in both phases, as
-    training will (:mod:`caffe_ft.data.preflight`), before OUTDIR is written:
-    the net names them from OUTDIR, which need not exist yet, so they are
-    found from it by their path's text, and named from here in errors."""
-    from ..data.preflight import check_list, list_checks
+    """The engines' pre-flight of the data (:func:`~caffe_ft.training.nets.check_data`)
+    on the nets the planned solver builds, before OUTDIR is written: its files
+    name each other and their data from OUTDIR, which need not exist yet."""
+    from ..training.nets import check_data, solver_nets
 
-    if "train_val.prototxt" not in plan.files:
-        return
-    text = plan.files["train_val.prototxt"][0]
-    net = prototext.to_message(prototext.parse(text.encode("utf-8", "surrogateescape"), "train_val.prototxt"),
-                               schema.new(files.NET), "train_val.prototxt")
-    seen = set()
-    for phase in ("TRAIN", "TEST"):
-        for check in list_checks(net, phase):
-            check = dataclasses.replace(check, source=_from_outdir(plan.outdir, check.source),
-                                        root=_from_outdir(plan.outdir, check.root) if check.root else "")
-            if check not in seen:
-                seen.add(check)
-                check_list(check)
+    def planned(path: str) -> "Message":
+        name = os.path.normpath(path)
+        if name not in plan.files:
+            raise CaffeFtError(f"the planned solver names '{path}', which the plan does not write")
+        return _planned_net(schema, plan, name)
 
-
-def _from_outdir(outdir: str, path: str) -> str:
-    """``path``, which OUTDIR's files name relative to OUTDIR, as named from here
-    (a trailing '/' kept: a root folder is a prefix)."""
-    if os.path.isabs(path):
-        return path
-    found = os.path.relpath(os.path.normpath(os.path.join(outdir, path)))
-    return found + "/" if path.endswith("/") and not found.endswith("/") else found
+    solver = prototext.to_message(prototext.parse(plan.files["solver.prototxt"][0].encode("utf-8", "surrogateescape"),
+                                                  "solver.prototxt"), schema.new(files.SOLVER), "solver.prototxt")
+    train, tests = solver_nets(solver, schema, planned)
+    check_data([train, *tests], plan.outdir)
 
 
 def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solver", seed: int = 0,
@@ -355,7 +345,7 @@ def _train_solver(schema: Schema, solver: str, start: str, device: str, metrics:
         from ..training.pycaffe import train
     options = TrainOptions(solver=solver, weights=None if resume else start, resume=start if resume else None,
                            device=device, metrics=metrics, plot=plot, keep_best=best.output,
-                           patience=best.patience, engine=engine, data_workers=data_workers,
+                           patience=best.patience, engine=engine, data_workers=data_workers, data_checked=True,
                            best_model=os.path.join(os.path.dirname(final), BEST) if best.output else None)
     result = train(options, schema, out)
     copied = None

@@ -8,7 +8,7 @@ weights fit them, and why a resumed run might differ from an uninterrupted one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import IO, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple
 
 from google.protobuf.message import Message
 
@@ -34,15 +34,21 @@ def _state(net: Message, rule: Optional[Message], phase: str) -> Tuple[str, Tupl
     return phase, tuple(stages), level
 
 
-def solver_nets(solver: Message, schema: Schema) -> Tuple[NetSpec, List[NetSpec]]:
-    """The train net and the test nets, as Solver::InitTrainNet/InitTestNets pick them."""
+def solver_nets(solver: Message, schema: Schema,
+                load: Optional[Callable[[str], Message]] = None) -> Tuple[NetSpec, List[NetSpec]]:
+    """The train net and the test nets, as Solver::InitTrainNet/InitTestNets pick them;
+    ``load(path)`` reads the net files the solver names (default: from disk)."""
+    def from_disk(path: str) -> Message:
+        return load_net(path, schema)
+
+    load = load or from_disk
     generic = None
     if solver.HasField("net"):
-        generic, where = load_net(solver.net, schema), solver.net
+        generic, where = load(solver.net), solver.net
     elif solver.HasField("net_param"):
         generic, where = solver.net_param, "net_param"
     if solver.HasField("train_net"):
-        train_net, train_where = load_net(solver.train_net, schema), solver.train_net
+        train_net, train_where = load(solver.train_net), solver.train_net
     elif solver.HasField("train_net_param"):
         train_net, train_where = solver.train_net_param, "train_net_param"
     elif generic is not None:
@@ -52,7 +58,7 @@ def solver_nets(solver: Message, schema: Schema) -> Tuple[NetSpec, List[NetSpec]
     train_rule = solver.train_state if solver.HasField("train_state") else None
     train = NetSpec(train_net, *_state(train_net, train_rule, "TRAIN"), train_where)
     tests = [(net, "test_net_param") for net in solver.test_net_param]
-    tests += [(load_net(path, schema), path) for path in solver.test_net]
+    tests += [(load(path), path) for path in solver.test_net]
     if generic is not None:
         tests += [(generic, where)] * max(0, len(solver.test_iter) - len(tests))
     if len(solver.test_iter) < len(tests) or (generic is None and len(solver.test_iter) != len(tests)):
@@ -96,13 +102,15 @@ def nondeterminism(train: NetSpec) -> List[str]:
 InputShapes = Optional[Dict[str, Tuple[int, ...]]]
 
 
-def check_data(specs: Sequence[NetSpec]) -> int:
-    """The pre-flight every engine runs before it starts: the ``ImageData``
-    lists of the nets, their images and labels (see :mod:`caffe_ft.data.preflight`);
-    the number of images seen."""
+def check_data(specs: Sequence[NetSpec], folder: str = "") -> int:
+    """The pre-flight every engine runs before it starts (unless the caller ran
+    it: ``TrainOptions.data_checked``): the ``ImageData`` lists of the nets,
+    their images and labels (see :mod:`caffe_ft.data.preflight`), found from
+    ``folder`` (the nets' working directory; default this one); the number of
+    images seen."""
     from ..data.preflight import check_nets
 
-    return check_nets((spec.net, spec.phase, spec.level, spec.stages) for spec in specs)
+    return check_nets(((spec.net, spec.phase, spec.level, spec.stages) for spec in specs), folder)
 
 
 def check_weights(weights: str, schema: Schema, specs: Sequence[NetSpec], err: IO[str],

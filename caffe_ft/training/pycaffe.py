@@ -155,7 +155,8 @@ def prepare(options: TrainOptions, schema: Schema, err: IO[str] = sys.stderr) ->
     except CaffeFtError as exc:
         raise exc.located(options.solver) from None
     train, tests = solver_nets(solver, schema)
-    check_data([train, *tests])  # the data Caffe would abort on (or train on garbage from), before it starts
+    if not options.data_checked:
+        check_data([train, *tests])  # the data Caffe would abort on (or train on garbage from), before it starts
     gpus = _choose_gpus(options, solver)
     keep.tracker(options.keep_best, options.patience)  # the options make sense, before anything starts
     if options.patience is not None and len(gpus) > 1:

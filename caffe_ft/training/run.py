@@ -52,6 +52,7 @@ class TrainOptions:
     patience: Optional[int] = None  # stop after this many tests without a better keep_best value
     best_model: Optional[str] = None  # where best.caffemodel goes (default: beside the snapshots)
     data_workers: Optional[int] = None  # torch: processes reading each net's data; None = the engine's choice
+    data_checked: bool = False  # the caller ran the data pre-flight (nets.check_data) on these nets already
 
 
 @dataclass

@@ -70,11 +70,18 @@ def test_finetune_with_the_torch_engine_ends_with_a_caffemodel_pycaffe_runs(tmp_
     done = runner.invoke(main, ["train", "pretrain/solver.prototxt", "--cpu", "--engine", "torch"])
     assert done.exit_code == 0, done.output
     weights = "pretrain/digitsnet_iter_20.caffemodel"
+    from caffe_ft.data import preflight
+
+    checked = []  # the lists pre-flighted: by finetune before it writes OUTDIR, not again by the engine
+    real_check = preflight.check_list
+    monkeypatch.setattr(preflight, "check_list", lambda check: checked.append(check.source) or real_check(check))
     done = runner.invoke(main, ["finetune", "pretrain/train_val.prototxt", "--weights", weights, "--strategy", "top",
                                 "--train-last", "2", "--max-iter", "6", "--cpu", *common, "--train-data",
                                 lists["finetune_train"], "--val-data", lists["finetune_val"], "-o", "ft",
                                 "--class-weights", "auto", "--engine", "torch"])
     assert done.exit_code == 0, done.output
+    assert sorted(map(os.path.abspath, checked)) == sorted(os.path.abspath(lists[name])
+                                                          for name in ("finetune_train", "finetune_val"))
     # --class-weights made the loss an InfogainLoss reading its H from OUTDIR, which the engine trains.
     assert 'type: "InfogainLoss"' in (tmp_path / "ft" / "train_val.prototxt").read_text()
     final = tmp_path / "ft" / "final.caffemodel"

@@ -285,7 +285,8 @@ def _prepare(options: TrainOptions, schema: Schema, err: IO[str]) -> Tuple[Messa
         raise CaffeFtError("the torch engine writes binary snapshots only; set snapshot_format: BINARYPROTO",
                            options.solver)
     train, tests = solver_nets(solver, schema)
-    check_data([train, *tests])  # the lists, images and labels, before anything starts
+    if not options.data_checked:
+        check_data([train, *tests])  # the lists, images and labels, before anything starts
     if options.weights:
         check_weights(options.weights, schema, [train, *tests], err)
     return solver, train, tests
