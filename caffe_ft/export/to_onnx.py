@@ -139,8 +139,7 @@ def layer_blobs(net: Message, model: Optional[Model], input_shapes: Mapping[str,
     learnable = [entry.name for entry in shapes.infer(net, "TEST", input_shapes).layers if entry.params]
     if model is None:
         if learnable:
-            more = ", ..." if len(learnable) > 3 else ""
-            raise CaffeFtError(f"the net has learnable layers ({', '.join(learnable[:3])}{more}): give their weights")
+            raise CaffeFtError(f"the net has learnable layers ({listing(learnable)}): give their weights")
         return {}
     report = weights.check(net, model, "TEST", input_shapes)
     if not report.ok:

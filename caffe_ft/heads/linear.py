@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import CaffeFtError
+from ..errors import CaffeFtError, listing
 from ..formats.files import load_net, sha256_file
 from .cache import FeatureSet, stale_parts
 from .trunk import cut_net
@@ -146,8 +146,8 @@ def check_labels(labels: "np.ndarray", num_classes: int, what: str) -> None:
         raise CaffeFtError(f"{what}: label {int(outside[0])} is outside 0..{num_classes - 1} (--num-classes {num_classes})")
     counts = np.bincount(labels, minlength=num_classes)
     if what == "training features" and (counts < 2).any():
-        missing = [str(c) for c in np.flatnonzero(counts < 2)[:5]]
-        raise CaffeFtError(f"{what}: class(es) {', '.join(missing)} have fewer than 2 examples; "
+        missing = [str(c) for c in np.flatnonzero(counts < 2)]
+        raise CaffeFtError(f"{what}: class(es) {listing(missing)} have fewer than 2 examples; "
                            "a head cannot learn them")
 
 

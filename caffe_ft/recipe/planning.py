@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
-from ..errors import CaffeFtError
+from ..errors import CaffeFtError, listing
 from ..formats import files, prototext
 from ..formats.schema import Schema
 from . import rewrite, strategies
@@ -106,8 +106,7 @@ def class_count(options: RewriteOptions, say: Say, summary: Optional[DataSummary
         return given
     missing = sorted(set(range(labels[-1] + 1)) - set(labels))
     if missing:
-        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-        raise CaffeFtError(f"labels run to {labels[-1]} but {shown} never occur(s); Caffe's labels are 0..K-1: "
+        raise CaffeFtError(f"labels run to {labels[-1]} but {listing([str(m) for m in missing])} never occur(s); Caffe's labels are 0..K-1: "
                            f"give --num-classes {labels[-1] + 1} if those classes have no training examples",
                            train)
     if len(labels) < 2:
