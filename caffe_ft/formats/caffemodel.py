@@ -892,7 +892,6 @@ def save_model(model: Model, path: str, finite: Collection[Tuple[int, int]] = ()
     _write_pieces(path, _model_pieces(model, frozenset(finite)))
 
 
-
 def save_blob(blob: Blob, path: str) -> None:
     """Write ``blob`` as a ``.binaryproto`` file, atomically."""
     _write_pieces(path, _blob_pieces(blob, "the blob"))
