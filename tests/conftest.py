@@ -82,6 +82,21 @@ def cli_runner():
         return CliRunner()
 
 
+def write_datum_lmdb(path, schema, records, map_size: int = 1 << 22) -> None:  # type: ignore[no-untyped-def]
+    """An LMDB of ``Datum`` records keyed 00000000, 00000001, ... in order, from
+    ``(channels, height, width, data bytes, label)`` tuples (drawn as written)."""
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=map_size)
+    with env.begin(write=True) as txn:
+        for index, (channels, height, width, data, label) in enumerate(records):
+            datum = schema.new("Datum")
+            datum.channels, datum.height, datum.width = channels, height, width
+            datum.data, datum.label = data, label
+            txn.put(f"{index:08d}".encode(), datum.SerializeToString())
+    env.close()
+
+
 def caffe_doc_files(pattern: str = "**/*.prototxt") -> list:
     """Prototxt files shipped by Debian's caffe-doc (empty outside the reference env)."""
     found = []

@@ -17,7 +17,7 @@ from caffe_ft.cli import main
 from caffe_ft.data import preflight
 from caffe_ft.data.sources import DataSource, read_header, read_image_list, summarize
 from caffe_ft.errors import CaffeFtError
-from conftest import cli_runner
+from conftest import cli_runner, write_datum_lmdb
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits")
 
@@ -143,15 +143,8 @@ def test_a_rewrite_reads_each_image_list_once(tmp_path, monkeypatch):
 
 @pytest.mark.host  # the reference environment has no Python lmdb module
 def test_a_rewrite_reads_each_lmdb_once(tmp_path, monkeypatch, schema):
-    import lmdb
-
     for name, size in (("train_lmdb", 30), ("val_lmdb", 2)):
-        with lmdb.open(str(tmp_path / name), map_size=1 << 22) as env, env.begin(write=True) as txn:
-            for index in range(size):
-                datum = schema.new("Datum")
-                datum.channels, datum.height, datum.width, datum.label = 1, 10, 12, index % 3
-                datum.data = bytes(120)
-                txn.put(f"{index:08d}".encode(), datum.SerializeToString())
+        write_datum_lmdb(tmp_path / name, schema, ((1, 10, 12, bytes(120), index % 3) for index in range(size)))
     counts = _count_reads(monkeypatch, {"train_lmdb", "val_lmdb"})
     said = _rewrite(tmp_path, str(tmp_path / "train_lmdb"), str(tmp_path / "val_lmdb"))
     assert counts == {"train_lmdb": 1, "val_lmdb": 1}

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from caffe_ft.errors import CaffeFtError
+from conftest import write_datum_lmdb
 
 pytestmark = pytest.mark.host
 
@@ -69,7 +70,6 @@ def data(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     """Seven images, nine LMDB records, two HDF5 files, a window file."""
     import cv2
     import h5py
-    import lmdb
 
     from caffe_ft.formats.schema import load_schema
 
@@ -81,15 +81,8 @@ def data(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
         lines.append(f"{index}.png {index % 3}")
     (tmp_path / "images.txt").write_text("\n".join(lines) + "\n")
     schema = load_schema()
-    env = lmdb.open("records_lmdb", map_size=1 << 22)
-    with env.begin(write=True) as txn:
-        for index in range(9):
-            datum = schema.new("Datum")
-            datum.channels, datum.height, datum.width = 3, 12, 11
-            datum.data = rng.integers(0, 256, 3 * 12 * 11).astype(np.uint8).tobytes()
-            datum.label = index % 2
-            txn.put(f"{index:08d}".encode(), datum.SerializeToString())
-    env.close()
+    write_datum_lmdb("records_lmdb", schema, ((3, 12, 11, rng.integers(0, 256, 3 * 12 * 11).astype(np.uint8).tobytes(),
+                                               index % 2) for index in range(9)))
     for name, rows in (("a.h5", range(0, 5)), ("b.h5", range(5, 11))):
         with h5py.File(name, "w") as handle:
             handle.create_dataset("hdata", data=np.asarray([[r, -r, 2 * r] for r in rows], np.float32))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import write_datum_lmdb  # noqa: E402
 from torch_parity import cached_dir, dumps, load_blobs, relative_error, run_helper  # noqa: E402
 
 pytestmark = pytest.mark.host
@@ -199,18 +200,10 @@ LMDB_SOLVER = {"sgd_lmdb": 'max_iter: 20 type: "SGD" base_lr: 0.05 momentum: 0.9
 
 
 def _lmdb_bytes(schema, tmp: str) -> bytes:  # type: ignore[no-untyped-def]
-    import lmdb
-
     rng = np.random.default_rng(5)
-    env = lmdb.open(tmp, map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        for index in range(7):  # not a multiple of the batch: reading wraps around mid-batch
-            datum = schema.new("Datum")
-            datum.channels, datum.height, datum.width = 3, 12, 12
-            datum.data = rng.integers(0, 256, 3 * 12 * 12).astype(np.uint8).tobytes()
-            datum.label = index % 3
-            txn.put(f"{index:08d}".encode(), datum.SerializeToString())
-    env.close()
+    # 7 records, not a multiple of the batch: reading wraps around mid-batch.
+    write_datum_lmdb(tmp, schema, ((3, 12, 12, rng.integers(0, 256, 3 * 12 * 12).astype(np.uint8).tobytes(),
+                                    index % 3) for index in range(7)), map_size=1 << 24)
     with open(os.path.join(tmp, "data.mdb"), "rb") as handle:
         return handle.read()
 
