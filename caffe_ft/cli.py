@@ -240,7 +240,9 @@ def inspect(ctx: click.Context, file: str, as_json: bool, input_shapes: Any) -> 
     schema = _schema(ctx)
     info, format_info = describe_file(file, lambda: _input_shapes(input_shapes), schema)
     if as_json:
-        _emit(_json(info))
+        from .net.report import as_json as json_data
+
+        _emit(_json(json_data(info)))
     else:
         _emit(format_info(info))
 

@@ -40,15 +40,17 @@ def format_files(files: Sequence[str], schema: Schema) -> List[Tuple[str, bytes,
 
 
 def describe_file(file: str, input_shapes: Callable[[], Dict[str, Tuple[int, ...]]],
-                  schema: Schema) -> Tuple[Dict[str, Any], Callable[[Any], str]]:
+                  schema: Schema) -> Tuple[Any, Callable[[Any], str]]:
     """What ``inspect`` shows of ``file`` (a net, solver, caffemodel, mean file,
-    solverstate or ONNX model), and the function that prints it as text;
+    solverstate or ONNX model), and the function that prints it as text
+    (``report.as_json`` gives what ``--json`` prints);
     ``input_shapes()`` gives the shapes of a net's data layers' tops (asked only for a net)."""
     from .formats import files
     from .net import report
 
     head = files.read_head(file)  # never the whole file: a caffemodel is mapped, not read
     format_info: Callable[[Any], str]
+    info: Any
     if file.endswith(".onnx"):
         from .export import onnx_info
 
@@ -66,15 +68,19 @@ def describe_file(file: str, input_shapes: Callable[[], Dict[str, Tuple[int, ...
 
         info, format_info = report.describe_model(load_model(file, schema)), report.format_model
     else:
-        parsed = files.parse_text(files.read_bytes(file), file, schema)
-        if parsed.kind == files.SOLVER:
-            info, format_info = report.describe_solver(parsed.message), report.format_solver
+        data, tree = files.load_checked_tree(file, schema)
+        if files.guess_kind(tree, schema) == files.SOLVER:
+            info, format_info = report.describe_solver(files.parse_text(data, file, schema).message), report.format_solver
         else:
-            from .formats.upgrade import current_net
+            # Read from the tree, layer by layer: a big net's message would be most of the memory.
+            net_report = report.describe_tree(tree, file, schema, input_shapes())
+            if net_report is None:  # a legacy net: described as Caffe upgrades it
+                from .formats.upgrade import current_net
 
-            net = current_net(parsed.message, file)
-            del parsed  # the syntax tree: a third of a big net's memory, not needed from here
-            info, format_info = report.describe_net(net, input_shapes()), report.format_net
+                del tree
+                net_report = report.describe_net(current_net(files.parse_text(data, file, schema).message, file),
+                                                 input_shapes())
+            info, format_info = net_report, report.format_net
     return info, format_info
 
 

@@ -913,6 +913,33 @@ def to_message(root: Node, message: Message, path: str = "<text>") -> Message:
     return message
 
 
+class MessageBuilder:
+    """:func:`to_message` for nodes of one checked file, one at a time (a net's
+    layers, each built only when needed and dropped after), sharing what it
+    learns of their values."""
+
+    def __init__(self, path: str = "<text>") -> None:
+        self._converter = _Converter(path)
+
+    def build(self, node: Node, message: Message) -> Message:
+        """Fill ``message`` from ``node``'s fields."""
+        self._converter.fill(node, message.DESCRIPTOR, message)
+        return message
+
+
+def string_value(canonical: str) -> Union[str, bytes]:
+    """The value of a checked string field from its canonical text (one of a
+    node's ``canonical``): what its message holds, bytes where not UTF-8."""
+    body = canonical[1:-1]
+    if "\\" not in body:
+        return body  # printable ASCII but quotes and backslashes: printed as is
+    raw = _unescape(body.encode("utf-8", "surrogateescape"))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
 @pausing
 def check_tree(root: Node, table: TableMessage, path: str = "<text>") -> Node:
     """What :func:`to_message` does to ``root`` (errors, canonical values, field

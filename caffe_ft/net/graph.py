@@ -10,7 +10,7 @@ several answers build it once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 from google.protobuf.message import Message
 
@@ -36,28 +36,28 @@ def _has_bias(layer: Message, param_field: str, default: bool) -> bool:
     return params.bias_term if params.HasField("bias_term") else default
 
 
+# How many parameter blobs Caffe gives a layer, by type; other types have none.
+_BLOB_COUNTS: Dict[str, Callable[[Message], int]] = {
+    "Convolution": lambda layer: 1 + _has_bias(layer, "convolution_param", True),
+    "Deconvolution": lambda layer: 1 + _has_bias(layer, "convolution_param", True),
+    "InnerProduct": lambda layer: 1 + _has_bias(layer, "inner_product_param", True),
+    "Embed": lambda layer: 1 + _has_bias(layer, "embed_param", True),
+    "Scale": lambda layer: (len(layer.bottom) == 1) + _has_bias(layer, "scale_param", False),
+    "Bias": lambda layer: int(len(layer.bottom) == 1),
+    "PReLU": lambda layer: 1,
+    "Parameter": lambda layer: 1,
+    "BatchNorm": lambda layer: 3,
+    "LSTM": lambda layer: 3,
+    "RNN": lambda layer: 5,
+}
+# The layer types that may have parameters: no other type needs a closer look.
+PARAM_TYPES = frozenset(_BLOB_COUNTS)
+
+
 def param_blob_count(layer: Message) -> int:
     """How many parameter blobs Caffe gives ``layer`` (0 for parameter-free layers)."""
-    kind = layer.type
-    if kind in ("Convolution", "Deconvolution"):
-        return 1 + _has_bias(layer, "convolution_param", True)
-    if kind == "InnerProduct":
-        return 1 + _has_bias(layer, "inner_product_param", True)
-    if kind == "Embed":
-        return 1 + _has_bias(layer, "embed_param", True)
-    if kind == "Scale":
-        return (len(layer.bottom) == 1) + _has_bias(layer, "scale_param", False)
-    if kind == "Bias":
-        return int(len(layer.bottom) == 1)
-    if kind in ("PReLU", "Parameter"):
-        return 1
-    if kind == "BatchNorm":
-        return 3
-    if kind == "LSTM":
-        return 3
-    if kind == "RNN":
-        return 5
-    return 0
+    count = _BLOB_COUNTS.get(layer.type)
+    return count(layer) if count is not None else 0
 
 
 def lr_mults(layer: Message) -> List[float]:
@@ -104,7 +104,12 @@ def find_heads(net: Message) -> HeadSearch:
     """The classifier heads: the last learnable layers whose output reaches a
     loss, Softmax or Accuracy layer through parameter-free layers only.
     """
-    layers = list(net.layer)
+    return find_heads_in(list(net.layer), param_blob_count)
+
+
+def find_heads_in(layers: Sequence[Any], blob_count: Callable[[Any], int]) -> HeadSearch:
+    """:func:`find_heads` on ``layers``: anything with a layer's ``name``,
+    ``type``, ``bottom`` and ``top``, whose parameter blobs ``blob_count`` counts."""
     stack = [i for i, layer in enumerate(layers) if layer.type in SINK_TYPES]
     if not stack:
         return HeadSearch((), ())
@@ -123,7 +128,7 @@ def find_heads(net: Message) -> HeadSearch:
             layer = layers[source]
             if layer.type in DATA_TYPES:
                 continue
-            if param_blob_count(layer):
+            if blob_count(layer):
                 (heads if layer.type in HEAD_TYPES else blocked).add(source)
             elif layer.type not in SINK_TYPES:
                 stack.append(source)

@@ -1,22 +1,24 @@
 """What ``caffe-ft inspect`` reports: plain data first, text tables second.
 
-``describe_*`` return JSON-ready dicts (``inspect --json`` prints them as is);
-``format_*`` lay the same dicts out for people.
+``describe_*`` return JSON-ready dicts (``inspect --json`` prints them as is),
+or for a net a :class:`NetReport` (``as_json`` makes its dict); ``format_*``
+lay the same data out for people.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from . import graph
+from .shapes import LayerShapes, ShapeInference, is_included
 from ..formats import prototext
 from ..formats.wire import text
 from ..errors import CaffeFtError
-from ..formats.schema import is_repeated
+from ..formats.schema import Schema, is_repeated
 
 
 def _rules(layer: Message) -> str:
@@ -37,58 +39,190 @@ def _rules(layer: Message) -> str:
     return ", ".join(parts)
 
 
-def _shapes(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]]) -> Tuple[Any, Optional[str]]:
-    """Inferred TEST-phase shapes, or the reason they cannot be inferred."""
-    from .shapes import infer
+class LayerReport:
+    """One layer as ``inspect`` shows it: ``params`` holds (lr_mult, decay_mult)
+    per parameter blob, ``shapes`` its TEST-phase set-up (None where it does not
+    run in TEST or shapes are not inferred).  A net may have a million layers:
+    slots, and nothing computed that the table does not show."""
 
-    try:
-        return infer(net, phase="TEST", input_shapes=input_shapes), None
-    except CaffeFtError as exc:
-        return None, str(exc)
+    __slots__ = ("name", "type", "bottom", "top", "phase", "params", "shapes")
+
+    def __init__(self, name: str, kind: str, bottom: Tuple[str, ...], top: Tuple[str, ...], phase: str,
+                 params: Tuple[Tuple[float, float], ...], shapes: Optional[LayerShapes]) -> None:
+        self.name, self.type, self.bottom, self.top = name, kind, bottom, top
+        self.phase, self.params, self.shapes = phase, params, shapes
+
+    @property
+    def learnable(self) -> bool:
+        """Whether the solver changes any of its parameters (graph.is_learnable)."""
+        return any(lr_mult != 0 for lr_mult, _ in self.params)
 
 
-def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Dict[str, Any]:
+class NetReport:
+    """A net as ``inspect`` shows it; :meth:`to_json` gives ``inspect --json``'s data."""
+
+    def __init__(self, name: str, layers: List[LayerReport], problem: Optional[str]) -> None:
+        self.name = name
+        self.layers = layers
+        self.shapes_unknown = problem  # why shapes are not inferred; None when they are
+        self.heads = graph.find_heads_in(layers, lambda layer: len(layer.params)).heads
+        self.param_count = sum(layer.shapes.param_count for layer in layers if layer.shapes is not None)
+        self.flops = sum(layer.shapes.flops or 0 for layer in layers if layer.shapes is not None)
+
+    def to_json(self) -> Dict[str, Any]:
+        layers = []
+        for layer in self.layers:
+            entry: Dict[str, Any] = {
+                "name": layer.name,
+                "type": layer.type,
+                "bottom": list(layer.bottom),
+                "top": list(layer.top),
+                "phase": layer.phase,
+                "params": [{"lr_mult": lr_mult, "decay_mult": decay_mult} for lr_mult, decay_mult in layer.params],
+                "learnable": layer.learnable,
+            }
+            step = layer.shapes
+            if step is not None:
+                entry["output_shapes"] = [list(shape) for shape in step.tops]
+                entry["param_shapes"] = [list(shape) for shape in step.params]
+                entry["param_count"] = step.param_count
+                entry["flops"] = step.flops
+            layers.append(entry)
+        info: Dict[str, Any] = {"kind": "net", "name": self.name, "layers": layers, "heads": list(self.heads)}
+        if self.shapes_unknown is None:
+            info["param_count"], info["flops"] = self.param_count, self.flops
+        else:
+            info["shapes_unknown"] = self.shapes_unknown
+        return info
+
+
+def as_json(info: Any) -> Any:
+    """What ``inspect --json`` prints of ``describe_*``'s result."""
+    return info.to_json() if isinstance(info, NetReport) else info
+
+
+class _NetDescriber:
+    """Builds a :class:`NetReport` from a net's layers given one at a time, in
+    order, each as its name, type, bottoms and tops and a ``source`` that
+    ``build`` makes its message of: the message is asked for only where the
+    report needs more (parameters, phase rules, shapes)."""
+
+    def __init__(self, net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]],
+                 build: Callable[[Any], Message]) -> None:
+        self.build = build
+        self.layers: List[LayerReport] = []
+        self.stages = list(net.state.stage)
+        self.problem: Optional[str] = None
+        self.inference: Optional[ShapeInference] = None
+        try:
+            self.inference = ShapeInference(net, input_shapes)
+        except CaffeFtError as exc:
+            self.problem = str(exc)
+
+    def add(self, name: str, kind: str, bottom: Tuple[str, ...], top: Tuple[str, ...], has_rules: bool,
+            source: Any) -> None:
+        layer = None
+        params: Tuple[Tuple[float, float], ...] = ()
+        if kind in graph.PARAM_TYPES:  # most layers have no parameters: nothing more to ask
+            layer = self.build(source)
+            specs = layer.param
+            params = tuple((lr_mult, specs[i].decay_mult if i < len(specs) else 1.0)
+                           for i, lr_mult in enumerate(graph.lr_mults(layer)))
+        phase = ""
+        if has_rules:
+            layer = layer or self.build(source)
+            phase = _rules(layer)
+        shapes = None
+        if self.inference is not None:
+            layer = layer or self.build(source)
+            try:
+                if not has_rules or is_included(layer, "TEST", 0, self.stages):
+                    shapes = self.inference.add(layer)
+            except CaffeFtError as exc:
+                self.fail(str(exc))
+        self.layers.append(LayerReport(name, kind, bottom, top, phase, params, shapes))
+
+    def fail(self, problem: str) -> None:
+        """Shapes cannot be inferred: none is shown (as Caffe would set up no layer)."""
+        self.problem, self.inference = problem, None
+        for entry in self.layers:
+            entry.shapes = None
+
+    def finish(self, name: str) -> NetReport:
+        if self.inference is not None:
+            try:
+                self.inference.finish()
+            except CaffeFtError as exc:
+                self.fail(str(exc))
+        return NetReport(name, self.layers, self.problem)
+
+
+def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> NetReport:
     """Layers (with multipliers, phases, shapes and costs) and heads of a current-format net.
 
     Shapes are those of the TEST phase; layers that only run in TRAIN have none.
     """
-    from .shapes import is_included
-
-    inferred, problem = _shapes(net, input_shapes)
-    steps = iter(inferred.layers) if inferred is not None else iter(())
-    layers = []
+    describer = _NetDescriber(net, input_shapes, lambda layer: layer)
     for layer in net.layer:
-        params = []
-        learnable = False
-        if graph.param_blob_count(layer):  # most layers have no parameters: nothing more to ask
-            mults = graph.lr_mults(layer)
-            specs = layer.param
-            for i, mult in enumerate(mults):
-                params.append({"lr_mult": mult, "decay_mult": specs[i].decay_mult if i < len(specs) else 1.0})
-            learnable = any(mult != 0 for mult in mults)  # graph.is_learnable
-        entry: Dict[str, Any] = {
-            "name": text(layer.name),  # bytes where the file's string is not UTF-8
-            "type": text(layer.type),
-            "bottom": list(map(text, layer.bottom)),
-            "top": list(map(text, layer.top)),
-            "phase": _rules(layer) if layer.include or layer.exclude else "",
-            "params": params,
-            "learnable": learnable,
-        }
-        if inferred is not None and is_included(layer, "TEST"):
-            step = next(steps)
-            entry["output_shapes"] = [list(shape) for shape in step.tops]
-            entry["param_shapes"] = [list(shape) for shape in step.params]
-            entry["param_count"] = step.param_count
-            entry["flops"] = step.flops
-        layers.append(entry)
-    info: Dict[str, Any] = {"kind": "net", "name": text(net.name), "layers": layers, "heads": list(graph.find_heads(net).heads)}
-    if inferred is not None:
-        info["param_count"] = sum(step.param_count for step in inferred.layers)
-        info["flops"] = sum(step.flops or 0 for step in inferred.layers)
-    else:
-        info["shapes_unknown"] = problem
-    return info
+        describer.add(text(layer.name), text(layer.type), tuple(map(text, layer.bottom)), tuple(map(text, layer.top)),
+                      bool(layer.include or layer.exclude), layer)
+    return describer.finish(text(net.name))
+
+
+# Net-level fields that only a legacy net has (upgrade.net_needs_upgrade).
+_LEGACY_FIELDS = frozenset({"layers", "input", "input_dim", "input_shape"})
+
+
+def describe_tree(root: prototext.Node, path: str, schema: Schema,
+                  input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Optional[NetReport]:
+    """:func:`describe_net` of the net checked into syntax tree ``root``,
+    read layer by layer: a layer's message is built only where the report needs
+    it and dropped after, so the net's message never exists whole (for a big
+    net it is most of the memory and of the time).  None for a net Caffe would
+    upgrade first (legacy fields, an old BatchNorm): describe its upgraded message."""
+    nodes = root.children or []
+    if any(node.name in _LEGACY_FIELDS for node in nodes):
+        return None
+    builder = prototext.MessageBuilder(path)
+    net = builder.build(prototext.Node("", [node for node in nodes if node.name != "layer"]), schema.new("NetParameter"))
+    new_layer = schema.message_class("LayerParameter")
+    describer = _NetDescriber(net, input_shapes, lambda node: builder.build(node, new_layer()))
+    strings: Dict[str, str] = {}  # canonical text -> value: names and types repeat
+
+    def value(canonical: str) -> str:
+        found = strings.get(canonical)
+        if found is None:
+            found = strings[canonical] = text(prototext.string_value(canonical))
+        return found
+
+    for node in nodes:
+        if node.name != "layer" or node.children is None:  # not a layer, or ``layer: []`` (none)
+            continue
+        name = kind = ""
+        bottom: Tuple[str, ...] = ()
+        top: Tuple[str, ...] = ()
+        has_rules = False
+        param_specs = 0
+        for child in node.children or ():
+            field = child.name
+            canonical = child.canonical
+            if canonical is not None:  # a value (or ``param: []``, which adds nothing)
+                if field == "name":
+                    name = value(canonical[0])
+                elif field == "type":
+                    kind = value(canonical[0])
+                elif field == "bottom":
+                    bottom += tuple(map(value, canonical))
+                elif field == "top":
+                    top += tuple(map(value, canonical))
+            elif field == "include" or field == "exclude":
+                has_rules = True
+            elif field == "param":
+                param_specs += 1
+        if kind == "BatchNorm" and param_specs == 3:
+            return None  # Caffe zeroes such a layer's multipliers (upgrade.needs_batch_norm_upgrade)
+        describer.add(name, kind, bottom, top, has_rules, node)
+    return describer.finish(text(net.name))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -103,7 +237,7 @@ def _mult(value: float) -> str:
     return f"{value:g}"
 
 
-def _dims(shapes: List[List[int]]) -> str:
+def _dims(shapes: Sequence[Sequence[int]]) -> str:
     return " ".join("x".join(map(str, shape)) or "()" for shape in shapes)
 
 
@@ -116,29 +250,32 @@ def _count(value: Optional[int]) -> str:
     return str(value)
 
 
-def format_net(info: Dict[str, Any]) -> str:
-    shapes = "shapes_unknown" not in info
-    rows = []
-    for layer in info["layers"]:
-        params = layer["params"]
-        mults = "/".join(f"{_mult(p['lr_mult'])}:{_mult(p['decay_mult'])}" for p in params) if params else "-"
-        flow = f"{','.join(layer['bottom']) or '-'} -> {','.join(layer['top']) or '-'}"
-        learn = "yes" if layer["learnable"] else ("frozen" if params else "")
-        row = [layer["name"], layer["type"], flow, layer["phase"], mults, learn]
+def format_net(report: NetReport) -> str:
+    shapes = report.shapes_unknown is None
+    rows: List[Tuple[str, ...]] = []
+    for layer in report.layers:
+        params = layer.params
+        mults = "/".join(f"{_mult(lr_mult)}:{_mult(decay_mult)}" for lr_mult, decay_mult in params) if params else "-"
+        flow = f"{','.join(layer.bottom) or '-'} -> {','.join(layer.top) or '-'}"
+        learn = ("yes" if layer.learnable else "frozen") if params else ""
         if shapes:
-            row += [_dims(layer.get("output_shapes", [])), _dims(layer.get("param_shapes", [])),
-                    _count(layer.get("param_count")) if layer.get("param_shapes") else "",
-                    _count(layer.get("flops"))]
-        rows.append(row)
+            step = layer.shapes
+            if step is None:
+                rows.append((layer.name, layer.type, flow, layer.phase, mults, learn, "", "", "", ""))
+            else:
+                rows.append((layer.name, layer.type, flow, layer.phase, mults, learn, _dims(step.tops),
+                             _dims(step.params), _count(step.param_count) if step.params else "", _count(step.flops)))
+        else:
+            rows.append((layer.name, layer.type, flow, layer.phase, mults, learn))
     header = ["layer", "type", "bottom -> top", "phase", "lr:decay", "learns"]
     if shapes:
         header += ["output", "param shapes", "params", "MACs"]
-    text = f"net {info['name']!r}: {len(info['layers'])} layers\n" + _table(header, rows) + "\n"
+    text = f"net {report.name!r}: {len(report.layers)} layers\n" + _table(header, rows) + "\n"
     if shapes:
-        text += f"total (TEST phase): {info['param_count']:,} parameters, {_count(info['flops'])} multiply-adds\n"
+        text += f"total (TEST phase): {report.param_count:,} parameters, {_count(report.flops)} multiply-adds\n"
     else:
-        text += f"shapes not inferred (give --input-shape BLOB=N,C,H,W): {info['shapes_unknown']}\n"
-    heads = ", ".join(info["heads"]) or "none found"
+        text += f"shapes not inferred (give --input-shape BLOB=N,C,H,W): {report.shapes_unknown}\n"
+    heads = ", ".join(report.heads) or "none found"
     return f"{text}classifier head(s): {heads}\n"
 
 

@@ -988,38 +988,29 @@ def _resolve(
     return tuple(tops)
 
 
-def infer(
-    net: Message,
-    phase: Union[str, int] = "TEST",
-    input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-    stages: Sequence[str] = (),
-    level: int = 0,
-) -> NetShapes:
-    """Every blob's and every parameter's shape in ``net`` (current format).
+class ShapeInference:
+    """:func:`infer`, one layer at a time: give it the layers Caffe instantiates,
+    in order (:meth:`add`), then ask for the result (:meth:`finish`).  A caller
+    that holds no whole net (``inspect`` reading a million layers straight from
+    the text) builds each layer's message only while it is added."""
 
-    The net state is ``phase``, ``level``, and the net's own ``state.stage``
-    plus ``stages``, as pycaffe's ``caffe.Net(path, phase, level=, stages=)``.
-    ``input_shapes`` maps top names of data, Input and Python layers (and
-    net-level ``input`` blobs) to shapes; a shape given there replaces what
-    the layer's parameters say, and is required where they say nothing
-    (``Data``, ``HDF5Data``, ``WindowData``, ``Python``...).  Naming any other
-    blob there is an error, which catches misspelt names.
-    """
-    given = dict(input_shapes or {})
-    state_stages = [*net.state.stage, *stages]
-    layers = filter_layers(net, phase, level, state_stages)
-    blobs: Dict[str, Shape] = {}
-    overridable_tops = set()
-    for name, shape in _net_inputs(net):
-        overridable_tops.add(name)
-        if name in given:
-            shape = tuple(int(d) for d in given[name])
-        if shape is None:
-            raise _missing_shape("", "net input", name)
-        blobs[name] = shape
-    entries: List[LayerShapes] = []
-    params: Dict[str, List[Shape]] = {}
-    for layer in layers:
+    def __init__(self, net: Message, input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> None:
+        self.given = dict(input_shapes or {})
+        self.blobs: Dict[str, Shape] = {}
+        self.overridable_tops = set()
+        for name, shape in _net_inputs(net):
+            self.overridable_tops.add(name)
+            if name in self.given:
+                shape = tuple(int(d) for d in self.given[name])
+            if shape is None:
+                raise _missing_shape("", "net input", name)
+            self.blobs[name] = shape
+        self.entries: List[LayerShapes] = []
+        self.params: Dict[str, List[Shape]] = {}
+
+    def add(self, layer: Message) -> LayerShapes:
+        """Set up ``layer`` on the blobs of the layers added before it."""
+        blobs, given = self.blobs, self.given
         rule = RULES.get(layer.type)
         if rule is None:
             raise CaffeFtError(f"cannot infer shapes for layer '{layer.name}' of type '{layer.type}'")
@@ -1044,27 +1035,55 @@ def infer(
             if problem is not None:
                 raise _fail(layer, f"{what}: {problem}")
         if overridable:
-            overridable_tops.update(layer.top)
+            self.overridable_tops.update(layer.top)
         blobs.update(zip(layer.top, tops))
-        entries.append(
-            LayerShapes(
-                name=layer.name,
-                type=layer.type,
-                bottom_names=tuple(layer.bottom),
-                bottoms=tuple(bottoms),
-                top_names=tuple(layer.top),
-                tops=tops,
-                params=inferred.params,
-                param_count=sum(count(shape) for shape in inferred.params),
-                flops=inferred.flops,
-            )
+        entry = LayerShapes(
+            name=layer.name,
+            type=layer.type,
+            bottom_names=tuple(layer.bottom),
+            bottoms=tuple(bottoms),
+            top_names=tuple(layer.top),
+            tops=tops,
+            params=inferred.params,
+            param_count=sum(count(shape) for shape in inferred.params),
+            flops=inferred.flops,
         )
+        self.entries.append(entry)
         if inferred.params:
-            params[layer.name] = list(inferred.params)
-    stray = sorted(set(given) - overridable_tops)
-    if stray:
-        raise CaffeFtError(
-            "input_shapes names blobs that no data, Input or Python layer produces: "
-            + ", ".join(repr(name) for name in stray)
-        )
-    return NetShapes(blobs=blobs, params=params, layers=entries)
+            self.params[layer.name] = list(inferred.params)
+        return entry
+
+    def finish(self) -> NetShapes:
+        """The shapes of the layers added; an error if ``input_shapes`` named a
+        blob that none of them (nor the net's inputs) may take from outside."""
+        stray = sorted(set(self.given) - self.overridable_tops)
+        if stray:
+            raise CaffeFtError(
+                "input_shapes names blobs that no data, Input or Python layer produces: "
+                + ", ".join(repr(name) for name in stray)
+            )
+        return NetShapes(blobs=self.blobs, params=self.params, layers=self.entries)
+
+
+def infer(
+    net: Message,
+    phase: Union[str, int] = "TEST",
+    input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+    stages: Sequence[str] = (),
+    level: int = 0,
+) -> NetShapes:
+    """Every blob's and every parameter's shape in ``net`` (current format).
+
+    The net state is ``phase``, ``level``, and the net's own ``state.stage``
+    plus ``stages``, as pycaffe's ``caffe.Net(path, phase, level=, stages=)``.
+    ``input_shapes`` maps top names of data, Input and Python layers (and
+    net-level ``input`` blobs) to shapes; a shape given there replaces what
+    the layer's parameters say, and is required where they say nothing
+    (``Data``, ``HDF5Data``, ``WindowData``, ``Python``...).  Naming any other
+    blob there is an error, which catches misspelt names.
+    """
+    layers = filter_layers(net, phase, level, [*net.state.stage, *stages])
+    inference = ShapeInference(net, input_shapes)
+    for layer in layers:
+        inference.add(layer)
+    return inference.finish()

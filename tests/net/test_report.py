@@ -19,7 +19,7 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 
 
 def test_describe_net_reports_multipliers_rules_and_heads(parse_net):
-    info = report.describe_net(parse_net(NET))
+    info = report.describe_net(parse_net(NET)).to_json()
     layers = {layer["name"]: layer for layer in info["layers"]}
     assert layers["conv"]["params"] == [{"lr_mult": 0.0, "decay_mult": 2.0}, {"lr_mult": 1.0, "decay_mult": 1.0}]
     assert layers["conv"]["learnable"] is True
