@@ -113,6 +113,7 @@ class _NetDescriber:
         self.layers: List[LayerReport] = []
         self.stages = list(net.state.stage)
         self.problem: Optional[str] = None
+        self.filter_problem: Optional[str] = None
         self.inference: Optional[ShapeInference] = None
         try:
             self.inference = ShapeInference(net, input_shapes)
@@ -132,12 +133,17 @@ class _NetDescriber:
         if has_rules:
             layer = layer or self.build(source)
             phase = _rules(layer)
+        included = True
+        if has_rules:
+            try:
+                included = is_included(layer, "TEST", 0, self.stages)
+            except CaffeFtError as exc:  # include and exclude both: Caffe's first complaint
+                self.filter_problem = self.filter_problem or str(exc)
         shapes = None
-        if self.inference is not None:
+        if self.inference is not None and included:
             layer = layer or self.build(source)
             try:
-                if not has_rules or is_included(layer, "TEST", 0, self.stages):
-                    shapes = self.inference.add(layer)
+                shapes = self.inference.add(layer)
             except CaffeFtError as exc:
                 self.fail(str(exc))
         self.layers.append(LayerReport(name, kind, bottom, top, phase, params, shapes))
@@ -149,7 +155,9 @@ class _NetDescriber:
             entry.shapes = None
 
     def finish(self, name: str) -> NetReport:
-        if self.inference is not None:
+        if self.filter_problem is not None:  # Caffe filters the layers before it sets any up
+            self.fail(self.filter_problem)
+        elif self.inference is not None:
             try:
                 self.inference.finish()
             except CaffeFtError as exc:

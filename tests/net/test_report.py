@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from caffe_ft.formats import prototext
 from caffe_ft.net import report
 
 NET = """
@@ -53,3 +56,90 @@ def test_table_pads_every_column_to_its_widest_cell():
         "xy        3\n"
         "z   None  1.5"
     )
+
+
+# What `inspect` reads straight from a file's syntax tree (report.describe_tree)
+# must be what the net's message says (report.describe_net), for every kind of layer.
+TREE_NETS = {
+    "rules and multipliers": NET,
+    # The net's own stages filter layers: shapes follow the layers that run
+    # (before, shapes were matched to the wrong layers and inspect crashed).
+    "net stages": """
+name: "s"
+state { stage: "deploy" }
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "train" type: "ReLU" bottom: "x" top: "y" exclude { stage: "deploy" } }
+layer { name: "deep" type: "ReLU" bottom: "x" top: "z" include { stage: "deploy" phase: TEST min_level: 1 } }
+layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc" inner_product_param { num_output: 3 bias_term: false }
+        param { lr_mult: 0.5 decay_mult: 1e-5 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+""",
+    "strings, list forms and empty layers": r"""
+layer { name: "in" type: "Input" top: ["x", "y"] input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "caf\303\251 \"q\" \377" type: "Concat" bottom: "x" bottom: ["y"] top: "c" include: [] param: [] }
+layer: []
+layer { name: "sc" type: "Scale" bottom: "c" top: "c" scale_param { bias_term: true } param { lr_mult: 0 } }
+layer {}
+""",
+    # Two problems: Caffe filters the layers (refusing include with exclude)
+    # before it sets any up, so that is the one reported.
+    "include and exclude": """
+layer { name: "in" type: "Input" top: "a" input_param { shape { dim: 2 } } }
+layer { name: "again" type: "Input" top: "a" input_param { shape { dim: 2 } } }
+layer { name: "both" type: "ReLU" bottom: "a" top: "c" include { phase: TEST } exclude { phase: TRAIN } }
+""",
+    "no shapes": """
+layer { name: "d" type: "Data" top: "data" top: "label" }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 10 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TREE_NETS))
+@pytest.mark.parametrize("input_shapes", [None, {"data": (2, 3, 8, 8)}])
+def test_describe_tree_is_describe_net(schema, parse_net, name, input_shapes):
+    source = TREE_NETS[name].encode()
+    tree = prototext.check_tree(prototext.parse(source), schema.table("NetParameter"))
+    from_tree = report.describe_tree(tree, "net.prototxt", schema, input_shapes)
+    from_message = report.describe_net(parse_net(TREE_NETS[name]), input_shapes)
+    assert from_tree is not None
+    assert from_tree.to_json() == from_message.to_json()
+    assert report.format_net(from_tree) == report.format_net(from_message)
+
+
+def test_describe_tree_shapes_follow_the_net_state(schema):
+    tree = prototext.check_tree(prototext.parse(TREE_NETS["net stages"].encode()), schema.table("NetParameter"))
+    layers = {layer["name"]: layer for layer in report.describe_tree(tree, "n", schema).to_json()["layers"]}
+    assert "output_shapes" not in layers["train"] and "output_shapes" not in layers["deep"]
+    assert layers["fc"]["output_shapes"] == [[1, 3]] and layers["prob"]["output_shapes"] == [[1, 3]]
+
+
+def test_describe_tree_reports_the_filter_problem_first(schema):
+    tree = prototext.check_tree(prototext.parse(TREE_NETS["include and exclude"].encode()),
+                                schema.table("NetParameter"))
+    info = report.describe_tree(tree, "n", schema).to_json()
+    assert info["shapes_unknown"] == "layer 'both': specify either include rules or exclude rules, not both"
+    assert all("output_shapes" not in layer for layer in info["layers"])
+
+
+@pytest.mark.parametrize("legacy", [
+    'input: "data" input_dim: 1 input_dim: 3 input_dim: 4 input_dim: 4',
+    'layers { name: "c" type: CONVOLUTION }',
+    'layer { name: "bn" type: "BatchNorm" param {} param {} param {} }',
+])
+def test_describe_tree_leaves_legacy_nets_to_the_upgrade(schema, legacy):
+    tree = prototext.check_tree(prototext.parse(legacy.encode()), schema.table("NetParameter"))
+    assert report.describe_tree(tree, "n", schema) is None
+
+
+def test_inspect_describes_a_legacy_net_as_upgraded(tmp_path, schema):
+    from caffe_ft.commands import describe_file
+
+    path = tmp_path / "bn.prototxt"
+    path.write_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }\n'
+                    'layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" '
+                    'param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 1 decay_mult: 1 } param {} }\n')
+    info, _ = describe_file(str(path), dict, schema)
+    bn = info.to_json()["layers"][1]
+    assert bn["params"] == [{"lr_mult": 0.0, "decay_mult": 0.0}] * 3  # Caffe's upgrade zeroes them
