@@ -68,8 +68,8 @@ def describe_file(file: str, input_shapes: Callable[[], Dict[str, Tuple[int, ...
 
         info, format_info = report.describe_model(load_model(file, schema)), report.format_model
     else:
-        data, tree = files.load_checked_tree(file, schema)
-        if files.guess_kind(tree, schema) == files.SOLVER:
+        data, tree, kind = files.load_tree(file, schema)  # checked as it is described
+        if kind == files.SOLVER:
             info, format_info = report.describe_solver(files.parse_text(data, file, schema).message), report.format_solver
         else:
             # Read from the tree, layer by layer: a big net's message would be most of the memory.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from operator import attrgetter
 
 # shutil, tempfile, fcntl, time and hashlib are imported where they are used: the commands
 # that only read (fmt, inspect, diff) never need them, and every start would pay for them.
@@ -128,7 +129,7 @@ def require_text(data: bytes, path: str) -> None:
 
 def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     """``NetParameter`` or ``SolverParameter``, from the top-level field names."""
-    names = {child.name for child in tree.children or ()}
+    names = set(map(attrgetter("name"), tree.children or ()))
     net_fields = schema.table(NET).fields_by_name
     solver_fields = schema.table(SOLVER).fields_by_name
     if names and all(name in solver_fields for name in names) and not all(
@@ -176,13 +177,20 @@ def load_text(path: str, schema: Schema, kind: Optional[str] = None) -> TextFile
     return parse_text(read_bytes(path), path, schema, kind)
 
 
-def load_checked_tree(path: str, schema: Schema) -> Tuple[bytes, prototext.Node]:
-    """Read a text net or solver and check it as :func:`load_text` does, without
-    building its message (see :func:`prototext.check_tree`): its bytes and tree."""
+def load_tree(path: str, schema: Schema) -> Tuple[bytes, prototext.Node, str]:
+    """Read and parse a text net or solver, not checked against the schema: its
+    bytes, tree and kind (``NET`` or ``SOLVER``)."""
     data = read_bytes(path)
     require_text(data, path)
     tree = prototext.parse(data, path)
-    prototext.check_tree(tree, schema.table(guess_kind(tree, schema)), path)
+    return data, tree, guess_kind(tree, schema)
+
+
+def load_checked_tree(path: str, schema: Schema) -> Tuple[bytes, prototext.Node]:
+    """Read a text net or solver and check it as :func:`load_text` does, without
+    building its message (see :func:`prototext.check_tree`): its bytes and tree."""
+    data, tree, kind = load_tree(path, schema)
+    prototext.check_tree(tree, schema.table(kind), path)
     return data, tree
 
 

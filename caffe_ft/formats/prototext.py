@@ -914,7 +914,7 @@ def to_message(root: Node, message: Message, path: str = "<text>") -> Message:
 
 
 class MessageBuilder:
-    """:func:`to_message` for nodes of one checked file, one at a time (a net's
+    """:func:`to_message` and :func:`check_tree` for nodes of one file, one at a time (a net's
     layers, each built only when needed and dropped after), sharing what it
     learns of their values."""
 
@@ -922,9 +922,13 @@ class MessageBuilder:
         self._converter = _Converter(path)
 
     def build(self, node: Node, message: Message) -> Message:
-        """Fill ``message`` from ``node``'s fields."""
+        """Fill ``message`` from ``node``'s fields (checking them: see :meth:`check`)."""
         self._converter.fill(node, message.DESCRIPTOR, message)
         return message
+
+    def check(self, node: Node, table: TableMessage) -> None:
+        """What :func:`check_tree` does to ``node``, a message of the type ``table`` describes."""
+        self._converter.fill(node, table, None)
 
 
 def string_value(canonical: str) -> Union[str, bytes]:

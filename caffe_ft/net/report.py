@@ -8,6 +8,8 @@ lay the same data out for people.
 from __future__ import annotations
 
 import math
+from itertools import chain
+from operator import attrgetter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -121,11 +123,11 @@ class _NetDescriber:
             self.problem = str(exc)
 
     def add(self, name: str, kind: str, bottom: Tuple[str, ...], top: Tuple[str, ...], has_rules: bool,
-            source: Any) -> None:
-        layer = None
+            source: Any, layer: Optional[Message] = None) -> None:
+        """One more layer; ``layer`` is its message where the caller has it already."""
         params: Tuple[Tuple[float, float], ...] = ()
         if kind in graph.PARAM_TYPES:  # most layers have no parameters: nothing more to ask
-            layer = self.build(source)
+            layer = layer or self.build(source)
             specs = layer.param
             params = tuple((lr_mult, specs[i].decay_mult if i < len(specs) else 1.0)
                            for i, lr_mult in enumerate(graph.lr_mults(layer)))
@@ -183,16 +185,27 @@ _LEGACY_FIELDS = frozenset({"layers", "input", "input_dim", "input_shape"})
 
 def describe_tree(root: prototext.Node, path: str, schema: Schema,
                   input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Optional[NetReport]:
-    """:func:`describe_net` of the net checked into syntax tree ``root``,
-    read layer by layer: a layer's message is built only where the report needs
-    it and dropped after, so the net's message never exists whole (for a big
-    net it is most of the memory and of the time).  None for a net Caffe would
-    upgrade first (legacy fields, an old BatchNorm): describe its upgraded message."""
+    """:func:`describe_net` of the net parsed into syntax tree ``root``, read
+    and checked layer by layer (errors are :func:`prototext.check_tree`'s, the
+    file's first): a layer's message is built only where the report needs it
+    and dropped after, so the net's message never exists whole (for a big net
+    it is most of the memory and of the time).  None for a net Caffe would
+    upgrade first (legacy fields, an old BatchNorm): describe its upgraded message.
+
+    ``root`` is consumed: each layer's node is dropped once read, so that
+    the report takes the tree's place in memory rather than adding to it."""
     nodes = root.children or []
-    if any(node.name in _LEGACY_FIELDS for node in nodes):
+    names = set(map(attrgetter("name"), nodes))
+    if names & _LEGACY_FIELDS:
         return None
     builder = prototext.MessageBuilder(path)
-    net = builder.build(prototext.Node("", [node for node in nodes if node.name != "layer"]), schema.new("NetParameter"))
+    net = schema.new("NetParameter")
+    try:
+        builder.build(prototext.Node("", [node for node in nodes if node.name != "layer"]), net)
+    except CaffeFtError:
+        prototext.check_tree(root, schema.table("NetParameter"), path)  # the first error may come earlier
+        raise
+    net_table, layer_table = schema.table("NetParameter"), schema.table("LayerParameter")
     new_layer = schema.message_class("LayerParameter")
     describer = _NetDescriber(net, input_shapes, lambda node: builder.build(node, new_layer()))
     strings: Dict[str, str] = {}  # canonical text -> value: names and types repeat
@@ -203,15 +216,29 @@ def describe_tree(root: prototext.Node, path: str, schema: Schema,
             found = strings[canonical] = text(prototext.string_value(canonical))
         return found
 
-    for node in nodes:
-        if node.name != "layer" or node.children is None:  # not a layer, or ``layer: []`` (none)
+    layers, param_types = describer.layers, graph.PARAM_TYPES
+    root.children = []
+    nodes.reverse()
+    while nodes:
+        node = nodes.pop()
+        if node.name != "layer":
             continue
+        children = node.children
+        layer = None
+        if children is None:  # ``layer: []`` (no layer), or a value where a layer goes
+            builder.check(prototext.Node("", [node]), net_table)
+            continue
+        if children:  # checked as it is read (the message, when one is needed, checks it)
+            if describer.inference is not None:
+                layer = builder.build(node, new_layer())
+            else:
+                builder.check(node, layer_table)
         name = kind = ""
         bottom: Tuple[str, ...] = ()
         top: Tuple[str, ...] = ()
         has_rules = False
         param_specs = 0
-        for child in node.children or ():
+        for child in children:
             field = child.name
             canonical = child.canonical
             if canonical is not None:  # a value (or ``param: []``, which adds nothing)
@@ -227,18 +254,26 @@ def describe_tree(root: prototext.Node, path: str, schema: Schema,
                 has_rules = True
             elif field == "param":
                 param_specs += 1
-        if kind == "BatchNorm" and param_specs == 3:
-            return None  # Caffe zeroes such a layer's multipliers (upgrade.needs_batch_norm_upgrade)
-        describer.add(name, kind, bottom, top, has_rules, node)
+        if has_rules or kind in param_types or describer.inference is not None:
+            if kind == "BatchNorm" and param_specs == 3:
+                return None  # Caffe zeroes such a layer's multipliers (upgrade.needs_batch_norm_upgrade)
+            describer.add(name, kind, bottom, top, has_rules, node, layer)
+        else:  # what add() makes of it, without asking
+            layers.append(LayerReport(name, kind, bottom, top, "", (), None))
     return describer.finish(text(net.name))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns two spaces apart, trailing spaces cut (one format
-    call a row: a net may have a million layers)."""
-    widths = [max(map(len, map(str, column))) for column in zip(header, *rows)]
-    line = "  ".join(f"{{!s:<{width}}}" for width in widths).format
-    return "\n".join([line(*row).rstrip() for row in [header, *rows]])
+    """Left-aligned columns two spaces apart, trailing spaces cut."""
+    return _columns(header, [list(map(str, column)) for column in zip(*rows)] or [[] for _ in header])
+
+
+def _columns(header: Sequence[str], columns: Sequence[Sequence[str]]) -> str:
+    """:func:`_table` given its cells column by column: every row is laid out
+    in C (``map``, ``%``), none in Python (a net may have a million layers)."""
+    widths = [max(len(title), max(map(len, column), default=0)) for title, column in zip(header, columns)]
+    line = "  ".join(f"%-{width}s" for width in widths)
+    return "\n".join(map(str.rstrip, map(line.__mod__, chain([tuple(header)], zip(*columns)))))
 
 
 def _mult(value: float) -> str:
@@ -258,27 +293,43 @@ def _count(value: Optional[int]) -> str:
     return str(value)
 
 
+def _mults(params: Tuple[Tuple[float, float], ...]) -> str:
+    return "/".join(f"{_mult(lr_mult)}:{_mult(decay_mult)}" for lr_mult, decay_mult in params) if params else "-"
+
+
+def _learns(params: Tuple[Tuple[float, float], ...]) -> str:
+    return ("yes" if any(lr_mult != 0 for lr_mult, _ in params) else "frozen") if params else ""
+
+
+def _shape_cells(step: Optional[LayerShapes]) -> Tuple[str, str, str, str]:
+    if step is None:
+        return ("", "", "", "")
+    return (_dims(step.tops), _dims(step.params), _count(step.param_count) if step.params else "",
+            _count(step.flops))
+
+
 def format_net(report: NetReport) -> str:
-    shapes = report.shapes_unknown is None
-    rows: List[Tuple[str, ...]] = []
-    for layer in report.layers:
-        params = layer.params
-        mults = "/".join(f"{_mult(lr_mult)}:{_mult(decay_mult)}" for lr_mult, decay_mult in params) if params else "-"
-        flow = f"{','.join(layer.bottom) or '-'} -> {','.join(layer.top) or '-'}"
-        learn = ("yes" if layer.learnable else "frozen") if params else ""
-        if shapes:
-            step = layer.shapes
-            if step is None:
-                rows.append((layer.name, layer.type, flow, layer.phase, mults, learn, "", "", "", ""))
-            else:
-                rows.append((layer.name, layer.type, flow, layer.phase, mults, learn, _dims(step.tops),
-                             _dims(step.params), _count(step.param_count) if step.params else "", _count(step.flops)))
-        else:
-            rows.append((layer.name, layer.type, flow, layer.phase, mults, learn))
+    # Column by column, each cell made in C where it can be: a million layers print in about a second.
+    layers = report.layers
+    params = list(map(attrgetter("params"), layers))
+    bottoms = [blobs or "-" for blobs in map(",".join, map(attrgetter("bottom"), layers))]
+    tops = [blobs or "-" for blobs in map(",".join, map(attrgetter("top"), layers))]
+    columns = [
+        list(map(attrgetter("name"), layers)),
+        list(map(attrgetter("type"), layers)),
+        list(map(" -> ".join, zip(bottoms, tops))),
+        list(map(attrgetter("phase"), layers)),
+        list(map(_mults, params)),
+        list(map(_learns, params)),
+    ]
+    del params, bottoms, tops
     header = ["layer", "type", "bottom -> top", "phase", "lr:decay", "learns"]
+    shapes = report.shapes_unknown is None
     if shapes:
         header += ["output", "param shapes", "params", "MACs"]
-    text = f"net {report.name!r}: {len(report.layers)} layers\n" + _table(header, rows) + "\n"
+        columns += map(list, zip(*map(_shape_cells, map(attrgetter("shapes"), layers)))) if layers else [[]] * 4
+    text = f"net {report.name!r}: {len(layers)} layers\n" + _columns(header, columns) + "\n"
+    del columns
     if shapes:
         text += f"total (TEST phase): {report.param_count:,} parameters, {_count(report.flops)} multiply-adds\n"
     else:
