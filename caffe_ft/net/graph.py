@@ -10,6 +10,7 @@ several answers build it once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 from google.protobuf.message import Message
@@ -110,9 +111,10 @@ def find_heads(net: Message) -> HeadSearch:
 def find_heads_in(layers: Sequence[Any], blob_count: Callable[[Any], int]) -> HeadSearch:
     """:func:`find_heads` on ``layers``: anything with a layer's ``name``,
     ``type``, ``bottom`` and ``top``, whose parameter blobs ``blob_count`` counts."""
-    stack = [i for i, layer in enumerate(layers) if layer.type in SINK_TYPES]
-    if not stack:
+    types = list(map(attrgetter("type"), layers))
+    if SINK_TYPES.isdisjoint(types):  # no loss, Softmax or Accuracy: no head (the common pass runs in C)
         return HeadSearch((), ())
+    stack = [i for i, kind in enumerate(types) if kind in SINK_TYPES]
     sources = producers(layers)
     heads: set = set()
     blocked: set = set()

@@ -68,8 +68,11 @@ class NetReport:
         self.layers = layers
         self.shapes_unknown = problem  # why shapes are not inferred; None when they are
         self.heads = graph.find_heads_in(layers, lambda layer: len(layer.params)).heads
-        self.param_count = sum(layer.shapes.param_count for layer in layers if layer.shapes is not None)
-        self.flops = sum(layer.shapes.flops or 0 for layer in layers if layer.shapes is not None)
+        self.param_count = self.flops = 0  # TEST-phase totals
+        if problem is None:
+            steps = [layer.shapes for layer in layers if layer.shapes is not None]
+            self.param_count = sum(step.param_count for step in steps)
+            self.flops = sum(step.flops or 0 for step in steps)
 
     def to_json(self) -> Dict[str, Any]:
         layers = []
@@ -294,11 +297,11 @@ def _count(value: Optional[int]) -> str:
 
 
 def _mults(params: Tuple[Tuple[float, float], ...]) -> str:
-    return "/".join(f"{_mult(lr_mult)}:{_mult(decay_mult)}" for lr_mult, decay_mult in params) if params else "-"
+    return "/".join(f"{_mult(lr_mult)}:{_mult(decay_mult)}" for lr_mult, decay_mult in params)
 
 
 def _learns(params: Tuple[Tuple[float, float], ...]) -> str:
-    return ("yes" if any(lr_mult != 0 for lr_mult, _ in params) else "frozen") if params else ""
+    return "yes" if any(lr_mult != 0 for lr_mult, _ in params) else "frozen"
 
 
 def _shape_cells(step: Optional[LayerShapes]) -> Tuple[str, str, str, str]:
@@ -319,8 +322,8 @@ def format_net(report: NetReport) -> str:
         list(map(attrgetter("type"), layers)),
         list(map(" -> ".join, zip(bottoms, tops))),
         list(map(attrgetter("phase"), layers)),
-        list(map(_mults, params)),
-        list(map(_learns, params)),
+        [_mults(layer_params) if layer_params else "-" for layer_params in params],
+        [_learns(layer_params) if layer_params else "" for layer_params in params],
     ]
     del params, bottoms, tops
     header = ["layer", "type", "bottom -> top", "phase", "lr:decay", "learns"]
