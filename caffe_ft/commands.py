@@ -68,16 +68,17 @@ def describe_file(file: str, input_shapes: Callable[[], Dict[str, Tuple[int, ...
 
         info, format_info = report.describe_model(load_model(file, schema)), report.format_model
     else:
-        data, tree, kind = files.load_tree(file, schema)  # checked as it is described
+        data = files.read_bytes(file)
+        files.require_text(data, file)
+        kind, fields = files.read_fields(data, file, schema)
         if kind == files.SOLVER:
             info, format_info = report.describe_solver(files.parse_text(data, file, schema).message), report.format_solver
         else:
-            # Read from the tree, layer by layer: a big net's message would be most of the memory.
-            net_report = report.describe_tree(tree, file, schema, input_shapes())
+            # Read a layer at a time: a big net's tree and message would be most of the memory and time.
+            net_report = report.describe_text(fields, data, file, schema, input_shapes())
             if net_report is None:  # a legacy net: described as Caffe upgrades it
                 from .formats.upgrade import current_net
 
-                del tree
                 net_report = report.describe_net(current_net(files.parse_text(data, file, schema).message, file),
                                                  input_shapes())
             info, format_info = net_report, report.format_net

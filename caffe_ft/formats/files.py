@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from itertools import chain
 from operator import attrgetter
 
 # shutil, tempfile, fcntl, time and hashlib are imported where they are used: the commands
@@ -139,6 +140,21 @@ def guess_kind(tree: prototext.Node, schema: Schema) -> str:
     return NET
 
 
+def read_fields(data: bytes, path: str, schema: Schema) -> Tuple[str, Iterator[prototext.Node]]:
+    """What text file ``data`` holds (``NET`` or ``SOLVER``, as :func:`guess_kind`
+    says) and its top-level nodes, parsed as they are read
+    (:func:`prototext.parse_fields`): a net is known by its first field that a
+    solver does not have, without parsing further."""
+    fields = prototext.parse_fields(data, path)
+    solver_fields = schema.table(SOLVER).fields_by_name
+    read = []
+    for node in fields:
+        read.append(node)
+        if node.name not in solver_fields:
+            return NET, chain(read, fields)
+    return guess_kind(prototext.Node("", read), schema), iter(read)
+
+
 class TextFile(NamedTuple):
     """A parsed text prototxt: its path, bytes, syntax tree and message.
 
@@ -177,20 +193,13 @@ def load_text(path: str, schema: Schema, kind: Optional[str] = None) -> TextFile
     return parse_text(read_bytes(path), path, schema, kind)
 
 
-def load_tree(path: str, schema: Schema) -> Tuple[bytes, prototext.Node, str]:
-    """Read and parse a text net or solver, not checked against the schema: its
-    bytes, tree and kind (``NET`` or ``SOLVER``)."""
-    data = read_bytes(path)
-    require_text(data, path)
-    tree = prototext.parse(data, path)
-    return data, tree, guess_kind(tree, schema)
-
-
 def load_checked_tree(path: str, schema: Schema) -> Tuple[bytes, prototext.Node]:
     """Read a text net or solver and check it as :func:`load_text` does, without
     building its message (see :func:`prototext.check_tree`): its bytes and tree."""
-    data, tree, kind = load_tree(path, schema)
-    prototext.check_tree(tree, schema.table(kind), path)
+    data = read_bytes(path)
+    require_text(data, path)
+    tree = prototext.parse(data, path)
+    prototext.check_tree(tree, schema.table(guess_kind(tree, schema)), path)
     return data, tree
 
 

@@ -23,14 +23,14 @@ import re
 from array import array
 from itertools import accumulate, repeat
 from operator import attrgetter, contains, itemgetter
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from typing import TYPE_CHECKING
 
 from ..errors import CaffeFtError
 from . import wire
 from .numbers import format_double, format_float
-from .gcpause import pausing
+from .gcpause import paused, pausing
 from .schema import FD, TableMessage, is_repeated
 
 if TYPE_CHECKING:
@@ -449,15 +449,29 @@ class _Parser:
     def parse(self) -> Node:
         root = Node("", [])
         pending = self.fields(root, closer="")
+        assert pending is not None
         root.closing = pending
         return root
 
-    def fields(self, parent: Node, closer: str, depth: int = 0) -> List[str]:
+    def top_level(self, batch: int) -> Iterator[Node]:
+        """The file's top-level fields, as :meth:`parse` makes them, parsed
+        about ``batch`` at a time (the file's closing comments are dropped)."""
+        root = Node("", [])
+        while True:
+            pending = self.fields(root, closer="", batch=batch)
+            nodes, root.children = root.children or [], []
+            yield from nodes
+            if pending is not None:
+                return
+
+    def fields(self, parent: Node, closer: str, depth: int = 0, batch: int = 0) -> Optional[List[str]]:
         """Parse fields into ``parent`` until ``closer``; return dangling comments.
 
         Messages opened with ``{`` are parsed here too, on ``stack`` (their
         parents' state), not by recursion: the loop and its locals are most
-        of what a big file costs."""
+        of what a big file costs.  With ``batch``, return None instead once
+        ``parent`` has that many fields (a top-level message just closed):
+        call again for the next ones."""
         kinds, texts, tokens = self.kinds, self.texts, self.tokens
         assert parent.children is not None
         children: List[Node] = parent.children
@@ -486,6 +500,9 @@ class _Parser:
                 depth -= 1
                 if texts[pos] in (";", ","):
                     pos += 1
+                if batch and not stack and len(children) >= batch:
+                    self.pos = pos
+                    return None
                 continue
             if kind == _IDENT:
                 after = pos + 1
@@ -593,7 +610,9 @@ class _Parser:
         node.children = []
         self.last_owner = (node, "after")
         closer = "}" if opener.text == "{" else ">"
-        node.closing = self.fields(node, closer, depth + 1)
+        closing = self.fields(node, closer, depth + 1)
+        assert closing is not None  # no batch: read to the closer
+        node.closing = closing
         close = self.take()
         node.end_at = close.at
         self.last_owner = (node, "closing_after")
@@ -624,6 +643,17 @@ class _Parser:
 def parse(data: bytes, path: str = "<text>") -> Node:
     """Parse text-format bytes into a :class:`Node` tree (no schema needed)."""
     return _Parser(data, path).parse()
+
+
+def parse_fields(data: bytes, path: str = "<text>", batch: int = 64) -> Iterator[Node]:
+    """:func:`parse`'s top-level nodes one at a time, ``batch`` parsed ahead:
+    a reader that drops each once read never holds the whole tree, and reads
+    each node while it is still in the processor's cache (on 50k layers, 64
+    ahead is 5% faster than the whole tree first, 4096 ahead 5% slower).  An
+    error in the text is raised when the parser reaches it."""
+    parser = _Parser(data, path)  # the tokens: a syntax error anywhere in the file is raised here
+    with paused():
+        yield from parser.top_level(batch)
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from itertools import chain
 from operator import attrgetter
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -186,28 +186,52 @@ def describe_net(net: Message, input_shapes: Optional[Dict[str, Tuple[int, ...]]
 _LEGACY_FIELDS = frozenset({"layers", "input", "input_dim", "input_shape"})
 
 
-def describe_tree(root: prototext.Node, path: str, schema: Schema,
-                  input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Optional[NetReport]:
-    """:func:`describe_net` of the net parsed into syntax tree ``root``, read
-    and checked layer by layer (errors are :func:`prototext.check_tree`'s, the
-    file's first): a layer's message is built only where the report needs it
-    and dropped after, so the net's message never exists whole (for a big net
-    it is most of the memory and of the time).  None for a net Caffe would
-    upgrade first (legacy fields, an old BatchNorm): describe its upgraded message.
+class _HeadAfterLayers(Exception):
+    """A net-level field comes after the net's first layer."""
 
-    ``root`` is consumed: each layer's node is dropped once read, so that
-    the report takes the tree's place in memory rather than adding to it."""
-    nodes = root.children or []
-    names = set(map(attrgetter("name"), nodes))
-    if names & _LEGACY_FIELDS:
+
+def describe_text(fields: Iterator[prototext.Node], data: bytes, path: str, schema: Schema,
+                  input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Optional[NetReport]:
+    """:func:`describe_net` of the text-format net ``data``, whose top-level
+    nodes ``fields`` gives as they are parsed (:func:`prototext.parse_fields`),
+    checked and described a layer at a time: the net's tree and message never
+    exist whole (for a big net they are most of the memory and of the time), a
+    layer's message is built only where the report needs it.  Errors are those
+    of parsing and then checking the whole file (syntax first, then the first
+    field that does not fit the schema).  None for a net Caffe would upgrade
+    first (legacy fields, an old BatchNorm): describe its upgraded message."""
+    try:
+        return _describe_fields(fields, path, schema, input_shapes)
+    except _HeadAfterLayers:
+        pass
+    except CaffeFtError:
+        for _ in fields:  # a syntax error further on is the one to report, as every command does
+            pass
+        raise
+    # A net-level field after the layers: the whole file, checked, its net-level fields first.
+    root = prototext.parse(data, path)
+    prototext.check_tree(root, schema.table("NetParameter"), path)
+    nodes = sorted(root.children or (), key=lambda node: node.name == "layer")  # stable: layers keep their order
+    del root
+    return _describe_fields(iter(nodes), path, schema, input_shapes)
+
+
+def _describe_fields(fields: Iterator[prototext.Node], path: str, schema: Schema,
+                     input_shapes: Optional[Dict[str, Tuple[int, ...]]]) -> Optional[NetReport]:
+    """:func:`describe_text` of a net's top-level nodes, net-level ones first
+    (else :class:`_HeadAfterLayers`), each checked as it is read."""
+    head = []
+    first = None
+    for node in fields:
+        if node.name == "layer":
+            first = node
+            break
+        head.append(node)
+    if {node.name for node in head} & _LEGACY_FIELDS:
         return None
     builder = prototext.MessageBuilder(path)
-    net = schema.new("NetParameter")
-    try:
-        builder.build(prototext.Node("", [node for node in nodes if node.name != "layer"]), net)
-    except CaffeFtError:
-        prototext.check_tree(root, schema.table("NetParameter"), path)  # the first error may come earlier
-        raise
+    net = builder.build(prototext.Node("", head), schema.new("NetParameter"))
+    del head
     net_table, layer_table = schema.table("NetParameter"), schema.table("LayerParameter")
     new_layer = schema.message_class("LayerParameter")
     describer = _NetDescriber(net, input_shapes, lambda node: builder.build(node, new_layer()))
@@ -220,12 +244,11 @@ def describe_tree(root: prototext.Node, path: str, schema: Schema,
         return found
 
     layers, param_types = describer.layers, graph.PARAM_TYPES
-    root.children = []
-    nodes.reverse()
-    while nodes:
-        node = nodes.pop()
+    for node in chain([first], fields) if first is not None else ():
         if node.name != "layer":
-            continue
+            if node.name in _LEGACY_FIELDS:
+                return None
+            raise _HeadAfterLayers
         children = node.children
         layer = None
         if children is None:  # ``layer: []`` (no layer), or a value where a layer goes

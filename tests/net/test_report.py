@@ -58,8 +58,9 @@ def test_table_pads_every_column_to_its_widest_cell():
     )
 
 
-# What `inspect` reads straight from a file's syntax tree (report.describe_tree)
-# must be what the net's message says (report.describe_net), for every kind of layer.
+# What `inspect` reads straight from a file's text, a layer at a time
+# (report.describe_text), must be what the net's message says
+# (report.describe_net), for every kind of layer.
 TREE_NETS = {
     "rules and multipliers": NET,
     # The net's own stages filter layers: shapes follow the layers that run
@@ -96,29 +97,30 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
 }
 
 
+def _describe_text(schema, source, input_shapes=None):
+    data = source.encode()
+    return report.describe_text(prototext.parse_fields(data, "net.prototxt"), data, "net.prototxt", schema,
+                                input_shapes)
+
+
 @pytest.mark.parametrize("name", sorted(TREE_NETS))
 @pytest.mark.parametrize("input_shapes", [None, {"data": (2, 3, 8, 8)}])
-def test_describe_tree_is_describe_net(schema, parse_net, name, input_shapes):
-    source = TREE_NETS[name].encode()
-    tree = prototext.check_tree(prototext.parse(source), schema.table("NetParameter"))
-    from_tree = report.describe_tree(tree, "net.prototxt", schema, input_shapes)
+def test_describe_text_is_describe_net(schema, parse_net, name, input_shapes):
+    from_tree = _describe_text(schema, TREE_NETS[name], input_shapes)
     from_message = report.describe_net(parse_net(TREE_NETS[name]), input_shapes)
     assert from_tree is not None
     assert from_tree.to_json() == from_message.to_json()
     assert report.format_net(from_tree) == report.format_net(from_message)
 
 
-def test_describe_tree_shapes_follow_the_net_state(schema):
-    tree = prototext.check_tree(prototext.parse(TREE_NETS["net stages"].encode()), schema.table("NetParameter"))
-    layers = {layer["name"]: layer for layer in report.describe_tree(tree, "n", schema).to_json()["layers"]}
+def test_describe_text_shapes_follow_the_net_state(schema):
+    layers = {layer["name"]: layer for layer in _describe_text(schema, TREE_NETS["net stages"]).to_json()["layers"]}
     assert "output_shapes" not in layers["train"] and "output_shapes" not in layers["deep"]
     assert layers["fc"]["output_shapes"] == [[1, 3]] and layers["prob"]["output_shapes"] == [[1, 3]]
 
 
-def test_describe_tree_reports_the_filter_problem_first(schema):
-    tree = prototext.check_tree(prototext.parse(TREE_NETS["include and exclude"].encode()),
-                                schema.table("NetParameter"))
-    info = report.describe_tree(tree, "n", schema).to_json()
+def test_describe_text_reports_the_filter_problem_first(schema):
+    info = _describe_text(schema, TREE_NETS["include and exclude"]).to_json()
     assert info["shapes_unknown"] == "layer 'both': specify either include rules or exclude rules, not both"
     assert all("output_shapes" not in layer for layer in info["layers"])
 
@@ -128,9 +130,9 @@ def test_describe_tree_reports_the_filter_problem_first(schema):
     'layers { name: "c" type: CONVOLUTION }',
     'layer { name: "bn" type: "BatchNorm" param {} param {} param {} }',
 ])
-def test_describe_tree_leaves_legacy_nets_to_the_upgrade(schema, legacy):
-    tree = prototext.check_tree(prototext.parse(legacy.encode()), schema.table("NetParameter"))
-    assert report.describe_tree(tree, "n", schema) is None
+def test_describe_text_leaves_legacy_nets_to_the_upgrade(schema, legacy):
+    assert _describe_text(schema, legacy) is None
+    assert _describe_text(schema, 'layer { name: "a" }\n' + legacy) is None
 
 
 def test_inspect_describes_a_legacy_net_as_upgraded(tmp_path, schema):
@@ -143,3 +145,35 @@ def test_inspect_describes_a_legacy_net_as_upgraded(tmp_path, schema):
     info, _ = describe_file(str(path), dict, schema)
     bn = info.to_json()["layers"][1]
     assert bn["params"] == [{"lr_mult": 0.0, "decay_mult": 0.0}] * 3  # Caffe's upgrade zeroes them
+
+
+def test_describe_text_reads_net_fields_after_the_layers(schema, parse_net):
+    # Net-level fields are usually first; after the layers they still count
+    # (the file is then read whole), here the state that drops a layer.
+    source = TREE_NETS["net stages"].replace('state { stage: "deploy" }\n', "") + 'state { stage: "deploy" }\n'
+    from_text = _describe_text(schema, source)
+    assert from_text.to_json() == report.describe_net(parse_net(source)).to_json()
+    assert "output_shapes" not in {layer["name"]: layer for layer in from_text.to_json()["layers"]}["train"]
+
+
+@pytest.mark.parametrize("source, where", [
+    ('layer { name: "a" bogus: 1 }\nlayer { name: "b" $ }\n', ":2:19:"),  # syntax first, as every command
+    ('layer { name: "a" bogus: 1 }\nname: "x"\nwhatever: 2\n', ":1:19:"),  # then the first schema error
+    ('layer { name: "a" }\nname: "x"\nwhatever: 2\nlayer { bogus: 1 }\n', ":3:1:"),
+    ("layer { name: 'a' }\nlayer: 5\n", ":2:1:"),
+])
+def test_describe_text_reports_the_first_error(schema, source, where):
+    from caffe_ft.errors import CaffeFtError
+
+    with pytest.raises(CaffeFtError) as raised:
+        _describe_text(schema, source)
+    assert where in str(raised.value)
+    with pytest.raises(CaffeFtError) as whole:  # what reading the whole file says
+        load_text_from(schema, source)
+    assert str(whole.value) == str(raised.value)
+
+
+def load_text_from(schema, source):
+    from caffe_ft.formats.files import parse_text
+
+    return parse_text(source.encode(), "net.prototxt", schema)
