@@ -224,7 +224,10 @@ class Node:
         "closing_after", "source", "at", "end_at", "header_at", "number", "canonical", "colon", "listed",
     )
 
-    def __init__(self, name: str, children: Optional[List["Node"]] = None) -> None:
+    def __init__(self, name: str, children: Optional[List["Node"]] = None, source: Optional["_Tokens"] = None,
+                 at: int = 0, colon: bool = True, before: List[str] = _NONE, header_at: int = -1) -> None:
+        # The parser gives a message node its place in the file here: a big net has
+        # millions of nodes, and every attribute set twice costs.
         self.name = name
         # The four lists start as one shared empty tuple (a big net has millions of
         # nodes, most with no comments and half of them messages without values):
@@ -232,20 +235,20 @@ class Node:
         self.values: List[str] = _NONE
         self.value_tokens: List[List[Token]] = _NONE
         self.children = children
-        self.before: List[str] = _NONE
+        self.before = before
         self.after: Optional[str] = None
         self.closing: List[str] = _NONE
         self.closing_after: Optional[str] = None
         # A parsed node's field name is token ``at`` of ``source`` (made a Token
         # only when asked for); its last token is ``end_at``, a message's ``{`` is ``header_at``.
-        self.source: Optional[_Tokens] = None
-        self.at = 0
+        self.source = source
+        self.at = at
         self.end_at = -1
-        self.header_at = -1
+        self.header_at = header_at
         # Filled by to_message: the field's number and its values as Caffe prints them.
         self.number = 0
         self.canonical: Optional[List[str]] = None
-        self.colon = True  # written with ':' after the name
+        self.colon = colon  # written with ':' after the name
         self.listed = False  # a scalar written in the ``name: [a, b]`` list form
 
     @property
@@ -516,9 +519,7 @@ class _Parser:
                         raise self.error(f"Message is too deep: nested more than {MAX_DEPTH} levels",
                                          tokens.token(after))
                     inner: List[Node] = []
-                    node = Node(text, inner)
-                    node.source, node.at, node.colon, node.before = tokens, pos, colon, pending
-                    node.header_at = after
+                    node = Node(text, inner, tokens, pos, colon, pending, after)
                     children.append(node)
                     self.last_owner = (node, "after")
                     stack.append((parent, closer, children))

@@ -7,10 +7,11 @@ lay the same data out for people.
 
 from __future__ import annotations
 
+import functools
 import math
-from itertools import chain
+from itertools import chain, islice
 from operator import attrgetter
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -41,23 +42,27 @@ def _rules(layer: Message) -> str:
     return ", ".join(parts)
 
 
-class LayerReport:
+class LayerReport(NamedTuple):
     """One layer as ``inspect`` shows it: ``params`` holds (lr_mult, decay_mult)
     per parameter blob, ``shapes`` its TEST-phase set-up (None where it does not
-    run in TEST or shapes are not inferred).  A net may have a million layers:
-    slots, and nothing computed that the table does not show."""
+    run in TEST; not shown when the net's shapes are not inferred)."""
 
-    __slots__ = ("name", "type", "bottom", "top", "phase", "params", "shapes")
-
-    def __init__(self, name: str, kind: str, bottom: Tuple[str, ...], top: Tuple[str, ...], phase: str,
-                 params: Tuple[Tuple[float, float], ...], shapes: Optional[LayerShapes]) -> None:
-        self.name, self.type, self.bottom, self.top = name, kind, bottom, top
-        self.phase, self.params, self.shapes = phase, params, shapes
+    name: str
+    type: str
+    bottom: Tuple[str, ...]
+    top: Tuple[str, ...]
+    phase: str
+    params: Tuple[Tuple[float, float], ...]
+    shapes: Optional[LayerShapes]
 
     @property
     def learnable(self) -> bool:
         """Whether the solver changes any of its parameters (graph.is_learnable)."""
         return any(lr_mult != 0 for lr_mult, _ in self.params)
+
+
+# LayerReport(...) without its Python-level __new__, for the million plain layers of a big net.
+_new_report = functools.partial(tuple.__new__, LayerReport)
 
 
 class NetReport:
@@ -86,7 +91,7 @@ class NetReport:
                 "params": [{"lr_mult": lr_mult, "decay_mult": decay_mult} for lr_mult, decay_mult in layer.params],
                 "learnable": layer.learnable,
             }
-            step = layer.shapes
+            step = layer.shapes if self.shapes_unknown is None else None
             if step is not None:
                 entry["output_shapes"] = [list(shape) for shape in step.tops]
                 entry["param_shapes"] = [list(shape) for shape in step.params]
@@ -156,8 +161,6 @@ class _NetDescriber:
     def fail(self, problem: str) -> None:
         """Shapes cannot be inferred: none is shown (as Caffe would set up no layer)."""
         self.problem, self.inference = problem, None
-        for entry in self.layers:
-            entry.shapes = None
 
     def finish(self, name: str) -> NetReport:
         if self.filter_problem is not None:  # Caffe filters the layers before it sets any up
@@ -243,7 +246,7 @@ def _describe_fields(fields: Iterator[prototext.Node], path: str, schema: Schema
             found = strings[canonical] = text(prototext.string_value(canonical))
         return found
 
-    layers, param_types = describer.layers, graph.PARAM_TYPES
+    layers, param_types, new_report = describer.layers, graph.PARAM_TYPES, _new_report
     for node in chain([first], fields) if first is not None else ():
         if node.name != "layer":
             if node.name in _LEGACY_FIELDS:
@@ -285,7 +288,7 @@ def _describe_fields(fields: Iterator[prototext.Node], path: str, schema: Schema
                 return None  # Caffe zeroes such a layer's multipliers (upgrade.needs_batch_norm_upgrade)
             describer.add(name, kind, bottom, top, has_rules, node, layer)
         else:  # what add() makes of it, without asking
-            layers.append(LayerReport(name, kind, bottom, top, "", (), None))
+            layers.append(new_report((name, kind, bottom, top, "", (), None)))
     return describer.finish(text(net.name))
 
 
@@ -299,7 +302,14 @@ def _columns(header: Sequence[str], columns: Sequence[Sequence[str]]) -> str:
     in C (``map``, ``%``), none in Python (a net may have a million layers)."""
     widths = [max(len(title), max(map(len, column), default=0)) for title, column in zip(header, columns)]
     line = "  ".join(f"%-{width}s" for width in widths)
-    return "\n".join(map(str.rstrip, map(line.__mod__, chain([tuple(header)], zip(*columns)))))
+    rows = chain([tuple(header)], zip(*columns))
+    # A block of lines at a time: a million lines never exist as a million strings, only as the text.
+    blocks: List[str] = []
+    while True:
+        block = list(map(str.rstrip, map(line.__mod__, islice(rows, 16384))))
+        if not block:
+            return "\n".join(blocks)
+        blocks.append("\n".join(block))
 
 
 def _mult(value: float) -> str:
