@@ -36,6 +36,7 @@ from caffe_ft.formats import files, prototext
 from caffe_ft.formats.caffemodel import Blob, Model, load_blob, load_model, load_solverstate, save_blob, save_model
 from caffe_ft.formats.layout import format_text
 from caffe_ft.formats.schema import load_schema
+from caffe_ft.formats.upgrade import current_net
 from caffe_ft.net import report, weights
 from mutants import FUZZ_CASES, LITERALS, binary_mutant, seeds, text_mutant
 
@@ -51,16 +52,46 @@ layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_p
 
 
 def read_text(data: bytes) -> None:
-    """Parse as any text command does; an accepted file formats and reads back the same."""
+    """Parse as any text command does; an accepted file formats and reads back the same,
+    and ``inspect`` (which reads a net a layer at a time) says what its whole message says."""
     try:
         parsed = files.parse_text(data, "fuzz.prototxt", SCHEMA)
-    except CaffeFtError:
+    except CaffeFtError as exc:
+        assert inspection(data) == ("error", str(exc)), "inspect read the file otherwise"
         return
+    if parsed.kind == files.NET:
+        try:
+            whole = ("report", _plain(report.describe_net(current_net(parsed.message, "fuzz.prototxt"))))
+        except CaffeFtError as exc:
+            whole = ("error", str(exc))
+        assert inspection(data) == whole, "inspect, a layer at a time, says something else than the whole message"
     text = format_text(parsed)
     again = files.parse_text(text.encode("utf-8", "surrogateescape"), "formatted.prototxt", SCHEMA, parsed.kind)
     # Compared as Caffe prints them: every NaN prints "nan", as in Caffe.
     assert prototext.print_message(again.message) == prototext.print_message(parsed.message), \
         "the formatted text means something else"
+
+
+def inspection(data: bytes) -> tuple:
+    """What ``inspect`` makes of text ``data``: ("report", its data) or ("error", the message)."""
+    try:
+        files.require_text(data, "fuzz.prototxt")
+        kind, fields = files.read_fields(data, "fuzz.prototxt", SCHEMA)
+        if kind != files.NET:
+            files.parse_text(data, "fuzz.prototxt", SCHEMA)
+            return ("solver",)
+        described = report.describe_text(fields, data, "fuzz.prototxt", SCHEMA)
+        if described is None:  # a legacy net, described upgraded
+            described = report.describe_net(current_net(files.parse_text(data, "fuzz.prototxt", SCHEMA).message,
+                                                        "fuzz.prototxt"))
+        return ("report", _plain(described))
+    except CaffeFtError as exc:
+        return ("error", str(exc))
+
+
+def _plain(described: report.NetReport) -> str:
+    """A net report as ``inspect --json`` prints it (a NaN multiplier then equals itself)."""
+    return json.dumps(report.json_safe(described.to_json()), allow_nan=False)
 
 
 def read_binary(data: bytes, suffix: str, folder: str) -> None:

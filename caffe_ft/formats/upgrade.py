@@ -41,7 +41,7 @@ from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
 from .schema import is_repeated
-from .wire import key_bytes, varint_bytes
+from .wire import key_bytes, text, varint_bytes
 
 IndexMap = List[Optional[int]]
 
@@ -266,7 +266,7 @@ def _store(layer: Message, path: str, source: Message, source_field: str) -> Non
 
 def _layer_label(layer: Message, index: Optional[int]) -> str:
     name = layer.name or (layer.layer.name if layer.DESCRIPTOR.name == "V1LayerParameter" else "")
-    return name or f"#{index}"
+    return text(name) or f"#{index}"  # bytes where the file's string is not UTF-8
 
 
 # =============================================================================
@@ -352,7 +352,7 @@ def _fold_padding_layers(net: Message, index_map: IndexMap) -> Tuple[List[Messag
         for j, blob in enumerate(entry.bottom):
             if blob not in last_producer:
                 raise CaffeFtError(
-                    f"V0 upgrade: unknown bottom blob '{blob}' (not produced by an earlier layer "
+                    f"V0 upgrade: unknown bottom blob '{text(blob)}' (not produced by an earlier layer "
                     "nor a net input)",
                     layer=_layer_label(entry, i),
                 )
@@ -365,7 +365,7 @@ def _fold_padding_layers(net: Message, index_map: IndexMap) -> Tuple[List[Messag
             label = _layer_label(entry, i)
             if v0_type not in ("conv", "pool"):
                 raise CaffeFtError(
-                    f"V0 upgrade: a padding layer feeds a layer of type '{v0_type}'; "
+                    f"V0 upgrade: a padding layer feeds a layer of type '{text(v0_type)}'; "
                     "only conv and pool layers can absorb its padding",
                     layer=label,
                 )
@@ -424,7 +424,7 @@ def _v0_to_v1_layer(entry: Message, out: Message, label: str) -> List[str]:
     if v0.HasField("type"):
         v1_type = V0_LAYER_TYPES.get(v0.type)
         if v1_type is None:
-            raise CaffeFtError(f"V0 upgrade: unknown V0 layer type '{v0.type}'", layer=label)
+            raise CaffeFtError(f"V0 upgrade: unknown V0 layer type '{text(v0.type)}'", layer=label)
         _set_enum_by_name(out, "type", v1_type)
     out.blobs.extend(v0.blobs)
     out.blobs_lr.extend(v0.blobs_lr)
@@ -437,7 +437,7 @@ def _v0_to_v1_layer(entry: Message, out: Message, label: str) -> List[str]:
         if target is None:
             warnings.append(
                 f"warning: V0 upgrade dropped '{field}' of layer '{label}': "
-                f"no such parameter for layer type '{v0.type}'"
+                f"no such parameter for layer type '{text(v0.type)}'"
             )
             continue
         _store(out, target, v0, field)
@@ -589,9 +589,9 @@ def _upgrade_input(net: Message, index_map: IndexMap) -> Tuple[IndexMap, List[st
         net.ClearField("layer")
         net.layer.extend(layers[-1:] + layers[:-1])
         index_map = [cast(Optional[int], None)] + index_map
-        notes.append(f"input fields -> Input layer 'input' (tops: {', '.join(inputs)})")
+        notes.append(f"input fields -> Input layer 'input' (tops: {', '.join(map(text, inputs))})")
     else:
-        notes.append(f"input fields without shapes removed ({', '.join(inputs)})")
+        notes.append(f"input fields without shapes removed ({', '.join(map(text, inputs))})")
     net.ClearField("input")
     net.ClearField("input_shape")
     net.ClearField("input_dim")

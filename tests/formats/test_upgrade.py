@@ -743,3 +743,13 @@ def test_caffe_doc_prototxts_match_the_tools(schema, tmp_path) -> None:
     # Caffe's tools accept every caffe-doc prototxt of bullseye; a new refusal
     # (which we must share, checked above) deserves a look.
     assert rejected == []
+
+
+def test_input_names_that_are_not_utf8_show_escaped_in_the_notes(parse_net) -> None:
+    # Caffe keeps such bytes; the notes said nothing and crashed (TypeError joining bytes).
+    net = parse_net('input: "d\\377" input_shape { dim: 1 } layer { name: "r" type: "ReLU" bottom: "d\\377" top: "r" }')
+    notes = upgrade_net(net)
+    assert notes == ["input fields -> Input layer 'input' (tops: d\\xff)"]
+    assert net.layer[0].top[0] == b"d\xff"
+    net = parse_net('input: "d\\377" layer { name: "r" type: "ReLU" }')
+    assert upgrade_net(net) == ["input fields without shapes removed (d\\xff)"]
