@@ -133,25 +133,26 @@ class _NetDescriber:
     def add(self, name: str, kind: str, bottom: Tuple[str, ...], top: Tuple[str, ...], has_rules: bool,
             source: Any, layer: Optional[Message] = None) -> None:
         """One more layer; ``layer`` is its message where the caller has it already."""
+        if not (kind in graph.PARAM_TYPES or has_rules or self.inference is not None):
+            self.layers.append(_new_report((name, kind, bottom, top, "", (), None)))  # nothing more to ask
+            return
+        if layer is None:
+            layer = self.build(source)
         params: Tuple[Tuple[float, float], ...] = ()
-        if kind in graph.PARAM_TYPES:  # most layers have no parameters: nothing more to ask
-            layer = layer or self.build(source)
+        if kind in graph.PARAM_TYPES:
             specs = layer.param
             params = tuple((lr_mult, specs[i].decay_mult if i < len(specs) else 1.0)
                            for i, lr_mult in enumerate(graph.lr_mults(layer)))
         phase = ""
-        if has_rules:
-            layer = layer or self.build(source)
-            phase = _rules(layer)
         included = True
         if has_rules:
+            phase = _rules(layer)
             try:
                 included = is_included(layer, "TEST", 0, self.stages)
             except CaffeFtError as exc:  # include and exclude both: Caffe's first complaint
                 self.filter_problem = self.filter_problem or str(exc)
         shapes = None
         if self.inference is not None and included:
-            layer = layer or self.build(source)
             try:
                 shapes = self.inference.add(layer)
             except CaffeFtError as exc:
@@ -287,7 +288,7 @@ def _describe_fields(fields: Iterator[prototext.Node], path: str, schema: Schema
             if kind == "BatchNorm" and param_specs == 3:
                 return None  # Caffe zeroes such a layer's multipliers (upgrade.needs_batch_norm_upgrade)
             describer.add(name, kind, bottom, top, has_rules, node, layer)
-        else:  # what add() makes of it, without asking
+        else:  # add()'s first lines, without the call: a big net's layers are mostly these
             layers.append(new_report((name, kind, bottom, top, "", (), None)))
     return describer.finish(text(net.name))
 
