@@ -677,6 +677,9 @@ _INT_RANGES = {
 _TRUE, _FALSE = ("true", "True", "t"), ("false", "False", "f")
 _SPECIAL_FLOATS = {"inf": float("inf"), "infinity": float("inf"), "nan": float("nan")}
 _FLOAT_MAX = 3.4028234663852886e38
+# Halfway from the largest float to 2**128: a text value up to it reads as the largest float (protobuf's
+# SafeDoubleToFloat; Caffe prints that float as 3.40282347e+38, which must read back as itself).
+_FLOAT_MAX_ROUNDED = 3.4028235677973366e38
 _ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))", re.DOTALL)
 _TRAIL = re.compile(rb"\\u([dD][c-fC-F][0-9a-fA-F]{2})")
 _SIMPLE_ESCAPES = {
@@ -919,8 +922,8 @@ class _Converter:
                     raise self.error(f"Expect a decimal number, got: {text}", last)
                 real = float(int(text))
             real = -real if negative else real
-            if ftype == FD.TYPE_FLOAT and abs(real) > _FLOAT_MAX:
-                real = math.copysign(math.inf, real)  # protobuf's SafeDoubleToFloat
+            if ftype == FD.TYPE_FLOAT and abs(real) > _FLOAT_MAX:  # protobuf's SafeDoubleToFloat
+                real = math.copysign(_FLOAT_MAX if abs(real) <= _FLOAT_MAX_ROUNDED else math.inf, real)
             return real
         # Integer types.
         low, high = _INT_RANGES[ftype]

@@ -74,3 +74,18 @@ def test_fmt_prints_what_caffe_prints(schema, tmp_path, path):
     assert [c.decode() for c in comments] == kept or sorted(c.decode() for c in comments) == sorted(kept)
     again = format_text(files.parse_text(with_comments.encode(), path, schema))
     assert again == with_comments
+
+
+# Around the largest float: a text value up to halfway to 2**128 reads as the
+# largest float, which Caffe prints as 3.40282347e+38 (and reads back as itself).
+FLOAT_LIMITS = ["3.4028234663852886e38", "3.40282347e+38", "3.4028235e+38", "3.4028235677973366e+38",
+                "340282356779733661637539395458142568448", "3.4028235677973370e+38", "1e39", "-3.4028235e+38",
+                "-3.4028235677973366e+38", "-3.4028235677973370e+38", "1.1754943e-38", "1e-46"]
+
+
+def test_float_limits_read_as_caffe_reads_them(schema, tmp_path):
+    data = "".join(f'layer {{ name: "{v}" type: "ReLU" loss_weight: {v} }}\n' for v in FLOAT_LIMITS).encode()
+    expected = _caffe_print(tmp_path, data, files.NET)
+    printed = format_text(files.parse_text(data, "limits.prototxt", schema))
+    assert printed.encode() == expected
+    assert format_text(files.parse_text(printed.encode(), "again.prototxt", schema)) == printed

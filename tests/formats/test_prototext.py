@@ -376,3 +376,16 @@ def test_repeated_values_read_alike_and_strings_keep_their_escapes(schema):
     assert net.layer[3].name == "q's"
     out = prototext.render(prototext.canonicalize(root))
     assert 'name: "q\\\'s"' in out and 'type: "aA\\n"' in out and out.count('type: "ReLU"') == 3
+
+
+@pytest.mark.parametrize("text, read, printed", [
+    ("3.40282347e+38", 3.4028234663852886e38, "3.40282347e+38"),  # Caffe's print of the largest float reads back
+    ("3.4028235677973366e+38", 3.4028234663852886e38, "3.40282347e+38"),  # halfway to 2**128: still it
+    ("3.4028235677973370e+38", float("inf"), "inf"),
+    ("-3.4028235e+38", -3.4028234663852886e38, "-3.40282347e+38"),
+    ("-1e39", float("-inf"), "-inf"),
+])
+def test_a_float_field_reads_values_past_the_largest_float_as_protobuf_does(parse_net, text, read, printed):
+    layer = parse_net(f"layer {{ loss_weight: {text} }}").layer[0]
+    assert layer.loss_weight[0] == read
+    assert prototext.print_message(layer).strip() == f"loss_weight: {printed}"
