@@ -75,12 +75,13 @@ def describe_file(file: str, input_shapes: Callable[[], Dict[str, Tuple[int, ...
             info, format_info = report.describe_solver(files.parse_text(data, file, schema).message), report.format_solver
         else:
             # Read a layer at a time: a big net's tree and message would be most of the memory and time.
-            net_report = report.describe_text(fields, data, file, schema, input_shapes())
+            shapes = input_shapes()
+            net_report = report.describe_text(fields, data, file, schema, shapes)
             if net_report is None:  # a legacy net: described as Caffe upgrades it
                 from .formats.upgrade import current_net
 
                 net_report = report.describe_net(current_net(files.parse_text(data, file, schema).message, file),
-                                                 input_shapes())
+                                                 shapes)
             info, format_info = net_report, report.format_net
     return info, format_info
 
