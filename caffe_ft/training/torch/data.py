@@ -415,6 +415,10 @@ class DummyDataSource:
     def next(self) -> Dict[str, np.ndarray]:
         return {top: self.fixed[top] if top in self.fixed else self._fill(i) for i, top in enumerate(self.layer.top)}
 
+    def skip_batch(self) -> None:
+        """What :meth:`next` does to the fillers' draws (they are its state)."""
+        self.next()
+
 
 def _c_round(value: np.float32) -> int:
     """C's round(): halves away from zero (Python's round() takes them to even)."""

@@ -382,7 +382,6 @@ class NetFeeder:
         self._args = (schema, phase, seed, rank, world)
         self.workers = workers
         self.pool: Optional[WorkerPool] = None
-        self._batches = 0  # data batches taken (or skipped): where a pool starts
         for layer in sources:
             if layer.type in READERS:
                 # Built here in any case: a missing list, LMDB or file is said before any work.
@@ -417,10 +416,9 @@ class NetFeeder:
         """The data layers' next batch: the one read ahead, and the one after it started."""
         if self._pooled:
             if self.pool is None:
-                self.pool = WorkerPool(self._pooled, *self._args, workers=self.workers, start=self._batches)
+                self.pool = WorkerPool(self._pooled, *self._args, workers=self.workers, start=self.passes)
             out = self.pool.next()
             out.update(self._read_now())
-            self._batches += 1
             return out
         if not self.prefetch or not self.readers:
             return self._read_now()
@@ -433,14 +431,14 @@ class NetFeeder:
         return batch
 
     def skip(self, passes: int) -> None:
-        """Read and drop ``passes`` batches (a resumed run reads on where the first one was).
+        """Drop ``passes`` batches (a resumed run reads on where the first one was).
 
-        Before the workers start, they skip them themselves, reading nothing."""
-        if self._pooled and self.pool is None:
-            self._batches += passes
+        Before any batch is read, the readers (and the workers, which start
+        ``passes`` on) move their state on without reading or decoding anything."""
+        if self.pool is None and self._pending is None:
             for _ in range(passes):
                 for reader in self.readers:
-                    reader.next()
+                    reader.skip_batch()
         else:
             for _ in range(passes):
                 self._read()
