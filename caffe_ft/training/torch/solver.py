@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from torch import Tensor
 
 from ...errors import CaffeFtError
-from ..schedule import learning_rate
+from ..schedule import check_solver, learning_rate
 from .net import LearnableSpec
 
 #: Solver types (schedule.SOLVER_TYPES) and how many history blobs each keeps per learnable blob.
@@ -35,7 +35,8 @@ class CaffeSolver:
     """The update of one solver type over a net's learnable blobs."""
 
     def __init__(self, param: Message, learnable: Sequence[LearnableSpec]) -> None:
-        kind = param.type  # a known one: schedule.check_solver has seen the solver
+        check_solver(param)  # a library caller's Trainer too: one line for a type Caffe does not know
+        kind = param.type
         self.param = param
         self.kind = kind
         self.learnable = list(learnable)
