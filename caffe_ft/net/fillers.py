@@ -30,6 +30,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
+from .graph import recurrent_blobs
 
 Shape = Tuple[int, ...]
 
@@ -301,8 +302,7 @@ def layer_fillers(layer: Message) -> List[Message]:
         # The unrolled net's InnerProducts: x (weight, bias), the static input, the hidden state;
         # an RNN's output projection (weight, bias) last.
         param = layer.recurrent_param
-        states = 2 if kind == "LSTM" else 1
-        static = len(layer.bottom) > 2 + (states if param.expose_hidden else 0)
+        _, static = recurrent_blobs(layer)
         weight, bias = param.weight_filler, param.bias_filler
         return [weight, bias, *([weight] if static else []), weight, *([weight, bias] if kind == "RNN" else [])]
     # Reading an unset sub-message leaves it unset; here it only lends its class.

@@ -37,6 +37,15 @@ def _has_bias(layer: Message, param_field: str, default: bool) -> bool:
     return params.bias_term if params.HasField("bias_term") else default
 
 
+def recurrent_blobs(layer: Message) -> Tuple[int, bool]:
+    """RNN/LSTM: how many hidden-state blobs it carries (1 or 2: h, and c for an
+    LSTM), and whether it takes a static input (a bottom beyond x, cont and the
+    exposed hidden states), as RecurrentLayer::LayerSetUp decides."""
+    states = 2 if layer.type == "LSTM" else 1
+    exposed = states if layer.recurrent_param.expose_hidden else 0
+    return states, len(layer.bottom) > 2 + exposed
+
+
 # How many parameter blobs Caffe gives a layer, by type; other types have none.
 _BLOB_COUNTS: Dict[str, Callable[[Message], int]] = {
     "Convolution": lambda layer: 1 + _has_bias(layer, "convolution_param", True),
@@ -48,8 +57,8 @@ _BLOB_COUNTS: Dict[str, Callable[[Message], int]] = {
     "PReLU": lambda layer: 1,
     "Parameter": lambda layer: 1,
     "BatchNorm": lambda layer: 3,
-    "LSTM": lambda layer: 3,
-    "RNN": lambda layer: 5,
+    "LSTM": lambda layer: 3 + recurrent_blobs(layer)[1],  # a static input has its own weights
+    "RNN": lambda layer: 5 + recurrent_blobs(layer)[1],
 }
 # The layer types that may have parameters: no other type needs a closer look.
 PARAM_TYPES = frozenset(_BLOB_COUNTS)

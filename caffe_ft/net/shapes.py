@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 from ..errors import CaffeFtError
 from ..formats.limits import shape_problem
+from .graph import recurrent_blobs
 
 Shape = Tuple[int, ...]
 # A top whose shape the layer's parameters do not determine is None.
@@ -710,15 +711,6 @@ def _im2col(layer: Message, bottoms: Sequence[Shape]) -> Inferred:
     spatial = [_trunc_div(i + 2 * p - (d * (k - 1) + 1), s) + 1
                for i, k, s, p, d in zip(shape[axis + 1:], kernel, stride, pad, dilation)]
     return Inferred((_checked(layer, (*shape[:axis], shape[axis] * count(kernel), *spatial)),))
-
-
-def recurrent_blobs(layer: Message) -> Tuple[int, bool]:
-    """RNN/LSTM: how many hidden-state blobs it carries (1 or 2: h, and c for an
-    LSTM), and whether it takes a static input (a bottom beyond x, cont and the
-    exposed hidden states), as RecurrentLayer::LayerSetUp decides."""
-    states = 2 if layer.type == "LSTM" else 1
-    exposed = states if layer.recurrent_param.expose_hidden else 0
-    return states, len(layer.bottom) > 2 + exposed
 
 
 def _recurrent(layer: Message, bottoms: Sequence[Shape]) -> Inferred:

@@ -84,6 +84,18 @@ def test_param_blobs(parse_net, layer, count, biases):
     assert graph.has_parameters(spec) == (count > 0 and spec.type != "BatchNorm")
 
 
+@pytest.mark.parametrize("kind, plain, static", [("LSTM", 3, 4), ("RNN", 5, 6)])
+def test_a_recurrent_layer_with_a_static_input_has_its_weights_counted(parse_net, kind, plain, static):
+    # As many blobs as its fillers and its shapes say: freezing it must freeze the static input's weights too.
+    from caffe_ft.net.fillers import layer_fillers
+
+    for bottoms, count in (('bottom: "x" bottom: "c"', plain), ('bottom: "x" bottom: "c" bottom: "s"', static)):
+        spec = parse_net(f'name: "r" type: "{kind}" {bottoms} recurrent_param {{ num_output: 2 }} '
+                         'param { lr_mult: 0 }', "LayerParameter")
+        assert graph.param_blob_count(spec) == count == len(layer_fillers(spec))
+        assert graph.lr_mults(spec) == [0.0] + [1.0] * (count - 1)
+
+
 def test_lr_mults_default_to_one_and_batch_norm_to_zero(parse_net):
     conv = parse_net('name: "c" type: "Convolution" param { lr_mult: 0 }', "LayerParameter")
     bn = parse_net('name: "b" type: "BatchNorm"', "LayerParameter")

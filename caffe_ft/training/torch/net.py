@@ -33,7 +33,8 @@ from google.protobuf.message import Message
 from torch import Tensor, nn
 
 from ...errors import CaffeFtError
-from ...net.shapes import LayerShapes, Shape, infer, pooling_geometry, recurrent_blobs, spp_levels
+from ...net.graph import recurrent_blobs
+from ...net.shapes import LayerShapes, Shape, infer, pooling_geometry, spp_levels
 
 #: Caffe's FLT_MIN, the floor of probabilities inside log() in the losses.
 _FLT_MIN = 1.17549435e-38
