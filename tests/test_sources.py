@@ -89,6 +89,14 @@ def test_a_jpeg_frame_header_is_found_after_large_app_segments(tmp_path, schema)
     assert preflight.image_size(str(tmp_path / "cut.jpg")) == (None, "its header is damaged")
 
 
+@pytest.mark.parametrize("length", [20, 24, 25])
+def test_a_png_cut_inside_its_header_is_damaged(tmp_path, length):
+    path = tmp_path / "cut.png"
+    Image.new("L", (5, 3)).save(str(path))
+    path.write_bytes(path.read_bytes()[:length])  # breaks off before the colour type (byte 25)
+    assert preflight.image_size(str(path)) == (None, "its header is damaged")
+
+
 def test_a_missing_source_is_summarized_with_its_problem(tmp_path, schema):
     summary = summarize(str(tmp_path / "nowhere.txt"), schema)
     assert summary.count == 0 and "No such file" in (summary.problem or "")

@@ -225,7 +225,7 @@ def read_header(handle: BinaryIO) -> Optional[Header]:
     head = handle.read(64)
     try:
         found = _read_header(handle, head)
-    except struct.error:
+    except (struct.error, IndexError):  # it breaks off inside a field
         raise DamagedHeader("its header is damaged") from None
     if found is not None and min(found[1:]) <= 0:
         raise DamagedHeader("its header is damaged")
