@@ -257,6 +257,25 @@ def test_finetune_names_a_bad_list_from_where_the_user_stands(schema, tmp_path, 
     assert not (tmp_path / "out").exists()  # refused before anything was written: the retry needs no --force
 
 
+def test_finetune_refuses_an_outdir_it_would_overwrite_before_reading_weights_or_data(schema, tmp_path, monkeypatch):
+    """A written OUTDIR without --force is refused first: the weights check and the data
+    pre-flight (here it would refuse the list) take long on a real job."""
+    deploy = os.path.join(EXAMPLE, "deploy.prototxt")
+    _pretrained(schema, deploy, tmp_path / "w.caffemodel")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.txt").write_text("nope.png 0\nnope.png 1\n")
+    (tmp_path / "val.txt").write_text("nope.png 2\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "solver.prototxt").write_text("# an earlier job's\n")
+    result = run("finetune", deploy, "--weights", "w.caffemodel", "--strategy", "last-fc", "--num-classes", "3",
+                 "--train-data", "train.txt", "--val-data", "val.txt", "--max-iter", "1", "-o", "out")
+    assert result.exit_code == 2, result.output
+    assert stderr_of(result).strip().splitlines()[-1] == (
+        f"caffe-ft: error: {os.path.join('out', 'solver.prototxt')}: exists; choose another --outdir or pass --force "
+        "to overwrite")
+    assert (tmp_path / "out" / "solver.prototxt").read_text() == "# an earlier job's\n"
+
+
 def test_rewrite_fits_test_iter_to_the_new_validation_list(tmp_path):
     (tmp_path / "train.txt").write_text("a.png 0\nb.png 1\n")
     (tmp_path / "val.txt").write_text("c.png 0\nd.png 1\ne.png 2\n")

@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING, Any, Dict, Optional, Tuple
 from ..formats import files, prototext
 from ..errors import CaffeFtError
 from ..training.run import working_directory
-from .rewrite import RewritePlan, summary_text, write_plan
+from .rewrite import RewritePlan, check_outputs, summary_text, write_plan
 from ..formats.schema import Schema
 
 if TYPE_CHECKING:
@@ -167,6 +167,8 @@ def run(schema: Schema, plan: RewritePlan, weights: str, *, device: str = "solve
         resume = os.path.abspath(resume)
     # Everything that can refuse the job, before anything is written: a refused
     # job leaves no folder that its retry would need --force to write over.
+    # The outputs first: the weights check and the data pre-flight take long.
+    check_outputs(plan, force=force or resume is not None, inputs=[weights])
     checked = check_plan(schema, plan, weights, input_shapes, out) if resume is None else None
     preflight_plan(schema, plan)
     write_plan(plan, force=force or resume is not None, inputs=[weights])

@@ -802,6 +802,22 @@ def unified_diff(result: RewritePlan) -> str:
     return "".join(chunks)
 
 
+def _outputs(result: RewritePlan, inputs: Sequence[Optional[str]]) -> Tuple[List[str], List[Optional[str]]]:
+    """The files :func:`write_plan` writes into OUTDIR, and the inputs none may be."""
+    names = sorted(result.files) + sorted(result.blobs) + [SUMMARY_FILE]
+    return names, [source for _, source, _ in result.files.values()] + list(inputs)
+
+
+def check_outputs(result: RewritePlan, force: bool = False, inputs: Sequence[Optional[str]] = ()) -> None:
+    """Refuse now what :func:`write_plan` would refuse (a file of OUTDIR that exists,
+    without ``force``; one that is an input), for a caller with long work before it."""
+    from ..formats.files import check_output
+
+    names, sources = _outputs(result, inputs)
+    for name in names:
+        check_output(os.path.join(result.outdir, name), sources, force, option="--outdir")
+
+
 def write_plan(result: RewritePlan, force: bool = False, inputs: Sequence[Optional[str]] = ()) -> None:
     """Write every file of the plan, all or nothing (see ``files.staged_outputs``).
 
@@ -812,8 +828,7 @@ def write_plan(result: RewritePlan, force: bool = False, inputs: Sequence[Option
 
     from ..formats.caffemodel import save_blob
 
-    names = sorted(result.files) + sorted(result.blobs) + [SUMMARY_FILE]
-    sources = [source for _, source, _ in result.files.values()] + list(inputs)
+    names, sources = _outputs(result, inputs)
     with staged_outputs(result.outdir, names, sources, force, option="--outdir") as staging:
         for name, (text, _, _) in sorted(result.files.items()):
             staging.write(name, text)
